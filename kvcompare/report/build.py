@@ -1,0 +1,40 @@
+"""build_report: run directory in, index.html + report.md + charts out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvcompare.report.content import assemble
+from kvcompare.report.html import render_html
+from kvcompare.report.load import load_run
+from kvcompare.report.markdown import render_markdown
+
+REPORT_DIR = "report"
+CHARTS_DIR = "charts"
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    html: Path
+    markdown: Path
+    charts: list[Path]  # PNGs, one per drawn chart
+    specs: list[Path]  # the same charts as Vega-Lite JSON
+    skipped_charts: dict[str, str]  # chart name -> why it was not drawn
+
+
+def build_report(run_dir: Path, out_dir: Path | None = None) -> ReportPaths:
+    """Write the report of run_dir into out_dir (default RUN_DIR/report); partial runs, partial reports."""
+    out_dir = run_dir / REPORT_DIR if out_dir is None else out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    content = assemble(load_run(run_dir), out_dir / CHARTS_DIR)
+    html_path, markdown_path = out_dir / "index.html", out_dir / "report.md"
+    html_path.write_text(render_html(content, out_dir), encoding="utf-8")
+    markdown_path.write_text(render_markdown(content, out_dir), encoding="utf-8")
+    return ReportPaths(
+        html=html_path,
+        markdown=markdown_path,
+        charts=[chart.png for chart in content.charts.charts],
+        specs=[chart.spec_path for chart in content.charts.charts],
+        skipped_charts={chart.name: chart.reason for chart in content.charts.skipped},
+    )

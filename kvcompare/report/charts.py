@@ -1,0 +1,347 @@
+"""Altair charts of the results, saved as PNG (for Markdown) and as Vega-Lite spec (for the HTML page)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import altair as alt
+import polars as pl
+
+from kvcompare.report.display import config_name, policy_name
+from kvcompare.report.metrics import METRIC_BY_COLUMN, METRICS, Metric
+from kvcompare.report.tables import BASELINE_POLICY
+
+PANEL_WIDTH = 220
+PANEL_HEIGHT = 160
+PNG_SCALE = 2
+BASELINE_COLOR = "black"
+POLICY_COLORS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6", "#9d755d"]
+CHANGE_TITLE = "change vs full (%)"
+
+ROW_LENGTH = alt.Row("seq_len:O", title="Length (tokens)")
+COLUMN_CACHE = alt.Column("cache_size:O", title="Cache limit (tokens)")
+
+
+class SkipChart(Exception):
+    """Raised by a chart builder when the data cannot support the chart; the message says why."""
+
+
+@dataclass(frozen=True)
+class ChartFile:
+    name: str
+    title: str
+    png: Path
+    spec_path: Path
+    spec: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SkippedChart:
+    name: str
+    title: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ChartSet:
+    charts: list[ChartFile]
+    skipped: list[SkippedChart]
+
+
+def _labelled(frame: pl.DataFrame) -> pl.DataFrame:
+    """Add `config` (policy @ cache), `series` (policy without cache) and `role` (baseline or policy)."""
+    rows = list(frame.iter_rows(named=True))
+    return frame.with_columns(
+        pl.Series("config", [config_name(r) for r in rows], dtype=pl.String),
+        pl.Series("series", [policy_name(r) for r in rows], dtype=pl.String),
+        pl.when(pl.col("policy") == BASELINE_POLICY).then(pl.lit("baseline")).otherwise(pl.lit("policy")).alias("role"),
+    )
+
+
+def _color(series: Sequence[str]) -> alt.Color:
+    """Baseline in black, every policy in the same colour on every chart."""
+    others = sorted(s for s in set(series) if s != BASELINE_POLICY)
+    domain = [BASELINE_POLICY, *others] if BASELINE_POLICY in series else others
+    palette = [BASELINE_COLOR] if BASELINE_POLICY in series else []
+    palette += [POLICY_COLORS[i % len(POLICY_COLORS)] for i in range(len(others))]
+    return alt.Color("series:N", title="Policy", scale=alt.Scale(domain=domain, range=palette))
+
+
+#: Dashed baseline; the colour legend already names it, so this encoding has none.
+BASELINE_DASH = alt.StrokeDash(
+    "role:N",
+    legend=None,
+    scale=alt.Scale(domain=["baseline", "policy"], range=[[6, 3], [1, 0]]),
+)
+FLAT_LABELS = alt.Axis(labelAngle=0)
+
+
+def _zero_rule() -> alt.Chart:
+    """The baseline on a relative chart: 0% change."""
+    return alt.Chart().mark_rule(color=BASELINE_COLOR, strokeDash=[4, 2]).encode(y=alt.datum(0))
+
+
+def _panels(
+    data: pl.DataFrame,
+    fields: Sequence[tuple[str, str]],
+    layers: Callable[[str, str], list[alt.Chart]],
+    title: str,
+    row: alt.Row | None = None,
+    column: alt.Column | None = None,
+    columns: int = 4,
+) -> alt.ConcatChart:
+    """One panel per field (own y axis with its unit), each faceted alike; rows lacking the field dropped."""
+    panels = []
+    for field, axis_title in fields:
+        panel_data = data.filter(pl.col(field).is_not_null())
+        if panel_data.is_empty():
+            continue
+        layered = alt.layer(*layers(field, axis_title), data=panel_data).properties(
+            width=PANEL_WIDTH, height=PANEL_HEIGHT
+        )
+        if row is None and column is None:
+            panels.append(layered)
+        else:
+            panels.append(layered.facet(row=row or alt.Undefined, column=column or alt.Undefined))
+    if not panels:
+        raise SkipChart("none of its metrics has a value")
+    return alt.concat(*panels, columns=columns, title=title).resolve_scale(color="shared", strokeDash="shared")
+
+
+def _with_baseline_per_cache(frame: pl.DataFrame) -> pl.DataFrame:
+    """Repeat the baseline rows (no cache limit) under every cache limit so that each facet shows them."""
+    baseline = frame.filter(pl.col("policy") == BASELINE_POLICY)
+    evicting = frame.filter(pl.col("policy") != BASELINE_POLICY)
+    caches = evicting.select("cache_size").unique()
+    if caches.is_empty():
+        return frame
+    return pl.concat([evicting, baseline.drop("cache_size").join(caches, how="cross").select(frame.columns)])
+
+
+def _change_fields(*columns: str) -> list[tuple[str, str]]:
+    """(change column, axis title) for relative panels."""
+    return [(METRIC_BY_COLUMN[c].change_column, f"{METRIC_BY_COLUMN[c].title} {CHANGE_TITLE}") for c in columns]
+
+
+def _relative_rows(summary: pl.DataFrame) -> pl.DataFrame:
+    rows = summary.filter((pl.col("policy") != BASELINE_POLICY) & pl.col("n_paired").is_not_null())
+    if rows.is_empty():
+        raise SkipChart("no configuration has a `full` baseline to compare against")
+    return _labelled(rows)
+
+
+def _display_units(summary: pl.DataFrame, metrics: Sequence[Metric]) -> pl.DataFrame:
+    """Means (and mean ± std bounds) in the units the axes state."""
+    columns = []
+    for m in metrics:
+        mean, std = pl.col(f"{m.column}_mean") * m.scale, pl.col(f"{m.column}_std") * m.scale
+        columns += [
+            mean.alias(m.column),
+            (mean - std).alias(f"{m.column}_lo"),
+            (mean + std).alias(f"{m.column}_hi"),
+        ]
+    return _labelled(summary).with_columns(columns)
+
+
+def metrics_by_config(summary: pl.DataFrame, seq_len: int, color: alt.Color) -> alt.ConcatChart:
+    data = _display_units(summary.filter(pl.col("seq_len") == seq_len), METRICS)
+    if data.is_empty():
+        raise SkipChart(f"no successful cell at length {seq_len}")
+    order = data["config"].to_list()
+
+    def layers(field: str, axis_title: str) -> list[alt.Chart]:
+        x = alt.X("config:N", title="Configuration", sort=order, axis=alt.Axis(labelAngle=-45))
+        bars = (
+            alt.Chart()
+            .mark_bar()
+            .encode(
+                x=x,
+                y=alt.Y(f"{field}:Q", title=axis_title),
+                color=color,
+                tooltip=["config:N", f"{field}:Q", "n:Q"],
+            )
+        )
+        spread = (
+            alt.Chart()
+            .mark_errorbar(color=BASELINE_COLOR)
+            .encode(x=x, y=alt.Y(f"{field}_lo:Q", title=axis_title), y2=f"{field}_hi:Q")
+        )
+        return [bars, spread]
+
+    return _panels(
+        data,
+        [(m.column, m.label) for m in METRICS],
+        layers,
+        f"Every metric by configuration, length {seq_len} tokens (mean ± std over samples)",
+    )
+
+
+def cache_tradeoff(summary: pl.DataFrame, color: alt.Color) -> alt.ConcatChart:
+    data = _relative_rows(summary)
+
+    def layers(field: str, axis_title: str) -> list[alt.Chart]:
+        lines = (
+            alt.Chart()
+            .mark_line(point=True)
+            .encode(
+                x=alt.X("cache_size:O", title="Cache limit (tokens)", axis=FLAT_LABELS),
+                y=alt.Y(f"{field}:Q", title=axis_title),
+                color=color,
+                tooltip=["series:N", "cache_size:O", f"{field}:Q", "n_paired:Q"],
+            )
+        )
+        return [_zero_rule(), lines]
+
+    return _panels(
+        data,
+        _change_fields("ppl", "ttft_s", "tpot_s"),
+        layers,
+        "Quality and speed against the cache limit (paired mean change vs full; 0% = full)",
+        row=ROW_LENGTH,
+        columns=3,
+    )
+
+
+def length_effect(summary: pl.DataFrame, color: alt.Color) -> alt.ConcatChart:
+    if summary["seq_len"].n_unique() < 2:
+        raise SkipChart("only one length in the results")
+    metrics = [METRIC_BY_COLUMN["ppl"], METRIC_BY_COLUMN["throughput_tok_s"]]
+    data = _with_baseline_per_cache(_display_units(summary, metrics))
+
+    def layers(field: str, axis_title: str) -> list[alt.Chart]:
+        return [
+            alt.Chart()
+            .mark_line(point=True)
+            .encode(
+                x=alt.X("seq_len:O", title="Length (tokens)", axis=FLAT_LABELS),
+                y=alt.Y(f"{field}:Q", title=axis_title, scale=alt.Scale(zero=False)),
+                color=color,
+                strokeDash=BASELINE_DASH,
+                tooltip=["config:N", "seq_len:O", f"{field}:Q"],
+            )
+        ]
+
+    return _panels(
+        data,
+        [(m.column, m.label) for m in metrics],
+        layers,
+        "Baseline (full, dashed black) and policies across lengths (mean over samples)",
+        column=COLUMN_CACHE,
+        columns=1,
+    )
+
+
+def policies_at_cache(summary: pl.DataFrame, color: alt.Color) -> alt.ConcatChart:
+    data = _relative_rows(summary)
+
+    def layers(field: str, axis_title: str) -> list[alt.Chart]:
+        bars = (
+            alt.Chart()
+            .mark_bar()
+            .encode(
+                x=alt.X("series:N", title="Policy", axis=alt.Axis(labelAngle=-45)),
+                y=alt.Y(f"{field}:Q", title=axis_title),
+                color=color,
+                tooltip=["config:N", f"{field}:Q", "n_paired:Q"],
+            )
+        )
+        return [bars, _zero_rule()]
+
+    return _panels(
+        data,
+        _change_fields("ppl", "accuracy"),
+        layers,
+        "Policies at the same cache limit (paired mean change vs full)",
+        row=ROW_LENGTH,
+        column=COLUMN_CACHE,
+        columns=1,
+    )
+
+
+def ppl_by_position(position_ppl: pl.DataFrame, color: alt.Color) -> alt.ConcatChart:
+    if position_ppl.is_empty():
+        raise SkipChart("no perplexity-by-position curves in the results")
+    data = _with_baseline_per_cache(_labelled(position_ppl))
+
+    def layers(field: str, axis_title: str) -> list[alt.Chart]:
+        return [
+            alt.Chart()
+            .mark_line()
+            .encode(
+                x=alt.X("bucket_start:Q", title="Position in passage (tokens)"),
+                y=alt.Y(f"{field}:Q", title=axis_title, scale=alt.Scale(zero=False)),
+                color=color,
+                strokeDash=BASELINE_DASH,
+                detail="config:N",
+                tooltip=["config:N", "bucket_start:Q", "bucket_end:Q", f"{field}:Q", "tokens:Q"],
+            )
+        ]
+
+    return _panels(
+        data,
+        [("ppl", "Perplexity")],
+        layers,
+        "Perplexity by position, pooled over samples: exp(Σ nll / Σ tokens) per bucket (full: dashed black)",
+        row=ROW_LENGTH,
+        column=COLUMN_CACHE,
+        columns=1,
+    )
+
+
+def _save(chart: alt.TopLevelMixin, out_dir: Path, name: str, title: str) -> ChartFile:
+    png, spec_path = out_dir / f"{name}.png", out_dir / f"{name}.vl.json"
+    chart.save(png, format="png", scale_factor=PNG_SCALE)
+    spec = chart.to_dict()
+    spec_path.write_text(json.dumps(spec, indent=1))
+    return ChartFile(name, title, png, spec_path, spec)
+
+
+def build_charts(summary: pl.DataFrame, position_ppl: pl.DataFrame, out_dir: Path) -> ChartSet:
+    """Render every chart the data supports; a chart it cannot support is listed with the reason."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    all_series = _labelled(
+        pl.concat(
+            [
+                summary.select("policy", "policy_label", "cache_size", "positions"),
+                position_ppl.select("policy", "policy_label", "cache_size", "positions"),
+            ]
+        )
+    )
+    color = _color(all_series["series"].unique().to_list())
+    lengths = sorted(summary["seq_len"].drop_nulls().unique().to_list())
+    plan: list[tuple[str, str, Callable[[], alt.TopLevelMixin]]] = [
+        (
+            f"metrics_by_config_{n}",
+            f"Every metric by configuration, length {n}",
+            partial(metrics_by_config, summary, n, color),
+        )
+        for n in lengths
+    ]
+    plan += [
+        (
+            "cache_tradeoff",
+            "Quality and speed against the cache limit",
+            lambda: cache_tradeoff(summary, color),
+        ),
+        ("length_effect", "Baseline and policies across lengths", lambda: length_effect(summary, color)),
+        ("policies_at_cache", "Policies at the same cache limit", lambda: policies_at_cache(summary, color)),
+        ("ppl_by_position", "Perplexity by position", lambda: ppl_by_position(position_ppl, color)),
+    ]
+    charts: list[ChartFile] = []
+    skipped = (
+        []
+        if lengths
+        else [SkippedChart("metrics_by_config", "Every metric by configuration", "no successful cell in the results")]
+    )
+    with alt.data_transformers.disable_max_rows():
+        for name, title, build in plan:
+            try:
+                charts.append(_save(build(), out_dir, name, title))
+            except SkipChart as reason:
+                skipped.append(SkippedChart(name, title, str(reason)))
+    return ChartSet(charts, skipped)

@@ -1,0 +1,160 @@
+"""index.html: one self-contained page (Vega libraries and specs inlined) that renders offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from functools import cache
+from html import escape
+from pathlib import Path
+
+import altair as alt
+import vl_convert
+
+from kvcompare.report.charts import ChartFile
+from kvcompare.report.content import ReportContent
+from kvcompare.report.display import Table
+from kvcompare.report.markdown import RELATIVE_METHOD
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem; color: #222; max-width: 1600px; }
+table { border-collapse: collapse; margin: 0.5rem 0; font-size: 0.85rem; }
+th, td { border: 1px solid #ccc; padding: 0.2rem 0.5rem; text-align: left; vertical-align: top; }
+td { white-space: nowrap; }
+td:last-child { white-space: normal; }
+th { background: #f3f3f3; }
+.scroll { overflow-x: auto; }
+.note { color: #555; font-size: 0.85rem; max-width: 70rem; }
+.chart { margin: 1rem 0; }
+#js-errors { color: #b00; white-space: pre-wrap; }
+"""
+
+#: Installed before anything else runs: page errors land in #js-errors, where tests and readers see them.
+ERROR_TRAP = """
+function reportError(error) {
+  var box = document.getElementById('js-errors');
+  box.textContent += String((error && (error.stack || error.message)) || error) + '\\n';
+  box.hidden = false;
+}
+window.addEventListener('error', function (event) { reportError(event.error || event.message); });
+window.addEventListener('unhandledrejection', function (event) { reportError(event.reason); });
+"""
+
+EMBED = """
+document.querySelectorAll('div.chart').forEach(function (div) {
+  var spec = JSON.parse(document.getElementById('spec-' + div.dataset.chart).textContent);
+  vegaEmbed(div, spec, {renderer: 'svg', actions: false}).catch(reportError);
+});
+"""
+
+
+#: What the bundle runs: the libraries as the globals the embed script calls.
+GLOBALS_SNIPPET = "window.vegaEmbed = vegaEmbed; window.vega = vega; window.vegaLite = vegaLite;"
+
+
+@cache
+def vega_bundle() -> str:
+    """Vega, Vega-Lite (the version Altair writes) and Vega-Embed in one script, from vl-convert: offline."""
+    wanted = ".".join(alt.SCHEMA_VERSION.lstrip("v").split(".")[:2])
+    version = wanted if wanted in vl_convert.get_vegalite_versions() else None
+    # Only '</script' ends a script element early; '<\\/script' means the same in a JS string or regex.
+    return re.sub(
+        r"</(script)",
+        r"<\\/\1",
+        vl_convert.javascript_bundle(GLOBALS_SNIPPET, vl_version=version),
+        flags=re.IGNORECASE,
+    )
+
+
+def _json_script(value: object) -> str:
+    """JSON that cannot end or confuse its <script> element: every '<' as the JSON escape \\u003c."""
+    return json.dumps(value).replace("<", "\\u003c")
+
+
+def _inline(text: str) -> str:
+    """Escape, then the little inline Markdown the notes and protocol use: `code` and **bold**."""
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", escape(text))
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
+
+
+BULLET = re.compile(r"^\s*[-*]\s+")
+
+
+def markdown_blocks(text: str) -> str:
+    """Headings, bullet lists and paragraphs: enough for PROTOCOL_MD without a Markdown dependency."""
+    blocks = []
+    for block in re.split(r"\n\s*\n", text.strip()):
+        lines = block.splitlines()
+        heading = re.match(r"(#{1,6})\s+(.*)", lines[0])
+        if heading and len(lines) == 1:
+            level = min(len(heading.group(1)) + 2, 6)
+            blocks.append(f"<h{level}>{_inline(heading.group(2))}</h{level}>")
+        elif all(BULLET.match(line) for line in lines):
+            items = "".join(f"<li>{_inline(BULLET.sub('', line))}</li>" for line in lines)
+            blocks.append(f"<ul>{items}</ul>")
+        else:
+            blocks.append(f"<p>{_inline(' '.join(lines))}</p>")
+    return "\n".join(blocks)
+
+
+def table_html(table: Table, level: int = 3) -> str:
+    parts = [f"<h{level}>{escape(table.title)}</h{level}>"]
+    if table.rows:
+        head = "".join(f"<th>{escape(h)}</th>" for h in table.headers)
+        body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in table.rows)
+        parts.append(f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>')
+    else:
+        parts.append(f'<p class="empty"><em>{_inline(table.empty)}</em></p>')
+    if table.note:
+        parts.append(f'<p class="note">{_inline(table.note)}</p>')
+    return "\n".join(parts)
+
+
+def chart_html(chart: ChartFile, out_dir: Path) -> str:
+    png, spec = (escape(Path(os.path.relpath(p, out_dir)).as_posix()) for p in (chart.png, chart.spec_path))
+    return (
+        f"<h3>{escape(chart.title)}</h3>\n"
+        f'<div class="chart scroll" id="chart-{chart.name}" data-chart="{chart.name}"></div>\n'
+        f'<p class="note"><a href="{png}">PNG</a> · <a href="{spec}">Vega-Lite spec</a></p>\n'
+        f'<script type="application/json" id="spec-{chart.name}">{_json_script(chart.spec)}</script>'
+    )
+
+
+def render_html(content: ReportContent, out_dir: Path) -> str:
+    """The whole page; links to PNG and spec files are relative to out_dir, where index.html is written."""
+    rules = "".join(f"<li><strong>{escape(s)}</strong>: {_inline(t)}</li>" for s, t in content.rules.items())
+    results = [table_html(t) for length in content.lengths for t in (length.relative, length.absolute)]
+    charts = [chart_html(chart, out_dir) for chart in content.charts.charts]
+    skipped = "".join(
+        f"<li>{escape(s.title)} (<code>{escape(s.name)}</code>) not drawn: {escape(s.reason)}</li>"
+        for s in content.charts.skipped
+    )
+    problems = "".join(f"<li>unreadable: {escape(p)}</li>" for p in content.problems)
+    body = [
+        f"<h1>{escape(content.title)}</h1>",
+        '<pre id="js-errors" hidden></pre>',
+        "<h2>Protocol</h2>",
+        markdown_blocks(content.protocol_md),
+        "<h2>Recommendations</h2>",
+        f"<p>Rules (applied to the mean over samples):</p><ul>{rules}</ul>",
+        table_html(content.recommendations),
+        "<h2>Results by length</h2>",
+        f"<p>{_inline(RELATIVE_METHOD)}</p>",
+        *(results or ["<p><em>No successful cell: nothing to tabulate.</em></p>"]),
+        "<h2>Charts</h2>",
+        *charts,
+        f"<ul>{skipped}</ul>" if skipped else "",
+        "<h2>Missing / failed cells</h2>",
+        table_html(content.counts),
+        table_html(content.failed),
+        f"<ul>{problems}</ul>" if problems else "",
+        "<h2>Run</h2>",
+        table_html(content.metadata),
+    ]
+    scripts = f"<script>{vega_bundle()}</script>\n<script>{EMBED}</script>" if charts else ""
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{escape(content.title)}</title><style>{STYLE}</style><script>{ERROR_TRAP}</script></head>\n"
+        "<body>\n" + "\n".join(body) + f"\n{scripts}\n</body></html>\n"
+    )

@@ -1,0 +1,58 @@
+"""Rotary position embeddings: finding a model's rotary setup and re-rotating cached keys.
+
+Shift mode (StreamingLLM's positional shift) needs kept keys moved to new positions after an eviction.
+RoPE is a rotation, so a key rotated at position p is moved to q by rotating it once more by q - p.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+
+class UnsupportedModelError(ValueError):
+    """The model lacks something the executor needs (rotary position embeddings, a causal LM head)."""
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """The half-split rotation convention of Hugging Face's Llama and GPT-NeoX implementations."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rotary:
+    """The rotary frequencies of a model; the first ``rotary_dim`` channels of each head are rotated."""
+
+    inv_freq: torch.Tensor  # [rotary_dim // 2], float32
+    rotary_dim: int
+
+    def rotate(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` (``[..., T, head_dim]``) by ``delta`` positions (``[..., T]``), in float32."""
+        angles = delta.to(torch.float32).unsqueeze(-1) * self.inv_freq.to(x.device)
+        angles = torch.cat((angles, angles), dim=-1)
+        part = x[..., : self.rotary_dim].float()
+        rotated = (part * angles.cos() + rotate_half(part) * angles.sin()).to(x.dtype)
+        if self.rotary_dim == x.shape[-1]:
+            return rotated
+        return torch.cat((rotated, x[..., self.rotary_dim :]), dim=-1)
+
+
+def find_rotary(model: nn.Module) -> Rotary:
+    """The model's rotary embedding, or an UnsupportedModelError for models without RoPE."""
+    for module in model.modules():
+        inv_freq = getattr(module, "inv_freq", None)
+        if isinstance(inv_freq, torch.Tensor) and "rotary" in type(module).__name__.lower():
+            rope_type = getattr(module, "rope_type", "default")
+            if rope_type == "dynamic":
+                raise UnsupportedModelError(
+                    "dynamic NTK RoPE changes its frequencies with the sequence length, so cached keys cannot "
+                    "be re-rotated consistently; use a model with static RoPE"
+                )
+            return Rotary(inv_freq.detach().float().cpu(), 2 * inv_freq.numel())
+    raise UnsupportedModelError(
+        f"{type(model).__name__} has no rotary position embedding (RoPE); kvcompare supports RoPE models "
+        "such as the Llama, Mistral, Qwen and GPT-NeoX families"
+    )

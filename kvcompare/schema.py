@@ -1,0 +1,71 @@
+"""Column layout of the Parquet results: one place that the runner, the writer and the report agree on."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+#: One row per cell: (policy with its parameters, cache limit, length, sample, position mode).
+RESULT_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("cell_id", pa.string()),  # stable hash of the cell's configuration; --resume keys on it
+        ("status", pa.string()),  # "ok" or "failed"
+        ("error", pa.string()),  # the failure, for status == "failed"
+        ("model", pa.string()),
+        ("dataset", pa.string()),
+        ("source", pa.string()),  # book or file the passage came from
+        ("token_offset", pa.int64()),  # first token of the passage inside `source`
+        ("sample_id", pa.int64()),
+        ("policy", pa.string()),  # registered name, e.g. "l2"
+        ("policy_label", pa.string()),  # name with non-default parameters, e.g. "l2:mode=random"
+        ("policy_params", pa.string()),  # JSON of every parameter, defaults included
+        ("plugin", pa.string()),  # plugin that provides the policy
+        ("cache_size", pa.int64()),  # limit enforced on compressed layers; null for `full` (no limit)
+        ("seq_len", pa.int64()),
+        ("stride", pa.int64()),
+        ("evict_block", pa.int64()),
+        ("positions", pa.string()),  # "true" or "shift"
+        ("skip_layers", pa.string()),  # JSON list of layer indices that keep the full cache
+        ("device", pa.string()),
+        ("dtype", pa.string()),
+        ("gen_tokens", pa.int64()),
+        ("warmup", pa.int64()),
+        ("ttft_s", pa.float64()),
+        ("tpot_s", pa.float64()),
+        ("throughput_tok_s", pa.float64()),
+        ("ppl", pa.float64()),
+        ("accuracy", pa.float64()),
+        ("nll_sum", pa.float64()),
+        ("tokens_scored", pa.int64()),
+        ("peak_kv_bytes", pa.int64()),
+        ("peak_mem_bytes", pa.int64()),
+        ("evict_s", pa.float64()),  # eviction time inside the timed decode steps
+        ("evict_share", pa.float64()),  # evict_s / decode time
+        ("decode_s", pa.float64()),  # sum of the timed decode steps
+        ("quality_s", pa.float64()),  # wall time of the quality pass
+        ("wall_s", pa.float64()),  # wall time of the whole cell
+        ("finished_at", pa.string()),
+    ]
+)
+
+#: Perplexity against position: NLL summed over buckets of positions in the passage, one row per bucket.
+CURVE_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("cell_id", pa.string()),
+        ("policy", pa.string()),
+        ("policy_label", pa.string()),
+        ("cache_size", pa.int64()),
+        ("seq_len", pa.int64()),
+        ("positions", pa.string()),
+        ("sample_id", pa.int64()),
+        ("bucket_start", pa.int64()),  # first predicted position in the bucket (token index in the passage)
+        ("bucket_end", pa.int64()),  # one past the last
+        ("nll_sum", pa.float64()),
+        ("tokens", pa.int64()),
+    ]
+)
+
+RESULTS_GLOB = "cells/*.parquet"
+CURVES_GLOB = "curves/*.parquet"
+RUN_JSON = "run.json"

@@ -1,0 +1,45 @@
+"""`streaming`: StreamingLLM (Xiao et al., 2024) — attention sinks plus a recent window."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from kvcompare.hookspecs import hookimpl
+from kvcompare.policy import KVPolicy, PolicyError
+
+
+@dataclasses.dataclass
+class StreamingLLM(KVPolicy):
+    """Keep the first `start_size` tokens (the attention sinks) and the most recent ones."""
+
+    name = "streaming"
+    start_size: int = 4
+
+    def validate(self) -> None:
+        if self.start_size < 0:
+            raise PolicyError("streaming: start_size must be >= 0")
+
+    def check_limit(self, min_keep: int) -> None:
+        if min_keep <= self.start_size:
+            raise PolicyError(
+                f"streaming: an eviction would keep only {min_keep} tokens (limit - stride - evict_block + 1), "
+                f"not more than its start_size={self.start_size} attention sinks; raise --cache or lower --stride"
+            )
+
+    def select(self, keys: torch.Tensor, keep: int, positions: torch.Tensor) -> torch.Tensor:
+        length = keys.shape[3]
+        sinks = min(self.start_size, keep)
+        slots = torch.cat(
+            [
+                torch.arange(sinks, device=keys.device),
+                torch.arange(length - (keep - sinks), length, device=keys.device),
+            ]
+        )
+        return slots.expand(*keys.shape[:3], keep)
+
+
+@hookimpl
+def register_policies(register):  # type: ignore[no-untyped-def]
+    register(StreamingLLM)

@@ -1,0 +1,159 @@
+"""Plugins: a test-registered policy, an installed third-party package, and plugins that break."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvcompare.cli import main
+from kvcompare.executor import CacheConfig, Executor
+from kvcompare.hookspecs import hookimpl
+from kvcompare.plugins import PluginHost
+from kvcompare.policy import KVPolicy, PolicyError
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "kvcompare-example-plugin"
+
+
+@dataclasses.dataclass
+class OldestFirst(KVPolicy):
+    """Keep the oldest tokens (a deliberately poor policy, registered only by a test)."""
+
+    name = "oldest"
+    extra: int = 0
+
+    def select(self, keys: torch.Tensor, keep: int, positions: torch.Tensor) -> torch.Tensor:
+        return torch.arange(keep).expand(*keys.shape[:3], keep)
+
+
+class TestPlugin:
+    @hookimpl
+    def register_policies(self, register: Callable[[type], None]) -> None:
+        register(OldestFirst)
+
+
+def test_a_registered_plugin_is_listed_and_runs(
+    register_plugin: Callable[..., None], host: PluginHost, capsys: pytest.CaptureFixture[str], tokens: torch.Tensor
+) -> None:
+    from conftest import tiny_llama
+
+    register_plugin(TestPlugin(), "test-plugin")
+    registry = host.registry()
+    assert registry.entry("oldest").plugin == "test-plugin"
+    assert main(["policies"]) == 0
+    assert "oldest  (plugin: test-plugin)" in capsys.readouterr().out
+    result = Executor(tiny_llama()).score(tokens, registry.build("oldest"), "test-plugin", CacheConfig(16, 4))
+    assert result.max_cached <= 16 and result.nll.size == tokens.numel() - 1
+
+
+def test_the_registered_plugin_is_gone_after_the_test(host: PluginHost) -> None:
+    assert "oldest" not in host.registry().names()
+
+
+def test_a_misspelt_hook_fails_loudly_without_taking_others_down(
+    host: PluginHost, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Misspelt:
+        @hookimpl
+        def register_policy(self, register: Callable[[type], None]) -> None:  # missing "s"
+            raise AssertionError("never called")
+
+    fresh = PluginHost()
+    fresh.load_entry_points()
+    fresh.add(Misspelt(), "misspelt")
+    assert [f.name for f in fresh.failures] == ["misspelt"]
+    assert "register_policy" in fresh.failures[0].error
+    assert "not loaded" in capsys.readouterr().err
+    assert {"full", "streaming", "l2", "recent"} <= set(fresh.registry().names())
+
+
+def test_a_plugin_that_fails_to_import_is_reported_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dist = tmp_path / "broken_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[kvcompare]\nbroken = broken_plugin_module\n")
+    (tmp_path / "broken_plugin_module.py").write_text("raise ImportError('missing dependency xyz')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fresh = PluginHost()
+    fresh.load_entry_points()
+    assert [f.name for f in fresh.failures] == ["broken"]
+    assert "missing dependency xyz" in fresh.failures[0].error
+    assert {"full", "streaming", "l2", "recent"} <= set(fresh.registry().names())
+
+
+def test_a_policy_registered_twice_is_refused() -> None:
+    fresh = PluginHost()
+    fresh.add(TestPlugin(), "one")
+    fresh.add(TestPlugin(), "two")
+    fresh.registry()
+    assert any("registered twice" in f.error for f in fresh.failures)
+
+
+def test_not_a_policy_is_refused() -> None:
+    from kvcompare.registry import PolicyRegistry
+
+    with pytest.raises(PolicyError, match="not a KVPolicy"):
+        PolicyRegistry().add(dict, "bad")
+
+
+@pytest.fixture(scope="module")
+def installed_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example plugin package, really installed (into a private folder) so that its entry point exists."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(EXAMPLE),
+        ],
+        check=True,
+    )
+    return target
+
+
+def test_an_installed_third_party_plugin_is_found_listed_and_run(
+    installed_example: Path, monkeypatch: pytest.MonkeyPatch, tokens: torch.Tensor
+) -> None:
+    from conftest import tiny_neox
+
+    monkeypatch.syspath_prepend(str(installed_example))
+    importlib.invalidate_caches()
+    fresh = PluginHost()
+    fresh.load_entry_points()
+    infos = {i.name: i for i in fresh.plugins()}
+    assert infos["uniform"].distribution == "kvcompare-example-plugin" and infos["uniform"].version == "0.1.0"
+    registry = fresh.registry()
+    policy = registry.build("uniform:recent=4")
+    assert registry.plugin_of(policy) == "uniform"
+    result = Executor(tiny_neox()).score(tokens, policy, "uniform", CacheConfig(12, 3, "shift", (0,)))
+    assert result.max_cached <= 12
+
+
+def test_cli_lists_policies_and_plugins(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["policies"]) == 0
+    out = capsys.readouterr().out
+    for line in (
+        "full  (plugin: full)",
+        "streaming  (plugin: streaming)",
+        "start_size: int = 4",
+        "mode: keep_low|keep_high|random = 'keep_low'",
+        "recent  (plugin: recent)",
+    ):
+        assert line in out
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    version = importlib.metadata.version("kvcompare")
+    assert f"streaming        kvcompare {version}" in out

@@ -1,0 +1,156 @@
+"""Chart specs carry the intended encodings and data; real PNGs; partial data skips charts, saying why."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from report_fixtures import cell, curve_rows, failed_cell, synthetic_run, write_run
+
+from kvcompare.report import ReportPaths, build_report
+from kvcompare.report.charts import BASELINE_COLOR
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ALL_CHARTS = {
+    "metrics_by_config_256",
+    "metrics_by_config_512",
+    "cache_tradeoff",
+    "length_effect",
+    "policies_at_cache",
+    "ppl_by_position",
+}
+
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory: pytest.TempPathFactory) -> ReportPaths:
+    return build_report(synthetic_run(tmp_path_factory.mktemp("run")))
+
+
+def _spec(paths: ReportPaths, name: str) -> dict[str, Any]:
+    spec_path = next(p for p in paths.specs if p.name == f"{name}.vl.json")
+    return json.loads(spec_path.read_text())
+
+
+def _walk(node: Any, key: str) -> Iterator[Any]:
+    """Every value stored under `key` anywhere in a nested spec."""
+    if isinstance(node, dict):
+        for k, value in node.items():
+            if k == key:
+                yield value
+            yield from _walk(value, key)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _walk(item, key)
+
+
+def _channels(spec: dict[str, Any], channel: str) -> list[dict[str, Any]]:
+    return [enc[channel] for enc in _walk(spec, "encoding") if channel in enc]
+
+
+def _rows(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [row for values in spec.get("datasets", {}).values() for row in values]
+
+
+def test_every_chart_written_as_png_and_spec(full_report: ReportPaths) -> None:
+    assert {p.name.removesuffix(".png") for p in full_report.charts} == ALL_CHARTS
+    assert full_report.skipped_charts == {}
+    for png in full_report.charts:
+        data = png.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+        assert png.with_name(png.name.removesuffix(".png") + ".vl.json").exists()
+
+
+def test_cache_tradeoff_uses_ordinal_cache_sizes_and_paired_changes(full_report: ReportPaths) -> None:
+    spec = _spec(full_report, "cache_tradeoff")
+    assert {"field": "cache_size", "type": "ordinal"}.items() <= _channels(spec, "x")[0].items()
+    y_fields = {y.get("field") for y in _channels(spec, "y")}
+    assert {"ppl_change_pct", "ttft_s_change_pct", "tpot_s_change_pct"} <= y_fields
+    assert any(y.get("datum") == 0 for y in _channels(spec, "y"))  # the 0% baseline rule
+    rows = _rows(spec)
+    assert {r["cache_size"] for r in rows} == {32, 64}
+    # fixture: streaming (rank 0) at cache 64 loses 0.02 * 64/64 = 2% PPL at every length
+    changes = [r["ppl_change_pct"] for r in rows if r["series"] == "streaming" and r["cache_size"] == 64]
+    assert len(changes) == 2 and changes == [pytest.approx(2.0)] * 2  # one per length
+
+
+def test_baseline_is_black_and_dashed(full_report: ReportPaths) -> None:
+    spec = _spec(full_report, "length_effect")
+    scale = _channels(spec, "color")[0]["scale"]
+    assert scale["domain"][0] == "full" and scale["range"][0] == BASELINE_COLOR
+    assert _channels(spec, "strokeDash")[0]["field"] == "role"
+    assert {"field": "seq_len", "type": "ordinal"}.items() <= _channels(spec, "x")[0].items()
+    # the baseline row is repeated under each cache limit so every facet shows it
+    assert {r["cache_size"] for r in _rows(spec) if r["series"] == "full"} == {32, 64}
+
+
+def test_policies_at_cache_facets_by_cache_size(full_report: ReportPaths) -> None:
+    spec = _spec(full_report, "policies_at_cache")
+    columns = list(_walk(spec, "column"))
+    assert columns and all(c["field"] == "cache_size" and c["type"] == "ordinal" for c in columns)
+    assert {r["series"] for r in _rows(spec)} == {"streaming", "l2", "l2:mode=random", "recent"}
+
+
+def test_ppl_by_position_pools_samples(full_report: ReportPaths) -> None:
+    spec = _spec(full_report, "ppl_by_position")
+    assert _channels(spec, "x")[0]["field"] == "bucket_start"
+    first = [r for r in _rows(spec) if r["series"] == "full" and r["seq_len"] == 256 and r["bucket_start"] == 1]
+    # samples at ppl 40 and 50 with equal tokens: exp((log 40 + log 50) / 2) = sqrt(2000)
+    assert first and all(r["ppl"] == pytest.approx(math.sqrt(2000)) for r in first)
+
+
+def test_metrics_by_config_has_every_metric(full_report: ReportPaths) -> None:
+    spec = _spec(full_report, "metrics_by_config_256")
+    titles = {y.get("title") for y in _channels(spec, "y")}
+    assert {"TTFT (s)", "TPOT (s)", "Throughput (tokens/s)", "PPL", "Peak KV (MiB)"} <= titles
+
+
+def test_partial_data_skips_charts_with_reasons(tmp_path: Path) -> None:
+    """One length, one cache size, no curves: what can be drawn is, the rest says why not."""
+    run_dir = write_run(tmp_path, [cell("full", None, 256, 0), cell("l2", 32, 256, 0, ppl=44.0)])
+    paths = build_report(run_dir)
+    assert {p.name for p in paths.charts} == {
+        "metrics_by_config_256.png",
+        "cache_tradeoff.png",
+        "policies_at_cache.png",
+    }
+    assert paths.skipped_charts == {
+        "length_effect": "only one length in the results",
+        "ppl_by_position": "no perplexity-by-position curves in the results",
+    }
+
+
+def test_report_of_failed_run_without_curves_lists_failures(tmp_path: Path) -> None:
+    rows = [cell("full", None, 256, 0), failed_cell("streaming", 32, 256, 0, error="RuntimeError: CUDA OOM")]
+    paths = build_report(write_run(tmp_path, rows, cells_planned=4))
+    for text in (paths.html.read_text(), paths.markdown.read_text()):
+        assert "RuntimeError: CUDA OOM" in text
+        assert "no perplexity-by-position curves" in text
+    markdown = paths.markdown.read_text()
+    assert "| 4 | 1 | 1 | 2 |" in markdown  # planned, ok, failed, missing
+    assert "| streaming @ 32 | 256 | 0 |" in markdown
+
+
+def test_run_with_no_successful_cell_still_reports(tmp_path: Path) -> None:
+    paths = build_report(write_run(tmp_path, [failed_cell("l2", 32, 256, 0, error="boom")]))
+    assert paths.charts == [] and "metrics_by_config" in paths.skipped_charts
+    assert "boom" in paths.html.read_text()
+
+
+def test_markdown_links_pngs_relatively(full_report: ReportPaths) -> None:
+    markdown = full_report.markdown.read_text()
+    for png in full_report.charts:
+        assert f"](charts/{png.name})" in markdown
+    assert "Relative change vs full" in markdown and "paired" in markdown
+
+
+def test_curves_of_failed_cells_are_ignored(tmp_path: Path) -> None:
+    ok = cell("full", None, 256, 0, ppl=40.0)
+    failed = failed_cell("l2", 32, 256, 0, error="late failure")
+    failed_curve = curve_rows({**failed, "ppl": 80.0})
+    paths = build_report(write_run(tmp_path, [ok, failed], curve_rows(ok) + failed_curve))
+    spec = _spec(paths, "ppl_by_position")
+    assert {r["series"] for r in _rows(spec)} == {"full"}

@@ -1,0 +1,218 @@
+"""Aggregation, paired relative change, recommendations and loading, checked against hand-computed numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+from report_fixtures import cell, failed_cell, write_run
+
+from kvcompare.report.display import recommendation_table, relative_table
+from kvcompare.report.load import load_run
+from kvcompare.report.recommend import recommend
+from kvcompare.report.tables import aggregate, baseline_lengths, relative_changes, summary
+
+
+def _frame(run_dir: Path, rows: list[dict]) -> pl.DataFrame:
+    return load_run(write_run(run_dir, rows)).cells
+
+
+def _row(frame: pl.DataFrame, label: str, cache_size: int | None = None) -> dict:
+    matches = frame.filter(pl.col("policy_label") == label)
+    if cache_size is not None:
+        matches = matches.filter(pl.col("cache_size") == cache_size)
+    assert matches.height == 1
+    return matches.row(0, named=True)
+
+
+@pytest.fixture
+def paired_cells(tmp_path: Path) -> pl.DataFrame:
+    """Two samples whose baselines differ, so a paired mean differs from a ratio of means."""
+    return _frame(
+        tmp_path,
+        [
+            cell(
+                "full",
+                None,
+                256,
+                0,
+                ppl=40.0,
+                tpot_s=0.010,
+                ttft_s=0.1,
+                throughput_tok_s=100.0,
+                accuracy=0.50,
+            ),
+            cell("full", None, 256, 1, ppl=50.0, tpot_s=0.020, ttft_s=0.2, throughput_tok_s=50.0, accuracy=0.40),
+            cell(
+                "streaming",
+                64,
+                256,
+                0,
+                ppl=44.0,
+                tpot_s=0.008,
+                ttft_s=0.1,
+                throughput_tok_s=120.0,
+                accuracy=0.49,
+            ),
+            cell(
+                "streaming",
+                64,
+                256,
+                1,
+                ppl=50.0,
+                tpot_s=0.010,
+                ttft_s=0.1,
+                throughput_tok_s=60.0,
+                accuracy=0.38,
+            ),
+        ],
+    )
+
+
+def test_relative_change_is_paired_per_sample(paired_cells: pl.DataFrame) -> None:
+    row = _row(relative_changes(paired_cells), "streaming")
+    assert row["n_paired"] == 2
+    # ppl: sample 0 44/40 -> +10%, sample 1 50/50 -> 0%; mean +5% (a ratio of means would give +4.44%)
+    assert row["ppl_change_pct"] == pytest.approx(5.0)
+    # tpot: 0.008/0.010 -> -20%, 0.010/0.020 -> -50%; mean -35%
+    assert row["tpot_s_change_pct"] == pytest.approx(-35.0)
+    # ttft: 0%, -50% -> -25%; throughput: +20%, +20% -> +20%
+    assert row["ttft_s_change_pct"] == pytest.approx(-25.0)
+    assert row["throughput_tok_s_change_pct"] == pytest.approx(20.0)
+    # accuracy in % of the baseline accuracy: 0.49/0.50 -> -2%, 0.38/0.40 -> -5%; mean -3.5%
+    assert row["accuracy_change_pct"] == pytest.approx(-3.5)
+
+
+def test_aggregate_mean_std_n(paired_cells: pl.DataFrame) -> None:
+    row = _row(aggregate(paired_cells), "full")
+    assert row["n"] == 2
+    assert row["ppl_mean"] == pytest.approx(45.0)
+    assert row["ppl_std"] == pytest.approx(7.0710678)  # sample std of 40 and 50
+    assert row["cache_size"] is None
+
+
+def test_relative_table_formats_signed_percentages(paired_cells: pl.DataFrame) -> None:
+    table = relative_table(summary(paired_cells), 256, has_baseline=True)
+    assert table.rows == [["streaming", "64", "2", "-25.0%", "-35.0%", "+20.0%", "+5.0%", "-3.5%"]]
+    assert "negative TTFT/TPOT = faster" in table.note and "positive PPL = worse" in table.note
+
+
+def test_sample_without_baseline_is_left_out_of_the_pairing(tmp_path: Path) -> None:
+    cells = _frame(
+        tmp_path,
+        [
+            cell("full", None, 256, 0, ppl=40.0),
+            failed_cell("full", None, 256, 1, error="CUDA out of memory"),
+            cell("recent", 32, 256, 0, ppl=44.0),
+            cell("recent", 32, 256, 1, ppl=70.0),
+        ],
+    )
+    row = _row(relative_changes(cells), "recent")
+    assert row["n_paired"] == 1
+    assert row["ppl_change_pct"] == pytest.approx(10.0)
+
+
+def test_length_without_baseline_says_no_baseline(tmp_path: Path) -> None:
+    cells = _frame(
+        tmp_path,
+        [
+            cell("full", None, 256, 0),
+            cell("l2", 32, 256, 0),
+            cell("l2", 32, 512, 0),
+            cell("l2", 32, 512, 1),
+        ],
+    )
+    assert baseline_lengths(cells) == {256}
+    table = relative_table(summary(cells), 512, has_baseline=False)
+    assert table.rows == [] and "no baseline" in table.empty
+
+
+def test_other_position_mode_has_no_baseline(tmp_path: Path) -> None:
+    cells = _frame(tmp_path, [cell("full", None, 256, 0), cell("l2", 32, 256, 0, positions="shift")])
+    table = relative_table(summary(cells), 256, has_baseline=True)
+    assert table.rows == [["l2, positions=shift", "32", "0", *["no baseline"] * 5]]
+
+
+def _recommendation_cells(ppl_changes: dict[tuple[str, int], float]) -> list[dict]:
+    """One sample at length 256: baseline ppl 100, tpot 0.01, throughput 100; policies at given changes."""
+    rows = [cell("full", None, 256, 0, ppl=100.0, tpot_s=0.010, throughput_tok_s=100.0, peak_kv_bytes=4096)]
+    for i, ((label, cache_size), change) in enumerate(ppl_changes.items()):
+        rows.append(
+            cell(
+                label,
+                cache_size,
+                256,
+                0,
+                ppl=100.0 + change,
+                tpot_s=0.009 - 0.001 * i,
+                throughput_tok_s=110.0 + 10 * i,
+                peak_kv_bytes=32 * cache_size,
+            )
+        )
+    return rows
+
+
+def test_recommendations_follow_the_rules(tmp_path: Path) -> None:
+    cells = _frame(
+        tmp_path,
+        _recommendation_cells(
+            {
+                ("streaming", 32): 3.0,  # smallest cache, but above the 2% quality limit; TPOT -10%
+                ("recent", 64): 1.5,  # smallest cache within 2% -> quality first; TPOT -20%
+                ("l2", 128): 0.5,  # best PPL, larger cache; TPOT -30%
+                ("l2:mode=random", 128): 25.0,  # fastest (TPOT -40%) but beyond the 10% speed limit
+            }
+        ),
+    )
+    chosen = {
+        r.scenario: (r.choice["policy_label"], r.choice["cache_size"]) if r.choice else r.reason
+        for r in recommend(summary(cells), baseline_lengths(cells))
+    }
+    assert chosen == {
+        "quality first": ("recent", 64),
+        "speed first": ("l2", 128),
+        "memory-bound": ("streaming", 32),
+        "long text": ("l2", 128),
+    }
+
+
+def test_no_qualifying_configuration_is_said_not_invented(tmp_path: Path) -> None:
+    cells = _frame(tmp_path, _recommendation_cells({("streaming", 32): 20.0, ("l2", 64): 30.0}))
+    recommendations = recommend(summary(cells), baseline_lengths(cells))
+    by_scenario = {r.scenario: r for r in recommendations}
+    assert by_scenario["quality first"].choice is None
+    assert by_scenario["quality first"].reason == "no configuration within +2% PPL"
+    assert by_scenario["speed first"].choice is None
+    assert by_scenario["memory-bound"].choice is not None  # has no PPL ceiling by its rule
+    rows = recommendation_table(recommendations).rows
+    assert ["quality first", "256", "no configuration within +2% PPL", "–"] in rows
+
+
+def test_rules_needing_a_baseline_say_so(tmp_path: Path) -> None:
+    cells = _frame(tmp_path, [cell("streaming", 32, 512, 0)])
+    reasons = {r.scenario: r.reason for r in recommend(summary(cells), baseline_lengths(cells))}
+    assert reasons["quality first"] == "no baseline at this length"
+    assert reasons["long text"] == "no baseline at this length"
+    assert reasons["memory-bound"] == ""
+
+
+def test_load_tolerates_missing_and_unreadable_files(tmp_path: Path) -> None:
+    empty = load_run(tmp_path)
+    assert empty.cells.is_empty() and empty.curves.is_empty() and empty.meta == {}
+    write_run(tmp_path, [cell("full", None, 256, 0)])
+    (tmp_path / "cells" / "half-written.parquet").write_bytes(b"PAR1 not really")
+    run = load_run(tmp_path)
+    assert run.cells.height == 1
+    assert run.curves.is_empty()
+    assert len(run.problems) == 1 and "half-written.parquet" in run.problems[0]
+
+
+def test_resumed_cell_keeps_the_successful_attempt(tmp_path: Path) -> None:
+    failed = failed_cell("l2", 32, 256, 0, error="killed")
+    failed["finished_at"] = "2025-01-02T00:00:00"
+    write_run(tmp_path, [cell("l2", 32, 256, 0)])
+    write_run(tmp_path / "retry", [failed])
+    (tmp_path / "retry" / "cells" / "l2-32-256-0.parquet").rename(tmp_path / "cells" / "attempt-1.parquet")
+    cells = load_run(tmp_path).cells
+    assert cells.height == 1 and cells["status"].to_list() == ["ok"]

@@ -1,0 +1,45 @@
+"""Shift mode's re-rotation: moving a key from position p to q equals rotating its raw key at q."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcompare.executor import Executor
+from kvcompare.rope import UnsupportedModelError, find_rotary
+
+
+def hf_rotate(model: torch.nn.Module, raw: torch.Tensor, position: int) -> torch.Tensor:
+    """Rotate with the model's own rotary embedding and apply_rotary_pos_emb."""
+    rotary_emb = model.base_model.rotary_emb
+    module = __import__(type(model).__module__, fromlist=["apply_rotary_pos_emb"])
+    cos, sin = rotary_emb(raw, torch.full((1, raw.shape[2]), position))
+    _, rotated = module.apply_rotary_pos_emb(raw, raw, cos, sin)
+    return rotated
+
+
+@pytest.mark.parametrize("p,q", [(0, 5), (37, 3), (900, 1000), (5, 5)])
+def test_rerotation_equals_rotating_the_raw_key(tiny_model: torch.nn.Module, p: int, q: int) -> None:
+    head_dim = tiny_model.config.hidden_size // tiny_model.config.num_attention_heads
+    raw = torch.randn(1, 2, 3, head_dim, generator=torch.Generator().manual_seed(p))
+    rotary = find_rotary(tiny_model)
+    moved = rotary.rotate(hf_rotate(tiny_model, raw, p), torch.full((1, 2, 3), q - p))
+    torch.testing.assert_close(moved, hf_rotate(tiny_model, raw, q), atol=1e-5, rtol=1e-5)
+
+
+def test_partial_rotary_leaves_the_other_channels_alone(tiny_model: torch.nn.Module) -> None:
+    rotary = find_rotary(tiny_model)
+    head_dim = tiny_model.config.hidden_size // tiny_model.config.num_attention_heads
+    x = torch.randn(2, 4, head_dim)
+    out = rotary.rotate(x, torch.full((2, 4), 7))
+    assert torch.equal(out[..., rotary.rotary_dim :], x[..., rotary.rotary_dim :])
+    expected_dim = head_dim if "Llama" in type(tiny_model).__name__ else head_dim // 4
+    assert rotary.rotary_dim == expected_dim
+
+
+def test_model_without_rope_is_refused() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedModelError, match="no rotary position embedding"):
+        Executor(model)
