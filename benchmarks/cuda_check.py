@@ -1,0 +1,128 @@
+"""Device check for cuda or mps: executor correctness on tiny models, then decode step time full vs streaming.
+
+    python benchmarks/cuda_check.py --device cuda
+
+The timing part uses a randomly initialised model with SmolLM2-135M's shapes (30 layers, 9 query / 3 KV heads,
+head_dim 64): step time depends on shapes, not weights. Prints PASS/FAIL lines and a ratio table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from kvcompare.executor import CacheConfig, Executor
+from kvcompare.plugins import get_registry
+
+SMOLLM2_SHAPES = {
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "max_position_embeddings": 8192,
+    "rope_theta": 100000.0,
+    "tie_word_embeddings": True,
+}
+
+
+def tiny_models() -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    common = {
+        "vocab_size": 96,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 1024,
+    }
+    return {
+        "llama": LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, **common)),
+        "neox": GPTNeoXForCausalLM(GPTNeoXConfig(rotary_pct=0.25, **common)),
+    }
+
+
+def check_correctness(device: torch.device) -> bool:
+    registry = get_registry()
+    ok = True
+    tokens = torch.randint(0, 96, (48,), generator=torch.Generator().manual_seed(1))
+    for name, model in tiny_models().items():
+        model = model.to(device).eval()
+        model.config._attn_implementation = "sdpa"
+        with torch.no_grad():
+            expected = model(tokens.view(1, -1).to(device)).logits[0]
+        executor = Executor(model)
+        for spec in ("full", "streaming", "l2", "l2:mode=random", "recent"):
+            for positions in ("true", "shift"):
+                for stride in (1, 7):
+                    policy = registry.build(spec)
+                    cache = executor.new_cache(policy, spec, CacheConfig(48, stride, positions, (0,)), 48, True)
+                    got = torch.cat(
+                        [
+                            executor.forward(cache, tokens[s : s + stride].view(1, -1))[0][0]
+                            for s in range(0, 48, stride)
+                        ]
+                    )
+                    err = (got - expected).abs().max().item()
+                    if err > 1e-4:
+                        ok = False
+                        print(f"FAIL {name} {spec} {positions} stride={stride}: max |diff| {err:.2e}")
+            limited = (
+                executor.new_cache(registry.build(spec), spec, CacheConfig(12, 5, "shift", (1,)), 48, True)
+                if spec != "full"
+                else None
+            )
+            if limited is not None:
+                for s in range(0, 48, 5):
+                    executor.forward(limited, tokens[s : s + 5].view(1, -1))
+                if limited.lengths()[0] > 12 or limited.lengths()[1] != 48:
+                    ok = False
+                    print(f"FAIL {name} {spec}: lengths {limited.lengths()}")
+    print(("PASS" if ok else "FAIL") + f": limit >= length gives the full logits, limits hold ({device})")
+    return ok
+
+
+def time_decode(device: torch.device, dtype: torch.dtype, contexts: list[int], cache: int, steps: int) -> None:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPES)).to(device=device, dtype=dtype).eval()
+    executor = Executor(model)
+    registry = get_registry()
+    tokens = torch.randint(0, 49152, (max(contexts),), generator=torch.Generator().manual_seed(0))
+    print(
+        f"\ndecode step, SmolLM2-135M shapes (random weights), {dtype}, {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}"
+    )
+    print("| context | full (ms) | streaming (ms) | streaming evict (ms/step) | full / streaming |")
+    print("|---|---|---|---|---|")
+    for context in contexts:
+        medians, evict = {}, 0.0
+        for spec in ("full", "streaming"):
+            timed = executor.generate(tokens[:context], registry.build(spec), spec, CacheConfig(cache, 64), steps, 8)
+            medians[spec] = statistics.median(timed.step_s)
+            evict = sum(timed.evict_s) / len(timed.evict_s)
+        print(
+            f"| {context} | {1000 * medians['full']:.2f} | {1000 * medians['streaming']:.2f} | {1000 * evict:.3f} | "
+            f"{medians['full'] / medians['streaming']:.2f}x |",
+            flush=True,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--contexts", default="1024,4096,16384")
+    parser.add_argument("--cache", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=64)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    check_correctness(device)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    for dtype in (torch.float32, torch.bfloat16):
+        time_decode(device, dtype, contexts, args.cache, args.steps)
+
+
+if __name__ == "__main__":
+    main()
