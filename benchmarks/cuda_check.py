@@ -92,9 +92,8 @@ def time_decode(device: torch.device, dtype: torch.dtype, contexts: list[int], c
     executor = Executor(model)
     registry = get_registry()
     tokens = torch.randint(0, 49152, (max(contexts),), generator=torch.Generator().manual_seed(0))
-    print(
-        f"\ndecode step, SmolLM2-135M shapes (random weights), {dtype}, {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}"
-    )
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    print(f"\ndecode step, SmolLM2-135M shapes (random weights), {dtype}, {where}")
     print("| context | full (ms) | streaming (ms) | streaming evict (ms/step) | full / streaming |")
     print("|---|---|---|---|---|")
     for context in contexts:
