@@ -65,6 +65,7 @@ def _add_run_parser(commands: Any) -> None:
         default=None,
         help="gutenberg (embedded, default), pg19, or a .txt/.jsonl/.parquet path, folder or glob",
     )
+    run.add_argument("--text-column", help="column holding the text in a .jsonl/.parquet dataset (default text)")
     run.add_argument("--all-books", action="store_true", help="gutenberg: keep the Bible, poems and plays too")
     run.add_argument("--device", default=None, choices=["cpu", "cuda", "mps"])
     run.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])

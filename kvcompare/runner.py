@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import sys
 import time
@@ -50,6 +51,7 @@ class RunConfig:
     bucket: int = 128
     baseline: bool = True
     all_books: bool = False
+    text_column: str = "text"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,11 +176,12 @@ def run(config: RunConfig, out: Path, *, resume: bool = False, force: bool = Fal
     layers = loaded.info["num_layers"]
     if any(not 0 <= i < layers for i in config.skip_layers):
         raise ConfigError(f"--skip-layers {config.skip_layers}: {config.model} has layers 0..{layers - 1}")
-    corpus = load_corpus(config.dataset, include_all=config.all_books)
+    corpus = load_corpus(config.dataset, text_column=config.text_column, include_all=config.all_books)
+    encode = functools.cache(loaded.encode)  # each document is tokenized once, whatever the number of lengths
     passages = [
         p
         for length, samples in zip(config.lengths, config.samples, strict=True)
-        for p in sample_passages(corpus, loaded.encode, length, samples, config.seed)
+        for p in sample_passages(corpus, encode, length, samples, config.seed)
     ]
     cells = plan_cells(config, policies, passages)
     previous = folder.read_run_json()
