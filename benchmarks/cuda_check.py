@@ -12,10 +12,11 @@ import argparse
 import statistics
 
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvcompare.executor import CacheConfig, Executor
 from kvcompare.plugins import get_registry
+from kvcompare.testing import tiny_llama, tiny_neox
 
 SMOLLM2_SHAPES = {
     "vocab_size": 49152,
@@ -31,19 +32,7 @@ SMOLLM2_SHAPES = {
 
 
 def tiny_models() -> dict[str, torch.nn.Module]:
-    torch.manual_seed(0)
-    common = {
-        "vocab_size": 96,
-        "hidden_size": 64,
-        "intermediate_size": 96,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "max_position_embeddings": 1024,
-    }
-    return {
-        "llama": LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, **common)),
-        "neox": GPTNeoXForCausalLM(GPTNeoXConfig(rotary_pct=0.25, **common)),
-    }
+    return {"llama": tiny_llama(), "neox": tiny_neox()}
 
 
 def check_correctness(device: torch.device) -> bool:

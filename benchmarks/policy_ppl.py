@@ -20,6 +20,8 @@ def main() -> None:
     parser.add_argument("--cache", type=int, default=512)
     parser.add_argument("--stride", type=int, default=64)
     parser.add_argument("--policies", default="full,streaming,l2,l2:mode=random,recent")
+    parser.add_argument("--positions", default="true,shift")
+    parser.add_argument("--skip-sets", default="0,1;none", help="skip-layer sets separated by ';'")
     args = parser.parse_args()
     loaded, executor = setup(args)
     tokens = book_tokens(args, loaded, args.tokens)
@@ -27,11 +29,13 @@ def main() -> None:
     print(f"{args.book}: first {args.tokens} tokens, cache {args.cache}, stride {args.stride}, {args.device}")
     print("| policy | positions | skip layers | ppl | accuracy | ppl vs full | seconds |")
     print("|---|---|---|---|---|---|---|")
-    for skip in ((0, 1), ()):
+    skip_sets = [() if s == "none" else tuple(int(i) for i in s.split(",")) for s in args.skip_sets.split(";")]
+    for skip in skip_sets:
         baseline = None
         for spec in args.policies.split(","):
             policy = registry.build(spec)
-            for mode in ("true", "shift") if policy.bounded else ("true",):
+            modes = args.positions.split(",")
+            for mode in modes if policy.bounded else modes[:1]:
                 started = time.perf_counter()
                 config = CacheConfig(args.cache, args.stride, mode, skip)
                 result = executor.score(tokens, policy, registry.plugin_of(policy), config)

@@ -7,41 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from kvcompare.plugins import PluginHost, get_host
-
-VOCAB = 96
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    """Full rotary, grouped-query attention (4 query heads share 2 KV heads)."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_neox() -> GPTNeoXForCausalLM:
-    """Partial rotary: only a quarter of each head's channels are rotated."""
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        max_position_embeddings=1024,
-        rotary_pct=0.25,
-    )
-    return GPTNeoXForCausalLM(config).eval()
+from kvcompare.testing import TINY_VOCAB, tiny_llama, tiny_neox
 
 
 @pytest.fixture(params=["llama", "neox"])
@@ -51,7 +19,7 @@ def tiny_model(request: pytest.FixtureRequest) -> torch.nn.Module:
 
 @pytest.fixture
 def tokens() -> torch.Tensor:
-    return torch.randint(0, VOCAB, (48,), generator=torch.Generator().manual_seed(1))
+    return torch.randint(0, TINY_VOCAB, (48,), generator=torch.Generator().manual_seed(1))
 
 
 @pytest.fixture
@@ -86,15 +54,5 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     bpe.train_from_iterator([text], vocab_size=300, min_frequency=1, show_progress=False)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
     tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_llama(vocab_size=tokenizer.vocab_size, max_position_embeddings=4096).save_pretrained(folder)
     return folder

@@ -10,6 +10,7 @@ from kvcompare.cache import BoundedKVCache
 from kvcompare.executor import CacheConfig, Executor
 from kvcompare.plugins import get_registry
 from kvcompare.rope import rotate_half
+from kvcompare.testing import tiny_llama
 
 POLICIES = ["full", "streaming", "l2", "l2:mode=random", "l2:mode=keep_high", "recent"]
 
@@ -79,7 +80,6 @@ def reference_window_decode(model: torch.nn.Module, tokens: torch.Tensor, window
 
 @pytest.mark.parametrize("positions", ["true", "shift"])
 def test_stride_one_eviction_equals_token_by_token_reference(tokens: torch.Tensor, positions: str) -> None:
-    from conftest import tiny_llama
 
     model = tiny_llama()
     expected = reference_window_decode(model, tokens, window=10, shift=positions == "shift")
@@ -102,7 +102,6 @@ def test_stride_one_equals_token_by_token_full_decoding(tiny_model: torch.nn.Mod
 
 
 def test_shift_and_true_differ_once_tokens_are_evicted(tokens: torch.Tensor) -> None:
-    from conftest import tiny_llama
 
     executor = Executor(tiny_llama())
     true = run_chunks(executor, "streaming", tokens, CacheConfig(16, 4, "true", ()))
@@ -149,7 +148,6 @@ def test_attention_never_sees_more_than_the_limit(
 
 
 def test_evict_block_amortises_evictions(tokens: torch.Tensor) -> None:
-    from conftest import tiny_llama
 
     executor = Executor(tiny_llama())
     counts = {}
@@ -164,7 +162,6 @@ def test_evict_block_amortises_evictions(tokens: torch.Tensor) -> None:
 
 
 def test_cache_refuses_to_grow_past_its_limit(tokens: torch.Tensor) -> None:
-    from conftest import tiny_llama
 
     from kvcompare.cache import CacheLimitError
 
@@ -175,7 +172,6 @@ def test_cache_refuses_to_grow_past_its_limit(tokens: torch.Tensor) -> None:
 
 
 def test_quality_pass_scores_every_token_after_the_first(tokens: torch.Tensor) -> None:
-    from conftest import tiny_llama
 
     model = tiny_llama()
     logp = torch.log_softmax(plain_forward(model, tokens), dim=-1)
@@ -188,7 +184,6 @@ def test_quality_pass_scores_every_token_after_the_first(tokens: torch.Tensor) -
 
 
 def test_generate_is_greedy_and_counts_after_warmup(tokens: torch.Tensor) -> None:
-    from conftest import tiny_llama
 
     model = tiny_llama()
     timed = Executor(model).generate(

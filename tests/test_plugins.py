@@ -17,6 +17,7 @@ from kvcompare.executor import CacheConfig, Executor
 from kvcompare.hookspecs import hookimpl
 from kvcompare.plugins import PluginHost
 from kvcompare.policy import KVPolicy, PolicyError
+from kvcompare.testing import tiny_llama, tiny_neox
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "kvcompare-example-plugin"
 
@@ -41,7 +42,6 @@ class TestPlugin:
 def test_a_registered_plugin_is_listed_and_runs(
     register_plugin: Callable[..., None], host: PluginHost, capsys: pytest.CaptureFixture[str], tokens: torch.Tensor
 ) -> None:
-    from conftest import tiny_llama
 
     register_plugin(TestPlugin(), "test-plugin")
     registry = host.registry()
@@ -127,7 +127,6 @@ def installed_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_an_installed_third_party_plugin_is_found_listed_and_run(
     installed_example: Path, monkeypatch: pytest.MonkeyPatch, tokens: torch.Tensor
 ) -> None:
-    from conftest import tiny_neox
 
     monkeypatch.syspath_prepend(str(installed_example))
     importlib.invalidate_caches()
