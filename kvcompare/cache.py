@@ -82,6 +82,7 @@ class BoundedKVCache:
         # Original token index of each compressed slot, and the position its key is rotated at.
         self.c_token = torch.empty(len(compressed), b, h, self.limit or 0, dtype=torch.long, device=layout.device)
         self.c_rotated_at = self.c_token.clone() if positions == "shift" else self.c_token
+        self._scratch = torch.empty(self.c_kv.numel() // d if d else 0, d, dtype=dtype, device=device)
         self.c_len = 0
         self.f_len = 0
         self.peak_bytes = 0
@@ -123,18 +124,26 @@ class BoundedKVCache:
         return True
 
     def _gather(self, kept: torch.Tensor, keep: int) -> None:
-        """Move the kept slots of every compressed layer, keys and values together, to the front."""
-        c_len = self.c_len
-        index = kept.unsqueeze(0).unsqueeze(-1).expand(2, *kept.shape, self.layout.head_dim)
-        moved = torch.gather(self.c_kv[..., :c_len, :], 4, index)
-        tokens = torch.gather(self.c_token[..., :c_len], 3, kept)
+        """Move the kept slots of every compressed layer, keys and values together, to the front.
+
+        One index_select over rows ``(kv, layer, batch, head, slot)`` of head_dim values: its index has one
+        entry per kept row, where torch.gather would read one per value (head_dim times as many).
+        """
+        limit, head_dim = self.c_kv.shape[4], self.layout.head_dim
+        heads = kept.numel() // keep
+        base = torch.arange(2 * heads, device=kept.device).view(2, *kept.shape[:3], 1) * limit
+        rows = (base + kept.unsqueeze(0)).flatten()
+        # Into a buffer allocated once: a fresh tensor of this size costs more in page faults than the copy.
+        moved = torch.index_select(self.c_kv.view(-1, head_dim), 0, rows, out=self._scratch[: rows.numel()])
+        moved = moved.view(2, *kept.shape, head_dim)
+        tokens = torch.gather(self.c_token[..., : self.c_len], 3, kept)
         if self.positions == "shift":
             assert self.rotary is not None
             # Kept keys take consecutive positions ending just before the next token: the relative
             # distances of StreamingLLM's cache slots, without re-rotating the incoming queries.
-            rotated_at = torch.gather(self.c_rotated_at[..., :c_len], 3, kept)
+            rotated_at = torch.gather(self.c_rotated_at[..., : self.c_len], 3, kept)
             target = torch.arange(self.seen - keep, self.seen, device=kept.device).expand_as(rotated_at)
-            moved[0] = self.rotary.rotate(moved[0], target - rotated_at)
+            self.rotary.rotate_(moved[0], target - rotated_at)
             self.c_rotated_at[..., :keep] = target
         self.c_kv[..., :keep, :] = moved
         self.c_token[..., :keep] = tokens

@@ -39,6 +39,31 @@ class Rotary:
             return rotated
         return torch.cat((rotated, x[..., self.rotary_dim :]), dim=-1)
 
+    def rotate_(self, x: torch.Tensor, delta: torch.Tensor) -> None:
+        """Rotate ``x`` (``[..., T, head_dim]``) in place by integer ``delta`` (``[..., T]``), the fast way.
+
+        After an eviction a key moves by the number of tokens evicted before it, so deltas take few distinct
+        values: cos and sin come from a small table indexed by delta, and only the span of slots that
+        actually move is touched (for StreamingLLM, just the sinks).
+        """
+        moving = delta.ne(0).flatten(0, -2).any(dim=0).nonzero()
+        if moving.numel() == 0:
+            return
+        first, last = int(moving[0]), int(moving[-1]) + 1
+        x, delta = x[..., first:last, :], delta[..., first:last]
+        low, high = int(delta.min()), int(delta.max())
+        offsets = torch.arange(low, high + 1, device=x.device, dtype=torch.float32)
+        angles = offsets.unsqueeze(-1) * self.inv_freq.to(x.device)
+        index = (delta - low).flatten()
+        shape = (*delta.shape, self.rotary_dim // 2)
+        cos = angles.cos().to(x.dtype).index_select(0, index).view(shape)
+        sin = angles.sin().to(x.dtype).index_select(0, index).view(shape)
+        half = self.rotary_dim // 2
+        first, second = x[..., :half], x[..., half : self.rotary_dim]
+        new_first = first * cos - second * sin
+        second.mul_(cos).addcmul_(first, sin)
+        first.copy_(new_first)
+
 
 def find_rotary(model: nn.Module) -> Rotary:
     """The model's rotary embedding, or an UnsupportedModelError for models without RoPE."""
