@@ -49,8 +49,8 @@ class Rotary:
         moving = delta.ne(0).flatten(0, -2).any(dim=0).nonzero()
         if moving.numel() == 0:
             return
-        first, last = int(moving[0]), int(moving[-1]) + 1
-        x, delta = x[..., first:last, :], delta[..., first:last]
+        start, stop = int(moving[0]), int(moving[-1]) + 1
+        x, delta = x[..., start:stop, :], delta[..., start:stop]
         low, high = int(delta.min()), int(delta.max())
         offsets = torch.arange(low, high + 1, device=x.device, dtype=torch.float32)
         angles = offsets.unsqueeze(-1) * self.inv_freq.to(x.device)
