@@ -13,7 +13,7 @@ from typing import Any
 DEFAULT_GRID: dict[str, Any] = {
     "policies": ["streaming", "l2", "recent"],
     "cache_sizes": [256, 512],
-    "lengths": [2048],
+    "lengths": [1024, 2048],  # two lengths, so that the report can show the effect of length
     "samples": [1],
     "gen": 32,
     "warmup": 4,

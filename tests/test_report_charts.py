@@ -154,3 +154,16 @@ def test_curves_of_failed_cells_are_ignored(tmp_path: Path) -> None:
     paths = build_report(write_run(tmp_path, [ok, failed], curve_rows(ok) + failed_curve))
     spec = _spec(paths, "ppl_by_position")
     assert {r["series"] for r in _rows(spec)} == {"full"}
+
+
+def test_baseline_is_black_in_every_position_mode() -> None:
+    import polars as pl
+
+    from kvcompare.report.charts import _color
+
+    series = pl.DataFrame(
+        {"series": ["streaming, positions=shift", "full, positions=shift"], "role": ["policy", "baseline"]}
+    )
+    scale = _color(series).to_dict()["scale"]
+    assert scale["domain"] == ["full, positions=shift", "streaming, positions=shift"]
+    assert scale["range"][0] == BASELINE_COLOR and scale["range"][1] != BASELINE_COLOR

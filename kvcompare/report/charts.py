@@ -63,11 +63,12 @@ def _labelled(frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _color(series: Sequence[str]) -> alt.Color:
-    """Baseline in black, every policy in the same colour on every chart."""
-    others = sorted(s for s in set(series) if s != BASELINE_POLICY)
-    domain = [BASELINE_POLICY, *others] if BASELINE_POLICY in series else others
-    palette = [BASELINE_COLOR] if BASELINE_POLICY in series else []
+def _color(series: pl.DataFrame) -> alt.Color:
+    """Baseline series (e.g. "full, positions=shift") in black, every policy in the same colour on every chart."""
+    baselines = sorted(series.filter(pl.col("role") == "baseline")["series"].unique().to_list())
+    others = sorted(set(series["series"].to_list()) - set(baselines))
+    domain = [*baselines, *others]
+    palette = [BASELINE_COLOR] * len(baselines)
     palette += [POLICY_COLORS[i % len(POLICY_COLORS)] for i in range(len(others))]
     return alt.Color("series:N", title="Policy", scale=alt.Scale(domain=domain, range=palette))
 
@@ -312,7 +313,7 @@ def build_charts(summary: pl.DataFrame, position_ppl: pl.DataFrame, out_dir: Pat
             ]
         )
     )
-    color = _color(all_series["series"].unique().to_list())
+    color = _color(all_series)
     lengths = sorted(summary["seq_len"].drop_nulls().unique().to_list())
     plan: list[tuple[str, str, Callable[[], alt.TopLevelMixin]]] = [
         (
