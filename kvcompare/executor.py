@@ -61,7 +61,7 @@ class Executor:
     def __init__(self, model: nn.Module) -> None:
         self.model = model.eval()
         config: Any = model.config
-        config._attn_implementation = ATTN_IMPLEMENTATION
+        self._config = config
         param = next(model.parameters())
         self.device = param.device
         heads = config.num_attention_heads
@@ -94,6 +94,8 @@ class Executor:
     def forward(self, cache: BoundedKVCache, ids: torch.Tensor, last_only: bool = False) -> tuple[torch.Tensor, float]:
         """Evict as needed, then run one chunk ``ids`` (``[batch, chunk]``); return logits and eviction seconds."""
         chunk = ids.shape[1]
+        # Set on every call: each layer needs its own mask, whatever else the model was used for meanwhile.
+        self._config._attn_implementation = ATTN_IMPLEMENTATION
         start = now(self.device)
         evicted = cache.make_room(chunk)
         evict_s = now(self.device) - start if evicted else 0.0
