@@ -61,6 +61,7 @@ class Executor:
     def __init__(self, model: nn.Module) -> None:
         self.model = model.eval()
         config: Any = model.config
+        config._attn_implementation = ATTN_IMPLEMENTATION
         self._config = config
         param = next(model.parameters())
         self.device = param.device
