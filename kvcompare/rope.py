@@ -29,16 +29,6 @@ class Rotary:
     inv_freq: torch.Tensor  # [rotary_dim // 2], float32
     rotary_dim: int
 
-    def rotate(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x`` (``[..., T, head_dim]``) by ``delta`` positions (``[..., T]``), in float32."""
-        angles = delta.to(torch.float32).unsqueeze(-1) * self.inv_freq.to(x.device)
-        angles = torch.cat((angles, angles), dim=-1)
-        part = x[..., : self.rotary_dim].float()
-        rotated = (part * angles.cos() + rotate_half(part) * angles.sin()).to(x.dtype)
-        if self.rotary_dim == x.shape[-1]:
-            return rotated
-        return torch.cat((rotated, x[..., self.rotary_dim :]), dim=-1)
-
     def rotate_(self, x: torch.Tensor, delta: torch.Tensor) -> None:
         """Rotate ``x`` (``[..., T, head_dim]``) in place by integer ``delta`` (``[..., T]``), the fast way.
 
