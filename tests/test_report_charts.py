@@ -167,3 +167,12 @@ def test_baseline_is_black_in_every_position_mode() -> None:
     scale = _color(series).to_dict()["scale"]
     assert scale["domain"] == ["full, positions=shift", "streaming, positions=shift"]
     assert scale["range"][0] == BASELINE_COLOR and scale["range"][1] != BASELINE_COLOR
+
+
+def test_protocol_bullets_with_continuation_lines_become_one_list() -> None:
+    from kvcompare.report.html import markdown_blocks
+    from kvcompare.report.protocol import PROTOCOL_MD
+
+    html = markdown_blocks(PROTOCOL_MD)
+    assert html.startswith("<ul>") and html.count("<li>") == PROTOCOL_MD.count("\n- ") + 1
+    assert "<p>" not in html and "- **" not in html

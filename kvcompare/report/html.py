@@ -90,9 +90,14 @@ def markdown_blocks(text: str) -> str:
         if heading and len(lines) == 1:
             level = min(len(heading.group(1)) + 2, 6)
             blocks.append(f"<h{level}>{_inline(heading.group(2))}</h{level}>")
-        elif all(BULLET.match(line) for line in lines):
-            items = "".join(f"<li>{_inline(BULLET.sub('', line))}</li>" for line in lines)
-            blocks.append(f"<ul>{items}</ul>")
+        elif BULLET.match(lines[0]):
+            items: list[list[str]] = []
+            for line in lines:  # an indented line continues the item above it
+                if BULLET.match(line):
+                    items.append([BULLET.sub("", line)])
+                else:
+                    items[-1].append(line.strip())
+            blocks.append("<ul>" + "".join(f"<li>{_inline(' '.join(item))}</li>" for item in items) + "</ul>")
         else:
             blocks.append(f"<p>{_inline(' '.join(lines))}</p>")
     return "\n".join(blocks)
