@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvcompare.executor import CacheConfig, Executor
 from kvcompare.plugins import get_registry
-from kvcompare.testing import tiny_llama, tiny_neox
+from kvcompare.testing import TINY_VOCAB, tiny_llama, tiny_neox
 
 SMOLLM2_SHAPES = {
     "vocab_size": 49152,
@@ -38,7 +38,7 @@ def tiny_models() -> dict[str, torch.nn.Module]:
 def check_correctness(device: torch.device) -> bool:
     registry = get_registry()
     ok = True
-    tokens = torch.randint(0, 96, (48,), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, TINY_VOCAB, (48,), generator=torch.Generator().manual_seed(1))
     for name, model in tiny_models().items():
         model = model.to(device).eval()
         model.config._attn_implementation = "sdpa"
@@ -60,12 +60,8 @@ def check_correctness(device: torch.device) -> bool:
                     if err > 1e-4:
                         ok = False
                         print(f"FAIL {name} {spec} {positions} stride={stride}: max |diff| {err:.2e}")
-            limited = (
-                executor.new_cache(registry.build(spec), spec, CacheConfig(12, 5, "shift", (1,)), 48, True)
-                if spec != "full"
-                else None
-            )
-            if limited is not None:
+            if spec != "full":
+                limited = executor.new_cache(registry.build(spec), spec, CacheConfig(12, 5, "shift", (1,)), 48, True)
                 for s in range(0, 48, 5):
                     executor.forward(limited, tokens[s : s + 5].view(1, -1))
                 if limited.lengths()[0] > 12 or limited.lengths()[1] != 48:

@@ -9,6 +9,7 @@ full history in a buffer of their own. Nothing is concatenated per step, unlike 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -82,7 +83,7 @@ class BoundedKVCache:
         # Original token index of each compressed slot, and the position its key is rotated at.
         self.c_token = torch.empty(len(compressed), b, h, self.limit or 0, dtype=torch.long, device=layout.device)
         self.c_rotated_at = self.c_token.clone() if positions == "shift" else self.c_token
-        self._scratch = torch.empty(self.c_kv.numel() // d if d else 0, d, dtype=dtype, device=device)
+        self._scratch = torch.empty(self.c_kv.numel() // d, d, dtype=dtype, device=device)
         self.c_len = 0
         self.f_len = 0
         self.peak_bytes = 0
@@ -130,8 +131,7 @@ class BoundedKVCache:
         entry per kept row, where torch.gather would read one per value (head_dim times as many).
         """
         limit, head_dim = self.c_kv.shape[4], self.layout.head_dim
-        heads = kept.numel() // keep
-        base = torch.arange(2 * heads, device=kept.device).view(2, *kept.shape[:3], 1) * limit
+        base = torch.arange(2 * math.prod(kept.shape[:3]), device=kept.device).view(2, *kept.shape[:3], 1) * limit
         rows = (base + kept.unsqueeze(0)).flatten()
         # Into a buffer allocated once: a fresh tensor of this size costs more in page faults than the copy.
         moved = torch.index_select(self.c_kv.view(-1, head_dim), 0, rows, out=self._scratch[: rows.numel()])

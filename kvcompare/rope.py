@@ -16,12 +16,6 @@ class UnsupportedModelError(ValueError):
     """The model lacks something the executor needs (rotary position embeddings, a causal LM head)."""
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """The half-split rotation convention of Hugging Face's Llama and GPT-NeoX implementations."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 @dataclasses.dataclass(frozen=True)
 class Rotary:
     """The rotary frequencies of a model; the first ``rotary_dim`` channels of each head are rotated."""

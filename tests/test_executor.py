@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import DynamicCache
+from transformers.models.llama.modeling_llama import rotate_half
 
 from kvcompare.cache import BoundedKVCache
 from kvcompare.executor import CacheConfig, Executor
 from kvcompare.plugins import get_registry
-from kvcompare.rope import rotate_half
 from kvcompare.testing import tiny_llama
 
 POLICIES = ["full", "streaming", "l2", "l2:mode=random", "l2:mode=keep_high", "recent"]
