@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from kvcompare.policy import KVPolicy, check_selection
+from kvcompare.policy import KVPolicy, PolicyError, check_selection
 from kvcompare.rope import Rotary
 
 
@@ -62,7 +62,7 @@ class BoundedKVCache:
         if bad:
             raise ValueError(f"skip layers {bad} do not exist: the model has layers 0..{layout.num_layers - 1}")
         self.layout = layout
-        self.policy = policy
+        self.policy = policy.fresh()  # no state carried over from another cell or pass
         self.plugin = plugin
         self.limit = limit if policy.bounded else None
         self.positions = positions
@@ -117,9 +117,19 @@ class BoundedKVCache:
             return False
         keep = max(0, min(self.limit - chunk, self.c_len - self.evict_block))
         keys = self.c_kv[0, :, :, :, : self.c_len]
-        kept = self.policy.select(keys, keep, self.c_token[..., : self.c_len])
+        tokens = self.c_token[..., : self.c_len]
         if self.evictions == 0 or self.check_every_eviction:
+            # The policy gets views of the cache itself: an edit in place would silently change the model.
+            keys_before, tokens_before = keys.clone(), tokens.clone()
+            kept = self.policy.select(keys, keep, tokens)
+            if not (torch.equal(keys, keys_before) and torch.equal(tokens, tokens_before)):
+                raise PolicyError(
+                    f"policy {self.policy.label()!r} (plugin {self.plugin!r}) changed the keys or positions it was "
+                    "given; select() must only read them (work on a copy)"
+                )
             check_selection(self.policy, self.plugin, kept, keys.shape, keep)
+        else:
+            kept = self.policy.select(keys, keep, tokens)
         self._gather(kept.to(torch.long), keep)
         self.evictions += 1
         return True

@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import sys
 import typing
 from pathlib import Path
 from typing import Any
 
-DEFAULT_GRID: dict[str, Any] = {
-    "policies": ["streaming", "l2", "recent"],
-    "cache_sizes": [256, 512],
-    "lengths": [1024, 2048],  # two lengths, so that the report can show the effect of length
-    "samples": [1],
-    "gen": 32,
-    "warmup": 4,
-}
 PRESETS: dict[str, dict[str, Any]] = {
     # The reference report's grid (StreamingLLM against L2 keep_low / random and recent_only).
     "report": {
@@ -48,55 +39,84 @@ def _str_list(text: str) -> list[str]:
 
 
 def _add_run_parser(commands: Any) -> None:
-    run = commands.add_parser("run", help="measure policies over a grid of cache limits and lengths")
-    run.add_argument(
-        "--policies", type=_str_list, help=f"policies to compare ({POLICY_SYNTAX}); default streaming,l2,recent"
+    from kvcompare.config import RunConfig
+
+    d = RunConfig()  # the one source of defaults; the help shows them
+
+    def listed(values: list[Any]) -> str:
+        return ",".join(map(str, values))
+
+    run = commands.add_parser(
+        "run",
+        help="measure policies over a grid of cache limits and lengths",
+        description=f"Default grid: policies {listed(d.policies)} against full, cache limits {listed(d.cache_sizes)}, "
+        f"lengths {listed(d.lengths)} with {d.samples[0]} sample each, on {d.model} and {d.dataset}.",
     )
-    run.add_argument("--cache", dest="cache_sizes", type=_int_list, help="cache limits in tokens, e.g. 256,512,1024")
-    run.add_argument("--lengths", type=_int_list, help="passage lengths in tokens, e.g. 2024,5000,30000")
-    run.add_argument("--samples", type=_int_list, help="passages per length: one count, or one per length")
+    run.add_argument(
+        "--policies", type=_str_list, help=f"policies to compare ({POLICY_SYNTAX}); default {listed(d.policies)}"
+    )
+    run.add_argument(
+        "--cache", dest="cache_sizes", type=_int_list, help=f"cache limits in tokens (default {listed(d.cache_sizes)})"
+    )
+    run.add_argument("--lengths", type=_int_list, help=f"passage lengths in tokens (default {listed(d.lengths)})")
+    run.add_argument(
+        "--samples", type=_int_list, help=f"passages per length: one count, or one per length (default {d.samples[0]})"
+    )
     run.add_argument(
         "--model",
         default=None,
-        help="smollm2-135m (embedded, default), a .gguf file, a local folder or a Hugging Face id",
+        help=f"{d.model} (embedded, default), a .gguf file, a local folder or a Hugging Face id",
     )
     run.add_argument(
         "--dataset",
         default=None,
-        help="gutenberg (embedded, default), pg19, or a .txt/.jsonl/.parquet path, folder or glob",
+        help=f"{d.dataset} (embedded, default), pg19, or a .txt/.jsonl/.parquet path, folder or glob",
     )
-    run.add_argument("--text-column", help="column holding the text in a .jsonl/.parquet dataset (default text)")
-    run.add_argument("--all-books", action="store_true", help="gutenberg: keep the Bible, poems and plays too")
-    run.add_argument("--device", default=None, choices=["cpu", "cuda", "mps"])
-    run.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    run.add_argument("--stride", type=int, help="tokens per forward chunk (default 64)")
-    run.add_argument("--positions", type=_str_list, help="true and/or shift (default shift)")
     run.add_argument(
-        "--skip-layers", type=_skip_layers, help="layers that keep the full cache, e.g. 0,1 (default) or none"
+        "--text-column", help=f"column holding the text in a .jsonl/.parquet dataset (default {d.text_column})"
     )
-    run.add_argument("--evict-block", type=int, help="evict at least this many tokens at once (default 1)")
-    run.add_argument("--gen", type=int, help="generated tokens counted in the latency pass (default 32)")
-    run.add_argument("--warmup", type=int, help="decode steps before counting (default 4)")
-    run.add_argument("--seed", type=int, help="passage sampling and random policies (default 0)")
-    run.add_argument("--bucket", type=int, help="positions per bucket of the perplexity curve (default 128)")
+    run.add_argument("--all-books", action="store_true", help="gutenberg: keep the Bible, poems and plays too")
+    run.add_argument("--device", default=None, choices=["cpu", "cuda", "mps"], help=f"default {d.device}")
+    run.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help=f"default {d.dtype}")
+    run.add_argument("--stride", type=int, help=f"tokens per forward chunk (default {d.stride})")
+    run.add_argument("--positions", type=_str_list, help=f"true and/or shift (default {listed(d.positions)})")
+    run.add_argument(
+        "--skip-layers",
+        type=_skip_layers,
+        help=f"layers that keep the full cache, e.g. {listed(d.skip_layers)} (default) or none",
+    )
+    run.add_argument(
+        "--evict-block", type=int, help=f"evict at least this many tokens at once (default {d.evict_block})"
+    )
+    run.add_argument("--gen", type=int, help=f"generated tokens counted in the latency pass (default {d.gen})")
+    run.add_argument("--warmup", type=int, help=f"decode steps before counting (default {d.warmup})")
+    run.add_argument("--seed", type=int, help=f"passage sampling (default {d.seed})")
+    run.add_argument("--bucket", type=int, help=f"positions per bucket of the perplexity curve (default {d.bucket})")
     run.add_argument("--no-baseline", action="store_true", help="do not measure the full cache")
     run.add_argument("--preset", choices=sorted(PRESETS), help="report: the reference report's grid")
     run.add_argument("--out", type=Path, help="results folder (default: a new folder under reports/runs/)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished cells")
-    run.add_argument("--force", action="store_true", help="replace the results already in --out")
+    run.add_argument(
+        "--force", action="store_true", help="replace the results in --out (only a folder kvcompare wrote)"
+    )
     run.add_argument("--no-report", action="store_true", help="do not build the report at the end")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _run_config(args: argparse.Namespace) -> Any:
-    from kvcompare.runner import RunConfig
+    from kvcompare.config import ConfigError, RunConfig
 
-    grid = {**DEFAULT_GRID, **PRESETS.get(args.preset or "", {})}
+    preset = PRESETS.get(args.preset or "", {})
     given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(RunConfig)}
     values = {k: v for k, v in given.items() if v is not None and v is not False}
-    merged = {**grid, **values}
-    if len(merged["samples"]) == 1:
-        merged["samples"] = merged["samples"] * len(merged["lengths"])
+    if "policies" in values and not values["policies"]:
+        raise ConfigError("--policies is empty: name at least one policy (see `kvcompare policies`), or full")
+    merged = {**preset, **values}
+    if "lengths" in values and "samples" not in values and "samples" in preset:
+        # The preset's counts belong to its own lengths: keep a length's count where the preset has that
+        # length, else its first (shortest) length's count, rather than fail on a --samples nobody gave.
+        by_length = dict(zip(preset["lengths"], preset["samples"], strict=True))
+        merged["samples"] = [by_length.get(n, preset["samples"][0]) for n in values["lengths"]]
     merged["baseline"] = not args.no_baseline
     merged["all_books"] = args.all_books
     return RunConfig(**merged)
@@ -106,8 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kvcompare.runner import run
 
     config = _run_config(args)
-    out = args.out or Path("reports/runs") / f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    folder = run(config, out, resume=args.resume, force=args.force, progress=not args.quiet)
+    folder = run(config, args.out, resume=args.resume, force=args.force, progress=not args.quiet)
     from kvcompare.report import build_report, summary_table
 
     print(summary_table(folder))
@@ -116,6 +135,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         paths = build_report(folder)
         print(f"report:  {paths.html} and {paths.markdown}")
     return 0
+
+
+def _silence_library_progress_bars() -> None:
+    """--quiet also silences the libraries' own bars (GGUF conversion, weights loading, downloads).
+
+    Set before tqdm and transformers are imported: tqdm reads ``TQDM_DISABLE`` when it is imported.
+    """
+    import os
+
+    os.environ["TQDM_DISABLE"] = "1"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -174,18 +207,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["run", *(argv or [])])
+    if getattr(args, "quiet", False):
+        _silence_library_progress_bars()
     handlers = {"run": cmd_run, "report": cmd_report, "policies": cmd_policies, "plugins": cmd_plugins}
+    from kvcompare.config import ConfigError
     from kvcompare.corpus import CorpusError
     from kvcompare.fetch import FetchError
     from kvcompare.models import ModelError
     from kvcompare.policy import PolicyError
+    from kvcompare.report import ReportError
     from kvcompare.results import ResultsError
     from kvcompare.rope import UnsupportedModelError
-    from kvcompare.runner import ConfigError
 
     try:
         return handlers[args.command](args)
-    except (ConfigError, PolicyError, CorpusError, FetchError, ModelError, ResultsError, UnsupportedModelError) as err:
+    except (
+        ConfigError,
+        PolicyError,
+        CorpusError,
+        FetchError,
+        ModelError,
+        ReportError,
+        ResultsError,
+        UnsupportedModelError,
+    ) as err:
         print(f"kvcompare: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

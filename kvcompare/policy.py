@@ -45,6 +45,13 @@ class KVPolicy:
         """
         raise NotImplementedError
 
+    def fresh(self) -> KVPolicy:
+        """A new instance with the same parameters and no state, so a cell never inherits another's.
+
+        ``dataclasses.replace`` runs ``__init__`` and ``__post_init__`` again: a seeded generator starts anew.
+        """
+        return dataclasses.replace(self)
+
     def check_limit(self, min_keep: int) -> None:
         """Refuse a cache limit too small for this policy; ``min_keep`` is the fewest slots an eviction keeps."""
 
@@ -90,9 +97,11 @@ def coerce_parameter(cls: type[KVPolicy], key: str, raw: str) -> Any:
         raise PolicyError(f"{cls.name}: {key}={raw!r} is not a valid {getattr(kind, '__name__', kind)}") from None
 
 
-def check_selection(policy: KVPolicy, plugin: str, kept: torch.Tensor, keys_shape: torch.Size, keep: int) -> None:
+def check_selection(policy: KVPolicy, plugin: str, kept: object, keys_shape: torch.Size, keep: int) -> None:
     """Raise a PolicyError naming the policy and its plugin if ``kept`` breaks the select() contract."""
     who = f"policy {policy.label()!r} (plugin {plugin!r})"
+    if not isinstance(kept, torch.Tensor):
+        raise PolicyError(f"{who} returned {type(kept).__name__} from select(), expected a tensor of slot indices")
     expected = (*keys_shape[:3], keep)
     if tuple(kept.shape) != expected:
         raise PolicyError(f"{who} returned shape {tuple(kept.shape)}, expected {expected}")

@@ -1,15 +1,19 @@
 """The results folder: one Parquet file per finished cell, written atomically, plus run.json.
 
 A cell is written the moment it finishes, so an interrupted run keeps every finished cell and
-``--resume`` skips them.
+``--resume`` skips them. The folder is checked before any work and created only when the first cell is
+about to be written, so a run that fails to start leaves nothing behind. ``--force`` replaces only what
+kvcompare wrote: a folder holding anything else is refused, never deleted.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kvcompare.schema import CURVE_SCHEMA, RESULT_SCHEMA, RUN_JSON
+
+CELLS, CURVES, REPORT, QUARANTINE = "cells", "curves", "report", "quarantine"
+#: Everything kvcompare writes at the top of a results folder; anything else makes the folder foreign.
+OWN_ENTRIES = frozenset({RUN_JSON, f".{RUN_JSON}.tmp", CELLS, CURVES, REPORT, QUARANTINE})
+#: Folders whose files are all Parquet (or kvcompare's own temporary files while writing).
+PARQUET_FOLDERS = (CELLS, CURVES)
 
 
 class ResultsError(ValueError):
@@ -34,45 +44,134 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
-class RunFolder:
-    """Where one run's results live."""
+def foreign_entries(path: Path) -> list[str]:
+    """What in ``path`` kvcompare did not write (relative names); empty for a results folder."""
+    foreign = [entry.name for entry in path.iterdir() if entry.name not in OWN_ENTRIES]
+    for sub in PARQUET_FOLDERS:
+        folder = path / sub
+        if folder.is_dir():
+            foreign += [
+                f"{sub}/{entry.name}"
+                for entry in folder.iterdir()
+                if not (entry.is_file() and (entry.suffix == ".parquet" or entry.name.endswith(".tmp")))
+            ]
+        elif folder.exists():
+            foreign.append(sub)
+    return sorted(foreign)
 
-    def __init__(self, path: Path, *, resume: bool = False, force: bool = False) -> None:
+
+def _writable_ancestor(path: Path) -> Path:
+    """The nearest folder at or above ``path`` that exists: where the results folder would be created."""
+    probe = path.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    return probe
+
+
+class RunFolder:
+    """Where one run's results live. Nothing is written until :meth:`open`."""
+
+    def __init__(self, path: Path) -> None:
         self.path = path
-        if path.exists() and any(path.iterdir()):
-            if force:
-                shutil.rmtree(path)
-            elif not resume:
-                raise ResultsError(
-                    f"{path} already holds results: pass --resume to continue that run, --force to replace it, "
-                    "or choose another --out"
-                )
-        for sub in ("cells", "curves"):
-            (path / sub).mkdir(parents=True, exist_ok=True)
+        self._replace = False
+
+    # -- before any work ------------------------------------------------------------------------
+    def check(self, *, resume: bool = False, force: bool = False) -> None:
+        """Refuse a folder that cannot be used as asked; remember whether ``--force`` must replace it."""
+        path = self.path
+        if force and resume:
+            raise ResultsError("--force and --resume contradict each other: --resume keeps, --force replaces")
+        if path.exists() and not path.is_dir():
+            raise ResultsError(f"--out {path} is a file, not a folder: choose a folder for the results")
+        base = _writable_ancestor(path)
+        if not os.access(base, os.W_OK | os.X_OK):
+            raise ResultsError(f"cannot write to {base} (permission denied): choose another --out")
+        if not path.exists() or not any(path.iterdir()):
+            return
+        foreign = foreign_entries(path)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise ResultsError(
+                f"--out {path} holds files kvcompare did not write ({shown}); it is not a results folder, so "
+                "neither --force nor --resume will touch it: choose another --out"
+            )
+        if not any((path / CELLS).glob("*.parquet")):
+            self._replace = True  # a run that never finished a cell: nothing measured to keep
+            return
+        if force:
+            self._replace = True
+        elif not resume:
+            raise ResultsError(
+                f"{path} already holds results: pass --resume to continue that run, --force to replace it, "
+                "or choose another --out"
+            )
+
+    def read_run_json(self) -> dict[str, Any]:
+        file = self.path / RUN_JSON
+        if self._replace or not file.exists():
+            return {}
+        try:
+            data: dict[str, Any] = json.loads(file.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ResultsError(f"{file} cannot be read ({err}): it is needed to resume; choose another --out") from None
+        return data
 
     def finished(self) -> set[str]:
-        """Ids of cells that finished successfully."""
+        """Ids of cells that finished successfully; an unreadable cell file is moved to quarantine/."""
         done: set[str] = set()
-        for file in (self.path / "cells").glob("*.parquet"):
-            table = pq.read_table(file, columns=["cell_id", "status"])
+        if self._replace:
+            return done
+        for file in sorted((self.path / CELLS).glob("*.parquet")):
+            try:
+                table = pq.read_table(file, columns=["cell_id", "status"])
+            except Exception as err:  # noqa: BLE001 - a truncated or foreign file costs only its own cell
+                moved = self._quarantine(file)
+                print(
+                    f"kvcompare: {file} cannot be read ({type(err).__name__}); kept as {moved}, its cell is measured "
+                    "again",
+                    file=sys.stderr,
+                )
+                continue
             statuses = zip(table["cell_id"].to_pylist(), table["status"].to_pylist(), strict=True)
             done.update(cell for cell, status in statuses if status == "ok")
         return done
 
+    def _quarantine(self, file: Path) -> Path:
+        folder = self.path / QUARANTINE
+        folder.mkdir(exist_ok=True)
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+        target = folder / f"{file.name}.{stamp}"
+        os.replace(file, target)
+        return target
+
+    # -- when the first cell is about to be written ------------------------------------------------
+    def open(self, meta: dict[str, Any]) -> None:
+        """Create the folder (replacing kvcompare's own files where ``--force`` said so) and write run.json."""
+        try:
+            if self._replace:
+                for name in OWN_ENTRIES:
+                    entry = self.path / name
+                    if entry.is_dir():
+                        shutil.rmtree(entry)
+                    elif entry.exists():
+                        entry.unlink()
+                self._replace = False
+            for sub in PARQUET_FOLDERS:
+                (self.path / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ResultsError(f"cannot create the results folder {self.path}: {err}") from None
+        self.write_run_json(meta)
+
     def write_cell(self, row: dict[str, Any], curve: list[dict[str, Any]]) -> None:
         row = {name: row.get(name) for name in RESULT_SCHEMA.names}
         _write_atomic(
-            pa.Table.from_pylist([row], schema=RESULT_SCHEMA), self.path / "cells" / f"{row['cell_id']}.parquet"
+            pa.Table.from_pylist([row], schema=RESULT_SCHEMA), self.path / CELLS / f"{row['cell_id']}.parquet"
         )
         if curve:
             table = pa.Table.from_pylist(
                 [{n: r.get(n) for n in CURVE_SCHEMA.names} for r in curve], schema=CURVE_SCHEMA
             )
-            _write_atomic(table, self.path / "curves" / f"{row['cell_id']}.parquet")
-
-    def read_run_json(self) -> dict[str, Any]:
-        file = self.path / RUN_JSON
-        return json.loads(file.read_text()) if file.exists() else {}
+            _write_atomic(table, self.path / CURVES / f"{row['cell_id']}.parquet")
 
     def write_run_json(self, data: dict[str, Any]) -> None:
         tmp = self.path / f".{RUN_JSON}.tmp"

@@ -15,6 +15,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from kvcompare import corpus as corpora
+from kvcompare import models
+from kvcompare.config import ConfigError, RunConfig
 from kvcompare.corpus import Passage, load_corpus, sample_passages
 from kvcompare.environment import environment
 from kvcompare.executor import CacheConfig, Executor
@@ -23,35 +26,9 @@ from kvcompare.plugins import get_host
 from kvcompare.policy import KVPolicy, PolicyError
 from kvcompare.protocol import LatencySettings, measure_cell
 from kvcompare.results import RunFolder, cell_id
+from kvcompare.schema import CURVE_CELL_COLUMNS
 
-
-class ConfigError(ValueError):
-    """A run configuration that cannot work, found before any measurement starts."""
-
-
-@dataclasses.dataclass
-class RunConfig:
-    """Everything a run is asked to do; recorded whole in run.json."""
-
-    policies: list[str]
-    cache_sizes: list[int]
-    lengths: list[int]
-    samples: list[int]  # per length
-    model: str = "smollm2-135m"
-    dataset: str = "gutenberg"
-    device: str = "cpu"
-    dtype: str = "float32"
-    stride: int = 64
-    positions: list[str] = dataclasses.field(default_factory=lambda: ["shift"])
-    skip_layers: list[int] = dataclasses.field(default_factory=lambda: [0, 1])
-    evict_block: int = 1
-    gen: int = 32
-    warmup: int = 4
-    seed: int = 0
-    bucket: int = 128
-    baseline: bool = True
-    all_books: bool = False
-    text_column: str = "text"
+DEFAULT_RUNS_DIR = Path("reports/runs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +85,12 @@ def build_policies(config: RunConfig) -> list[tuple[KVPolicy, str]]:
 
 def check_config(config: RunConfig, policies: list[tuple[KVPolicy, str]]) -> None:
     """Refuse what cannot work before anything is loaded or measured."""
+    if not config.policies:
+        raise ConfigError(
+            "no policies given: name at least one (see `kvcompare policies`), or `full` to measure only the baseline"
+        )
+    if any(i < 0 for i in config.skip_layers) or len(set(config.skip_layers)) != len(config.skip_layers):
+        raise ConfigError(f"--skip-layers {config.skip_layers}: give distinct layer indices from 0 up, or none")
     for name in ("stride", "evict_block", "gen", "bucket"):
         if getattr(config, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, not {getattr(config, name)}")
@@ -167,28 +150,116 @@ def _timestamp() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
-def run(config: RunConfig, out: Path, *, resume: bool = False, force: bool = False, progress: bool = True) -> Path:
-    """Measure every cell of the grid into ``out``; return the results folder."""
-    policies = build_policies(config)
-    check_config(config, policies)
-    folder = RunFolder(out, resume=resume, force=force)
-    loaded = load_model(config.model, config.device, config.dtype)
+def new_run_id(config: RunConfig) -> str:
+    """A UTC timestamp and a short hash of the configuration; also the default folder name."""
+    return f"{datetime.datetime.now(datetime.UTC):%Y%m%d-%H%M%S}-{cell_id(dataclasses.asdict(config))[:6]}"
+
+
+#: Grid fields a resumed run may extend (new cells) but never shrink; every other field must stay the same,
+#: since it changes what a finished cell means.
+GROWABLE = ("policies", "cache_sizes", "positions")
+
+
+def resume_additions(previous: dict[str, Any], config: RunConfig) -> dict[str, Any]:
+    """What ``config`` adds to the run recorded in ``previous``; refuse any change to what finished cells mean."""
+    new = dataclasses.asdict(config)
+    changed = []
+    for key, old in previous.items():
+        if key in GROWABLE or key in ("lengths", "samples") or key not in new:
+            continue
+        if new[key] != old:
+            changed.append(f"{key}: {old!r} then, {new[key]!r} now")
+    for key in GROWABLE:
+        missing = [v for v in previous.get(key, []) if v not in new[key]]
+        if missing:
+            changed.append(f"{key}: {missing!r} would be dropped")
+    old_samples = dict(zip(previous.get("lengths", []), previous.get("samples", []), strict=False))
+    new_samples = dict(zip(config.lengths, config.samples, strict=True))
+    for length, count in old_samples.items():
+        if new_samples.get(length, 0) < count:
+            changed.append(f"length {length}: {count} samples then, {new_samples.get(length, 0)} now")
+    if changed:
+        raise ConfigError(
+            "--resume would mix cells measured under different settings; it may only add policies, cache limits, "
+            "position modes, lengths or samples. Differences: "
+            + "; ".join(changed)
+            + ". Rerun with the original settings, or use another --out"
+        )
+    added: dict[str, Any] = {}
+    for key in GROWABLE:
+        extra = [v for v in new[key] if v not in previous.get(key, [])]
+        if extra:
+            added[key] = extra
+    more = {n: c for n, c in new_samples.items() if c > old_samples.get(n, 0)}
+    if more:
+        added["samples_by_length"] = more
+    return added
+
+
+def check_layers(config: RunConfig, policies: list[tuple[KVPolicy, str]], loaded: LoadedModel) -> None:
+    """Checks that need the model's shape: skip layers exist and leave some layer to compress."""
     layers = loaded.info["num_layers"]
     if any(not 0 <= i < layers for i in config.skip_layers):
         raise ConfigError(f"--skip-layers {config.skip_layers}: {config.model} has layers 0..{layers - 1}")
+    if any(p.bounded for p, _ in policies) and set(range(layers)) <= set(config.skip_layers):
+        raise ConfigError(
+            f"--skip-layers covers all {layers} layers of {config.model}: nothing would be compressed, so every "
+            "policy would equal full; skip fewer layers (e.g. --skip-layers 0,1)"
+        )
+
+
+def beyond_context_lengths(config: RunConfig, max_positions: int | None) -> list[int]:
+    """Lengths whose latency pass reaches past the model's trained positions."""
+    if not max_positions:
+        return []
+    return [n for n in config.lengths if config.latency_positions(n) > max_positions]
+
+
+def run(
+    config: RunConfig, out: Path | None = None, *, resume: bool = False, force: bool = False, progress: bool = True
+) -> Path:
+    """Measure every cell of the grid into ``out`` (default ``reports/runs/<run id>``); return the folder.
+
+    Everything that can be checked cheaply is checked before the model loads, and nothing is written
+    until the first cell is about to be measured.
+    """
+    policies = build_policies(config)
+    check_config(config, policies)
+    models.check_model_spec(config.model)
+    models.check_device_and_dtype(config.device, config.dtype)
+    corpora.check_dataset(config.dataset, text_column=config.text_column)
+    run_id = new_run_id(config)
+    folder = RunFolder(out if out is not None else DEFAULT_RUNS_DIR / run_id)
+    folder.check(resume=resume, force=force)
+    previous = folder.read_run_json() if resume else {}
+    additions = resume_additions(previous["config"], config) if previous.get("config") else {}
+    done = folder.finished() if resume else set()
+
+    tokenizer = models.load_tokenizer(config.model)  # seconds: passages are drawn before the weights load
     corpus = load_corpus(config.dataset, text_column=config.text_column, include_all=config.all_books)
-    encode = functools.cache(loaded.encode)  # each document is tokenized once, whatever the number of lengths
+    encode = functools.cache(functools.partial(models.encode, tokenizer))  # each document tokenized once
     passages = [
         p
         for length, samples in zip(config.lengths, config.samples, strict=True)
         for p in sample_passages(corpus, encode, length, samples, config.seed)
     ]
+    loaded = load_model(config.model, config.device, config.dtype, tokenizer=tokenizer)
+    check_layers(config, policies, loaded)
+    max_positions = loaded.info.get("max_position_embeddings")
+    beyond = beyond_context_lengths(config, max_positions)
+    if beyond:
+        print(
+            f"kvcompare: warning: lengths {beyond} (plus {config.warmup + config.gen} decoded tokens) go beyond "
+            f"{config.model}'s {max_positions} trained positions; the full cache is then outside what the model "
+            "was trained for. Measured anyway and marked beyond_context in every row.",
+            file=sys.stderr,
+        )
     cells = plan_cells(config, policies, passages)
-    previous = folder.read_run_json()
-    run_id = (
-        previous.get("run_id") or f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{cell_id(dataclasses.asdict(config))[:6]}"
-    )
-    meta = {
+    resumes = list(previous.get("resumes", []))
+    if previous:
+        resumes.append({"at": _timestamp(), "added": additions})
+    run_id = previous.get("run_id") or run_id
+    meta: dict[str, Any] = {
         "run_id": run_id,
         "command": " ".join(["kvcompare", *sys.argv[1:]])
         if Path(sys.argv[0]).name == "kvcompare"
@@ -198,25 +269,16 @@ def run(config: RunConfig, out: Path, *, resume: bool = False, force: bool = Fal
         "corpus": corpus.describe(),
         "environment": environment(torch.device(config.device)),
         "started_at": previous.get("started_at") or _timestamp(),
-        "resumed_at": _timestamp() if resume and previous else None,
+        "resumes": resumes,
         "finished_at": None,
         "cells_planned": len(cells),
+        "beyond_context_lengths": beyond,
         "passages": [
             {"source": p.source, "token_offset": p.token_offset, "seq_len": len(p.tokens), "sample_id": p.sample_id}
             for p in passages
         ],
     }
-    folder.write_run_json(meta)
-    _measure_all(cells, config, loaded, folder, run_id, progress)
-    meta["finished_at"] = _timestamp()
-    folder.write_run_json(meta)
-    return out
-
-
-def _measure_all(
-    cells: list[Cell], config: RunConfig, loaded: LoadedModel, folder: RunFolder, run_id: str, progress: bool
-) -> None:
-    done = folder.finished()
+    context = {"max_positions": max_positions}
     todo = [c for c in cells if cell_id(c.describe(config)) not in done]
     if len(todo) < len(cells):
         print(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells already finished", file=sys.stderr)
@@ -224,13 +286,38 @@ def _measure_all(
     latency = LatencySettings(config.gen, config.warmup)
     if todo:
         _warm_up(executor, todo[0], latency)
+    folder.open(meta)
+    _measure_all(todo, config, executor, latency, folder, run_id, context, progress)
+    meta["finished_at"] = _timestamp()
+    folder.write_run_json(meta)
+    return folder.path
+
+
+def _measure_all(
+    todo: list[Cell],
+    config: RunConfig,
+    executor: Executor,
+    latency: LatencySettings,
+    folder: RunFolder,
+    run_id: str,
+    context: dict[str, Any],
+    progress: bool,
+) -> None:
     failures = 0
+    max_positions = context["max_positions"]
     bar = tqdm(todo, desc="cells", unit="cell", disable=not progress, file=sys.stderr)
     try:
         for cell in bar:
             bar.set_postfix_str(f"{cell.policy.label()} cache={cell.cache.limit} len={len(cell.passage.tokens)}")
             described = cell.describe(config)
-            row: dict[str, Any] = {"run_id": run_id, "cell_id": cell_id(described), **described}
+            row: dict[str, Any] = {
+                "run_id": run_id,
+                "cell_id": cell_id(described),
+                **described,
+                "max_positions": max_positions,
+                "beyond_context": bool(max_positions)
+                and config.latency_positions(len(cell.passage.tokens)) > max_positions,
+            }
             started = time.perf_counter()
             tokens = torch.tensor(cell.passage.tokens, dtype=torch.long)
             try:
@@ -248,21 +335,7 @@ def _measure_all(
                 traceback.print_exc(limit=3)
             row.update(wall_s=time.perf_counter() - started, finished_at=_timestamp())
             for point in curve:
-                point.update(
-                    {
-                        k: row[k]
-                        for k in (
-                            "run_id",
-                            "cell_id",
-                            "policy",
-                            "policy_label",
-                            "cache_size",
-                            "seq_len",
-                            "positions",
-                            "sample_id",
-                        )
-                    }
-                )
+                point.update({k: row[k] for k in CURVE_CELL_COLUMNS})
             folder.write_cell(row, curve)
     except KeyboardInterrupt:
         bar.close()
@@ -272,9 +345,16 @@ def _measure_all(
         print(f"{failures} cell(s) failed; their errors are in the results (status = 'failed')", file=sys.stderr)
 
 
+#: The warm-up prefills at most this many tokens: enough to touch the shapes and memory a cell uses.
+WARM_UP_TOKENS = 4096
+
+
 def _warm_up(executor: Executor, cell: Cell, latency: LatencySettings) -> None:
-    """One untimed pass before the first measurement, so that no cell pays for first-call allocation."""
-    length = min(len(cell.passage.tokens), 2 * cell.cache.stride + 1)
-    tokens = torch.tensor(cell.passage.tokens[:length], dtype=torch.long)
-    policy, plugin = cell.policy, cell.plugin
-    executor.generate(tokens, policy, plugin, dataclasses.replace(cell.cache, limit=None), gen=2, warmup=latency.warmup)
+    """One untimed latency pass of the full cache on the first cell's passage (up to WARM_UP_TOKENS).
+
+    It runs what the first timed cell runs (the same chunk shapes, a cache of the same size, the same number
+    of decode steps), so that cell does not pay for first-call allocation and first-touch page faults.
+    """
+    tokens = torch.tensor(cell.passage.tokens[:WARM_UP_TOKENS], dtype=torch.long)
+    full = dataclasses.replace(cell.cache, limit=None)
+    executor.generate(tokens, cell.policy, cell.plugin, full, gen=latency.gen, warmup=latency.warmup)

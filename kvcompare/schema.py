@@ -30,6 +30,8 @@ RESULT_SCHEMA = pa.schema(
         ("dtype", pa.string()),
         ("gen_tokens", pa.int64()),
         ("warmup", pa.int64()),
+        ("max_positions", pa.int64()),  # the model's trained positions (max_position_embeddings), null if unknown
+        ("beyond_context", pa.bool_()),  # the latency pass (prompt + warm-up + generated) goes past max_positions
         ("ttft_s", pa.float64()),
         ("tpot_s", pa.float64()),
         ("throughput_tok_s", pa.float64()),
@@ -64,6 +66,18 @@ CURVE_SCHEMA = pa.schema(
         ("nll_sum", pa.float64()),
         ("tokens", pa.int64()),
     ]
+)
+
+#: Curve columns copied from the cell's row: the rest (bucket_*, nll_sum, tokens) are the curve's own.
+CURVE_CELL_COLUMNS: tuple[str, ...] = (
+    "run_id",
+    "cell_id",
+    "policy",
+    "policy_label",
+    "cache_size",
+    "seq_len",
+    "positions",
+    "sample_id",
 )
 
 RESULTS_GLOB = "cells/*.parquet"

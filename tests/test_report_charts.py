@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -176,3 +177,44 @@ def test_protocol_bullets_with_continuation_lines_become_one_list() -> None:
     html = markdown_blocks(PROTOCOL_MD)
     assert html.startswith("<ul>") and html.count("<li>") == PROTOCOL_MD.count("\n- ") + 1
     assert "<p>" not in html and "- **" not in html
+
+
+def test_beyond_context_is_noted_at_the_top_of_both_renderings(tmp_path: Path) -> None:
+    rows = [
+        cell("full", None, 256, 0),
+        cell("l2", 32, 256, 0),
+        cell("full", None, 512, 0, max_positions=500, beyond_context=True),
+        cell("l2", 32, 512, 0, max_positions=500, beyond_context=True),
+        cell("full", None, 768, 0, max_positions=500, beyond_context=True),
+        failed_cell("l2", 32, 1024, 0, error="boom") | {"max_positions": 500, "beyond_context": True},
+    ]
+    paths = build_report(write_run(tmp_path, rows))
+    note = (
+        "Lengths 512 and 768 go beyond the model's 500 trained positions (prompt + generated tokens of the latency "
+        "pass): the full cache is then outside what the model was trained for, which is an experiment, not a "
+        "typical use."
+    )
+    html, markdown = paths.html.read_text(), paths.markdown.read_text()
+    assert f'<p class="notice"><strong>Note:</strong> {escape(note)}</p>' in html
+    assert f"> **Note:** {note}" in markdown
+    # at the top: before the protocol, the recommendations and the cell counts
+    assert html.index(escape(note)) < html.index("<h2>Protocol</h2>") < html.index("<h3>Cells</h3>")
+    assert markdown.index(note) < markdown.index("## Protocol") < markdown.index("### Cells")
+    assert "1024" not in note  # only successful cells count
+
+
+def test_no_beyond_context_note_within_trained_positions(tmp_path: Path) -> None:
+    rows = [cell("full", None, 256, 0, max_positions=8192, beyond_context=False), cell("l2", 32, 256, 0)]
+    paths = build_report(write_run(tmp_path, rows))
+    for text in (paths.html.read_text(), paths.markdown.read_text()):
+        assert "trained positions" not in text and "Note:" not in text
+
+
+def test_title_shows_the_folder_and_a_differing_run_id(tmp_path: Path) -> None:
+    folder = write_run(tmp_path / "20261128-011000", [cell("full", None, 256, 0)])  # run.json run_id: test-run
+    paths = build_report(folder)
+    title = "KV-cache eviction report: 20261128-011000 (run id test-run)"
+    assert f"<h1>{title}</h1>" in paths.html.read_text() and f"<title>{title}</title>" in paths.html.read_text()
+    assert paths.markdown.read_text().startswith(f"# {title}\n")
+    same = write_run(tmp_path / "test-run", [cell("full", None, 256, 0)])
+    assert build_report(same).markdown.read_text().startswith("# KV-cache eviction report: test-run\n")

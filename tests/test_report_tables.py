@@ -5,12 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from report_fixtures import cell, failed_cell, write_run
 
+from kvcompare.cli import main
+from kvcompare.report import ReportError, build_report
 from kvcompare.report.display import recommendation_table, relative_table
 from kvcompare.report.load import load_run
-from kvcompare.report.recommend import recommend
+from kvcompare.report.recommend import ALL_RULES, recommend
 from kvcompare.report.tables import aggregate, baseline_lengths, relative_changes, summary
 
 
@@ -198,14 +202,17 @@ def test_rules_needing_a_baseline_say_so(tmp_path: Path) -> None:
 
 
 def test_load_tolerates_missing_and_unreadable_files(tmp_path: Path) -> None:
-    empty = load_run(tmp_path)
-    assert empty.cells.is_empty() and empty.curves.is_empty() and empty.meta == {}
+    write_run(tmp_path / "no-cells", [])  # run.json only, as a run leaves it before its first cell
+    empty = load_run(tmp_path / "no-cells")
+    assert empty.cells.is_empty() and empty.curves.is_empty() and empty.meta["run_id"] == "test-run"
     write_run(tmp_path, [cell("full", None, 256, 0)])
+    (tmp_path / "run.json").unlink()  # cells without run.json: still a results folder
     (tmp_path / "cells" / "half-written.parquet").write_bytes(b"PAR1 not really")
     run = load_run(tmp_path)
     assert run.cells.height == 1
     assert run.curves.is_empty()
     assert len(run.problems) == 1 and "half-written.parquet" in run.problems[0]
+    assert run.meta == {}
 
 
 def test_resumed_cell_keeps_the_successful_attempt(tmp_path: Path) -> None:
@@ -216,3 +223,112 @@ def test_resumed_cell_keeps_the_successful_attempt(tmp_path: Path) -> None:
     (tmp_path / "retry" / "cells" / "l2-32-256-0.parquet").rename(tmp_path / "cells" / "attempt-1.parquet")
     cells = load_run(tmp_path).cells
     assert cells.height == 1 and cells["status"].to_list() == ["ok"]
+
+
+def _slower_than_full_cells() -> list[dict]:
+    """Within the PPL limits, streaming is slower than full; l2 is faster but loses 30% PPL."""
+    return [
+        cell("full", None, 256, 0, ppl=100.0, tpot_s=0.010, throughput_tok_s=100.0),
+        cell("streaming", 32, 256, 0, ppl=101.0, tpot_s=0.012, throughput_tok_s=90.0),
+        cell("l2", 64, 256, 0, ppl=130.0, tpot_s=0.005, throughput_tok_s=200.0),
+    ]
+
+
+def test_speed_is_not_recommended_when_nothing_beat_full(tmp_path: Path) -> None:
+    cells = _frame(tmp_path, _slower_than_full_cells())
+    by_scenario = {r.scenario: r for r in recommend(summary(cells), baseline_lengths(cells))}
+    assert by_scenario["speed first"].choice is None
+    assert by_scenario["speed first"].reason.startswith("nothing beat full on TPOT at this length")
+    assert by_scenario["long text"].choice is None
+    assert by_scenario["long text"].reason.startswith("nothing beat full on throughput at this length")
+    assert by_scenario["quality first"].choice is not None  # streaming stays within +2% PPL
+    rows = recommendation_table(list(by_scenario.values())).rows
+    assert ["speed first", "256", by_scenario["speed first"].reason, "–"] in rows
+
+
+def test_speed_rules_take_only_configurations_faster_than_full(tmp_path: Path) -> None:
+    """A faster configuration within the limit wins even when a slower one has a better PPL."""
+    rows = [
+        *_slower_than_full_cells(),
+        cell("recent", 64, 256, 0, ppl=105.0, tpot_s=0.0099, throughput_tok_s=100.5),
+    ]
+    cells = _frame(tmp_path, rows)
+    chosen = {r.scenario: r.choice for r in recommend(summary(cells), baseline_lengths(cells))}
+    speed, long_text = chosen["speed first"], chosen["long text"]
+    assert speed is not None and speed["policy_label"] == "recent" and speed["tpot_s_change_pct"] < 0
+    assert long_text is not None and long_text["policy_label"] == "recent"
+    assert long_text["throughput_tok_s_change_pct"] > 0
+
+
+def test_speed_rule_texts_say_faster_than_full() -> None:
+    texts = {rule.scenario: rule.text for rule in ALL_RULES}
+    assert "faster than full (mean TPOT change below 0%)" in texts["speed first"]
+    assert "more throughput than full (mean throughput change above 0%)" in texts["long text"]
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "empty"])
+def test_not_a_results_folder_is_refused(tmp_path: Path, kind: str) -> None:
+    run_dir = tmp_path / "run"
+    if kind == "file":
+        run_dir.write_text("not a folder")
+    elif kind == "empty":
+        run_dir.mkdir()
+        (run_dir / "curves").mkdir()  # curves alone do not make a results folder
+    why = {"missing": "it does not exist", "file": "it is not a folder", "empty": r"no run\.json, no cells/\*\.parquet"}
+    with pytest.raises(ReportError, match=rf"is not a kvcompare results folder \({why[kind]}\)"):
+        load_run(run_dir)
+    with pytest.raises(ReportError, match="give the folder a `kvcompare run --out` wrote"):
+        build_report(run_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not (run_dir / "report").exists()
+
+
+def test_cli_report_of_missing_folder_exits_2_and_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "no-such-run"
+    assert main(["report", str(missing)]) == 2
+    assert not missing.exists()
+    err = capsys.readouterr().err
+    assert err.startswith(f"kvcompare: error: {missing} is not a kvcompare results folder")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["report", str(empty), "--out", str(tmp_path / "out")]) == 2
+    assert list(empty.iterdir()) == [] and not (tmp_path / "out").exists()
+
+
+def test_old_cell_files_without_context_columns_load(tmp_path: Path) -> None:
+    """Cells written before max_positions/beyond_context existed load next to new ones, as nulls."""
+    write_run(tmp_path, [cell("full", None, 256, 0), cell("l2", 32, 256, 0, max_positions=8192, beyond_context=False)])
+    old = tmp_path / "cells" / "full-None-256-0.parquet"
+    pq.write_table(pq.read_table(old).drop_columns(["max_positions", "beyond_context"]), old)
+    assert "beyond_context" not in pq.read_schema(old).names
+    cells = load_run(tmp_path).cells.sort("policy")
+    assert cells.schema["beyond_context"] == pl.Boolean and cells.schema["max_positions"] == pl.Int64
+    assert cells["beyond_context"].to_list() == [None, False]
+    assert cells["max_positions"].to_list() == [None, 8192]
+    only_old = tmp_path / "only-old"
+    (only_old / "cells").mkdir(parents=True)
+    pq.write_table(
+        pa.Table.from_pylist([cell("full", None, 256, 0)]).drop_columns(["beyond_context"]),
+        only_old / "cells" / "a.parquet",
+    )
+    assert load_run(only_old).cells["beyond_context"].to_list() == [None]
+
+
+def test_beyond_context_notice_names_each_length_once(tmp_path: Path) -> None:
+    from kvcompare.report.content import beyond_context_notices
+
+    cells = _frame(
+        tmp_path,
+        [
+            cell("full", None, 9000, 0, max_positions=8192, beyond_context=True),
+            cell("full", None, 9000, 1, max_positions=8192, beyond_context=True),
+            cell("l2", 32, 9000, 0, max_positions=8192, beyond_context=True),
+            cell("full", None, 4000, 0, max_positions=8192, beyond_context=False),
+        ],
+    )
+    assert beyond_context_notices(cells) == [
+        "Length 9000 goes beyond the model's 8192 trained positions (prompt + generated tokens of the latency pass): "
+        "the full cache is then outside what the model was trained for, which is an experiment, not a typical use."
+    ]

@@ -12,6 +12,7 @@ import torch
 
 from kvcompare.cli import main
 from kvcompare.protocol import latency_fields, position_buckets, quality_fields
+from kvcompare.results import ResultsError
 from kvcompare.runner import RunConfig, run
 
 CORPUS = Path(__file__).parent / "data" / "tiny_corpus.txt"
@@ -76,7 +77,7 @@ def test_run_writes_one_row_per_cell_with_its_configuration(tiny_model_dir: Path
 def test_the_full_row_matches_a_plain_forward(tiny_model_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    out = run(config(tiny_model_dir, policies=[], samples=[1]), tmp_path / "run", progress=False)
+    out = run(config(tiny_model_dir, policies=["full"], samples=[1]), tmp_path / "run", progress=False)
     row = pl.read_parquet(out / "cells" / "*.parquet").row(0, named=True)
     from kvcompare.corpus import load_corpus, rebuild_passage
     from kvcompare.models import load_model
@@ -96,7 +97,7 @@ def test_resume_skips_finished_cells_and_an_existing_out_is_refused(tiny_model_d
     cfg = config(tiny_model_dir, samples=[1], cache_sizes=[16])
     run(cfg, out, progress=False)
     before = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
-    with pytest.raises(Exception, match="--resume"):
+    with pytest.raises(ResultsError, match="--resume"):
         run(cfg, out, progress=False)
     run(cfg, out, resume=True, progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()} == before
@@ -175,7 +176,7 @@ def test_a_crashing_policy_is_recorded_and_the_others_are_kept(
         ({"lengths": [100000]}, "longest"),
         ({"skip_layers": [9]}, "layers 0..3"),
         ({"dataset": "pg91"}, "gutenberg"),
-        ({"model": "/no/such/model"}, "could not load model"),
+        ({"model": "/no/such/model"}, "no such file or folder"),
     ],
 )
 def test_bad_input_is_refused_before_any_measurement(

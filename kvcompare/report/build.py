@@ -24,10 +24,14 @@ class ReportPaths:
 
 
 def build_report(run_dir: Path, out_dir: Path | None = None) -> ReportPaths:
-    """Write the report of run_dir into out_dir (default RUN_DIR/report); partial runs, partial reports."""
+    """Write the report of run_dir into out_dir (default RUN_DIR/report); partial runs, partial reports.
+
+    Raises ReportError, creating nothing, when run_dir is not a results folder.
+    """
     out_dir = run_dir / REPORT_DIR if out_dir is None else out_dir
+    run = load_run(run_dir)  # before anything is created: a mistyped folder must not become an empty report
     out_dir.mkdir(parents=True, exist_ok=True)
-    content = assemble(load_run(run_dir), out_dir / CHARTS_DIR)
+    content = assemble(run, out_dir / CHARTS_DIR)
     html_path, markdown_path = out_dir / "index.html", out_dir / "report.md"
     html_path.write_text(render_html(content, out_dir), encoding="utf-8")
     markdown_path.write_text(render_markdown(content, out_dir), encoding="utf-8")

@@ -28,6 +28,7 @@ th { background: #f3f3f3; }
 .note { color: #555; font-size: 0.85rem; max-width: 70rem; }
 .chart { margin: 1rem 0; }
 #js-errors { color: #b00; white-space: pre-wrap; }
+.notice { background: #fff4d6; border-left: 4px solid #d99a00; padding: 0.5rem 0.8rem; max-width: 70rem; }
 """
 
 #: Installed before anything else runs: page errors land in #js-errors, where tests and readers see them.
@@ -139,6 +140,7 @@ def render_html(content: ReportContent, out_dir: Path) -> str:
     body = [
         f"<h1>{escape(content.title)}</h1>",
         '<pre id="js-errors" hidden></pre>',
+        *(f'<p class="notice"><strong>Note:</strong> {_inline(notice)}</p>' for notice in content.notices),
         "<h2>Protocol</h2>",
         markdown_blocks(content.protocol_md),
         "<h2>Recommendations</h2>",

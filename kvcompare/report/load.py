@@ -13,6 +13,25 @@ import pyarrow as pa
 from kvcompare.schema import CURVE_SCHEMA, CURVES_GLOB, RESULT_SCHEMA, RESULTS_GLOB, RUN_JSON
 
 
+class ReportError(ValueError):
+    """The folder given is not a results folder: there is nothing to report, and nothing is written."""
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Raise ReportError unless run_dir is a folder holding run.json or at least one cells/*.parquet."""
+    if not run_dir.exists():
+        why = "it does not exist"
+    elif not run_dir.is_dir():
+        why = "it is not a folder"
+    elif not (run_dir / RUN_JSON).is_file() and not any(run_dir.glob(RESULTS_GLOB)):
+        why = f"no {RUN_JSON}, no {RESULTS_GLOB}"
+    else:
+        return
+    raise ReportError(
+        f"{run_dir} is not a kvcompare results folder ({why}): give the folder a `kvcompare run --out` wrote"
+    )
+
+
 @dataclass(frozen=True)
 class RunData:
     """Everything the report is built from."""
@@ -54,7 +73,8 @@ def _latest_attempt(cells: pl.DataFrame) -> pl.DataFrame:
 
 
 def load_run(run_dir: Path) -> RunData:
-    """Load run.json, cells and curves; any of them may be missing."""
+    """Load run.json, cells and curves; any of them may be missing, but not all (ReportError)."""
+    check_run_dir(run_dir)
     problems: list[str] = []
     meta_path = run_dir / RUN_JSON
     meta: dict[str, Any] = {}

@@ -37,6 +37,7 @@ def render_markdown(content: ReportContent, out_dir: Path) -> str:
     """The whole report; links are relative to out_dir, where report.md is written."""
     parts = [
         f"# {content.title}\n",
+        *(f"> **Note:** {notice}\n" for notice in content.notices),
         "## Protocol\n",
         content.protocol_md.strip() + "\n",
         "## Recommendations\n",

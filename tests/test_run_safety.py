@@ -1,0 +1,390 @@
+"""Nothing lost, nothing mixed: `--force`, `--resume`, failed starts and per-cell independence (issue 7)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+import kvcompare.runner as runner
+from kvcompare.cli import main
+from kvcompare.results import ResultsError, RunFolder
+from kvcompare.runner import ConfigError, RunConfig, run
+
+CORPUS = Path(__file__).parent / "data" / "tiny_corpus.txt"
+
+
+def config(model_dir: Path, **changes: object) -> RunConfig:
+    values: dict[str, object] = {
+        "policies": ["recent"],
+        "cache_sizes": [16],
+        "lengths": [48],
+        "samples": [1],
+        "model": str(model_dir),
+        "dataset": str(CORPUS),
+        "stride": 8,
+        "gen": 2,
+        "warmup": 0,
+        "bucket": 16,
+        "skip_layers": [0],
+    }
+    values.update(changes)
+    return RunConfig(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def no_measuring(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if any model is loaded: a refusal must come before the expensive part."""
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded despite input that could be refused before")
+
+    monkeypatch.setattr(runner, "load_model", never)
+
+
+def tree(path: Path) -> set[str]:
+    return {p.relative_to(path).as_posix() for p in path.rglob("*")}
+
+
+# -- 1. --force deletes only what kvcompare wrote -------------------------------------------------------------
+def test_force_refuses_a_folder_that_is_not_a_results_folder(tiny_model_dir: Path, tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "a.py").write_text("print('precious')\n")
+    before = tree(project)
+    with pytest.raises(ResultsError, match="did not write.*src"):
+        run(config(tiny_model_dir), project, force=True, progress=False)
+    assert tree(project) == before and (project / "src" / "a.py").read_text() == "print('precious')\n"
+
+
+def test_force_refuses_a_results_folder_with_a_foreign_file_inside(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run(config(tiny_model_dir), out, progress=False)
+    (out / "cells" / "notes.txt").write_text("mine")
+    with pytest.raises(ResultsError, match="cells/notes.txt"):
+        run(config(tiny_model_dir), out, force=True, progress=False)
+    assert (out / "cells" / "notes.txt").exists()
+
+
+def test_force_checks_the_whole_configuration_before_touching_anything(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run(config(tiny_model_dir), out, progress=False)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
+    with pytest.raises(ConfigError, match="skip-layers"):
+        run(config(tiny_model_dir, skip_layers=[99]), out, force=True, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == before
+
+
+def test_force_replaces_a_results_folder(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run(config(tiny_model_dir, cache_sizes=[16, 24]), out, progress=False)
+    run(config(tiny_model_dir), out, force=True, progress=False)
+    assert pl.read_parquet(out / "cells" / "*.parquet").height == 2  # full + recent@16, the old @24 is gone
+
+
+def test_force_and_resume_together_are_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run(config(tiny_model_dir), out, progress=False)
+    with pytest.raises(ResultsError, match="contradict"):
+        run(config(tiny_model_dir), out, force=True, resume=True, progress=False)
+
+
+# -- 2. a cell's numbers depend only on its own configuration -----------------------------------------------
+def test_a_random_policy_gives_the_same_cell_alone_and_in_a_grid(tiny_model_dir: Path, tmp_path: Path) -> None:
+    spec = {"policies": ["l2:mode=random"], "baseline": False, "lengths": [64]}
+    grid = run(config(tiny_model_dir, cache_sizes=[16, 24], **spec), tmp_path / "grid", progress=False)
+    alone = run(config(tiny_model_dir, cache_sizes=[24], **spec), tmp_path / "alone", progress=False)
+    in_grid = pl.read_parquet(grid / "cells" / "*.parquet").filter(pl.col("cache_size") == 24).row(0, named=True)
+    single = pl.read_parquet(alone / "cells" / "*.parquet").row(0, named=True)
+    assert in_grid["cell_id"] == single["cell_id"]
+    assert in_grid["nll_sum"] == single["nll_sum"] and in_grid["accuracy"] == single["accuracy"]
+
+
+def test_every_cache_gets_a_fresh_policy_instance(tiny_model_dir: Path) -> None:
+    from kvcompare.executor import CacheConfig, Executor
+    from kvcompare.plugins import get_registry
+    from kvcompare.testing import tiny_llama
+
+    policy = get_registry().build("l2:mode=random")
+    executor = Executor(tiny_llama())
+    first = executor.new_cache(policy, "l2", CacheConfig(8, 4), capacity=16)
+    second = executor.new_cache(policy, "l2", CacheConfig(8, 4), capacity=16)
+    assert first.policy is not policy and second.policy is not first.policy
+    assert first.policy.params() == policy.params()
+
+
+# -- 3. --resume refuses a changed meaning, allows additions ------------------------------------------------
+def test_resume_refuses_a_changed_setting_and_says_what_differs(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run(config(tiny_model_dir), out, progress=False)
+    meta = (out / "run.json").read_text()
+    with pytest.raises(ConfigError, match="gen: 2 then, 3 now"):
+        run(config(tiny_model_dir, gen=3), out, resume=True, progress=False)
+    with pytest.raises(ConfigError, match=r"cache_sizes: \[16\] would be dropped"):
+        run(config(tiny_model_dir, cache_sizes=[24]), out, resume=True, progress=False)
+    assert (out / "run.json").read_text() == meta
+
+
+def test_resume_adds_cells_and_records_the_additions(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run(config(tiny_model_dir), out, progress=False)
+    first = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
+    run(config(tiny_model_dir, cache_sizes=[16, 24], samples=[2]), out, resume=True, progress=False)
+    cells = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
+    assert {k: cells[k] for k in first} == first and len(cells) == 2 * 3
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["resumes"][-1]["added"] == {"cache_sizes": [24], "samples_by_length": {"48": 2}}
+    assert meta["cells_planned"] == 6 and meta["config"]["cache_sizes"] == [16, 24]
+
+
+# -- 4. a truncated cell file is kept aside and its cell measured again -------------------------------------
+def test_resume_moves_an_unreadable_cell_aside_and_remeasures_it(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run(config(tiny_model_dir), out, progress=False)
+    victim = sorted((out / "cells").glob("*.parquet"))[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    run(config(tiny_model_dir), out, resume=True, progress=False)
+    kept = list((out / "quarantine").iterdir())
+    assert len(kept) == 1 and kept[0].name.startswith(victim.name) and kept[0].read_bytes() == data[: len(data) // 2]
+    assert pl.read_parquet(victim)["status"].to_list() == ["ok"]
+
+
+# -- 5. a failed start leaves nothing behind; a folder with no finished cell counts as empty -----------------
+def test_a_failed_start_leaves_no_folder(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError):
+        run(config(tiny_model_dir, skip_layers=[99]), out, progress=False)
+    assert not out.exists()
+    run(config(tiny_model_dir), out, progress=False)  # the corrected command is not refused
+    assert len(list((out / "cells").glob("*.parquet"))) == 2
+
+
+def test_a_folder_without_finished_cells_is_reused(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "run"
+
+    def interrupt(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    real = runner.measure_cell
+    monkeypatch.setattr(runner, "measure_cell", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run(config(tiny_model_dir), out, progress=False)
+    assert (out / "run.json").exists() and not list((out / "cells").glob("*.parquet"))
+    monkeypatch.setattr(runner, "measure_cell", real)
+    run(config(tiny_model_dir), out, progress=False)
+    assert len(list((out / "cells").glob("*.parquet"))) == 2
+
+
+# -- 6. lengths beyond the trained context: allowed, warned, recorded ---------------------------------------
+def test_lengths_beyond_the_trained_context_are_warned_and_recorded(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the tiny model has 4096 positions; shrink what the loader reports rather than build a long corpus
+    real = runner.load_model
+
+    def short_context(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        loaded = real(*args, **kwargs)  # type: ignore[arg-type]
+        loaded.info["max_position_embeddings"] = 40
+        return loaded
+
+    monkeypatch.setattr(runner, "load_model", short_context)
+    out = run(config(tiny_model_dir, lengths=[32, 48], samples=[1]), tmp_path / "run", progress=False)
+    assert "lengths [48]" in capsys.readouterr().err
+    cells = pl.read_parquet(out / "cells" / "*.parquet")
+    flags = dict(zip(cells["seq_len"], cells["beyond_context"], strict=True))
+    assert flags == {32: False, 48: True} and set(cells["max_positions"]) == {40}
+    assert json.loads((out / "run.json").read_text())["beyond_context_lengths"] == [48]
+
+
+# -- 7. cheap checks come before the model load -------------------------------------------------------------
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"dataset": "/no/such/corpus.txt"}, "no such"),
+        ({"skip_layers": [0, 0]}, "distinct"),
+        ({"policies": []}, "no policies given"),
+        ({"model": "/no/such/model"}, "no such file or folder"),
+        ({"lengths": [100000]}, "longest"),  # needs only the tokenizer, not the weights
+        ({"dtype": "float8"}, "unknown dtype"),
+    ],
+)
+def test_cheap_checks_run_before_the_model_loads(
+    tiny_model_dir: Path, tmp_path: Path, no_measuring: None, changes: dict[str, object], message: str
+) -> None:
+    from kvcompare.corpus import CorpusError
+    from kvcompare.models import ModelError
+
+    with pytest.raises((ConfigError, CorpusError, ModelError), match=message):
+        run(config(tiny_model_dir, **changes), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_skip_layers_covering_every_layer_are_refused_before_any_cell(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="covers all 4 layers"):
+        run(config(tiny_model_dir, skip_layers=[0, 1, 2, 3]), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+# -- 9. messages instead of tracebacks ----------------------------------------------------------------------
+def test_out_that_is_a_file_is_refused(tiny_model_dir: Path, tmp_path: Path, no_measuring: None) -> None:
+    target = tmp_path / "results.txt"
+    target.write_text("not a folder")
+    with pytest.raises(ResultsError, match="is a file"):
+        run(config(tiny_model_dir), target, progress=False)
+    assert target.read_text() == "not a folder"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to read-only folders")
+def test_a_read_only_out_is_refused(tiny_model_dir: Path, tmp_path: Path, no_measuring: None) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(ResultsError, match="permission denied"):
+            run(config(tiny_model_dir), locked / "run", progress=False)
+    finally:
+        locked.chmod(0o700)
+
+
+def test_a_read_only_out_is_refused_by_its_access_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Root passes the real chmod test above, so check the refusal through the access check it uses."""
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(ResultsError, match="permission denied"):
+        RunFolder(tmp_path / "run").check()
+
+
+def test_a_policy_returning_none_is_named(tiny_model_dir: Path, tmp_path: Path, register_plugin) -> None:  # type: ignore[no-untyped-def]
+    from kvcompare.hookspecs import hookimpl
+    from kvcompare.policy import KVPolicy
+
+    @dataclasses.dataclass
+    class ReturnsNone(KVPolicy):
+        name = "returns-none"
+
+        def select(self, keys, keep, positions):  # type: ignore[no-untyped-def]
+            return None
+
+    @dataclasses.dataclass
+    class EditsKeys(KVPolicy):
+        name = "edits-keys"
+
+        def select(self, keys, keep, positions):  # type: ignore[no-untyped-def]
+            keys.mul_(0.5)  # in place: would silently change the model's cache
+            return torch.arange(keep).expand(*keys.shape[:3], keep)
+
+    class Plugin:
+        @hookimpl
+        def register_policies(self, register):  # type: ignore[no-untyped-def]
+            register(ReturnsNone)
+            register(EditsKeys)
+
+    register_plugin(Plugin(), "odd-plugin")
+    out = run(config(tiny_model_dir, policies=["returns-none", "edits-keys"]), tmp_path / "run", progress=False)
+    failed = pl.read_parquet(out / "cells" / "*.parquet").filter(pl.col("status") == "failed")
+    errors = dict(zip(failed["policy"], failed["error"], strict=True))
+    assert "returned NoneType" in errors["returns-none"] and "odd-plugin" in errors["returns-none"]
+    assert "changed the keys" in errors["edits-keys"] and "odd-plugin" in errors["edits-keys"]
+
+
+# -- 10. the warm-up runs what the first timed cell runs ----------------------------------------------------
+def test_the_warm_up_prefills_the_first_cells_whole_passage(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvcompare.executor import Executor
+
+    calls: list[tuple[int, int, int]] = []
+    real = Executor.generate
+
+    def record(self, prompt, policy, plugin, cache, gen, warmup):  # type: ignore[no-untyped-def]
+        calls.append((prompt.numel(), gen, warmup))
+        return real(self, prompt, policy, plugin, cache, gen=gen, warmup=warmup)
+
+    monkeypatch.setattr(Executor, "generate", record)
+    run(config(tiny_model_dir, gen=3, warmup=1), tmp_path / "run", progress=False)
+    assert calls[0] == (48, 3, 1)  # the untimed warm-up: the whole first passage, as many decode steps
+
+
+# -- 8 and 11. the command line ------------------------------------------------------------------------------
+def test_cli_refuses_an_empty_policy_list(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["run", "--policies", "", "--model", str(tiny_model_dir), "--out", str(tmp_path / "x")])
+    assert code == 2 and "--policies is empty" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_preset_with_other_lengths_needs_no_samples() -> None:
+    import argparse
+
+    from kvcompare.cli import _run_config
+
+    args = argparse.Namespace(
+        **{f.name: None for f in dataclasses.fields(RunConfig)},
+        preset="report",
+        no_baseline=False,
+    )
+    args.lengths, args.all_books = [512, 5000], False
+    assert _run_config(args).samples == [10, 5]
+
+
+def test_help_shows_the_default_grid(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    defaults = RunConfig()
+    assert f"cache limits {','.join(map(str, defaults.cache_sizes))}" in shown
+    assert f"lengths {','.join(map(str, defaults.lengths))}" in shown and "streaming,l2,recent" in shown
+
+
+def test_quiet_silences_the_transformers_progress_bars(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    monkeypatch.setenv("TQDM_DISABLE", "0")  # restored after the test
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")
+    monkeypatch.setattr(runner, "run", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    main(["run", "--quiet", "--model", str(tiny_model_dir), "--out", str(tmp_path / "x")])
+    try:
+        assert not hf_logging.is_progress_bar_enabled()
+        assert os.environ["TQDM_DISABLE"] == "1"  # GGUF conversion uses a plain tqdm
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+def test_plugins_lists_a_rejected_plugin_only_as_failed(register_plugin, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    from kvcompare.hookspecs import hookimpl
+
+    class Broken:
+        @hookimpl
+        def register_policies(self, register):  # type: ignore[no-untyped-def]
+            raise RuntimeError("cannot register")
+
+    register_plugin(Broken(), "broken-at-register")
+    try:
+        assert main(["plugins"]) == 1
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("broken-at-register")]
+        assert len(lines) == 1 and "FAILED" in lines[0]
+    finally:
+        from kvcompare.plugins import get_host
+
+        host = get_host()
+        host.failures[:] = [f for f in host.failures if f.name != "broken-at-register"]
+
+
+def test_the_default_folder_is_named_by_the_run_id(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    out = run(config(tiny_model_dir), progress=False)
+    assert out.parent == Path("reports/runs")
+    assert json.loads((out / "run.json").read_text())["run_id"] == out.name
