@@ -1,90 +1,32 @@
-"""The measurement protocol of one cell: a quality pass, then a latency pass, turned into result fields.
+"""The measurement protocol as readers see it: written once here, shown verbatim in every report and in the
+README (a test keeps the README in step). The code that carries it out is ``kvcompare.measure``."""
 
-Quality: the passage is fed teacher-forced through the executor in chunks of ``stride`` under the policy and
-the cache limit; every token after the first is scored. ``ppl = exp(mean NLL)``; ``accuracy`` is the share of
-tokens whose arg-max prediction is the next token.
-
-Latency: the passage is the prompt. ``ttft_s`` runs from the start of the chunked prefill to the first
-generated token; then ``warmup + gen`` tokens are decoded greedily, one at a time, and the last ``gen`` are
-counted: ``tpot_s`` is the median step, ``throughput_tok_s`` is ``gen`` over the counted steps' total time.
-Eviction time inside the counted steps is ``evict_s``, also given as a share of decode time.
+#: How the numbers are measured; shown verbatim in every report and in the README.
+PROTOCOL_MD = """\
+- **Cells.** One measurement per (policy with its parameters, cache limit, passage length, sample, position
+  mode). The `full` baseline keeps every token and has no limit; every other policy runs under the same
+  limit, through the same executor, with the same timers.
+- **Cache limit.** Before a chunk of `c` tokens is attended, each compressed layer holding more than
+  `limit - c` tokens is reduced by the policy to `limit - c` (or to `evict_block` fewer tokens than it
+  holds, whichever is smaller), so no attention call sees more than `limit` keys. Skip layers (default 0
+  and 1) keep their full cache. One gather moves the kept keys and values of all compressed layers.
+- **Positions.** `true`: every token keeps its original position. `shift` (StreamingLLM): positions are
+  slots in the cache; after an eviction the kept keys are re-rotated so that they sit at consecutive
+  positions ending just before the next token, which gives exactly the relative distances of cache slots.
+- **Quality pass.** The passage is fed teacher-forced in chunks of `stride` tokens under the policy and the
+  limit; every token after the first is scored. `ppl = exp(mean NLL)`; `accuracy` is the share of tokens
+  whose arg-max prediction is the next token. NLL is also kept per bucket of positions for the
+  perplexity-against-position curve.
+- **Latency pass.** The passage is the prompt, prefilled in chunks of `stride` under the policy and limit.
+  `ttft_s` runs from the start of the prefill to the first generated token (greedy). Then `warmup + gen`
+  tokens are decoded one at a time; the first `warmup` steps are not counted. `tpot_s` is the median counted
+  step (eviction included), `throughput_tok_s` is `gen` divided by the counted steps' total time. Eviction
+  time inside the counted steps is `evict_s`, and `evict_share = evict_s / decode time`.
+- **Timers.** Every timer reads the clock after synchronising the device (cuda, mps). One untimed warm-up
+  pass runs before the first cell.
+- **Memory.** `peak_kv_bytes`: the most key/value bytes the cache held. `peak_mem_bytes`: peak resident memory
+  of the process (CPU), or peak allocated device memory (cuda, mps), sampled at chunk boundaries.
+- **Relative change.** Each cell is compared with the `full` cell of the same passage, length and position
+  mode (paired), then averaged over samples. Negative TTFT/TPOT change is faster; positive PPL change is
+  worse; accuracy change is relative to the baseline's accuracy.
 """
-
-from __future__ import annotations
-
-import dataclasses
-import math
-import statistics
-from typing import Any
-
-import numpy as np
-import torch
-
-from kvcompare.executor import CacheConfig, Executor
-from kvcompare.policy import KVPolicy
-
-
-@dataclasses.dataclass(frozen=True)
-class LatencySettings:
-    gen: int = 32
-    warmup: int = 4
-
-
-def position_buckets(nll: np.ndarray, width: int) -> list[dict[str, Any]]:
-    """NLL summed over buckets of ``width`` predicted positions; position i + 1 is predicted by entry i."""
-    rows = []
-    for start in range(0, nll.size, width):
-        part = nll[start : start + width]
-        rows.append(
-            {
-                "bucket_start": start + 1,
-                "bucket_end": start + 1 + part.size,
-                "nll_sum": float(part.sum()),
-                "tokens": int(part.size),
-            }
-        )
-    return rows
-
-
-def quality_fields(nll: np.ndarray, correct: np.ndarray) -> dict[str, Any]:
-    return {
-        "ppl": math.exp(float(nll.mean())),
-        "accuracy": float(correct.mean()),
-        "nll_sum": float(nll.sum()),
-        "tokens_scored": int(nll.size),
-    }
-
-
-def latency_fields(ttft_s: float, step_s: list[float], evict_s: list[float]) -> dict[str, Any]:
-    decode_s = float(sum(step_s))
-    evicted = float(sum(evict_s))
-    return {
-        "ttft_s": ttft_s,
-        "tpot_s": statistics.median(step_s) if step_s else None,
-        "throughput_tok_s": len(step_s) / decode_s if decode_s > 0 else None,
-        "decode_s": decode_s,
-        "evict_s": evicted,
-        "evict_share": evicted / decode_s if decode_s > 0 else None,
-    }
-
-
-def measure_cell(
-    executor: Executor,
-    tokens: torch.Tensor,
-    policy: KVPolicy,
-    plugin: str,
-    config: CacheConfig,
-    latency: LatencySettings,
-    bucket: int,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Measure one policy on one passage; return the metric fields of its result row and its position curve."""
-    quality = executor.score(tokens, policy, plugin, config)
-    timed = executor.generate(tokens, policy, plugin, config, gen=latency.gen, warmup=latency.warmup)
-    fields = {
-        **quality_fields(quality.nll, quality.correct),
-        **latency_fields(timed.ttft_s, timed.step_s, timed.evict_s),
-        "peak_kv_bytes": max(quality.peak_kv_bytes, timed.peak_kv_bytes),
-        "peak_mem_bytes": max(quality.peak_mem_bytes, timed.peak_mem_bytes),
-        "quality_s": quality.wall_s,
-    }
-    return fields, position_buckets(quality.nll, bucket)

@@ -21,10 +21,10 @@ from kvcompare.config import ConfigError, RunConfig
 from kvcompare.corpus import Passage, load_corpus, sample_passages
 from kvcompare.environment import environment
 from kvcompare.executor import CacheConfig, Executor
+from kvcompare.measure import LatencySettings, measure_cell
 from kvcompare.models import LoadedModel, load_model
 from kvcompare.plugins import get_host
 from kvcompare.policy import KVPolicy, PolicyError
-from kvcompare.protocol import LatencySettings, measure_cell
 from kvcompare.results import RunFolder, cell_id
 from kvcompare.schema import CURVE_CELL_COLUMNS
 

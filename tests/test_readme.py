@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from kvcompare.report.protocol import PROTOCOL_MD
+from kvcompare.protocol import PROTOCOL_MD
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -171,8 +171,8 @@ def test_baseline_is_black_in_every_position_mode() -> None:
 
 
 def test_protocol_bullets_with_continuation_lines_become_one_list() -> None:
+    from kvcompare.protocol import PROTOCOL_MD
     from kvcompare.report.html import markdown_blocks
-    from kvcompare.report.protocol import PROTOCOL_MD
 
     html = markdown_blocks(PROTOCOL_MD)
     assert html.startswith("<ul>") and html.count("<li>") == PROTOCOL_MD.count("\n- ") + 1

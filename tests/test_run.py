@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kvcompare.cli import main
-from kvcompare.protocol import latency_fields, position_buckets, quality_fields
+from kvcompare.measure import latency_fields, position_buckets, quality_fields
 from kvcompare.results import ResultsError
 from kvcompare.runner import RunConfig, run
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import polars as pl
 
+from kvcompare.protocol import PROTOCOL_MD
 from kvcompare.report.charts import ChartSet, build_charts
 from kvcompare.report.display import (
     LengthTables,
@@ -21,7 +22,6 @@ from kvcompare.report.display import (
     relative_table,
 )
 from kvcompare.report.load import RunData
-from kvcompare.report.protocol import PROTOCOL_MD
 from kvcompare.report.recommend import ALL_RULES, recommend
 from kvcompare.report.tables import baseline_lengths, ok_cells, position_perplexity, summary
 
