@@ -14,7 +14,8 @@ import statistics
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kvcompare.executor import CacheConfig, Executor
+from kvcompare.config import CacheConfig
+from kvcompare.executor import Executor
 from kvcompare.plugins import get_registry
 from kvcompare.testing import TINY_VOCAB, tiny_llama, tiny_neox
 
@@ -49,21 +50,23 @@ def check_correctness(device: torch.device) -> bool:
             for positions in ("true", "shift"):
                 for stride in (1, 7):
                     policy = registry.build(spec)
-                    cache = executor.new_cache(policy, spec, CacheConfig(48, stride, positions, (0,)), 48, True)
-                    got = torch.cat(
-                        [
-                            executor.forward(cache, tokens[s : s + stride].view(1, -1))[0][0]
-                            for s in range(0, 48, stride)
-                        ]
-                    )
+                    cache = executor.new_cache(policy, CacheConfig(48, stride, positions, (0,)), 48, True)
+                    with executor.attached():
+                        got = torch.cat(
+                            [
+                                executor.forward(cache, tokens[s : s + stride].view(1, -1))[0][0]
+                                for s in range(0, 48, stride)
+                            ]
+                        )
                     err = (got - expected).abs().max().item()
                     if err > 1e-4:
                         ok = False
                         print(f"FAIL {name} {spec} {positions} stride={stride}: max |diff| {err:.2e}")
             if spec != "full":
-                limited = executor.new_cache(registry.build(spec), spec, CacheConfig(12, 5, "shift", (1,)), 48, True)
-                for s in range(0, 48, 5):
-                    executor.forward(limited, tokens[s : s + 5].view(1, -1))
+                limited = executor.new_cache(registry.build(spec), CacheConfig(12, 5, "shift", (1,)), 48, True)
+                with executor.attached():
+                    for s in range(0, 48, 5):
+                        executor.forward(limited, tokens[s : s + 5].view(1, -1))
                 if limited.lengths()[0] > 12 or limited.lengths()[1] != 48:
                     ok = False
                     print(f"FAIL {name} {spec}: lengths {limited.lengths()}")
@@ -84,7 +87,7 @@ def time_decode(device: torch.device, dtype: torch.dtype, contexts: list[int], c
     for context in contexts:
         medians, evict = {}, 0.0
         for spec in ("full", "streaming"):
-            timed = executor.generate(tokens[:context], registry.build(spec), spec, CacheConfig(cache, 64), steps, 8)
+            timed = executor.generate(tokens[:context], registry.build(spec), CacheConfig(cache, 64), steps, 8)
             medians[spec] = statistics.median(timed.step_s)
             evict = sum(timed.evict_s) / len(timed.evict_s)
         print(

@@ -11,7 +11,7 @@ import statistics
 
 from common import base_parser, book_tokens, setup
 
-from kvcompare.executor import CacheConfig
+from kvcompare.config import CacheConfig
 from kvcompare.plugins import get_registry
 
 
@@ -36,7 +36,7 @@ def main() -> None:
         for spec in ("full", "streaming"):
             policy = registry.build(spec)
             config = CacheConfig(args.cache, args.stride, "shift", (0, 1), args.evict_block)
-            timed = executor.generate(tokens[:context], policy, spec, config, gen=args.steps, warmup=args.warmup)
+            timed = executor.generate(tokens[:context], policy, config, gen=args.steps, warmup=args.warmup)
             medians[spec] = statistics.median(timed.step_s)
             ratio = f"{medians['full'] / medians['streaming']:.2f}x" if spec == "streaming" else ""
             print(

@@ -10,7 +10,7 @@ import time
 
 from common import base_parser, book_tokens, setup
 
-from kvcompare.executor import CacheConfig
+from kvcompare.config import CacheConfig
 from kvcompare.plugins import get_registry
 
 
@@ -38,7 +38,7 @@ def main() -> None:
             for mode in modes if policy.bounded else modes[:1]:
                 started = time.perf_counter()
                 config = CacheConfig(args.cache, args.stride, mode, skip)
-                result = executor.score(tokens, policy, registry.plugin_of(policy), config)
+                result = executor.score(tokens, policy, config)
                 ppl = math.exp(result.nll.mean())
                 baseline = baseline or ppl
                 print(

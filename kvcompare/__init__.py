@@ -1,3 +1,33 @@
-"""kvcompare: compare KV-cache eviction policies for causal language models under identical measurement."""
+"""kvcompare: compare KV-cache eviction policies for causal language models under identical measurement.
+
+What a plugin author needs is importable from here: ``from kvcompare import KVPolicy, hookimpl, parameter``.
+These names are loaded on first use, so ``import kvcompare`` stays light (no torch) for the command line.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+__all__ = ["KVCompareError", "KVPolicy", "PolicyError", "hookimpl", "parameter"]
+
+if TYPE_CHECKING:
+    from kvcompare.errors import KVCompareError
+    from kvcompare.hookspecs import hookimpl
+    from kvcompare.policy import KVPolicy, PolicyError, parameter
+
+_HOMES = {
+    "KVCompareError": "kvcompare.errors",
+    "KVPolicy": "kvcompare.policy",
+    "PolicyError": "kvcompare.policy",
+    "hookimpl": "kvcompare.hookspecs",
+    "parameter": "kvcompare.policy",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'kvcompare' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_HOMES[name]), name)

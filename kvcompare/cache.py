@@ -13,12 +13,20 @@ import math
 
 import torch
 
+from kvcompare.config import CacheConfig, ConfigError
 from kvcompare.policy import KVPolicy, PolicyError, check_selection
 from kvcompare.rope import Rotary
 
 
 class CacheLimitError(RuntimeError):
     """The cache would exceed its limit: a bug in the executor, never expected in a run."""
+
+
+def check_skip_layers(skip_layers: tuple[int, ...] | list[int], num_layers: int) -> None:
+    """Skip layers must exist in the model."""
+    bad = [i for i in skip_layers if not 0 <= i < num_layers]
+    if bad:
+        raise ConfigError(f"--skip-layers {list(skip_layers)}: the model has layers 0..{num_layers - 1}, not {bad}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +42,7 @@ class CacheLayout:
 
 
 class BoundedKVCache:
-    """A KV cache whose compressed layers never hold more than ``limit`` tokens.
+    """A KV cache whose compressed layers never hold more than ``config.limit`` tokens.
 
     The model calls :meth:`update` once per layer per forward pass (the Hugging Face cache protocol); the
     executor calls :meth:`make_room` before and :meth:`advance` after each chunk.
@@ -43,31 +51,24 @@ class BoundedKVCache:
     def __init__(
         self,
         layout: CacheLayout,
-        *,
         policy: KVPolicy,
-        plugin: str,
-        limit: int | None,
+        config: CacheConfig,
+        *,
         capacity: int,
-        skip_layers: tuple[int, ...],
-        positions: str,
         rotary: Rotary | None,
-        evict_block: int = 1,
         check_every_eviction: bool = False,
     ) -> None:
-        if positions not in ("true", "shift"):
-            raise ValueError(f"positions must be 'true' or 'shift', not {positions!r}")
-        if positions == "shift" and rotary is None:
+        if config.positions == "shift" and rotary is None:
             raise ValueError("shift mode needs the model's rotary embedding")
-        bad = [i for i in skip_layers if not 0 <= i < layout.num_layers]
-        if bad:
-            raise ValueError(f"skip layers {bad} do not exist: the model has layers 0..{layout.num_layers - 1}")
+        check_skip_layers(config.skip_layers, layout.num_layers)
+        positions, limit, skip_layers = config.positions, config.limit, config.skip_layers
         self.layout = layout
+        self.config = config
         self.policy = policy.fresh()  # no state carried over from another cell or pass
-        self.plugin = plugin
         self.limit = limit if policy.bounded else None
         self.positions = positions
         self.rotary = rotary
-        self.evict_block = evict_block
+        self.evict_block = config.evict_block
         self.check_every_eviction = check_every_eviction
         self.evictions = 0
         self.seen = 0  # tokens fed so far: the true position of the next token
@@ -124,10 +125,10 @@ class BoundedKVCache:
             kept = self.policy.select(keys, keep, tokens)
             if not (torch.equal(keys, keys_before) and torch.equal(tokens, tokens_before)):
                 raise PolicyError(
-                    f"policy {self.policy.label()!r} (plugin {self.plugin!r}) changed the keys or positions it was "
-                    "given; select() must only read them (work on a copy)"
+                    f"{self.policy.who()} changed the keys or positions it was given; select() must only read them "
+                    "(work on a copy)"
                 )
-            check_selection(self.policy, self.plugin, kept, keys.shape, keep)
+            check_selection(self.policy, kept, keys.shape, keep)
         else:
             kept = self.policy.select(keys, keep, tokens)
         self._gather(kept.to(torch.long), keep)

@@ -161,21 +161,21 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_policies(args: argparse.Namespace) -> int:
     from kvcompare.plugins import get_registry
-    from kvcompare.policy import parameter_defaults, parameter_types
+    from kvcompare.policy import parameter_defaults, parameter_help, parameter_types
 
     registry = get_registry()
     for name in registry.names():
         entry = registry.entry(name)
         doc = (entry.cls.__doc__ or "").strip().splitlines()[0] if entry.cls.__doc__ else ""
         print(f"{name}  (plugin: {entry.plugin})\n    {doc}")
-        defaults = parameter_defaults(entry.cls)
+        defaults, helps = parameter_defaults(entry.cls), parameter_help(entry.cls)
         for key, kind in parameter_types(entry.cls).items():
             shown = (
                 "|".join(map(str, typing.get_args(kind)))
                 if typing.get_origin(kind) is typing.Literal
                 else kind.__name__
             )
-            print(f"    {key}: {shown} = {defaults[key]!r}")
+            print(f"    {key}: {shown} = {defaults[key]!r}" + (f"  {helps[key]}" if helps[key] else ""))
         if not defaults:
             print("    (no parameters)")
     print(f"\nSyntax: {POLICY_SYNTAX}")
@@ -210,27 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "quiet", False):
         _silence_library_progress_bars()
     handlers = {"run": cmd_run, "report": cmd_report, "policies": cmd_policies, "plugins": cmd_plugins}
-    from kvcompare.config import ConfigError
-    from kvcompare.corpus import CorpusError
-    from kvcompare.fetch import FetchError
-    from kvcompare.models import ModelError
-    from kvcompare.policy import PolicyError
-    from kvcompare.report import ReportError
-    from kvcompare.results import ResultsError
-    from kvcompare.rope import UnsupportedModelError
+    from kvcompare.errors import KVCompareError
 
     try:
         return handlers[args.command](args)
-    except (
-        ConfigError,
-        PolicyError,
-        CorpusError,
-        FetchError,
-        ModelError,
-        ReportError,
-        ResultsError,
-        UnsupportedModelError,
-    ) as err:
+    except KVCompareError as err:
         print(f"kvcompare: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

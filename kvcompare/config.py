@@ -4,10 +4,49 @@ line can build its help from it before anything heavy loads."""
 from __future__ import annotations
 
 import dataclasses
+import typing
+from typing import Literal
+
+from kvcompare.errors import KVCompareError
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_DATASET = "gutenberg"
+
+PositionMode = Literal["true", "shift"]
+POSITION_MODES: tuple[PositionMode, ...] = typing.get_args(PositionMode)
 
 
-class ConfigError(ValueError):
+class ConfigError(KVCompareError, ValueError):
     """A run configuration that cannot work, found before any measurement starts."""
+
+
+def check_position_mode(mode: str) -> PositionMode:
+    """The one check of a position mode, shared by the command line and the cache."""
+    if mode not in POSITION_MODES:
+        raise ConfigError(f"--positions takes true and/or shift, not {mode!r}")
+    return typing.cast(PositionMode, mode)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """How one cell's cache is run: everything about it that a result row must record."""
+
+    limit: int | None
+    stride: int
+    positions: PositionMode = "shift"
+    skip_layers: tuple[int, ...] = (0, 1)
+    evict_block: int = 1
+
+    def __post_init__(self) -> None:
+        check_position_mode(self.positions)
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencySettings:
+    """How a latency pass decodes: ``warmup`` uncounted steps, then ``gen`` counted ones."""
+
+    gen: int = 32
+    warmup: int = 4
 
 
 @dataclasses.dataclass
@@ -18,8 +57,8 @@ class RunConfig:
     cache_sizes: list[int] = dataclasses.field(default_factory=lambda: [256, 512])
     lengths: list[int] = dataclasses.field(default_factory=lambda: [1024, 2048])  # two: the report shows length
     samples: list[int] = dataclasses.field(default_factory=lambda: [1])  # per length; one count is used for all
-    model: str = "smollm2-135m"
-    dataset: str = "gutenberg"
+    model: str = DEFAULT_MODEL
+    dataset: str = DEFAULT_DATASET
     device: str = "cpu"
     dtype: str = "float32"
     stride: int = 64
@@ -37,6 +76,14 @@ class RunConfig:
     def __post_init__(self) -> None:
         if len(self.samples) == 1 and len(self.lengths) > 1:
             self.samples = self.samples * len(self.lengths)
+
+    def cache_config(self, limit: int | None, positions: str) -> CacheConfig:
+        """The cache of a cell at ``limit`` (None: no limit) in one position mode."""
+        mode = check_position_mode(positions)
+        return CacheConfig(limit, self.stride, mode, tuple(self.skip_layers), self.evict_block)
+
+    def latency(self) -> LatencySettings:
+        return LatencySettings(self.gen, self.warmup)
 
     def latency_positions(self, length: int) -> int:
         """Positions the latency pass reaches on a passage of ``length`` tokens (prompt, warm-up, generated)."""

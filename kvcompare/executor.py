@@ -6,8 +6,10 @@ only after synchronising the device.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -16,21 +18,11 @@ from torch import nn
 
 from kvcompare.attention import ATTN_IMPLEMENTATION
 from kvcompare.cache import BoundedKVCache, CacheLayout
+from kvcompare.config import CacheConfig
 from kvcompare.memory import PeakMemory
 from kvcompare.policy import KVPolicy
 from kvcompare.rope import Rotary, find_rotary
 from kvcompare.timing import now
-
-
-@dataclasses.dataclass(frozen=True)
-class CacheConfig:
-    """How a cache is run: everything about it that a result row must record."""
-
-    limit: int | None
-    stride: int
-    positions: str = "shift"
-    skip_layers: tuple[int, ...] = (0, 1)
-    evict_block: int = 1
 
 
 @dataclasses.dataclass
@@ -61,7 +53,6 @@ class Executor:
     def __init__(self, model: nn.Module) -> None:
         self.model = model.eval()
         config: Any = model.config
-        config._attn_implementation = ATTN_IMPLEMENTATION
         self._config = config
         param = next(model.parameters())
         self.device = param.device
@@ -75,28 +66,38 @@ class Executor:
         )
         self.rotary: Rotary = find_rotary(model)
 
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[None]:
+        """Install kvcompare's attention function (per-layer masks) for the block, then restore the model's own.
+
+        Every pass of the executor runs inside it, so the model is left as it was found for any other use.
+        """
+        previous = self._config._attn_implementation
+        self._config._attn_implementation = ATTN_IMPLEMENTATION
+        try:
+            yield
+        finally:
+            self._config._attn_implementation = previous
+
     def new_cache(
-        self, policy: KVPolicy, plugin: str, config: CacheConfig, capacity: int, check_every_eviction: bool = False
+        self, policy: KVPolicy, config: CacheConfig, capacity: int, check_every_eviction: bool = False
     ) -> BoundedKVCache:
         return BoundedKVCache(
             self.layout,
-            policy=policy,
-            plugin=plugin,
-            limit=config.limit,
+            policy,
+            config,
             capacity=capacity,
-            skip_layers=config.skip_layers,
-            positions=config.positions,
             rotary=self.rotary,
-            evict_block=config.evict_block,
             check_every_eviction=check_every_eviction,
         )
 
     @torch.inference_mode()
     def forward(self, cache: BoundedKVCache, ids: torch.Tensor, last_only: bool = False) -> tuple[torch.Tensor, float]:
-        """Evict as needed, then run one chunk ``ids`` (``[batch, chunk]``); return logits and eviction seconds."""
+        """Evict as needed, then run one chunk ``ids`` (``[batch, chunk]``); return logits and eviction seconds.
+
+        Call it inside :meth:`attached`, as :meth:`score` and :meth:`generate` do.
+        """
         chunk = ids.shape[1]
-        # Set on every call: each layer needs its own mask, whatever else the model was used for meanwhile.
-        self._config._attn_implementation = ATTN_IMPLEMENTATION
         start = now(self.device)
         evicted = cache.make_room(chunk)
         evict_s = now(self.device) - start if evicted else 0.0
@@ -111,29 +112,30 @@ class Executor:
         cache.advance(chunk)
         return out.logits, evict_s
 
-    def score(self, tokens: torch.Tensor, policy: KVPolicy, plugin: str, config: CacheConfig) -> QualityResult:
+    def score(self, tokens: torch.Tensor, policy: KVPolicy, config: CacheConfig) -> QualityResult:
         """Quality pass: feed ``tokens`` teacher-forced in chunks of ``stride``; score every token after the first."""
         started = time.perf_counter()
         length = tokens.numel()
         ids = tokens.to(self.device).view(1, -1)
-        cache = self.new_cache(policy, plugin, config, capacity=length)
+        cache = self.new_cache(policy, config, capacity=length)
         memory = PeakMemory(self.device)
         nll = np.empty(length - 1, dtype=np.float64)
         correct = np.empty(length - 1, dtype=bool)
         max_cached = 0
-        for start in range(0, length - 1, config.stride):
-            end = min(start + config.stride, length - 1)
-            logits, _ = self.forward(cache, ids[:, start:end])
-            max_cached = max(max_cached, cache.c_len)
-            logp = torch.log_softmax(logits[0].float(), dim=-1)
-            targets = ids[0, start + 1 : end + 1]
-            nll[start:end] = (-logp.gather(1, targets.unsqueeze(1)).squeeze(1)).cpu().numpy()
-            correct[start:end] = (logp.argmax(dim=-1) == targets).cpu().numpy()
-            memory.sample()
+        with self.attached():
+            for start in range(0, length - 1, config.stride):
+                end = min(start + config.stride, length - 1)
+                logits, _ = self.forward(cache, ids[:, start:end])
+                max_cached = max(max_cached, cache.c_len)
+                logp = torch.log_softmax(logits[0].float(), dim=-1)
+                targets = ids[0, start + 1 : end + 1]
+                nll[start:end] = (-logp.gather(1, targets.unsqueeze(1)).squeeze(1)).cpu().numpy()
+                correct[start:end] = (logp.argmax(dim=-1) == targets).cpu().numpy()
+                memory.sample()
         return QualityResult(nll, correct, cache.peak_bytes, memory.peak, max_cached, time.perf_counter() - started)
 
     def generate(
-        self, prompt: torch.Tensor, policy: KVPolicy, plugin: str, config: CacheConfig, gen: int, warmup: int
+        self, prompt: torch.Tensor, policy: KVPolicy, config: CacheConfig, gen: int, warmup: int
     ) -> LatencyResult:
         """Latency pass: prefill ``prompt`` in chunks under the policy, then decode greedily one token at a time.
 
@@ -141,25 +143,26 @@ class Executor:
         from before its eviction to its next token; the first ``warmup`` steps are not counted.
         """
         ids = prompt.to(self.device).view(1, -1)
-        cache = self.new_cache(policy, plugin, config, capacity=ids.shape[1] + warmup + gen)
+        cache = self.new_cache(policy, config, capacity=ids.shape[1] + warmup + gen)
         memory = PeakMemory(self.device)
-        start = now(self.device)
-        for offset in range(0, ids.shape[1], config.stride):
-            logits, _ = self.forward(cache, ids[:, offset : offset + config.stride], last_only=True)
-        token = logits[:, -1].argmax(dim=-1, keepdim=True)
-        ttft = now(self.device) - start
-        memory.sample()
-        generated = [int(token)]
         step_s: list[float] = []
         evict_s: list[float] = []
-        for step in range(warmup + gen):
-            begin = now(self.device)
-            logits, evicted = self.forward(cache, token, last_only=True)
+        with self.attached():
+            start = now(self.device)
+            for offset in range(0, ids.shape[1], config.stride):
+                logits, _ = self.forward(cache, ids[:, offset : offset + config.stride], last_only=True)
             token = logits[:, -1].argmax(dim=-1, keepdim=True)
-            elapsed = now(self.device) - begin
-            generated.append(int(token))
+            ttft = now(self.device) - start
             memory.sample()
-            if step >= warmup:
-                step_s.append(elapsed)
-                evict_s.append(evicted)
+            generated = [int(token)]
+            for step in range(warmup + gen):
+                begin = now(self.device)
+                logits, step_evict_s = self.forward(cache, token, last_only=True)
+                token = logits[:, -1].argmax(dim=-1, keepdim=True)
+                elapsed = now(self.device) - begin
+                generated.append(int(token))
+                memory.sample()
+                if step >= warmup:
+                    step_s.append(elapsed)
+                    evict_s.append(step_evict_s)
         return LatencyResult(ttft, step_s, evict_s, generated, cache.peak_bytes, memory.peak)

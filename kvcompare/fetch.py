@@ -19,10 +19,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from kvcompare.errors import KVCompareError
+
 CACHE_ENV = "KVCOMPARE_CACHE"
 
 
-class FetchError(RuntimeError):
+class FetchError(KVCompareError, RuntimeError):
     """A package file could not be had or was not the expected one; the message says what to do."""
 
 
@@ -125,7 +127,7 @@ def _run_command(argv: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, check=False)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):
@@ -157,7 +159,7 @@ def _fetch_verified(
     atomic: concurrent runs and interrupted downloads never leave a half-written file at `target`.
     """
     if target.exists():
-        if _sha256(target) == sha256:
+        if sha256_file(target) == sha256:
             return target
         target.unlink()  # a damaged or foreign file: fetch the real one
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +175,7 @@ def _fetch_verified(
                 f"could not download {what} — are you offline? put the file at {target} yourself "
                 f"(sha256 {sha256}). Last output: {output[-1] if output else '(none)'}"
             )
-        got = _sha256(downloaded[0])
+        got = sha256_file(downloaded[0])
         if got != sha256:
             # Leaving the temporary folder deletes the bad file.
             raise FetchError(f"checksum mismatch for {what}: expected sha256 {sha256}, got {got}; the file was deleted")

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pluggy
+
+if TYPE_CHECKING:
+    from kvcompare.policy import KVPolicy
 
 PROJECT = "kvcompare"
 
@@ -13,7 +17,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def register_policies(register: Callable[[type], None]) -> None:
+def register_policies(register: Callable[[type[KVPolicy]], None]) -> None:
     """Register KV-cache eviction policies.
 
     Call ``register(PolicyClass)`` once per policy. ``PolicyClass`` is a dataclass subclass of

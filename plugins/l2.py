@@ -7,8 +7,7 @@ from typing import Literal
 
 import torch
 
-from kvcompare.hookspecs import hookimpl
-from kvcompare.policy import KVPolicy
+from kvcompare import KVPolicy, hookimpl, parameter
 
 
 @dataclasses.dataclass
@@ -19,8 +18,10 @@ class L2Norm(KVPolicy):
     """
 
     name = "l2"
-    mode: Literal["keep_low", "keep_high", "random"] = "keep_low"
-    seed: int = 0
+    mode: Literal["keep_low", "keep_high", "random"] = parameter(
+        "keep_low", "keep the lowest-norm keys (the paper), the highest (ablation) or a random subset"
+    )
+    seed: int = parameter(0, "seed of mode=random; each cell starts its generator anew from it")
 
     def __post_init__(self) -> None:
         self._generator = torch.Generator().manual_seed(self.seed)

@@ -6,8 +6,7 @@ import dataclasses
 
 import torch
 
-from kvcompare.hookspecs import hookimpl
-from kvcompare.policy import KVPolicy
+from kvcompare import KVPolicy, hookimpl
 
 
 @dataclasses.dataclass

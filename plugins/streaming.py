@@ -6,8 +6,7 @@ import dataclasses
 
 import torch
 
-from kvcompare.hookspecs import hookimpl
-from kvcompare.policy import KVPolicy, PolicyError
+from kvcompare import KVPolicy, PolicyError, hookimpl, parameter
 
 
 @dataclasses.dataclass
@@ -15,7 +14,7 @@ class StreamingLLM(KVPolicy):
     """Keep the first `start_size` tokens (the attention sinks) and the most recent ones."""
 
     name = "streaming"
-    start_size: int = 4
+    start_size: int = parameter(4, "attention-sink tokens kept from the start of the text")
 
     def validate(self) -> None:
         if self.start_size < 0:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,19 +28,29 @@ def host() -> PluginHost:
     return get_host()
 
 
-@pytest.fixture
-def register_plugin(host: PluginHost) -> Iterator[object]:
-    """Register plugin objects for one test and unregister them after, as users' test suites would."""
-    added: list[object] = []
+@contextlib.contextmanager
+def plugins_registered(host: PluginHost) -> Iterator[Callable[[object, str], None]]:
+    """Register plugin objects inside the block and unregister them (and forget their failures) after it."""
+    added: list[tuple[object, str]] = []
 
     def register(plugin: object, name: str) -> None:
         host.add(plugin, name)
-        added.append(plugin)
+        added.append((plugin, name))
 
-    yield register
-    for plugin in added:
-        if host.pm.is_registered(plugin):
-            host.pm.unregister(plugin)
+    try:
+        yield register
+    finally:
+        for plugin, name in added:
+            if host.pm.is_registered(plugin):
+                host.pm.unregister(plugin)
+            host.failures[:] = [f for f in host.failures if f.name != name]
+
+
+@pytest.fixture
+def register_plugin(host: PluginHost) -> Iterator[Callable[[object, str], None]]:
+    """Register plugin objects for one test and unregister them after, as users' test suites would."""
+    with plugins_registered(host) as register:
+        yield register
 
 
 @pytest.fixture(scope="session")

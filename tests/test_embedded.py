@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcompare.executor import CacheConfig, Executor
+from kvcompare.config import CacheConfig
+from kvcompare.executor import Executor
 from kvcompare.plugins import get_registry
 
 pytestmark = pytest.mark.slow
@@ -37,14 +38,14 @@ def test_embedded_model_executor_matches_plain_forward_and_respects_the_limit(sm
     tokens = torch.tensor(smollm.encode(text)[:256])
     executor = Executor(smollm.model)
     registry = get_registry()
-    full = executor.score(tokens, registry.build("full"), "full", CacheConfig(None, 32))
-    limited = executor.score(tokens, registry.build("streaming"), "streaming", CacheConfig(256, 32))
+    full = executor.score(tokens, registry.build("full"), CacheConfig(None, 32))
+    limited = executor.score(tokens, registry.build("streaming"), CacheConfig(256, 32))
     assert abs(full.nll.mean() - limited.nll.mean()) < 1e-5  # a limit at the length changes nothing
     smollm.model.config._attn_implementation = "sdpa"
     with torch.no_grad():
         logp = torch.log_softmax(smollm.model(tokens.view(1, -1)).logits[0, :-1].float(), -1)
     expected = -logp.gather(1, tokens[1:].view(-1, 1)).mean()
     assert abs(full.nll.mean() - float(expected)) < 1e-4
-    small = executor.score(tokens, registry.build("streaming"), "streaming", CacheConfig(64, 16))
+    small = executor.score(tokens, registry.build("streaming"), CacheConfig(64, 16))
     assert small.max_cached <= 64
     assert full.nll.mean() < 3.0  # the real weights predict repeated text well; random weights would be ~10.8

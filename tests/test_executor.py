@@ -8,7 +8,8 @@ from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import rotate_half
 
 from kvcompare.cache import BoundedKVCache
-from kvcompare.executor import CacheConfig, Executor
+from kvcompare.config import CacheConfig
+from kvcompare.executor import Executor
 from kvcompare.plugins import get_registry
 from kvcompare.testing import tiny_llama
 
@@ -18,11 +19,12 @@ POLICIES = ["full", "streaming", "l2", "l2:mode=random", "l2:mode=keep_high", "r
 def run_chunks(executor: Executor, spec: str, tokens: torch.Tensor, config: CacheConfig) -> torch.Tensor:
     """Logits of every position, fed through the executor in chunks of ``config.stride``."""
     policy = get_registry().build(spec)
-    cache = executor.new_cache(policy, "test", config, capacity=tokens.numel(), check_every_eviction=True)
-    chunks = [
-        executor.forward(cache, tokens[s : s + config.stride].view(1, -1))[0][0]
-        for s in range(0, tokens.numel(), config.stride)
-    ]
+    cache = executor.new_cache(policy, config, capacity=tokens.numel(), check_every_eviction=True)
+    with executor.attached():
+        chunks = [
+            executor.forward(cache, tokens[s : s + config.stride].view(1, -1))[0][0]
+            for s in range(0, tokens.numel(), config.stride)
+        ]
     return torch.cat(chunks)
 
 
@@ -132,12 +134,11 @@ def test_attention_never_sees_more_than_the_limit(
 ) -> None:
     executor = Executor(tiny_model)
     policy = get_registry().build(spec)
-    cache = executor.new_cache(
-        policy, "test", CacheConfig(12, stride, "shift", (1,), evict_block), capacity=tokens.numel()
-    )
+    cache = executor.new_cache(policy, CacheConfig(12, stride, "shift", (1,), evict_block), capacity=tokens.numel())
     recorder = LengthRecorder(cache)
-    for s in range(0, tokens.numel(), stride):
-        executor.forward(cache, tokens[s : s + stride].view(1, -1))
+    with executor.attached():
+        for s in range(0, tokens.numel(), stride):
+            executor.forward(cache, tokens[s : s + stride].view(1, -1))
     assert cache.evictions > 0
     for layer, lengths in recorder.seen.items():
         if layer == 1:  # the skip layer keeps everything
@@ -153,21 +154,21 @@ def test_evict_block_amortises_evictions(tokens: torch.Tensor) -> None:
     counts = {}
     for block in (1, 4):
         cache = executor.new_cache(
-            get_registry().build("streaming"), "t", CacheConfig(16, 1, "shift", (), block), capacity=48
+            get_registry().build("streaming"), CacheConfig(16, 1, "shift", (), block), capacity=48
         )
-        for s in range(tokens.numel()):
-            executor.forward(cache, tokens[s : s + 1].view(1, 1))
+        with executor.attached():
+            for s in range(tokens.numel()):
+                executor.forward(cache, tokens[s : s + 1].view(1, 1))
         counts[block] = cache.evictions
     assert counts[1] == 48 - 16 and counts[4] == 8
 
 
 def test_cache_refuses_to_grow_past_its_limit(tokens: torch.Tensor) -> None:
-
     from kvcompare.cache import CacheLimitError
 
     executor = Executor(tiny_llama())
-    cache = executor.new_cache(get_registry().build("recent"), "t", CacheConfig(8, 4, "true", ()), capacity=48)
-    with pytest.raises(CacheLimitError):
+    cache = executor.new_cache(get_registry().build("recent"), CacheConfig(8, 4, "true", ()), capacity=48)
+    with executor.attached(), pytest.raises(CacheLimitError):
         executor.model(tokens[:10].view(1, -1), position_ids=torch.arange(10).view(1, -1), cache=cache)
 
 
@@ -175,7 +176,7 @@ def test_quality_pass_scores_every_token_after_the_first(tokens: torch.Tensor) -
 
     model = tiny_llama()
     logp = torch.log_softmax(plain_forward(model, tokens), dim=-1)
-    result = Executor(model).score(tokens, get_registry().build("full"), "t", CacheConfig(None, 8))
+    result = Executor(model).score(tokens, get_registry().build("full"), CacheConfig(None, 8))
     targets = tokens[1:]
     expected_nll = -logp[:-1].gather(1, targets.view(-1, 1)).squeeze(1)
     assert result.nll.shape == (tokens.numel() - 1,)
@@ -186,9 +187,7 @@ def test_quality_pass_scores_every_token_after_the_first(tokens: torch.Tensor) -
 def test_generate_is_greedy_and_counts_after_warmup(tokens: torch.Tensor) -> None:
 
     model = tiny_llama()
-    timed = Executor(model).generate(
-        tokens[:20], get_registry().build("full"), "t", CacheConfig(None, 4), gen=5, warmup=3
-    )
+    timed = Executor(model).generate(tokens[:20], get_registry().build("full"), CacheConfig(None, 4), gen=5, warmup=3)
     assert len(timed.step_s) == 5 and len(timed.evict_s) == 5 and timed.ttft_s > 0
     assert len(timed.generated) == 1 + 3 + 5
     sequence = tokens[:20]

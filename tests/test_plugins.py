@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from kvcompare.cli import main
-from kvcompare.executor import CacheConfig, Executor
+from kvcompare.config import CacheConfig
+from kvcompare.executor import Executor
 from kvcompare.hookspecs import hookimpl
 from kvcompare.plugins import PluginHost
 from kvcompare.policy import KVPolicy, PolicyError
@@ -48,11 +49,17 @@ def test_a_registered_plugin_is_listed_and_runs(
     assert registry.entry("oldest").plugin == "test-plugin"
     assert main(["policies"]) == 0
     assert "oldest  (plugin: test-plugin)" in capsys.readouterr().out
-    result = Executor(tiny_llama()).score(tokens, registry.build("oldest"), "test-plugin", CacheConfig(16, 4))
+    result = Executor(tiny_llama()).score(tokens, registry.build("oldest"), CacheConfig(16, 4))
     assert result.max_cached <= 16 and result.nll.size == tokens.numel() - 1
 
 
-def test_the_registered_plugin_is_gone_after_the_test(host: PluginHost) -> None:
+def test_a_plugin_registered_for_a_test_is_gone_after_it(host: PluginHost) -> None:
+    from conftest import plugins_registered
+
+    assert "oldest" not in host.registry().names()
+    with plugins_registered(host) as register:
+        register(TestPlugin(), "test-plugin")
+        assert "oldest" in host.registry().names()
     assert "oldest" not in host.registry().names()
 
 
@@ -136,8 +143,8 @@ def test_an_installed_third_party_plugin_is_found_listed_and_run(
     assert infos["uniform"].distribution == "kvcompare-example-plugin" and infos["uniform"].version == "0.1.0"
     registry = fresh.registry()
     policy = registry.build("uniform:recent=4")
-    assert registry.plugin_of(policy) == "uniform"
-    result = Executor(tiny_neox()).score(tokens, policy, "uniform", CacheConfig(12, 3, "shift", (0,)))
+    assert policy.plugin == "uniform"
+    result = Executor(tiny_neox()).score(tokens, policy, CacheConfig(12, 3, "shift", (0,)))
     assert result.max_cached <= 12
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvcompare.plugins import get_registry
-from kvcompare.policy import KVPolicy, PolicyError, check_selection
+from kvcompare.policy import PolicyError, check_selection
 
 
 def keys_with_norms(norms: torch.Tensor, head_dim: int = 4) -> torch.Tensor:
@@ -44,12 +44,8 @@ def test_l2_random_is_reproducible_for_a_seed_and_differs_across_seeds() -> None
     first, again, other = pick("l2:mode=random:seed=7"), pick("l2:mode=random:seed=7"), pick("l2:mode=random:seed=8")
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
-    check_selection(get_registry().build("l2:mode=random"), "l2", first, keys.shape, 16)
+    check_selection(get_registry().build("l2:mode=random"), first, keys.shape, 16)
     assert not torch.equal(first[0], first[1])  # layers and heads draw independently
-
-
-class Broken(KVPolicy):
-    name = "broken"
 
 
 @pytest.mark.parametrize(
@@ -64,7 +60,7 @@ class Broken(KVPolicy):
 )
 def test_bad_selections_name_the_policy_and_plugin(kept: torch.Tensor, message: str) -> None:
     with pytest.raises(PolicyError, match=message) as info:
-        check_selection(get_registry().build("recent"), "my-plugin", kept, torch.Size([1, 1, 1, 5, 4]), 3)
+        check_selection(get_registry().build("recent").bound_to("my-plugin"), kept, torch.Size([1, 1, 1, 5, 4]), 3)
     assert "'recent'" in str(info.value) and "my-plugin" in str(info.value)
 
 

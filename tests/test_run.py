@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kvcompare.cli import main
+from kvcompare.errors import KVCompareError
 from kvcompare.measure import latency_fields, position_buckets, quality_fields
 from kvcompare.results import ResultsError
 from kvcompare.runner import RunConfig, run
@@ -188,7 +189,7 @@ def test_bad_input_is_refused_before_any_measurement(
         raise AssertionError("measured despite bad input")
 
     monkeypatch.setattr(runner, "measure_cell", never)
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(KVCompareError, match=message):
         run(config(tiny_model_dir, **changes), tmp_path / "run", progress=False)
 
 

@@ -106,16 +106,17 @@ def test_a_random_policy_gives_the_same_cell_alone_and_in_a_grid(tiny_model_dir:
 
 
 def test_every_cache_gets_a_fresh_policy_instance(tiny_model_dir: Path) -> None:
-    from kvcompare.executor import CacheConfig, Executor
+    from kvcompare.config import CacheConfig
+    from kvcompare.executor import Executor
     from kvcompare.plugins import get_registry
     from kvcompare.testing import tiny_llama
 
     policy = get_registry().build("l2:mode=random")
     executor = Executor(tiny_llama())
-    first = executor.new_cache(policy, "l2", CacheConfig(8, 4), capacity=16)
-    second = executor.new_cache(policy, "l2", CacheConfig(8, 4), capacity=16)
+    first = executor.new_cache(policy, CacheConfig(8, 4), capacity=16)
+    second = executor.new_cache(policy, CacheConfig(8, 4), capacity=16)
     assert first.policy is not policy and second.policy is not first.policy
-    assert first.policy.params() == policy.params()
+    assert first.policy.params() == policy.params() and first.policy.plugin == policy.plugin == "l2"
 
 
 # -- 3. --resume refuses a changed meaning, allows additions ------------------------------------------------
@@ -303,9 +304,9 @@ def test_the_warm_up_prefills_the_first_cells_whole_passage(
     calls: list[tuple[int, int, int]] = []
     real = Executor.generate
 
-    def record(self, prompt, policy, plugin, cache, gen, warmup):  # type: ignore[no-untyped-def]
+    def record(self, prompt, policy, cache, gen, warmup):  # type: ignore[no-untyped-def]
         calls.append((prompt.numel(), gen, warmup))
-        return real(self, prompt, policy, plugin, cache, gen=gen, warmup=warmup)
+        return real(self, prompt, policy, cache, gen=gen, warmup=warmup)
 
     monkeypatch.setattr(Executor, "generate", record)
     run(config(tiny_model_dir, gen=3, warmup=1), tmp_path / "run", progress=False)
@@ -370,15 +371,9 @@ def test_plugins_lists_a_rejected_plugin_only_as_failed(register_plugin, capsys:
             raise RuntimeError("cannot register")
 
     register_plugin(Broken(), "broken-at-register")
-    try:
-        assert main(["plugins"]) == 1
-        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("broken-at-register")]
-        assert len(lines) == 1 and "FAILED" in lines[0]
-    finally:
-        from kvcompare.plugins import get_host
-
-        host = get_host()
-        host.failures[:] = [f for f in host.failures if f.name != "broken-at-register"]
+    assert main(["plugins"]) == 1
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("broken-at-register")]
+    assert len(lines) == 1 and "FAILED" in lines[0]
 
 
 def test_the_default_folder_is_named_by_the_run_id(

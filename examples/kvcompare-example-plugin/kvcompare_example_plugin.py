@@ -6,8 +6,7 @@ import dataclasses
 
 import torch
 
-from kvcompare.hookspecs import hookimpl
-from kvcompare.policy import KVPolicy
+from kvcompare import KVPolicy, hookimpl, parameter
 
 
 @dataclasses.dataclass
@@ -15,7 +14,7 @@ class UniformSpacing(KVPolicy):
     """Keep `recent` newest tokens and spread the rest evenly over the older ones."""
 
     name = "uniform"
-    recent: int = 16
+    recent: int = parameter(16, "newest tokens always kept")
 
     def select(self, keys: torch.Tensor, keep: int, positions: torch.Tensor) -> torch.Tensor:
         length = keys.shape[3]

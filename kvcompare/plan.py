@@ -1,0 +1,204 @@
+"""Planning a run: the policies, the checks that need no model, the passages and the grid of cells.
+
+A plan needs the tokenizer and the corpus but never the model's weights, so a bad configuration is refused
+in seconds and the grid can be inspected (and tested) without measuring anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from typing import Any
+
+from kvcompare import corpus as corpora
+from kvcompare import models
+from kvcompare.config import CacheConfig, ConfigError, LatencySettings, RunConfig, check_position_mode
+from kvcompare.corpus import Passage
+from kvcompare.plugins import get_host
+from kvcompare.policy import KVPolicy, PolicyError
+from kvcompare.results import cell_id
+
+
+@dataclasses.dataclass(frozen=True)
+class CellContext:
+    """What every cell of a run shares: the model, the data, the device and how latency is measured."""
+
+    model: str
+    dataset: str
+    device: str
+    dtype: str
+    latency: LatencySettings
+    bucket: int
+
+    @classmethod
+    def of(cls, config: RunConfig) -> CellContext:
+        return cls(config.model, config.dataset, config.device, config.dtype, config.latency(), config.bucket)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One measurement: a policy at a cache limit on one passage, with everything that identifies it."""
+
+    passage: Passage
+    policy: KVPolicy
+    cache: CacheConfig
+    context: CellContext
+
+    @functools.cached_property
+    def fields(self) -> dict[str, Any]:
+        """The columns that identify this cell in its result row (and so its id)."""
+        return {
+            "model": self.context.model,
+            "dataset": self.context.dataset,
+            "source": self.passage.source,
+            "token_offset": self.passage.token_offset,
+            "sample_id": self.passage.sample_id,
+            "policy": self.policy.name,
+            "policy_label": self.policy.label(),
+            "policy_params": self.policy.params_json(),
+            "plugin": self.policy.plugin,
+            "cache_size": self.cache.limit,
+            "seq_len": len(self.passage.tokens),
+            "stride": self.cache.stride,
+            "evict_block": self.cache.evict_block,
+            "positions": self.cache.positions,
+            "skip_layers": json.dumps(list(self.cache.skip_layers)),
+            "device": self.context.device,
+            "dtype": self.context.dtype,
+            "gen_tokens": self.context.latency.gen,
+            "warmup": self.context.latency.warmup,
+        }
+
+    @functools.cached_property
+    def id(self) -> str:
+        """A stable hash of :attr:`fields`: a resumed run recognises finished cells by it."""
+        return cell_id(self.fields)
+
+    def describe(self) -> str:
+        """A short name for progress and error lines."""
+        return f"{self.policy.label()} cache={self.cache.limit} len={len(self.passage.tokens)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The cells of a run, in the order they are measured, with what run.json records about them."""
+
+    config: RunConfig
+    policies: list[KVPolicy]
+    tokenizer: Any
+    corpus: dict[str, Any]  # the corpus description
+    passages: list[Passage]
+    cells: list[Cell]
+
+    def metadata(self) -> dict[str, Any]:
+        """The plan's part of run.json."""
+        return {
+            "config": dataclasses.asdict(self.config),
+            "corpus": self.corpus,
+            "cells_planned": len(self.cells),
+            "passages": [
+                {"source": p.source, "token_offset": p.token_offset, "seq_len": len(p.tokens), "sample_id": p.sample_id}
+                for p in self.passages
+            ],
+        }
+
+
+def build_policies(config: RunConfig) -> list[KVPolicy]:
+    """The policies asked for (plus the `full` baseline unless turned off), each bound to its plugin."""
+    host = get_host()
+    registry = host.registry()
+    specs = list(config.policies)
+    if config.baseline and "full" not in specs:
+        specs.insert(0, "full")
+    policies: list[KVPolicy] = []
+    for spec in specs:
+        try:
+            policy = registry.build(spec)
+        except PolicyError as err:
+            failed = "; ".join(f"{f.name}: {f.error}" for f in host.failures)
+            raise ConfigError(f"{err}" + (f" (plugins that failed to load: {failed})" if failed else "")) from None
+        if policy.label() not in {p.label() for p in policies}:
+            policies.append(policy)
+    return policies
+
+
+def check_config(config: RunConfig, policies: list[KVPolicy]) -> None:
+    """Refuse what cannot work, from the configuration alone."""
+    if not config.policies:
+        raise ConfigError(
+            "no policies given: name at least one (see `kvcompare policies`), or `full` to measure only the baseline"
+        )
+    if any(i < 0 for i in config.skip_layers) or len(set(config.skip_layers)) != len(config.skip_layers):
+        raise ConfigError(f"--skip-layers {config.skip_layers}: give distinct layer indices from 0 up, or none")
+    for name in ("stride", "evict_block", "gen", "bucket"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, not {getattr(config, name)}")
+    if config.warmup < 0:
+        raise ConfigError("--warmup must be 0 or more")
+    for label, values in (
+        ("--cache", config.cache_sizes),
+        ("--lengths", config.lengths),
+        ("--samples", config.samples),
+    ):
+        if not values or min(values) < 1:
+            raise ConfigError(f"{label} needs positive numbers, got {values}")
+    if len(config.samples) != len(config.lengths):
+        raise ConfigError(
+            f"--samples gives {len(config.samples)} counts for {len(config.lengths)} lengths: "
+            "give one, or one per length"
+        )
+    for mode in config.positions:
+        check_position_mode(mode)
+    bounded = [p for p in policies if p.bounded]
+    for limit in config.cache_sizes if bounded else []:
+        if config.stride >= limit:
+            raise ConfigError(
+                f"--stride {config.stride} must be below the cache limit {limit}: a chunk must fit beside kept tokens"
+            )
+        min_keep = limit - config.stride - config.evict_block + 1
+        if min_keep < 1:
+            raise ConfigError(
+                f"--evict-block {config.evict_block} is too large for limit {limit} and stride {config.stride}"
+            )
+        for policy in bounded:
+            try:
+                policy.check_limit(min_keep)
+            except PolicyError as err:
+                raise ConfigError(f"--cache {limit}: {err}") from None
+
+
+def prepare(config: RunConfig) -> list[KVPolicy]:
+    """Build the policies and run every check that needs neither tokenizer nor weights (milliseconds)."""
+    policies = build_policies(config)
+    check_config(config, policies)
+    models.check_model_spec(config.model)
+    models.check_device_and_dtype(config.device, config.dtype)
+    corpora.check_dataset(config.dataset, text_column=config.text_column)
+    return policies
+
+
+def plan(config: RunConfig, policies: list[KVPolicy] | None = None) -> Plan:
+    """The passages and cells of ``config``; loads the tokenizer and reads the corpus, never the weights.
+
+    Within each passage the cells are interleaved (every position mode, policy and limit), so that drift
+    in machine speed touches all of them alike.
+    """
+    policies = prepare(config) if policies is None else policies
+    tokenizer = models.load_tokenizer(config.model)
+    corpus = corpora.load_corpus(config.dataset, text_column=config.text_column, include_all=config.all_books)
+    encode = functools.cache(functools.partial(models.encode, tokenizer))  # each document tokenized once
+    passages = [
+        passage
+        for length, samples in zip(config.lengths, config.samples, strict=True)
+        for passage in corpora.sample_passages(corpus, encode, length, samples, config.seed)
+    ]
+    context = CellContext.of(config)
+    cells = [
+        Cell(passage, policy, config.cache_config(limit, mode), context)
+        for passage in passages
+        for mode in config.positions
+        for policy in policies
+        for limit in (config.cache_sizes if policy.bounded else [None])
+    ]
+    return Plan(config, policies, tokenizer, corpus.describe(), passages, cells)
