@@ -1,9 +1,11 @@
-"""Synthetic run directories for the report tests: RESULT_SCHEMA/CURVE_SCHEMA rows as a runner writes."""
+"""Synthetic run directories for the report tests (RESULT_SCHEMA/CURVE_SCHEMA rows as a runner writes), and
+readers of the Vega-Lite specs a report writes."""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -204,3 +206,25 @@ def synthetic_run(run_dir: Path) -> Path:
     """A complete run: full grid with curves."""
     cells = full_grid_cells()
     return write_run(run_dir, cells, [c for row in cells for c in curve_rows(row)])
+
+
+def walk(node: Any, key: str) -> Iterator[Any]:
+    """Every value stored under `key` anywhere in a nested spec."""
+    if isinstance(node, dict):
+        for k, value in node.items():
+            if k == key:
+                yield value
+            yield from walk(value, key)
+    elif isinstance(node, list):
+        for item in node:
+            yield from walk(item, key)
+
+
+def channels(spec: dict[str, Any], channel: str) -> list[dict[str, Any]]:
+    """Every encoding of `channel` (x, y, color...) in a spec."""
+    return [enc[channel] for enc in walk(spec, "encoding") if channel in enc]
+
+
+def spec_rows(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The data rows a spec carries."""
+    return [row for values in spec.get("datasets", {}).values() for row in values]

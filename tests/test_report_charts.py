@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from html import escape
 from pathlib import Path
 from typing import Any
 
 import pytest
-from report_fixtures import cell, curve_rows, failed_cell, synthetic_run, write_run
+from report_fixtures import cell, channels, curve_rows, failed_cell, spec_rows, synthetic_run, walk, write_run
 
 from kvcompare.report import ReportPaths, build_report
 from kvcompare.report.charts import BASELINE_COLOR
@@ -36,26 +35,6 @@ def _spec(paths: ReportPaths, name: str) -> dict[str, Any]:
     return json.loads(spec_path.read_text())
 
 
-def _walk(node: Any, key: str) -> Iterator[Any]:
-    """Every value stored under `key` anywhere in a nested spec."""
-    if isinstance(node, dict):
-        for k, value in node.items():
-            if k == key:
-                yield value
-            yield from _walk(value, key)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _walk(item, key)
-
-
-def _channels(spec: dict[str, Any], channel: str) -> list[dict[str, Any]]:
-    return [enc[channel] for enc in _walk(spec, "encoding") if channel in enc]
-
-
-def _rows(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    return [row for values in spec.get("datasets", {}).values() for row in values]
-
-
 def test_every_chart_written_as_png_and_spec(full_report: ReportPaths) -> None:
     assert {p.name.removesuffix(".png") for p in full_report.charts} == ALL_CHARTS
     assert full_report.skipped_charts == {}
@@ -67,11 +46,11 @@ def test_every_chart_written_as_png_and_spec(full_report: ReportPaths) -> None:
 
 def test_cache_tradeoff_uses_ordinal_cache_sizes_and_paired_changes(full_report: ReportPaths) -> None:
     spec = _spec(full_report, "cache_tradeoff")
-    assert {"field": "cache_size", "type": "ordinal"}.items() <= _channels(spec, "x")[0].items()
-    y_fields = {y.get("field") for y in _channels(spec, "y")}
+    assert {"field": "cache_size", "type": "ordinal"}.items() <= channels(spec, "x")[0].items()
+    y_fields = {y.get("field") for y in channels(spec, "y")}
     assert {"ppl_change_pct", "ttft_s_change_pct", "tpot_s_change_pct"} <= y_fields
-    assert any(y.get("datum") == 0 for y in _channels(spec, "y"))  # the 0% baseline rule
-    rows = _rows(spec)
+    assert any(y.get("datum") == 0 for y in channels(spec, "y"))  # the 0% baseline rule
+    rows = spec_rows(spec)
     assert {r["cache_size"] for r in rows} == {32, 64}
     # fixture: streaming (rank 0) at cache 64 loses 0.02 * 64/64 = 2% PPL at every length
     changes = [r["ppl_change_pct"] for r in rows if r["series"] == "streaming" and r["cache_size"] == 64]
@@ -80,32 +59,32 @@ def test_cache_tradeoff_uses_ordinal_cache_sizes_and_paired_changes(full_report:
 
 def test_baseline_is_black_and_dashed(full_report: ReportPaths) -> None:
     spec = _spec(full_report, "length_effect")
-    scale = _channels(spec, "color")[0]["scale"]
+    scale = channels(spec, "color")[0]["scale"]
     assert scale["domain"][0] == "full" and scale["range"][0] == BASELINE_COLOR
-    assert _channels(spec, "strokeDash")[0]["field"] == "role"
-    assert {"field": "seq_len", "type": "ordinal"}.items() <= _channels(spec, "x")[0].items()
+    assert channels(spec, "strokeDash")[0]["field"] == "role"
+    assert {"field": "seq_len", "type": "ordinal"}.items() <= channels(spec, "x")[0].items()
     # the baseline row is repeated under each cache limit so every facet shows it
-    assert {r["cache_size"] for r in _rows(spec) if r["series"] == "full"} == {32, 64}
+    assert {r["cache_size"] for r in spec_rows(spec) if r["series"] == "full"} == {32, 64}
 
 
 def test_policies_at_cache_facets_by_cache_size(full_report: ReportPaths) -> None:
     spec = _spec(full_report, "policies_at_cache")
-    columns = list(_walk(spec, "column"))
+    columns = list(walk(spec, "column"))
     assert columns and all(c["field"] == "cache_size" and c["type"] == "ordinal" for c in columns)
-    assert {r["series"] for r in _rows(spec)} == {"streaming", "l2", "l2:mode=random", "recent"}
+    assert {r["series"] for r in spec_rows(spec)} == {"streaming", "l2", "l2:mode=random", "recent"}
 
 
 def test_ppl_by_position_pools_samples(full_report: ReportPaths) -> None:
     spec = _spec(full_report, "ppl_by_position")
-    assert _channels(spec, "x")[0]["field"] == "bucket_start"
-    first = [r for r in _rows(spec) if r["series"] == "full" and r["seq_len"] == 256 and r["bucket_start"] == 1]
+    assert channels(spec, "x")[0]["field"] == "bucket_start"
+    first = [r for r in spec_rows(spec) if r["series"] == "full" and r["seq_len"] == 256 and r["bucket_start"] == 1]
     # samples at ppl 40 and 50 with equal tokens: exp((log 40 + log 50) / 2) = sqrt(2000)
     assert first and all(r["ppl"] == pytest.approx(math.sqrt(2000)) for r in first)
 
 
 def test_metrics_by_config_has_every_metric(full_report: ReportPaths) -> None:
     spec = _spec(full_report, "metrics_by_config_256")
-    titles = {y.get("title") for y in _channels(spec, "y")}
+    titles = {y.get("title") for y in channels(spec, "y")}
     assert {"TTFT (s)", "TPOT (s)", "Throughput (tokens/s)", "PPL", "Peak KV (MiB)"} <= titles
 
 
@@ -154,7 +133,7 @@ def test_curves_of_failed_cells_are_ignored(tmp_path: Path) -> None:
     failed_curve = curve_rows({**failed, "ppl": 80.0})
     paths = build_report(write_run(tmp_path, [ok, failed], curve_rows(ok) + failed_curve))
     spec = _spec(paths, "ppl_by_position")
-    assert {r["series"] for r in _rows(spec)} == {"full"}
+    assert {r["series"] for r in spec_rows(spec)} == {"full"}
 
 
 def test_baseline_is_black_in_every_position_mode() -> None:
@@ -172,7 +151,7 @@ def test_baseline_is_black_in_every_position_mode() -> None:
 
 def test_protocol_bullets_with_continuation_lines_become_one_list() -> None:
     from kvcompare.protocol import PROTOCOL_MD
-    from kvcompare.report.html import markdown_blocks
+    from kvcompare.report.render import markdown_blocks
 
     html = markdown_blocks(PROTOCOL_MD)
     assert html.startswith("<ul>") and html.count("<li>") == PROTOCOL_MD.count("\n- ") + 1

@@ -12,10 +12,16 @@ from report_fixtures import cell, failed_cell, write_run
 
 from kvcompare.cli import main
 from kvcompare.report import ReportError, build_report
-from kvcompare.report.display import recommendation_table, relative_table
-from kvcompare.report.load import load_run
-from kvcompare.report.recommend import ALL_RULES, recommend
-from kvcompare.report.tables import aggregate, baseline_lengths, relative_changes, summary
+from kvcompare.report.content import recommendation_table, relative_table
+from kvcompare.report.data import (
+    ALL_RULES,
+    aggregate,
+    baseline_lengths,
+    load_run,
+    recommend,
+    relative_changes,
+    summary,
+)
 
 
 def _frame(run_dir: Path, rows: list[dict]) -> pl.DataFrame:

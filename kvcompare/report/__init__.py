@@ -1,7 +1,9 @@
-"""HTML and Markdown reports of a run directory: tables, charts and recommendations."""
+"""HTML and Markdown reports of a run directory: tables, charts and recommendations.
 
-from kvcompare.report.build import ReportPaths, build_report
-from kvcompare.report.load import ReportError
-from kvcompare.report.terminal import summary_table
+data (numbers) -> content (sections, tables) and charts -> render (HTML, Markdown); build is what the CLI calls.
+"""
+
+from kvcompare.report.build import ReportPaths, build_report, summary_table
+from kvcompare.report.data import ReportError
 
 __all__ = ["ReportError", "ReportPaths", "build_report", "summary_table"]

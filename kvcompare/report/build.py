@@ -1,14 +1,14 @@
-"""build_report: run directory in, index.html + report.md + charts out."""
+"""What the CLI calls: build_report writes a run directory's report (index.html, report.md, charts), and
+summary_table gives its relative-change tables as text for the terminal."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvcompare.report.content import assemble
-from kvcompare.report.html import render_html
-from kvcompare.report.load import load_run
-from kvcompare.report.markdown import render_markdown
+from kvcompare.report.content import assemble, relative_tables
+from kvcompare.report.data import load_run
+from kvcompare.report.render import render_html, render_markdown, table_md
 
 REPORT_DIR = "report"
 CHARTS_DIR = "charts"
@@ -31,14 +31,20 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> ReportPaths:
     out_dir = run_dir / REPORT_DIR if out_dir is None else out_dir
     run = load_run(run_dir)  # before anything is created: a mistyped folder must not become an empty report
     out_dir.mkdir(parents=True, exist_ok=True)
-    content = assemble(run, out_dir / CHARTS_DIR)
+    report = assemble(run, out_dir / CHARTS_DIR)
     html_path, markdown_path = out_dir / "index.html", out_dir / "report.md"
-    html_path.write_text(render_html(content, out_dir), encoding="utf-8")
-    markdown_path.write_text(render_markdown(content, out_dir), encoding="utf-8")
+    html_path.write_text(render_html(report, out_dir), encoding="utf-8")
+    markdown_path.write_text(render_markdown(report, out_dir), encoding="utf-8")
     return ReportPaths(
         html=html_path,
         markdown=markdown_path,
-        charts=[chart.png for chart in content.charts.charts],
-        specs=[chart.spec_path for chart in content.charts.charts],
-        skipped_charts={chart.name: chart.reason for chart in content.charts.skipped},
+        charts=[chart.png for chart in report.charts.charts],
+        specs=[chart.spec_path for chart in report.charts.charts],
+        skipped_charts={chart.name: chart.reason for chart in report.charts.skipped},
     )
+
+
+def summary_table(run_dir: Path) -> str:
+    """Relative change against `full` for every length, as Markdown tables for the terminal."""
+    tables = relative_tables(load_run(run_dir).cells)
+    return "\n".join(table_md(table) for table in tables) if tables else "no finished cells"

@@ -1,4 +1,7 @@
-"""Altair charts of the results, saved as PNG (for Markdown) and as Vega-Lite spec (for the HTML page)."""
+"""Altair charts of the results, saved as PNG (for Markdown) and as Vega-Lite spec (for the HTML page).
+
+Every chart is drawn from data.summary() or data.position_perplexity(), labelled once with the names the tables use.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +15,15 @@ from typing import Any
 import altair as alt
 import polars as pl
 
-from kvcompare.report.display import config_name, policy_name
-from kvcompare.report.metrics import METRIC_BY_COLUMN, METRICS, Metric
-from kvcompare.report.tables import BASELINE_POLICY
+from kvcompare.report.data import (
+    BASELINE_POLICY,
+    METRIC_BY_COLUMN,
+    METRICS,
+    Metric,
+    config_name,
+    lengths_in,
+    policy_name,
+)
 
 PANEL_WIDTH = 220
 PANEL_HEIGHT = 160
@@ -53,18 +62,21 @@ class ChartSet:
     skipped: list[SkippedChart]
 
 
-def _labelled(frame: pl.DataFrame) -> pl.DataFrame:
-    """Add `config` (policy @ cache), `series` (policy without cache) and `role` (baseline or policy)."""
+def _labelled(frame: pl.DataFrame, several_modes: bool) -> pl.DataFrame:
+    """Add `config` (policy @ cache), `series` (policy without cache) and `role` (baseline or policy).
+
+    build_charts labels each frame once; every chart builder below takes frames labelled so.
+    """
     rows = list(frame.iter_rows(named=True))
     return frame.with_columns(
-        pl.Series("config", [config_name(r) for r in rows], dtype=pl.String),
-        pl.Series("series", [policy_name(r) for r in rows], dtype=pl.String),
+        pl.Series("config", [config_name(r, several_modes) for r in rows], dtype=pl.String),
+        pl.Series("series", [policy_name(r, several_modes) for r in rows], dtype=pl.String),
         pl.when(pl.col("policy") == BASELINE_POLICY).then(pl.lit("baseline")).otherwise(pl.lit("policy")).alias("role"),
     )
 
 
 def _color(series: pl.DataFrame) -> alt.Color:
-    """Baseline series (e.g. "full, positions=shift") in black, every policy in the same colour on every chart."""
+    """Baseline series (e.g. "full (for positions=shift)") in black, every policy in the same colour on every chart."""
     baselines = sorted(series.filter(pl.col("role") == "baseline")["series"].unique().to_list())
     others = sorted(set(series["series"].to_list()) - set(baselines))
     domain = [*baselines, *others]
@@ -118,7 +130,7 @@ def _with_baseline_per_cache(frame: pl.DataFrame) -> pl.DataFrame:
     """Repeat the baseline rows (no cache limit) under every cache limit so that each facet shows them."""
     baseline = frame.filter(pl.col("policy") == BASELINE_POLICY)
     evicting = frame.filter(pl.col("policy") != BASELINE_POLICY)
-    caches = evicting.select("cache_size").unique()
+    caches = evicting.select("cache_size").unique().sort("cache_size")  # sorted: the same report every time
     if caches.is_empty():
         return frame
     return pl.concat([evicting, baseline.drop("cache_size").join(caches, how="cross").select(frame.columns)])
@@ -133,7 +145,7 @@ def _relative_rows(summary: pl.DataFrame) -> pl.DataFrame:
     rows = summary.filter((pl.col("policy") != BASELINE_POLICY) & pl.col("n_paired").is_not_null())
     if rows.is_empty():
         raise SkipChart("no configuration has a `full` baseline to compare against")
-    return _labelled(rows)
+    return rows
 
 
 def _display_units(summary: pl.DataFrame, metrics: Sequence[Metric]) -> pl.DataFrame:
@@ -146,7 +158,7 @@ def _display_units(summary: pl.DataFrame, metrics: Sequence[Metric]) -> pl.DataF
             (mean - std).alias(f"{m.column}_lo"),
             (mean + std).alias(f"{m.column}_hi"),
         ]
-    return _labelled(summary).with_columns(columns)
+    return summary.with_columns(columns)
 
 
 def metrics_by_config(summary: pl.DataFrame, seq_len: int, color: alt.Color) -> alt.ConcatChart:
@@ -267,7 +279,7 @@ def policies_at_cache(summary: pl.DataFrame, color: alt.Color) -> alt.ConcatChar
 def ppl_by_position(position_ppl: pl.DataFrame, color: alt.Color) -> alt.ConcatChart:
     if position_ppl.is_empty():
         raise SkipChart("no perplexity-by-position curves in the results")
-    data = _with_baseline_per_cache(_labelled(position_ppl))
+    data = _with_baseline_per_cache(position_ppl)
 
     def layers(field: str, axis_title: str) -> list[alt.Chart]:
         return [
@@ -302,19 +314,17 @@ def _save(chart: alt.TopLevelMixin, out_dir: Path, name: str, title: str) -> Cha
     return ChartFile(name, title, png, spec_path, spec)
 
 
-def build_charts(summary: pl.DataFrame, position_ppl: pl.DataFrame, out_dir: Path) -> ChartSet:
-    """Render every chart the data supports; a chart it cannot support is listed with the reason."""
+def build_charts(
+    summary: pl.DataFrame, position_ppl: pl.DataFrame, out_dir: Path, several_modes: bool = False
+) -> ChartSet:
+    """Render every chart the data supports; a chart it cannot support is listed with the reason.
+
+    several_modes: the run has several position modes, so each `full` baseline names its mode (config_name).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    all_series = _labelled(
-        pl.concat(
-            [
-                summary.select("policy", "policy_label", "cache_size", "positions"),
-                position_ppl.select("policy", "policy_label", "cache_size", "positions"),
-            ]
-        )
-    )
-    color = _color(all_series)
-    lengths = sorted(summary["seq_len"].drop_nulls().unique().to_list())
+    summary, position_ppl = _labelled(summary, several_modes), _labelled(position_ppl, several_modes)
+    color = _color(pl.concat([frame.select("series", "role") for frame in (summary, position_ppl)]))
+    lengths = lengths_in(summary)
     plan: list[tuple[str, str, Callable[[], alt.TopLevelMixin]]] = [
         (
             f"metrics_by_config_{n}",

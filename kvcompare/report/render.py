@@ -1,4 +1,9 @@
-"""index.html: one self-contained page (Vega libraries and specs inlined) that renders offline."""
+"""Rendering: a content.Report as Markdown (report.md, and tables for the terminal) or as one self-contained HTML
+page (Vega libraries and specs inlined) that renders offline.
+
+Both renderers walk the same Report.sections and only decide how a block looks; what is said, and in which
+order, is content.py's.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +18,65 @@ import altair as alt
 import vl_convert
 
 from kvcompare.report.charts import ChartFile
-from kvcompare.report.content import ReportContent
-from kvcompare.report.display import Table
-from kvcompare.report.markdown import RELATIVE_METHOD
+from kvcompare.report.content import Block, Definitions, Markdown, Remarks, Report, Table
+
+
+def _link(path: Path, out_dir: Path) -> str:
+    """path relative to out_dir, where the report file that links to it is written."""
+    return Path(os.path.relpath(path, out_dir)).as_posix()
+
+
+# --- Markdown ------------------------------------------------------------------------------------------------
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def table_md(table: Table, level: int = 3) -> str:
+    lines = [f"{'#' * level} {table.title}", ""]
+    if table.rows:
+        lines += [
+            "| " + " | ".join(_cell(h) for h in table.headers) + " |",
+            "|" + "---|" * len(table.headers),
+        ]
+        lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in table.rows]
+    else:
+        lines.append(f"_{table.empty}_")
+    if table.note:
+        lines += ["", f"_{table.note}_"]
+    return "\n".join(lines) + "\n"
+
+
+def _block_md(block: Block, out_dir: Path) -> list[str]:
+    """A block as paragraphs of report.md (the caller puts a blank line between them)."""
+    if isinstance(block, Table):
+        return [table_md(block)]
+    if isinstance(block, Markdown):
+        return [block.text.strip() + "\n"]
+    if isinstance(block, Definitions):
+        return [block.lead + "\n", "\n".join(f"- **{term}**: {text}" for term, text in block.items.items()) + "\n"]
+    if isinstance(block, Remarks):
+        return [f"- {item}\n" for item in block.items]
+    png, spec = _link(block.png, out_dir), _link(block.spec_path, out_dir)
+    return [f"### {block.title}\n\n![{block.title}]({png})\n\n[Vega-Lite spec]({spec})\n"]
+
+
+def render_markdown(report: Report, out_dir: Path) -> str:
+    """The whole report; links are relative to out_dir, where report.md is written."""
+    parts = [f"# {report.title}\n", *(f"> **Note:** {notice}\n" for notice in report.notices)]
+    for section in report.sections:
+        parts.append(f"## {section.heading}\n")
+        if section.intro:
+            parts.append(section.intro + "\n")
+        for block in section.blocks:
+            parts += _block_md(block, out_dir)
+        if section.empty and not section.blocks:
+            parts.append(f"_{section.empty}_\n")
+    return "\n".join(parts)
+
+
+# --- HTML ----------------------------------------------------------------------------------------------------
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem; color: #222; max-width: 1600px; }
@@ -118,7 +179,7 @@ def table_html(table: Table, level: int = 3) -> str:
 
 
 def chart_html(chart: ChartFile, out_dir: Path) -> str:
-    png, spec = (escape(Path(os.path.relpath(p, out_dir)).as_posix()) for p in (chart.png, chart.spec_path))
+    png, spec = escape(_link(chart.png, out_dir)), escape(_link(chart.spec_path, out_dir))
     return (
         f"<h3>{escape(chart.title)}</h3>\n"
         f'<div class="chart scroll" id="chart-{chart.name}" data-chart="{chart.name}"></div>\n'
@@ -127,41 +188,38 @@ def chart_html(chart: ChartFile, out_dir: Path) -> str:
     )
 
 
-def render_html(content: ReportContent, out_dir: Path) -> str:
+def _block_html(block: Block, out_dir: Path) -> str:
+    if isinstance(block, Table):
+        return table_html(block)
+    if isinstance(block, Markdown):
+        return markdown_blocks(block.text)
+    if isinstance(block, Definitions):
+        items = "".join(
+            f"<li><strong>{escape(term)}</strong>: {_inline(text)}</li>" for term, text in block.items.items()
+        )
+        return f"<p>{_inline(block.lead)}</p><ul>{items}</ul>"
+    if isinstance(block, Remarks):
+        return "<ul>" + "".join(f"<li>{_inline(item)}</li>" for item in block.items) + "</ul>" if block.items else ""
+    return chart_html(block, out_dir)
+
+
+def render_html(report: Report, out_dir: Path) -> str:
     """The whole page; links to PNG and spec files are relative to out_dir, where index.html is written."""
-    rules = "".join(f"<li><strong>{escape(s)}</strong>: {_inline(t)}</li>" for s, t in content.rules.items())
-    results = [table_html(t) for length in content.lengths for t in (length.relative, length.absolute)]
-    charts = [chart_html(chart, out_dir) for chart in content.charts.charts]
-    skipped = "".join(
-        f"<li>{escape(s.title)} (<code>{escape(s.name)}</code>) not drawn: {escape(s.reason)}</li>"
-        for s in content.charts.skipped
-    )
-    problems = "".join(f"<li>unreadable: {escape(p)}</li>" for p in content.problems)
     body = [
-        f"<h1>{escape(content.title)}</h1>",
+        f"<h1>{escape(report.title)}</h1>",
         '<pre id="js-errors" hidden></pre>',
-        *(f'<p class="notice"><strong>Note:</strong> {_inline(notice)}</p>' for notice in content.notices),
-        "<h2>Protocol</h2>",
-        markdown_blocks(content.protocol_md),
-        "<h2>Recommendations</h2>",
-        f"<p>Rules (applied to the mean over samples):</p><ul>{rules}</ul>",
-        table_html(content.recommendations),
-        "<h2>Results by length</h2>",
-        f"<p>{_inline(RELATIVE_METHOD)}</p>",
-        *(results or ["<p><em>No successful cell: nothing to tabulate.</em></p>"]),
-        "<h2>Charts</h2>",
-        *charts,
-        f"<ul>{skipped}</ul>" if skipped else "",
-        "<h2>Missing / failed cells</h2>",
-        table_html(content.counts),
-        table_html(content.failed),
-        f"<ul>{problems}</ul>" if problems else "",
-        "<h2>Run</h2>",
-        table_html(content.metadata),
+        *(f'<p class="notice"><strong>Note:</strong> {_inline(notice)}</p>' for notice in report.notices),
     ]
-    scripts = f"<script>{vega_bundle()}</script>\n<script>{EMBED}</script>" if charts else ""
+    for section in report.sections:
+        body.append(f"<h2>{escape(section.heading)}</h2>")
+        if section.intro:
+            body.append(f"<p>{_inline(section.intro)}</p>")
+        body += [_block_html(block, out_dir) for block in section.blocks]
+        if section.empty and not section.blocks:
+            body.append(f"<p><em>{_inline(section.empty)}</em></p>")
+    scripts = f"<script>{vega_bundle()}</script>\n<script>{EMBED}</script>" if report.charts.charts else ""
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{escape(content.title)}</title><style>{STYLE}</style><script>{ERROR_TRAP}</script></head>\n"
+        f"<title>{escape(report.title)}</title><style>{STYLE}</style><script>{ERROR_TRAP}</script></head>\n"
         "<body>\n" + "\n".join(body) + f"\n{scripts}\n</body></html>\n"
     )
