@@ -18,6 +18,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "samples": [10, 5, 10],
         "gen": 64,
         "warmup": 20,
+        "repeats": 5,
     },
 }
 POLICY_SYNTAX = "name[:key=value[:key=value...]], comma-separated, e.g. streaming,l2:mode=random,streaming:start_size=8"
@@ -90,6 +91,18 @@ def _add_run_parser(commands: Any) -> None:
     )
     run.add_argument("--gen", type=int, help=f"generated tokens counted in the latency pass (default {d.gen})")
     run.add_argument("--warmup", type=int, help=f"decode steps before counting (default {d.warmup})")
+    run.add_argument(
+        "--repeats",
+        type=int,
+        help=f"latency trials per cell, interleaved in rounds with the other cells of a passage (default {d.repeats})",
+    )
+    run.add_argument(
+        "--prefill-chunk",
+        type=int,
+        help="tokens per forward pass when the latency pass prefills the prompt (default: the stride); "
+        "must be below the cache limit",
+    )
+    run.add_argument("--threads", type=int, help="torch intra-op threads (default: the machine's physical cores)")
     run.add_argument("--seed", type=int, help=f"passage sampling (default {d.seed})")
     run.add_argument("--bucket", type=int, help=f"positions per bucket of the perplexity curve (default {d.bucket})")
     run.add_argument("--no-baseline", action="store_true", help="do not measure the full cache")

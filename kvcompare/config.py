@@ -11,6 +11,9 @@ from kvcompare.errors import KVCompareError
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_DATASET = "gutenberg"
+#: Latency trials per cell: the fewest that give a bootstrap interval of the median worth reading while the
+#: default `kvcompare run` stays within about 6 minutes on a 2-core CPU.
+DEFAULT_REPEATS = 3
 
 PositionMode = Literal["true", "shift"]
 POSITION_MODES: tuple[PositionMode, ...] = typing.get_args(PositionMode)
@@ -43,10 +46,13 @@ class CacheConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LatencySettings:
-    """How a latency pass decodes: ``warmup`` uncounted steps, then ``gen`` counted ones."""
+    """How a latency trial runs: prefill in chunks of ``prefill_chunk``, ``warmup`` uncounted decode steps,
+    then ``gen`` counted ones; ``repeats`` trials per cell."""
 
     gen: int = 32
     warmup: int = 4
+    repeats: int = 1
+    prefill_chunk: int | None = None  # None: the cache's stride
 
 
 @dataclasses.dataclass
@@ -67,6 +73,9 @@ class RunConfig:
     evict_block: int = 1
     gen: int = 32
     warmup: int = 4
+    repeats: int = DEFAULT_REPEATS
+    prefill_chunk: int | None = None  # latency-pass prefill chunk; None: the stride
+    threads: int | None = None  # torch intra-op threads; None: the machine's physical cores
     seed: int = 0
     bucket: int = 128
     baseline: bool = True
@@ -83,7 +92,11 @@ class RunConfig:
         return CacheConfig(limit, self.stride, mode, tuple(self.skip_layers), self.evict_block)
 
     def latency(self) -> LatencySettings:
-        return LatencySettings(self.gen, self.warmup)
+        return LatencySettings(self.gen, self.warmup, self.repeats, self.prefill_chunk or self.stride)
+
+    def largest_chunk(self) -> int:
+        """The most tokens one forward pass adds: the cache limit must leave room for them beside kept tokens."""
+        return max(self.stride, self.prefill_chunk or self.stride)
 
     def latency_positions(self, length: int) -> int:
         """Positions the latency pass reaches on a passage of ``length`` tokens (prompt, warm-up, generated)."""

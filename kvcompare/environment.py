@@ -21,6 +21,7 @@ LIBRARIES = (
     "pyarrow",
     "polars",
     "altair",
+    "scipy",
 )
 
 

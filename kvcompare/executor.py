@@ -135,13 +135,21 @@ class Executor:
         return QualityResult(nll, correct, cache.peak_bytes, memory.peak, max_cached, time.perf_counter() - started)
 
     def generate(
-        self, prompt: torch.Tensor, policy: KVPolicy, config: CacheConfig, gen: int, warmup: int
+        self,
+        prompt: torch.Tensor,
+        policy: KVPolicy,
+        config: CacheConfig,
+        gen: int,
+        warmup: int,
+        prefill_chunk: int | None = None,
     ) -> LatencyResult:
         """Latency pass: prefill ``prompt`` in chunks under the policy, then decode greedily one token at a time.
 
-        TTFT runs from the start of the prefill to the first generated token. Each decode step's time runs
-        from before its eviction to its next token; the first ``warmup`` steps are not counted.
+        The prefill runs in chunks of ``prefill_chunk`` tokens (default: the stride). TTFT runs from the start
+        of the prefill to the first generated token. Each decode step's time runs from before its eviction to
+        its next token; the first ``warmup`` steps are not counted.
         """
+        chunk = prefill_chunk or config.stride
         ids = prompt.to(self.device).view(1, -1)
         cache = self.new_cache(policy, config, capacity=ids.shape[1] + warmup + gen)
         memory = PeakMemory(self.device)
@@ -149,8 +157,8 @@ class Executor:
         evict_s: list[float] = []
         with self.attached():
             start = now(self.device)
-            for offset in range(0, ids.shape[1], config.stride):
-                logits, _ = self.forward(cache, ids[:, offset : offset + config.stride], last_only=True)
+            for offset in range(0, ids.shape[1], chunk):
+                logits, _ = self.forward(cache, ids[:, offset : offset + chunk], last_only=True)
             token = logits[:, -1].argmax(dim=-1, keepdim=True)
             ttft = now(self.device) - start
             memory.sample()

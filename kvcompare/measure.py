@@ -5,16 +5,17 @@ What these passes do is stated once, for readers, in ``kvcompare.protocol.PROTOC
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
-import torch
 
-from kvcompare.config import CacheConfig, LatencySettings
-from kvcompare.executor import Executor
-from kvcompare.policy import KVPolicy
+from kvcompare.executor import LatencyResult
+from kvcompare.stats import median_estimate
+
+T = TypeVar("T")
 
 
 def position_buckets(nll: np.ndarray, width: int) -> list[dict[str, Any]]:
@@ -42,35 +43,64 @@ def quality_fields(nll: np.ndarray, correct: np.ndarray) -> dict[str, Any]:
     }
 
 
-def latency_fields(ttft_s: float, step_s: list[float], evict_s: list[float]) -> dict[str, Any]:
-    decode_s = float(sum(step_s))
-    evicted = float(sum(evict_s))
-    return {
-        "ttft_s": ttft_s,
-        "tpot_s": statistics.median(step_s) if step_s else None,
-        "throughput_tok_s": len(step_s) / decode_s if decode_s > 0 else None,
+@dataclasses.dataclass(frozen=True)
+class TrialFigures:
+    """One latency trial's speed figures: the unit that intervals resample."""
+
+    ttft_s: float
+    tpot_s: float | None  # the median counted decode step of the trial
+    throughput_tok_s: float | None  # counted tokens / counted decode time
+
+
+def trial_figures(trial: LatencyResult) -> TrialFigures:
+    decode_s = float(sum(trial.step_s))
+    return TrialFigures(
+        trial.ttft_s,
+        statistics.median(trial.step_s) if trial.step_s else None,
+        len(trial.step_s) / decode_s if decode_s > 0 else None,
+    )
+
+
+def latency_fields(trials: list[LatencyResult], oneshot_ttft: list[float] | None = None) -> dict[str, Any]:
+    """A cell's speed columns from its trials: medians over trials with bootstrap intervals, and sums."""
+    figures = [trial_figures(trial) for trial in trials]
+    decode_s = float(sum(sum(t.step_s) for t in trials))
+    evicted = float(sum(sum(t.evict_s) for t in trials))
+    fields: dict[str, Any] = {
         "decode_s": decode_s,
         "evict_s": evicted,
         "evict_share": evicted / decode_s if decode_s > 0 else None,
     }
+    for column, interval, values in (
+        ("ttft_s", "ttft", [f.ttft_s for f in figures]),
+        ("tpot_s", "tpot", [f.tpot_s for f in figures if f.tpot_s is not None]),
+        ("throughput_tok_s", "throughput", [f.throughput_tok_s for f in figures if f.throughput_tok_s is not None]),
+        ("ttft_oneshot_s", "ttft_oneshot", oneshot_ttft or []),
+    ):
+        estimate = median_estimate(values)
+        fields.update(
+            {column: estimate.value, f"{interval}_ci_low": estimate.low, f"{interval}_ci_high": estimate.high}
+        )
+    return fields
 
 
-def measure_cell(
-    executor: Executor,
-    tokens: torch.Tensor,
-    policy: KVPolicy,
-    config: CacheConfig,
-    latency: LatencySettings,
-    bucket: int,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Measure one policy on one passage; return the metric fields of its result row and its position curve."""
-    quality = executor.score(tokens, policy, config)
-    timed = executor.generate(tokens, policy, config, gen=latency.gen, warmup=latency.warmup)
-    fields = {
-        **quality_fields(quality.nll, quality.correct),
-        **latency_fields(timed.ttft_s, timed.step_s, timed.evict_s),
-        "peak_kv_bytes": max(quality.peak_kv_bytes, timed.peak_kv_bytes),
-        "peak_mem_bytes": max(quality.peak_mem_bytes, timed.peak_mem_bytes),
-        "quality_s": quality.wall_s,
-    }
-    return fields, position_buckets(quality.nll, bucket)
+def timing_rows(trial: LatencyResult, kind: str = "ttft", **keys: Any) -> list[dict[str, Any]]:
+    """The raw rows of one trial for the timings file: its TTFT, then each counted decode step.
+
+    ``kind`` names the TTFT row ("ttft", or "ttft_oneshot" for the one-pass prefill); ``keys`` are the
+    columns shared by every row of the trial (cell, role, session, round, order, pairing keys).
+    """
+    rows = [{**keys, "kind": kind, "step": None, "seconds": trial.ttft_s, "evict_seconds": None}]
+    rows += [
+        {**keys, "kind": "step", "step": index, "seconds": seconds, "evict_seconds": evict}
+        for index, (seconds, evict) in enumerate(zip(trial.step_s, trial.evict_s, strict=True))
+    ]
+    return rows
+
+
+def round_order(items: list[T], round_index: int) -> list[T]:
+    """The order of a round's trials: rotated by one each round, so no cell is always first or last."""
+    if not items:
+        return []
+    shift = round_index % len(items)
+    return items[shift:] + items[:shift]

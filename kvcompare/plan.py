@@ -68,6 +68,8 @@ class Cell:
             "dtype": self.context.dtype,
             "gen_tokens": self.context.latency.gen,
             "warmup": self.context.latency.warmup,
+            "repeats": self.context.latency.repeats,
+            "prefill_chunk": self.context.latency.prefill_chunk,
         }
 
     @functools.cached_property
@@ -131,7 +133,9 @@ def check_config(config: RunConfig, policies: list[KVPolicy]) -> None:
         )
     if any(i < 0 for i in config.skip_layers) or len(set(config.skip_layers)) != len(config.skip_layers):
         raise ConfigError(f"--skip-layers {config.skip_layers}: give distinct layer indices from 0 up, or none")
-    for name in ("stride", "evict_block", "gen", "bucket"):
+    for name in ("stride", "evict_block", "gen", "bucket", "repeats", "prefill_chunk", "threads"):
+        if getattr(config, name) is None:
+            continue
         if getattr(config, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, not {getattr(config, name)}")
     if config.warmup < 0:
@@ -151,16 +155,16 @@ def check_config(config: RunConfig, policies: list[KVPolicy]) -> None:
     for mode in config.positions:
         check_position_mode(mode)
     bounded = [p for p in policies if p.bounded]
+    chunk = config.largest_chunk()
+    flag = "--stride" if chunk == config.stride else "--prefill-chunk"
     for limit in config.cache_sizes if bounded else []:
-        if config.stride >= limit:
+        if chunk >= limit:
             raise ConfigError(
-                f"--stride {config.stride} must be below the cache limit {limit}: a chunk must fit beside kept tokens"
+                f"{flag} {chunk} must be below the cache limit {limit}: a chunk must fit beside kept tokens"
             )
-        min_keep = limit - config.stride - config.evict_block + 1
+        min_keep = limit - chunk - config.evict_block + 1
         if min_keep < 1:
-            raise ConfigError(
-                f"--evict-block {config.evict_block} is too large for limit {limit} and stride {config.stride}"
-            )
+            raise ConfigError(f"--evict-block {config.evict_block} is too large for limit {limit} and {flag} {chunk}")
         for policy in bounded:
             try:
                 policy.check_limit(min_keep)

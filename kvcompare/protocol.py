@@ -17,16 +17,33 @@ PROTOCOL_MD = """\
   limit; every token after the first is scored. `ppl = exp(mean NLL)`; `accuracy` is the share of tokens
   whose arg-max prediction is the next token. NLL is also kept per bucket of positions for the
   perplexity-against-position curve.
-- **Latency pass.** The passage is the prompt, prefilled in chunks of `stride` under the policy and limit.
-  `ttft_s` runs from the start of the prefill to the first generated token (greedy). Then `warmup + gen`
-  tokens are decoded one at a time; the first `warmup` steps are not counted. `tpot_s` is the median counted
-  step (eviction included), `throughput_tok_s` is `gen` divided by the counted steps' total time. Eviction
-  time inside the counted steps is `evict_s`, and `evict_share = evict_s / decode time`.
-- **Timers.** Every timer reads the clock after synchronising the device (cuda, mps). One untimed warm-up
-  pass runs before the first cell.
+- **Latency trials.** The passage is the prompt, prefilled in chunks of `prefill_chunk` tokens (default
+  the stride) under the policy and limit. `ttft_s` runs from the start of the prefill to the first generated
+  token (greedy). Then `warmup + gen` tokens are decoded one at a time; the first `warmup` steps are not
+  counted. A trial's TPOT is its median counted step (eviction included) and its throughput is `gen` divided
+  by its counted steps' total time. Each cell runs `repeats` trials. Eviction time inside the counted steps
+  is `evict_s`, and `evict_share = evict_s / decode time`.
+- **Rounds.** The cells of a passage are measured together: one quality pass each, then `repeats` rounds.
+  Round r runs trial r of every cell of the passage, `full` included, and the order rotates by one cell per
+  round, so a slow spell of the machine touches every policy alike. Each round also times `full` a second
+  time (the A/A control, never shown as a policy) and, for `full` only, the prompt prefilled in one pass
+  (chunks of at most 8192 tokens): `ttft_oneshot_s`, what a user of full attention waits for. Every trial's
+  raw timings are kept in `timings/`.
+- **Speed figures.** A cell's TTFT, TPOT and throughput are the medians over its trials, each with a 95%
+  interval from a seeded percentile bootstrap over trials (trials, not steps: the steps of one trial share
+  the machine's mood).
+- **Timers.** Every timer reads the clock after synchronising the device (cuda, mps). One untimed latency
+  trial of `full` on the first passage runs before anything is timed. `--threads` (default: the physical
+  cores) fixes torch's intra-op threads; the load average at start and end is recorded.
 - **Memory.** `peak_kv_bytes`: the most key/value bytes the cache held. `peak_mem_bytes`: peak resident memory
   of the process (CPU), or peak allocated device memory (cuda, mps), sampled at chunk boundaries.
-- **Relative change.** Each cell is compared with the `full` cell of the same passage, length and position
-  mode (paired), then averaged over samples. Negative TTFT/TPOT change is faster; positive PPL change is
-  worse; accuracy change is relative to the baseline's accuracy.
+- **Relative change.** Quality: each cell against the `full` cell of the same passage and position mode
+  (paired), averaged over samples. Speed: each trial against the `full` trial of the same passage, position
+  mode, session and round, averaged over samples × rounds, with a seeded bootstrap 95% interval over those
+  pairs; a change is significant when its interval excludes 0. The A/A control's change, paired the same
+  way, is the run's noise floor. Negative TTFT/TPOT change is faster; positive PPL change is worse;
+  accuracy change is relative to the baseline's accuracy.
+- **Physics.** Beside each TPOT: the bytes one decode step reads (the model's weights, and the keys and
+  values it attends at the end of the prompt), and the floor those bytes set at the memory bandwidth
+  measured at the start of the run.
 """

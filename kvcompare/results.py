@@ -21,13 +21,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kvcompare.errors import KVCompareError
-from kvcompare.schema import CURVE_SCHEMA, RESULT_SCHEMA, RUN_JSON
+from kvcompare.schema import CURVE_SCHEMA, RESULT_SCHEMA, RUN_JSON, TIMINGS_SCHEMA
 
-CELLS, CURVES, REPORT, QUARANTINE = "cells", "curves", "report", "quarantine"
+CELLS, CURVES, TIMINGS, REPORT, QUARANTINE = "cells", "curves", "timings", "report", "quarantine"
 #: Everything kvcompare writes at the top of a results folder; anything else makes the folder foreign.
-OWN_ENTRIES = frozenset({RUN_JSON, f".{RUN_JSON}.tmp", CELLS, CURVES, REPORT, QUARANTINE})
+OWN_ENTRIES = frozenset({RUN_JSON, f".{RUN_JSON}.tmp", CELLS, CURVES, TIMINGS, REPORT, QUARANTINE})
 #: Folders whose files are all Parquet (or kvcompare's own temporary files while writing).
-PARQUET_FOLDERS = (CELLS, CURVES)
+PARQUET_FOLDERS = (CELLS, CURVES, TIMINGS)
 
 
 class ResultsError(KVCompareError, ValueError):
@@ -173,6 +173,11 @@ class RunFolder:
                 [{n: r.get(n) for n in CURVE_SCHEMA.names} for r in curve], schema=CURVE_SCHEMA
             )
             _write_atomic(table, self.path / CURVES / f"{row['cell_id']}.parquet")
+
+    def write_timings(self, name: str, rows: list[dict[str, Any]]) -> None:
+        """One passage's raw trial timings (TIMINGS_SCHEMA), written before its cells."""
+        table = pa.Table.from_pylist([{n: r.get(n) for n in TIMINGS_SCHEMA.names} for r in rows], schema=TIMINGS_SCHEMA)
+        _write_atomic(table, self.path / TIMINGS / f"{name}.parquet")
 
     def write_run_json(self, data: dict[str, Any]) -> None:
         tmp = self.path / f".{RUN_JSON}.tmp"

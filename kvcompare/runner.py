@@ -4,24 +4,27 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
+import os
 import sys
-import time
-import traceback
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from tqdm import tqdm
 
-from kvcompare.cache import check_skip_layers
+from kvcompare.cache import CacheLayout, check_skip_layers
 from kvcompare.config import ConfigError, RunConfig
 from kvcompare.environment import environment
 from kvcompare.executor import Executor
-from kvcompare.measure import measure_cell
+from kvcompare.measure import latency_fields, position_buckets, quality_fields
 from kvcompare.models import LoadedModel, load_model
+from kvcompare.physics import kv_read_bytes, memory_bandwidth, tpot_floor, weight_bytes
 from kvcompare.plan import Cell, Plan, plan, prepare
 from kvcompare.policy import KVPolicy
 from kvcompare.results import RunFolder, cell_id
+from kvcompare.schedule import CellRecord, measure_passage
 from kvcompare.schema import CURVE_CELL_COLUMNS
 
 DEFAULT_RUNS_DIR = Path("reports/runs")
@@ -144,62 +147,141 @@ def run(
     if len(todo) < len(grid.cells):
         print(f"resuming: {len(grid.cells) - len(todo)} of {len(grid.cells)} cells already finished", file=sys.stderr)
     executor = Executor(loaded.model)
+    threads = config.threads or physical_cores()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    bandwidth = memory_bandwidth(executor.device)
+    meta["speed"] = {"threads": threads, "memory_bandwidth_bytes_s": bandwidth, "load_average_start": _load()}
     if todo:
         _warm_up(executor, todo[0])
     folder.open(meta)
-    _measure_all(todo, grid, executor, folder, run_id, max_positions, progress)
-    meta["finished_at"] = _timestamp()
-    folder.write_run_json(meta)
+    context = RowContext(run_id, max_positions, threads, weight_bytes(loaded.model), bandwidth, executor.layout)
+    try:
+        _measure_all(grid, done, executor, folder, context, session=len(resumes), progress=progress)
+    finally:
+        torch.set_num_threads(threads_before)
+        meta["speed"]["load_average_end"] = _load()
+        meta["finished_at"] = _timestamp()
+        folder.write_run_json(meta)
     return folder.path
 
 
+def physical_cores() -> int:
+    """The default --threads: one per physical core (hyper-threads share a core's arithmetic units)."""
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def _load() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages, where the platform has them."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class RowContext:
+    """What every row of this run shares beyond the cell's own identity."""
+
+    run_id: str
+    max_positions: int | None
+    threads: int
+    weight_bytes: int
+    bandwidth: float
+    layout: CacheLayout
+
+
 def _measure_all(
-    todo: list[Cell],
     grid: Plan,
+    done: set[str],
     executor: Executor,
     folder: RunFolder,
-    run_id: str,
-    max_positions: int | None,
+    context: RowContext,
+    *,
+    session: int,
     progress: bool,
 ) -> None:
+    """Measure passage by passage; write a passage's timings, then its cells, the moment it is done."""
+    groups = [list(cells) for _, cells in itertools.groupby(grid.cells, key=lambda cell: cell.passage)]
+    plan_todo = [[c for c in cells if c.id not in done] for cells in groups]
+    total = sum(len(todo) * (1 + grid.config.repeats) for todo in plan_todo)  # passes, controls not counted
+    bar = tqdm(total=total, desc="passes", unit="pass", disable=not progress, file=sys.stderr)
+
+    def tick(label: str, counted: bool) -> None:
+        bar.set_postfix_str(label, refresh=not counted)
+        if counted:
+            bar.update(1)
+
     failures = 0
-    bar = tqdm(todo, desc="cells", unit="cell", disable=not progress, file=sys.stderr)
     try:
-        for cell in bar:
-            bar.set_postfix_str(cell.describe())
-            seq_len = len(cell.passage.tokens)
-            row: dict[str, Any] = {
-                "run_id": run_id,
-                "cell_id": cell.id,
-                **cell.fields,
-                "max_positions": max_positions,
-                "beyond_context": max_positions is not None and grid.config.latency_positions(seq_len) > max_positions,
-            }
-            started = time.perf_counter()
-            tokens = torch.tensor(cell.passage.tokens, dtype=torch.long)
-            try:
-                fields, curve = measure_cell(
-                    executor, tokens, cell.policy, cell.cache, cell.context.latency, cell.context.bucket
-                )
-                row.update(fields, status="ok")
-            except (KeyboardInterrupt, MemoryError):
-                raise
-            except Exception as err:  # one failing policy must not lose the other cells
-                failures += 1
-                row.update(status="failed", error=f"{type(err).__name__}: {err}")
-                curve = []
-                print(f"\ncell failed: {cell.policy.who()}: {row['error']}", file=sys.stderr)
-                traceback.print_exc(limit=3)
-            row.update(wall_s=time.perf_counter() - started, finished_at=_timestamp())
-            for point in curve:
-                point.update({k: row[k] for k in CURVE_CELL_COLUMNS})
-            folder.write_cell(row, curve)
+        for cells, todo in zip(groups, plan_todo, strict=True):
+            if not todo:
+                continue
+            baselines = [c for c in cells if not c.policy.bounded and c.id in done]
+            records, timings = measure_passage(
+                executor, todo, baselines, run_id=context.run_id, session=session, tick=tick
+            )
+            folder.write_timings(f"{passage_key(todo[0])}-s{session}", timings)
+            for record in records:
+                row, curve = result_row(record, context)
+                failures += row["status"] != "ok"
+                folder.write_cell(row, curve)
     except KeyboardInterrupt:
         bar.close()
-        print(f"\ninterrupted: finished cells are kept in {folder.path}; add --resume to continue", file=sys.stderr)
+        print(
+            f"\ninterrupted: finished passages are kept in {folder.path} (the one in progress is measured again); "
+            "add --resume to continue",
+            file=sys.stderr,
+        )
         raise
+    bar.close()
     if failures:
         print(f"{failures} cell(s) failed; their errors are in the results (status = 'failed')", file=sys.stderr)
+
+
+def passage_key(cell: Cell) -> str:
+    """A short stable name of a cell's passage, for the timings file of that passage."""
+    passage = cell.passage
+    return cell_id({"source": passage.source, "token_offset": passage.token_offset, "seq_len": len(passage.tokens)})
+
+
+def result_row(record: CellRecord, context: RowContext) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A cell's result row and its perplexity curve, from what its passage's measurement gathered."""
+    cell = record.cell
+    seq_len = len(cell.passage.tokens)
+    row: dict[str, Any] = {
+        "run_id": context.run_id,
+        "cell_id": cell.id,
+        **cell.fields,
+        "threads": context.threads,
+        "max_positions": context.max_positions,
+        "beyond_context": context.max_positions is not None
+        and seq_len + cell.context.latency.warmup + cell.context.latency.gen > context.max_positions,
+        "wall_s": record.wall_s,
+        "finished_at": _timestamp(),
+    }
+    kv_bytes = kv_read_bytes(context.layout, cell.cache, seq_len)
+    row.update(
+        kv_read_bytes=kv_bytes,
+        weight_bytes=context.weight_bytes,
+        tpot_floor_s=tpot_floor(context.weight_bytes, kv_bytes, context.bandwidth),
+    )
+    if record.error is not None or record.quality is None:
+        row.update(status="failed", error=record.error or "no quality pass")
+        return row, []
+    quality = record.quality
+    row.update(
+        quality_fields(quality.nll, quality.correct),
+        **latency_fields(record.trials, record.oneshot_ttft),
+        peak_kv_bytes=max([quality.peak_kv_bytes, *(t.peak_kv_bytes for t in record.trials)]),
+        peak_mem_bytes=max([quality.peak_mem_bytes, *(t.peak_mem_bytes for t in record.trials)]),
+        quality_s=quality.wall_s,
+        status="ok",
+    )
+    curve = position_buckets(quality.nll, cell.context.bucket)
+    for point in curve:
+        point.update({k: row[k] for k in CURVE_CELL_COLUMNS})
+    return row, curve
 
 
 #: The warm-up prefills at most this many tokens: enough to touch the shapes and memory a cell uses.
@@ -215,4 +297,6 @@ def _warm_up(executor: Executor, cell: Cell) -> None:
     tokens = torch.tensor(cell.passage.tokens[:WARM_UP_TOKENS], dtype=torch.long)
     full = dataclasses.replace(cell.cache, limit=None)
     latency = cell.context.latency
-    executor.generate(tokens, cell.policy, full, gen=latency.gen, warmup=latency.warmup)
+    executor.generate(
+        tokens, cell.policy, full, gen=latency.gen, warmup=latency.warmup, prefill_chunk=latency.prefill_chunk
+    )

@@ -30,20 +30,37 @@ RESULT_SCHEMA = pa.schema(
         ("dtype", pa.string()),
         ("gen_tokens", pa.int64()),
         ("warmup", pa.int64()),
+        ("repeats", pa.int64()),  # latency trials of this cell, interleaved with the other cells of its passage
+        ("prefill_chunk", pa.int64()),  # tokens per prefill forward in the latency pass
+        ("threads", pa.int64()),  # torch intra-op threads
         ("max_positions", pa.int64()),  # the model's trained positions (max_position_embeddings), null if unknown
         ("beyond_context", pa.bool_()),  # the latency pass (prompt + warm-up + generated) goes past max_positions
-        ("ttft_s", pa.float64()),
-        ("tpot_s", pa.float64()),
-        ("throughput_tok_s", pa.float64()),
+        # Speed: the median over trials of each trial's figure, with a seeded bootstrap 95% interval over trials.
+        ("ttft_s", pa.float64()),  # prefill in chunks of prefill_chunk, to the first generated token
+        ("ttft_ci_low", pa.float64()),
+        ("ttft_ci_high", pa.float64()),
+        ("tpot_s", pa.float64()),  # a trial's TPOT is the median of its counted decode steps
+        ("tpot_ci_low", pa.float64()),
+        ("tpot_ci_high", pa.float64()),
+        ("throughput_tok_s", pa.float64()),  # a trial's throughput is gen / its counted decode time
+        ("throughput_ci_low", pa.float64()),
+        ("throughput_ci_high", pa.float64()),
+        ("ttft_oneshot_s", pa.float64()),  # `full` only: the prompt prefilled in one pass (or a few large chunks)
+        ("ttft_oneshot_ci_low", pa.float64()),
+        ("ttft_oneshot_ci_high", pa.float64()),
         ("ppl", pa.float64()),
         ("accuracy", pa.float64()),
         ("nll_sum", pa.float64()),
         ("tokens_scored", pa.int64()),
         ("peak_kv_bytes", pa.int64()),
         ("peak_mem_bytes", pa.int64()),
-        ("evict_s", pa.float64()),  # eviction time inside the timed decode steps
-        ("evict_share", pa.float64()),  # evict_s / decode time
-        ("decode_s", pa.float64()),  # sum of the timed decode steps
+        ("evict_s", pa.float64()),  # eviction time inside the counted decode steps, summed over trials
+        ("evict_share", pa.float64()),  # evict_s / decode_s
+        ("decode_s", pa.float64()),  # counted decode time, summed over trials
+        # What the physics predicts for one decode step at the end of the prompt.
+        ("kv_read_bytes", pa.int64()),  # keys and values attended, summed over layers
+        ("weight_bytes", pa.int64()),  # the model's parameters
+        ("tpot_floor_s", pa.float64()),  # (weight_bytes + kv_read_bytes) / the run's measured memory bandwidth
         ("quality_s", pa.float64()),  # wall time of the quality pass
         ("wall_s", pa.float64()),  # wall time of the whole cell
         ("finished_at", pa.string()),
@@ -80,6 +97,29 @@ CURVE_CELL_COLUMNS: tuple[str, ...] = (
     "sample_id",
 )
 
+#: Every latency trial's raw timings, one row per TTFT or counted decode step, so that a report can always be
+#: recomputed from them. One file per passage and session: timings/<group>.parquet.
+TIMINGS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("cell_id", pa.string()),  # the cell whose configuration was timed (the `full` cell for the A/A control)
+        ("role", pa.string()),  # "cell"; "aa_control": a second `full` trial; "baseline": `full` re-timed on resume
+        ("session", pa.int64()),  # 0 for the first run, k for the k-th --resume: pairs never cross sessions
+        ("round", pa.int64()),  # trial r of every cell of a passage runs in round r
+        ("order", pa.int64()),  # position of this trial within its round (the order rotates between rounds)
+        ("kind", pa.string()),  # "ttft", "ttft_oneshot" or "step"
+        ("step", pa.int64()),  # counted decode step index; null for TTFT
+        ("seconds", pa.float64()),
+        ("evict_seconds", pa.float64()),  # eviction inside this step; null for TTFT
+        # the keys a trial is paired on with its baseline: same passage, position mode, session and round
+        ("seq_len", pa.int64()),
+        ("sample_id", pa.int64()),
+        ("positions", pa.string()),
+    ]
+)
+TRIAL_ROLES = ("cell", "aa_control", "baseline")
+
 RESULTS_GLOB = "cells/*.parquet"
+TIMINGS_GLOB = "timings/*.parquet"
 CURVES_GLOB = "curves/*.parquet"
 RUN_JSON = "run.json"

@@ -23,8 +23,9 @@ class StreamingLLM(KVPolicy):
     def check_limit(self, min_keep: int) -> None:
         if min_keep <= self.start_size:
             raise PolicyError(
-                f"streaming: an eviction would keep only {min_keep} tokens (limit - stride - evict_block + 1), "
-                f"not more than its start_size={self.start_size} attention sinks; raise --cache or lower --stride"
+                f"streaming: an eviction would keep only {min_keep} tokens (limit - largest chunk - evict_block + 1), "
+                f"not more than its start_size={self.start_size} attention sinks; raise --cache, or lower --stride "
+                "or --prefill-chunk"
             )
 
     def select(self, keys: torch.Tensor, keep: int, positions: torch.Tensor) -> torch.Tensor:

@@ -50,9 +50,23 @@ def test_quality_fields_match_a_hand_computation() -> None:
         {"bucket_start": 3, "bucket_end": 5, "nll_sum": 5.0, "tokens": 2},
         {"bucket_start": 5, "bucket_end": 6, "nll_sum": 4.0, "tokens": 1},
     ]
-    timed = latency_fields(0.5, [0.1, 0.3, 0.2, 0.4], [0.0, 0.1, 0.0, 0.1])
-    assert timed["tpot_s"] == pytest.approx(0.25) and timed["throughput_tok_s"] == pytest.approx(4 / 1.0)
-    assert timed["evict_share"] == pytest.approx(0.2)
+    from kvcompare.executor import LatencyResult
+
+    def trial(ttft: float, steps: list[float], evict: list[float]) -> LatencyResult:
+        return LatencyResult(ttft, steps, evict, [], 0, 0)
+
+    one = latency_fields([trial(0.5, [0.1, 0.3, 0.2, 0.4], [0.0, 0.1, 0.0, 0.1])])
+    assert one["tpot_s"] == pytest.approx(0.25) and one["throughput_tok_s"] == pytest.approx(4 / 1.0)
+    assert one["evict_share"] == pytest.approx(0.2) and one["tpot_ci_low"] is None  # one trial: no interval
+    three = latency_fields(
+        [trial(0.5, [0.1, 0.3], [0, 0]), trial(0.7, [0.2, 0.2], [0, 0]), trial(0.6, [0.4, 0.4], [0.1, 0.1])],
+        oneshot_ttft=[0.2, 0.3, 0.25],
+    )
+    # medians over trials of each trial's figure: TPOTs 0.2, 0.2, 0.4; throughputs 5, 5, 2.5
+    assert three["ttft_s"] == pytest.approx(0.6) and three["tpot_s"] == pytest.approx(0.2)
+    assert three["throughput_tok_s"] == pytest.approx(5.0) and three["ttft_oneshot_s"] == pytest.approx(0.25)
+    assert three["tpot_ci_low"] == pytest.approx(0.2) and three["tpot_ci_high"] == pytest.approx(0.4)
+    assert three["decode_s"] == pytest.approx(1.6) and three["evict_share"] == pytest.approx(0.2 / 1.6)
 
 
 def test_run_writes_one_row_per_cell_with_its_configuration(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -106,30 +120,32 @@ def test_resume_skips_finished_cells_and_an_existing_out_is_refused(tiny_model_d
     assert len(list((out / "cells").iterdir())) == len(before)
 
 
-def test_an_interrupted_run_keeps_finished_cells_and_resumes(
+def test_an_interrupted_run_keeps_finished_passages_and_resumes(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kvcompare.runner as runner
+    from kvcompare.executor import Executor
 
-    real = runner.measure_cell
+    real = Executor.score
     calls = {"n": 0}
 
-    def interrupt_third(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+    def interrupt_in_second_passage(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 7:  # the second passage's second quality pass (5 cells per passage)
             raise KeyboardInterrupt
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(runner, "measure_cell", interrupt_third)
+    monkeypatch.setattr(Executor, "score", interrupt_in_second_passage)
     out = tmp_path / "run"
-    cfg = config(tiny_model_dir, samples=[1])
+    cfg = config(tiny_model_dir, samples=[2])
     with pytest.raises(KeyboardInterrupt):
         run(cfg, out, progress=False)
-    assert len(list((out / "cells").glob("*.parquet"))) == 2
-    assert not list((out / "cells").glob(".*tmp"))
-    monkeypatch.setattr(runner, "measure_cell", real)
+    kept = pl.read_parquet(out / "cells" / "*.parquet")
+    assert kept.height == 5 and kept["sample_id"].unique().to_list() == [0]
+    assert len(list((out / "timings").glob("*.parquet"))) == 1
+    assert not list(out.rglob(".*tmp"))
+    monkeypatch.setattr(Executor, "score", real)
     run(cfg, out, resume=True, progress=False)
-    assert pl.read_parquet(out / "cells" / "*.parquet").height == 5
+    assert pl.read_parquet(out / "cells" / "*.parquet").height == 10
 
 
 def test_a_crashing_policy_is_recorded_and_the_others_are_kept(
@@ -183,12 +199,13 @@ def test_a_crashing_policy_is_recorded_and_the_others_are_kept(
 def test_bad_input_is_refused_before_any_measurement(
     tiny_model_dir: Path, tmp_path: Path, changes: dict[str, object], message: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kvcompare.runner as runner
+    from kvcompare.executor import Executor
 
     def never(*args: object, **kwargs: object) -> None:
         raise AssertionError("measured despite bad input")
 
-    monkeypatch.setattr(runner, "measure_cell", never)
+    monkeypatch.setattr(Executor, "score", never)
+    monkeypatch.setattr(Executor, "generate", never)
     with pytest.raises(KVCompareError, match=message):
         run(config(tiny_model_dir, **changes), tmp_path / "run", progress=False)
 

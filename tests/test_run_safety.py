@@ -174,12 +174,14 @@ def test_a_folder_without_finished_cells_is_reused(
     def interrupt(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    real = runner.measure_cell
-    monkeypatch.setattr(runner, "measure_cell", interrupt)
+    from kvcompare.executor import Executor
+
+    real = Executor.score
+    monkeypatch.setattr(Executor, "score", interrupt)
     with pytest.raises(KeyboardInterrupt):
         run(config(tiny_model_dir), out, progress=False)
     assert (out / "run.json").exists() and not list((out / "cells").glob("*.parquet"))
-    monkeypatch.setattr(runner, "measure_cell", real)
+    monkeypatch.setattr(Executor, "score", real)
     run(config(tiny_model_dir), out, progress=False)
     assert len(list((out / "cells").glob("*.parquet"))) == 2
 
@@ -304,9 +306,9 @@ def test_the_warm_up_prefills_the_first_cells_whole_passage(
     calls: list[tuple[int, int, int]] = []
     real = Executor.generate
 
-    def record(self, prompt, policy, cache, gen, warmup):  # type: ignore[no-untyped-def]
+    def record(self, prompt, policy, cache, gen, warmup, prefill_chunk=None):  # type: ignore[no-untyped-def]
         calls.append((prompt.numel(), gen, warmup))
-        return real(self, prompt, policy, cache, gen=gen, warmup=warmup)
+        return real(self, prompt, policy, cache, gen=gen, warmup=warmup, prefill_chunk=prefill_chunk)
 
     monkeypatch.setattr(Executor, "generate", record)
     run(config(tiny_model_dir, gen=3, warmup=1), tmp_path / "run", progress=False)

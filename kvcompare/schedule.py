@@ -1,0 +1,157 @@
+"""One passage's measurements: a quality pass per cell, then latency trials in interleaved rounds.
+
+Round r runs trial r of every cell of the passage, `full` included, before round r + 1, and the order
+rotates between rounds, so a slow spell of the machine touches every policy alike. Each round also times
+the `full` baseline a second time (the A/A control: the same configuration twice, whose difference is the
+run's noise floor) and, for `full`, the prompt prefilled in one pass (`ttft_oneshot`). When a resumed run
+adds cells to a passage whose `full` cell is already finished, `full` is timed again in each round as a
+"baseline" trial, so that every change is paired within one session and round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from kvcompare.executor import Executor, LatencyResult, QualityResult
+from kvcompare.measure import round_order, timing_rows
+from kvcompare.plan import Cell
+
+#: A one-pass prefill of the `full` baseline goes in chunks of at most this many tokens (memory).
+ONESHOT_CHUNK = 8192
+
+
+@dataclasses.dataclass
+class CellRecord:
+    """What one cell gathered in its passage: its quality pass, its trials, or the error that stopped it."""
+
+    cell: Cell
+    quality: QualityResult | None = None
+    trials: list[LatencyResult] = dataclasses.field(default_factory=list)
+    oneshot_ttft: list[float] = dataclasses.field(default_factory=list)
+    error: str | None = None
+    wall_s: float = 0.0  # its own passes only: cells of a passage interleave
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledTrial:
+    cell: Cell
+    role: str  # "cell", "aa_control" or "baseline" (see kvcompare.schema.TIMINGS_SCHEMA)
+
+
+def schedule(todo: list[Cell], finished_baselines: list[Cell]) -> list[ScheduledTrial]:
+    """The trials of one round, before rotation: each cell to measure, and `full` again as the A/A control.
+
+    ``finished_baselines`` are `full` cells of this passage measured in an earlier session; they are timed
+    again (role "baseline") wherever a cell of their position mode is measured now.
+    """
+    trials = [ScheduledTrial(cell, "cell") for cell in todo]
+    modes = {cell.cache.positions for cell in todo}
+    for baseline in finished_baselines:
+        if baseline.cache.positions in modes:
+            trials.append(ScheduledTrial(baseline, "baseline"))
+    full = [cell for cell in todo if not cell.policy.bounded] + [t.cell for t in trials if t.role == "baseline"]
+    trials += [ScheduledTrial(cell, "aa_control") for cell in full]
+    return trials
+
+
+def _tokens(cell: Cell) -> torch.Tensor:
+    return torch.tensor(cell.passage.tokens, dtype=torch.long)
+
+
+def measure_passage(
+    executor: Executor,
+    todo: list[Cell],
+    finished_baselines: list[Cell],
+    *,
+    run_id: str,
+    session: int,
+    tick: Callable[[str, bool], None] = lambda label, counted: None,
+) -> tuple[list[CellRecord], list[dict[str, Any]]]:
+    """Measure the ``todo`` cells of one passage; return their records and every trial's raw timing rows.
+
+    A cell whose quality pass or trial raises is recorded with its error and leaves the later rounds; the
+    other cells go on. ``tick(label, counted)`` is called before each pass, for a progress bar; control
+    trials (A/A, re-timed baselines) are not counted.
+    """
+    records = {cell.id: CellRecord(cell) for cell in todo}
+    for cell in todo:
+        tick(f"quality {cell.describe()}", True)
+        own = records[cell.id]
+        started = time.perf_counter()
+        try:
+            own.quality = executor.score(_tokens(cell), cell.policy, cell.cache)
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as err:  # one failing policy must not lose the other cells
+            _fail(own, err)
+        own.wall_s += time.perf_counter() - started
+    trials = schedule(todo, finished_baselines)
+    rows: list[dict[str, Any]] = []
+    repeats = todo[0].context.latency.repeats if todo else 0
+    for round_index in range(repeats):
+        for order, trial in enumerate(round_order(trials, round_index)):
+            record = records.get(trial.cell.id)
+            if record is not None and record.error is not None:
+                continue
+            tick(f"round {round_index + 1} {trial.role} {trial.cell.describe()}", trial.role == "cell")
+            keys: dict[str, Any] = {
+                "run_id": run_id,
+                "cell_id": trial.cell.id,
+                "role": trial.role,
+                "session": session,
+                "round": round_index,
+                "order": order,
+                "seq_len": len(trial.cell.passage.tokens),
+                "sample_id": trial.cell.passage.sample_id,
+                "positions": trial.cell.cache.positions,
+            }
+            started = time.perf_counter()
+            try:
+                timed = _trial(executor, trial.cell)
+                rows += timing_rows(timed, **keys)
+                if trial.role == "cell" and record is not None:
+                    record.trials.append(timed)
+                    if not trial.cell.policy.bounded:
+                        oneshot = _trial(executor, trial.cell, oneshot=True)
+                        record.oneshot_ttft.append(oneshot.ttft_s)
+                        rows += timing_rows(oneshot, kind="ttft_oneshot", **keys)
+            except (KeyboardInterrupt, MemoryError):
+                raise
+            except Exception as err:  # one failing policy must not lose the other cells
+                if trial.role == "cell" and record is not None:
+                    _fail(record, err)
+                else:  # a control trial: its pairs are missing, no cell is lost
+                    print(f"\n{trial.role} trial of {trial.cell.describe()} failed: {err}", file=sys.stderr)
+            if trial.role == "cell" and record is not None:
+                record.wall_s += time.perf_counter() - started
+    return list(records.values()), rows
+
+
+def _trial(executor: Executor, cell: Cell, oneshot: bool = False) -> LatencyResult:
+    """One latency trial of ``cell``; ``oneshot``: prefill in one pass and stop at the first token."""
+    latency = cell.context.latency
+    if oneshot:
+        tokens = _tokens(cell)
+        chunk = min(len(tokens), ONESHOT_CHUNK)
+        return executor.generate(tokens, cell.policy, cell.cache, gen=0, warmup=0, prefill_chunk=chunk)
+    return executor.generate(
+        _tokens(cell),
+        cell.policy,
+        cell.cache,
+        gen=latency.gen,
+        warmup=latency.warmup,
+        prefill_chunk=latency.prefill_chunk,
+    )
+
+
+def _fail(record: CellRecord, err: Exception) -> None:
+    record.error = f"{type(err).__name__}: {err}"
+    print(f"\ncell failed: {record.cell.policy.who()}: {record.error}", file=sys.stderr)
+    traceback.print_exc(limit=3)
