@@ -39,7 +39,7 @@ def tiny_models() -> dict[str, torch.nn.Module]:
 def check_correctness(device: torch.device) -> bool:
     registry = get_registry()
     ok = True
-    tokens = torch.randint(0, TINY_VOCAB, (48,), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, TINY_VOCAB, (48,), generator=torch.Generator().manual_seed(1)).to(device)
     for name, model in tiny_models().items():
         model = model.to(device).eval()
         model.config._attn_implementation = "sdpa"
