@@ -9,14 +9,13 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
+from runs import CORPUS, tiny_run
 
 from kvcompare.cli import main
 from kvcompare.errors import KVCompareError
 from kvcompare.measure import latency_fields, position_buckets, quality_fields
 from kvcompare.results import ResultsError
 from kvcompare.runner import RunConfig, run
-
-CORPUS = Path(__file__).parent / "data" / "tiny_corpus.txt"
 
 
 def config(model_dir: Path, **changes: object) -> RunConfig:
@@ -25,16 +24,11 @@ def config(model_dir: Path, **changes: object) -> RunConfig:
         "cache_sizes": [16, 32],
         "lengths": [64],
         "samples": [2],
-        "model": str(model_dir),
-        "dataset": str(CORPUS),
-        "stride": 8,
         "gen": 3,
         "warmup": 1,
-        "bucket": 16,
-        "skip_layers": [0],
+        "repeats": 1,
     }
-    values.update(changes)
-    return RunConfig(**values)  # type: ignore[arg-type]
+    return tiny_run(model_dir, **{**values, **changes})
 
 
 def test_quality_fields_match_a_hand_computation() -> None:

@@ -10,31 +10,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
+from runs import tiny_run as config
 
 import kvcompare.runner as runner
 from kvcompare.cli import main
 from kvcompare.results import ResultsError, RunFolder
 from kvcompare.runner import ConfigError, RunConfig, run
-
-CORPUS = Path(__file__).parent / "data" / "tiny_corpus.txt"
-
-
-def config(model_dir: Path, **changes: object) -> RunConfig:
-    values: dict[str, object] = {
-        "policies": ["recent"],
-        "cache_sizes": [16],
-        "lengths": [48],
-        "samples": [1],
-        "model": str(model_dir),
-        "dataset": str(CORPUS),
-        "stride": 8,
-        "gen": 2,
-        "warmup": 0,
-        "bucket": 16,
-        "skip_layers": [0],
-    }
-    values.update(changes)
-    return RunConfig(**values)  # type: ignore[arg-type]
 
 
 @pytest.fixture

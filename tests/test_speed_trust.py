@@ -8,31 +8,16 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from runs import tiny_run
 
 from kvcompare.config import ConfigError, RunConfig
 from kvcompare.measure import round_order
 from kvcompare.runner import run
 from kvcompare.stats import Estimate, mean_estimate, median_estimate
 
-CORPUS = Path(__file__).parent / "data" / "tiny_corpus.txt"
-
 
 def config(model_dir: Path, **changes: object) -> RunConfig:
-    values: dict[str, object] = {
-        "policies": ["streaming", "recent"],
-        "cache_sizes": [16],
-        "lengths": [48],
-        "samples": [1],
-        "model": str(model_dir),
-        "dataset": str(CORPUS),
-        "stride": 8,
-        "gen": 3,
-        "warmup": 1,
-        "repeats": 2,
-        "skip_layers": [0],
-    }
-    values.update(changes)
-    return RunConfig(**values)  # type: ignore[arg-type]
+    return tiny_run(model_dir, **{"policies": ["streaming", "recent"], "gen": 3, "warmup": 1, **changes})
 
 
 # -- the bootstrap, on hand-made trial data ------------------------------------------------------------------

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from runs import tiny_run
 
 import kvcompare
 from kvcompare.config import CacheConfig, RunConfig
@@ -15,8 +16,6 @@ from kvcompare.executor import Executor
 from kvcompare.plan import plan
 from kvcompare.testing import tiny_llama
 
-CORPUS = Path(__file__).parent / "data" / "tiny_corpus.txt"
-
 
 def small_config(model_dir: Path, **changes: object) -> RunConfig:
     values: dict[str, object] = {
@@ -24,14 +23,9 @@ def small_config(model_dir: Path, **changes: object) -> RunConfig:
         "cache_sizes": [16, 32],
         "lengths": [48, 64],
         "samples": [2, 1],
-        "model": str(model_dir),
-        "dataset": str(CORPUS),
-        "stride": 8,
         "positions": ["true", "shift"],
-        "skip_layers": [0],
     }
-    values.update(changes)
-    return RunConfig(**values)  # type: ignore[arg-type]
+    return tiny_run(model_dir, **{**values, **changes})
 
 
 def test_a_plan_needs_no_weights_and_cells_carry_their_identity(
@@ -48,7 +42,7 @@ def test_a_plan_needs_no_weights_and_cells_carry_their_identity(
     assert len(grid.passages) == 3 and len(grid.cells) == 3 * 2 * 5
     first = grid.cells[0]
     assert first.fields["model"] == str(tiny_model_dir) and first.fields["plugin"] == "full"
-    assert first.fields["gen_tokens"] == RunConfig().gen and first.cache.limit is None
+    assert first.fields["gen_tokens"] == grid.config.gen and first.cache.limit is None
     assert len({cell.id for cell in grid.cells}) == len(grid.cells)
     assert [c.id for c in plan(small_config(tiny_model_dir)).cells] == [c.id for c in grid.cells]
     # interleaved within a passage: every policy of a passage before the next passage
