@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from kvcompare.config import RunConfig
 from kvcompare.runner import run
 from kvcompare.stats import change_pct, mean_estimate
+from kvcompare.testing import tiny_llama
 
 HERE = Path(__file__).resolve().parent
 TEXT = HERE.parent / "tests" / "data" / "tiny_corpus.txt"
@@ -42,18 +43,9 @@ def build_inputs(folder: Path, shapes: str) -> tuple[Path, Path]:
     if shapes == "smollm2":
         from cuda_check import SMOLLM2_SHAPES  # type: ignore[import-not-found]
 
-        config = LlamaConfig(**SMOLLM2_SHAPES)
+        LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPES)).save_pretrained(model_dir)
     else:
-        config = LlamaConfig(
-            vocab_size=512,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=16384,
-        )
-    LlamaForCausalLM(config).save_pretrained(model_dir)
+        tiny_llama(vocab_size=512, max_position_embeddings=16384).save_pretrained(model_dir)
     corpus = folder / "corpus.txt"
     corpus.write_text("\n".join([text] * 60))
     return model_dir, corpus
