@@ -158,10 +158,10 @@ def run(
     context = RowContext(run_id, max_positions, threads, weight_bytes(loaded.model), bandwidth, executor.layout)
     try:
         _measure_all(grid, done, executor, folder, context, session=len(resumes), progress=progress)
-    finally:
+        meta["finished_at"] = _timestamp()
+    finally:  # an interrupted run still records how loaded the machine was
         torch.set_num_threads(threads_before)
         meta["speed"]["load_average_end"] = _load()
-        meta["finished_at"] = _timestamp()
         folder.write_run_json(meta)
     return folder.path
 
