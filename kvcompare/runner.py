@@ -151,7 +151,12 @@ def run(
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
     bandwidth = memory_bandwidth(executor.device)
-    meta["speed"] = {"threads": threads, "memory_bandwidth_bytes_s": bandwidth, "load_average_start": _load()}
+    meta["speed"] = {
+        "threads": threads,
+        "cpu_count": os.cpu_count(),  # logical CPUs: a load average above it means another process competed
+        "memory_bandwidth_bytes_s": bandwidth,
+        "load_average_start": _load(),
+    }
     if todo:
         _warm_up(executor, todo[0])
     folder.open(meta)

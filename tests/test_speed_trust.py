@@ -113,7 +113,7 @@ def test_trials_rotate_within_each_round(measured: Path) -> None:
 def test_run_json_records_the_speed_setting(measured: Path) -> None:
     meta = json.loads((measured / "run.json").read_text())
     speed = meta["speed"]
-    assert speed["threads"] >= 1 and speed["memory_bandwidth_bytes_s"] > 0
+    assert speed["threads"] >= 1 and speed["memory_bandwidth_bytes_s"] > 0 and speed["cpu_count"] >= 1
     assert len(speed["load_average_start"]) == 3 and len(speed["load_average_end"]) == 3
 
 
