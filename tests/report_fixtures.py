@@ -1,10 +1,12 @@
-"""Synthetic run directories for the report tests (RESULT_SCHEMA/CURVE_SCHEMA rows as a runner writes), and
-readers of the Vega-Lite specs a report writes."""
+"""Synthetic run directories for the report tests (RESULT_SCHEMA/CURVE_SCHEMA/TIMINGS_SCHEMA rows as a runner
+writes), and readers of the Vega-Lite specs a report writes."""
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kvcompare.schema import CURVE_SCHEMA, RESULT_SCHEMA, RUN_JSON
+from kvcompare.schema import CURVE_SCHEMA, RESULT_SCHEMA, RUN_JSON, TIMINGS_SCHEMA
+from kvcompare.stats import median_estimate
 
 RUN_ID = "test-run"
 LENGTHS = (256, 512)
@@ -20,6 +23,10 @@ CACHE_SIZES = (32, 64)
 SAMPLES = (0, 1)
 POLICY_LABELS = ("streaming", "l2", "l2:mode=random", "recent")
 BUCKET = 64
+ROUNDS = 3
+WEIGHT_BYTES = 8 * 2**20
+BANDWIDTH = 1e9  # bytes/s, as run.json's speed.memory_bandwidth_bytes_s
+KV_BYTES_PER_TOKEN = 4096
 
 
 def cell(policy_label: str, cache_size: int | None, seq_len: int, sample_id: int, **metrics: Any) -> dict[str, Any]:
@@ -61,10 +68,16 @@ def cell(policy_label: str, cache_size: int | None, seq_len: int, sample_id: int
         evict_s=0.0,
         evict_share=0.0,
         decode_s=0.16,
+        repeats=1,
+        prefill_chunk=1,
+        threads=2,
+        kv_read_bytes=KV_BYTES_PER_TOKEN * min(cache_size or seq_len + 1, seq_len + 1),
+        weight_bytes=WEIGHT_BYTES,
         quality_s=1.0,
         wall_s=2.0,
         finished_at="2025-01-01T00:00:00",
     )
+    row["tpot_floor_s"] = (row["weight_bytes"] + row["kv_read_bytes"]) / BANDWIDTH
     row.update(metrics)
     return row
 
@@ -121,8 +134,11 @@ def write_run(
     cells: list[dict[str, Any]],
     curves: list[dict[str, Any]] | None = None,
     cells_planned: int | None = None,
+    timings: list[dict[str, Any]] | None = None,
+    speed: dict[str, Any] | None = None,
 ) -> Path:
-    """Write run.json, one cells/*.parquet per cell and (when given) one curves/*.parquet per cell."""
+    """Write run.json, one cells/*.parquet per cell, (when given) one curves/*.parquet per cell and one
+    timings/*.parquet per passage and session; `speed` replaces run.json's "speed" entry."""
     (run_dir / "cells").mkdir(parents=True, exist_ok=True)
     for row in cells:
         pq.write_table(
@@ -135,6 +151,17 @@ def write_run(
             by_cell.setdefault(curve["cell_id"], []).append(curve)
         for cell_id, rows in by_cell.items():
             pq.write_table(pa.Table.from_pylist(rows, schema=CURVE_SCHEMA), run_dir / "curves" / f"{cell_id}.parquet")
+    if timings is not None:
+        (run_dir / "timings").mkdir(exist_ok=True)
+        by_passage: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+        for timing in timings:
+            key = (timing["seq_len"], timing["sample_id"], timing["session"])
+            by_passage.setdefault(key, []).append(timing)
+        for (seq_len, sample_id, session), rows in by_passage.items():
+            pq.write_table(
+                pa.Table.from_pylist(rows, schema=TIMINGS_SCHEMA),
+                run_dir / "timings" / f"{seq_len}-{sample_id}-s{session}.parquet",
+            )
     meta = {
         "run_id": RUN_ID,
         "command": "kvcompare run --model tiny",
@@ -148,6 +175,7 @@ def write_run(
             "seed": 0,
             "device": "cpu",
             "dtype": "float32",
+            "repeats": ROUNDS,
         },
         "environment": {
             "git_sha": "abc123",
@@ -158,6 +186,14 @@ def write_run(
         "started_at": "2025-01-01T00:00:00",
         "finished_at": "2025-01-01T01:00:00",
         "cells_planned": len(cells) if cells_planned is None else cells_planned,
+        "speed": {
+            "threads": 2,
+            "memory_bandwidth_bytes_s": BANDWIDTH,
+            "load_average_start": [0.5, 0.4, 0.3],
+            "load_average_end": [1.5, 1.0, 0.6],
+        }
+        if speed is None
+        else speed,
     }
     (run_dir / RUN_JSON).write_text(json.dumps(meta))
     return run_dir
@@ -202,10 +238,85 @@ def full_grid_cells() -> list[dict[str, Any]]:
     return rows
 
 
+def trial_rows(
+    row: dict[str, Any],
+    role: str,
+    round_index: int,
+    ttft: float,
+    steps: list[float],
+    session: int = 0,
+    kind: str = "ttft",
+) -> list[dict[str, Any]]:
+    """One latency trial of the cell `row` as TIMINGS_SCHEMA rows: its TTFT (of `kind`), then its counted steps."""
+    keys = {
+        "run_id": row["run_id"],
+        "cell_id": row["cell_id"],
+        "role": role,
+        "session": session,
+        "round": round_index,
+        "order": 0,
+        "seq_len": row["seq_len"],
+        "sample_id": row["sample_id"],
+        "positions": row["positions"],
+    }
+    rows = [{**keys, "kind": kind, "step": None, "seconds": ttft, "evict_seconds": None}]
+    rows += [{**keys, "kind": "step", "step": i, "seconds": s, "evict_seconds": 0.0} for i, s in enumerate(steps)]
+    return rows
+
+
+def jitter(*key: object, spread: float = 0.01) -> float:
+    """A deterministic factor in [1 - spread, 1 + spread] for the trial named by `key`."""
+    return 1 + spread * (zlib.crc32("/".join(map(str, key)).encode()) % 2001 / 1000 - 1)
+
+
+def timed(
+    cells: list[dict[str, Any]], rounds: int = ROUNDS, spread: float = 0.01
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Trials for every ok cell, as a runner takes them: `rounds` rounds, each trial its row's TTFT and TPOT
+    (every counted step alike) scaled by a jitter of its own; `full` also as the A/A control and in one pass
+    (half its chunked TTFT). Returns the cells with their speed columns recomputed from their trials (medians
+    over trials with intervals, as kvcompare.measure writes them) and the timings rows."""
+    timings: list[dict[str, Any]] = []
+    out = []
+    for row in cells:
+        if row["status"] != "ok":
+            out.append(row)
+            continue
+        figures: dict[str, list[float]] = {"ttft": [], "tpot": [], "throughput": [], "ttft_oneshot": []}
+        for r in range(rounds):
+            factor = jitter(row["cell_id"], r, spread=spread)
+            ttft, tpot = row["ttft_s"] * factor, row["tpot_s"] * factor
+            steps = [tpot] * row["gen_tokens"]
+            timings += trial_rows(row, "cell", r, ttft, steps)
+            figures["ttft"].append(ttft)
+            figures["tpot"].append(tpot)
+            figures["throughput"].append(len(steps) / sum(steps))
+            if row["policy"] == "full":
+                aa = jitter(row["cell_id"], r, "aa", spread=spread)
+                timings += trial_rows(
+                    row, "aa_control", r, row["ttft_s"] * aa, [row["tpot_s"] * aa] * row["gen_tokens"]
+                )
+                timings += trial_rows(row, "cell", r, ttft / 2, [], kind="ttft_oneshot")
+                figures["ttft_oneshot"].append(ttft / 2)
+        speed: dict[str, Any] = {"repeats": rounds}
+        for name, column in (
+            ("ttft", "ttft_s"),
+            ("tpot", "tpot_s"),
+            ("throughput", "throughput_tok_s"),
+            ("ttft_oneshot", "ttft_oneshot_s"),
+        ):
+            values = figures[name]
+            estimate = median_estimate(values)
+            speed[column] = statistics.median(values) if values else None
+            speed[f"{name}_ci_low"], speed[f"{name}_ci_high"] = estimate.low, estimate.high
+        out.append({**row, **speed})
+    return out, timings
+
+
 def synthetic_run(run_dir: Path) -> Path:
-    """A complete run: full grid with curves."""
-    cells = full_grid_cells()
-    return write_run(run_dir, cells, [c for row in cells for c in curve_rows(row)])
+    """A complete run: full grid with curves and raw timings."""
+    cells, timings = timed(full_grid_cells())
+    return write_run(run_dir, cells, [c for row in cells for c in curve_rows(row)], timings=timings)
 
 
 def walk(node: Any, key: str) -> Iterator[Any]:
@@ -228,3 +339,15 @@ def channels(spec: dict[str, Any], channel: str) -> list[dict[str, Any]]:
 def spec_rows(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """The data rows a spec carries."""
     return [row for values in spec.get("datasets", {}).values() for row in values]
+
+
+def marks(spec: dict[str, Any], mark: str) -> list[dict[str, Any]]:
+    """The encodings of every layer drawn with `mark` (errorbar, line, bar...) in a spec."""
+    found = []
+    for node in walk(spec, "layer"):
+        for layer in node:
+            kind = layer.get("mark")
+            kind = kind.get("type") if isinstance(kind, dict) else kind
+            if kind == mark and "encoding" in layer:
+                found.append(layer["encoding"])
+    return found

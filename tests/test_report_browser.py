@@ -130,8 +130,9 @@ def test_report_renders_offline_in_chromium(report_html: tuple[Path, int], tmp_p
     rendered, stderr = _render(_chromium(), page, tmp_path / "profile")
     assert len(rendered.drawn) == chart_count == 6
     assert all(rendered.drawn.values()), rendered.drawn
-    # recommendations, cell counts, run metadata, relative + absolute per length (2 lengths); no failures
-    assert rendered.tables == 7
+    # recommendations, A/A control, cell counts, run metadata, relative + absolute + physics per length (2 lengths);
+    # no failures
+    assert rendered.tables == 10
     assert rendered.js_errors.strip() == ""
     assert _console_errors(stderr) == []
 

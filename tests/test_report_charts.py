@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from report_fixtures import cell, channels, curve_rows, failed_cell, spec_rows, synthetic_run, walk, write_run
+from report_fixtures import cell, channels, curve_rows, failed_cell, marks, spec_rows, synthetic_run, walk, write_run
 
 from kvcompare.report import ReportPaths, build_report
 from kvcompare.report.charts import BASELINE_COLOR
@@ -55,6 +55,32 @@ def test_cache_tradeoff_uses_ordinal_cache_sizes_and_paired_changes(full_report:
     # fixture: streaming (rank 0) at cache 64 loses 0.02 * 64/64 = 2% PPL at every length
     changes = [r["ppl_change_pct"] for r in rows if r["series"] == "streaming" and r["cache_size"] == 64]
     assert len(changes) == 2 and changes == [pytest.approx(2.0)] * 2  # one per length
+
+
+def _interval_fields(spec: dict[str, Any]) -> dict[str, str]:
+    """Error-bar layers of a spec: the field of their low end (y) -> the field of their high end (y2)."""
+    return {bar["y"]["field"]: bar["y2"]["field"] for bar in marks(spec, "errorbar")}
+
+
+def test_relative_speed_changes_carry_their_intervals(full_report: ReportPaths) -> None:
+    spec = _spec(full_report, "cache_tradeoff")
+    speed = ["ttft_s_change_pct", "tpot_s_change_pct", "throughput_tok_s_change_pct"]
+    assert _interval_fields(spec) == {f"{field}_low": f"{field}_high" for field in speed}  # PPL: points only
+    assert all(bar["color"]["field"] == "series" for bar in marks(spec, "errorbar"))
+    for row in spec_rows(spec):
+        for field in speed:
+            assert row[f"{field}_low"] <= row[field] <= row[f"{field}_high"]
+    policies = _spec(full_report, "policies_at_cache")  # quality only: no interval
+    assert marks(policies, "errorbar") == []
+
+
+def test_absolute_speed_charts_carry_their_intervals(full_report: ReportPaths) -> None:
+    bars = _interval_fields(_spec(full_report, "metrics_by_config_256"))
+    assert {"tpot_s_low": "tpot_s_high", "throughput_tok_s_low": "throughput_tok_s_high"}.items() <= bars.items()
+    rows = [r for r in spec_rows(_spec(full_report, "metrics_by_config_256")) if r["series"] == "full"]
+    # speed: the bounds are the cells' intervals over trials
+    assert rows and all(r["tpot_s_low"] < r["tpot_s"] < r["tpot_s_high"] for r in rows)
+    assert _interval_fields(_spec(full_report, "length_effect")) == {"throughput_tok_s_low": "throughput_tok_s_high"}
 
 
 def test_baseline_is_black_and_dashed(full_report: ReportPaths) -> None:
@@ -176,9 +202,9 @@ def test_beyond_context_is_noted_at_the_top_of_both_renderings(tmp_path: Path) -
     html, markdown = paths.html.read_text(), paths.markdown.read_text()
     assert f'<p class="notice"><strong>Note:</strong> {escape(note)}</p>' in html
     assert f"> **Note:** {note}" in markdown
-    # at the top: before the protocol, the recommendations and the cell counts
-    assert html.index(escape(note)) < html.index("<h2>Protocol</h2>") < html.index("<h3>Cells</h3>")
-    assert markdown.index(note) < markdown.index("## Protocol") < markdown.index("### Cells")
+    # at the top: before the summary, the cell counts and the protocol
+    assert html.index(escape(note)) < html.index("<h2>Summary</h2>") < html.index("<h3>Cells</h3>")
+    assert markdown.index(note) < markdown.index("## Summary") < markdown.index("### Cells")
     assert "1024" not in note  # only successful cells count
 
 
@@ -186,7 +212,7 @@ def test_no_beyond_context_note_within_trained_positions(tmp_path: Path) -> None
     rows = [cell("full", None, 256, 0, max_positions=8192, beyond_context=False), cell("l2", 32, 256, 0)]
     paths = build_report(write_run(tmp_path, rows))
     for text in (paths.html.read_text(), paths.markdown.read_text()):
-        assert "trained positions" not in text and "Note:" not in text
+        assert "trained positions" not in text and "beyond the model" not in text
 
 
 def test_title_shows_the_folder_and_a_differing_run_id(tmp_path: Path) -> None:

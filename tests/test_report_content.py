@@ -14,7 +14,7 @@ from kvcompare.report import ReportPaths, build_report
 from kvcompare.report.content import BASELINE_PER_MODE, BASELINE_POSITIONS, NO_RESULTS, assemble
 from kvcompare.report.data import config_name, load_run, policy_name
 
-SECTIONS = ["Protocol", "Recommendations", "Results by length", "Charts", "Missing / failed cells", "Run"]
+SECTIONS = ["Summary", "Results by length", "Charts", "Missing / failed cells", "Run", "Protocol"]
 
 
 def _headings_md(text: str) -> list[tuple[int, str]]:

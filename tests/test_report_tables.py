@@ -8,14 +8,16 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from report_fixtures import cell, failed_cell, write_run
+from report_fixtures import cell, failed_cell, timed, write_run
 
 from kvcompare.cli import main
 from kvcompare.report import ReportError, build_report
 from kvcompare.report.content import recommendation_table, relative_table
 from kvcompare.report.data import (
     ALL_RULES,
+    Recommendation,
     aggregate,
+    analyse,
     baseline_lengths,
     load_run,
     recommend,
@@ -26,6 +28,13 @@ from kvcompare.report.data import (
 
 def _frame(run_dir: Path, rows: list[dict]) -> pl.DataFrame:
     return load_run(write_run(run_dir, rows)).cells
+
+
+def _timed_recommendations(run_dir: Path, rows: list[dict], spread: float = 0.001) -> list[Recommendation]:
+    """The recommendations of a run whose cells were timed in rounds (report_fixtures.timed): speed rules need
+    trial pairs, whose intervals a tiny jitter keeps narrow."""
+    cells, timings = timed(rows, spread=spread)
+    return analyse(load_run(write_run(run_dir, cells, timings=timings))).recommendations
 
 
 def _row(frame: pl.DataFrame, label: str, cache_size: int | None = None) -> dict:
@@ -103,8 +112,23 @@ def test_aggregate_mean_std_n(paired_cells: pl.DataFrame) -> None:
 
 
 def test_relative_table_formats_signed_percentages(paired_cells: pl.DataFrame) -> None:
+    """Without raw timings (an old run) speed changes are per-sample means with no interval, and say so."""
     table = relative_table(summary(paired_cells), 256, has_baseline=True)
-    assert table.rows == [["streaming", "64", "2", "-25.0%", "-35.0%", "+20.0%", "+5.0%", "-3.5%"]]
+    no_interval = "(n=2, no interval)"
+    assert table.rows == [
+        [
+            "streaming",
+            "64",
+            "2",
+            "–",  # no trial pairs
+            f"-25.0% {no_interval}",
+            "–",  # no one-pass TTFT of full in these cells
+            f"-35.0% {no_interval}",
+            f"+20.0% {no_interval}",
+            "+5.0%",
+            "-3.5%",
+        ]
+    ]
     assert "negative TTFT/TPOT = faster" in table.note and "positive PPL = worse" in table.note
 
 
@@ -141,7 +165,7 @@ def test_length_without_baseline_says_no_baseline(tmp_path: Path) -> None:
 def test_other_position_mode_has_no_baseline(tmp_path: Path) -> None:
     cells = _frame(tmp_path, [cell("full", None, 256, 0), cell("l2", 32, 256, 0, positions="shift")])
     table = relative_table(summary(cells), 256, has_baseline=True)
-    assert table.rows == [["l2, positions=shift", "32", "0", *["no baseline"] * 5]]
+    assert table.rows == [["l2, positions=shift", "32", "0", "–", *["no baseline"] * 6]]
 
 
 def _recommendation_cells(ppl_changes: dict[tuple[str, int], float]) -> list[dict]:
@@ -164,7 +188,7 @@ def _recommendation_cells(ppl_changes: dict[tuple[str, int], float]) -> list[dic
 
 
 def test_recommendations_follow_the_rules(tmp_path: Path) -> None:
-    cells = _frame(
+    recommendations = _timed_recommendations(
         tmp_path,
         _recommendation_cells(
             {
@@ -177,7 +201,7 @@ def test_recommendations_follow_the_rules(tmp_path: Path) -> None:
     )
     chosen = {
         r.scenario: (r.choice["policy_label"], r.choice["cache_size"]) if r.choice else r.reason
-        for r in recommend(summary(cells), baseline_lengths(cells))
+        for r in recommendations
     }
     assert chosen == {
         "quality first": ("recent", 64),
@@ -241,12 +265,11 @@ def _slower_than_full_cells() -> list[dict]:
 
 
 def test_speed_is_not_recommended_when_nothing_beat_full(tmp_path: Path) -> None:
-    cells = _frame(tmp_path, _slower_than_full_cells())
-    by_scenario = {r.scenario: r for r in recommend(summary(cells), baseline_lengths(cells))}
+    by_scenario = {r.scenario: r for r in _timed_recommendations(tmp_path, _slower_than_full_cells())}
     assert by_scenario["speed first"].choice is None
-    assert by_scenario["speed first"].reason.startswith("nothing beat full on TPOT at this length")
+    assert by_scenario["speed first"].reason.startswith("nothing beat full significantly on TPOT at this length")
     assert by_scenario["long text"].choice is None
-    assert by_scenario["long text"].reason.startswith("nothing beat full on throughput at this length")
+    assert by_scenario["long text"].reason.startswith("nothing beat full significantly on Throughput at this length")
     assert by_scenario["quality first"].choice is not None  # streaming stays within +2% PPL
     rows = recommendation_table(list(by_scenario.values())).rows
     assert ["speed first", "256", by_scenario["speed first"].reason, "–"] in rows
@@ -258,18 +281,21 @@ def test_speed_rules_take_only_configurations_faster_than_full(tmp_path: Path) -
         *_slower_than_full_cells(),
         cell("recent", 64, 256, 0, ppl=105.0, tpot_s=0.0099, throughput_tok_s=100.5),
     ]
-    cells = _frame(tmp_path, rows)
-    chosen = {r.scenario: r.choice for r in recommend(summary(cells), baseline_lengths(cells))}
+    chosen = {r.scenario: r.choice for r in _timed_recommendations(tmp_path, rows)}
     speed, long_text = chosen["speed first"], chosen["long text"]
     assert speed is not None and speed["policy_label"] == "recent" and speed["tpot_s_change_pct"] < 0
     assert long_text is not None and long_text["policy_label"] == "recent"
     assert long_text["throughput_tok_s_change_pct"] > 0
 
 
-def test_speed_rule_texts_say_faster_than_full() -> None:
+def test_speed_rule_texts_say_significant_and_beyond_the_noise_floor() -> None:
     texts = {rule.scenario: rule.text for rule in ALL_RULES}
-    assert "faster than full (mean TPOT change below 0%)" in texts["speed first"]
-    assert "more throughput than full (mean throughput change above 0%)" in texts["long text"]
+    assert (
+        "TPOT change against full is significant and below 0 (its 95% interval over paired trials entirely below 0"
+        in (texts["speed first"])
+    )
+    assert "Throughput change against full is significant and above 0" in texts["long text"]
+    assert all("beyond the run's noise floor" in texts[s] for s in ("speed first", "long text"))
 
 
 @pytest.mark.parametrize("kind", ["missing", "file", "empty"])

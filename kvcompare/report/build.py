@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvcompare.report.content import assemble, relative_tables
-from kvcompare.report.data import load_run
+from kvcompare.report.content import assemble, noise_line, relative_tables
+from kvcompare.report.data import analyse, load_run
 from kvcompare.report.render import render_html, render_markdown, table_md
 
 REPORT_DIR = "report"
@@ -45,6 +45,7 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> ReportPaths:
 
 
 def summary_table(run_dir: Path) -> str:
-    """Relative change against `full` for every length, as Markdown tables for the terminal."""
-    tables = relative_tables(load_run(run_dir).cells)
-    return "\n".join(table_md(table) for table in tables) if tables else "no finished cells"
+    """The noise floor, then the relative change against `full` for every length, as Markdown for the terminal."""
+    analysis = analyse(load_run(run_dir))
+    tables = [table_md(table) for table in relative_tables(analysis)]
+    return "\n".join([noise_line(analysis.noise) + "\n", *(tables or ["no finished cells"])])

@@ -1,6 +1,8 @@
 """Altair charts of the results, saved as PNG (for Markdown) and as Vega-Lite spec (for the HTML page).
 
 Every chart is drawn from data.summary() or data.position_perplexity(), labelled once with the names the tables use.
+Wherever a speed figure is drawn, its 95% interval is drawn with it, as error bars from `<field>_low` to
+`<field>_high`; quality figures have no interval (they are deterministic) and stay points, lines or bars.
 """
 
 from __future__ import annotations
@@ -16,9 +18,16 @@ import altair as alt
 import polars as pl
 
 from kvcompare.report.data import (
+    ACCURACY_CHANGE,
     BASELINE_POLICY,
     METRIC_BY_COLUMN,
     METRICS,
+    PPL_CHANGE,
+    SPEED_CHANGES,
+    THROUGHPUT_CHANGE,
+    TPOT_CHANGE,
+    TTFT_CHANGE,
+    Change,
     Metric,
     config_name,
     lengths_in,
@@ -94,6 +103,18 @@ BASELINE_DASH = alt.StrokeDash(
 FLAT_LABELS = alt.Axis(labelAngle=0)
 
 
+#: Fields drawn with an interval: speed changes and speed figures (their bounds: `<field>_low`, `<field>_high`).
+INTERVAL_FIELDS = frozenset({c.column for c in SPEED_CHANGES} | {m.column for m in METRICS if m.speed})
+
+
+def _interval(x: alt.X, field: str, axis_title: str, color: alt.Color) -> list[alt.Chart]:
+    """The error bars of `field` when it is a speed figure; none for a quality figure."""
+    if field not in INTERVAL_FIELDS:
+        return []
+    bars = alt.Chart().mark_errorbar(ticks={"size": 6}, thickness=1.5)
+    return [bars.encode(x=x, y=alt.Y(f"{field}_low:Q", title=axis_title), y2=alt.Y2(f"{field}_high:Q"), color=color)]
+
+
 def _zero_rule() -> alt.Chart:
     """The baseline on a relative chart: 0% change."""
     return alt.Chart().mark_rule(color=BASELINE_COLOR, strokeDash=[4, 2]).encode(y=alt.datum(0))
@@ -136,9 +157,9 @@ def _with_baseline_per_cache(frame: pl.DataFrame) -> pl.DataFrame:
     return pl.concat([evicting, baseline.drop("cache_size").join(caches, how="cross").select(frame.columns)])
 
 
-def _change_fields(*columns: str) -> list[tuple[str, str]]:
+def _change_fields(*changes: Change) -> list[tuple[str, str]]:
     """(change column, axis title) for relative panels."""
-    return [(METRIC_BY_COLUMN[c].change_column, f"{METRIC_BY_COLUMN[c].title} {CHANGE_TITLE}") for c in columns]
+    return [(c.column, f"{c.title} {CHANGE_TITLE}") for c in changes]
 
 
 def _relative_rows(summary: pl.DataFrame) -> pl.DataFrame:
@@ -149,15 +170,17 @@ def _relative_rows(summary: pl.DataFrame) -> pl.DataFrame:
 
 
 def _display_units(summary: pl.DataFrame, metrics: Sequence[Metric]) -> pl.DataFrame:
-    """Means (and mean ± std bounds) in the units the axes state."""
+    """Means in the units the axes state, with `<column>_low`/`_high`: the interval of a speed figure (see
+    data.aggregate()), mean ± std over samples for the others."""
     columns = []
     for m in metrics:
-        mean, std = pl.col(f"{m.column}_mean") * m.scale, pl.col(f"{m.column}_std") * m.scale
-        columns += [
-            mean.alias(m.column),
-            (mean - std).alias(f"{m.column}_lo"),
-            (mean + std).alias(f"{m.column}_hi"),
-        ]
+        mean = pl.col(f"{m.column}_mean") * m.scale
+        if m.speed:
+            low, high = pl.col(m.low) * m.scale, pl.col(m.high) * m.scale
+        else:
+            std = pl.col(f"{m.column}_std") * m.scale
+            low, high = mean - std, mean + std
+        columns += [mean.alias(m.column), low.alias(f"{m.column}_low"), high.alias(f"{m.column}_high")]
     return summary.with_columns(columns)
 
 
@@ -182,7 +205,7 @@ def metrics_by_config(summary: pl.DataFrame, seq_len: int, color: alt.Color) -> 
         spread = (
             alt.Chart()
             .mark_errorbar(color=BASELINE_COLOR)
-            .encode(x=x, y=alt.Y(f"{field}_lo:Q", title=axis_title), y2=f"{field}_hi:Q")
+            .encode(x=x, y=alt.Y(f"{field}_low:Q", title=axis_title), y2=alt.Y2(f"{field}_high:Q"))
         )
         return [bars, spread]
 
@@ -190,7 +213,8 @@ def metrics_by_config(summary: pl.DataFrame, seq_len: int, color: alt.Color) -> 
         data,
         [(m.column, m.label) for m in METRICS],
         layers,
-        f"Every metric by configuration, length {seq_len} tokens (mean ± std over samples)",
+        f"Every metric by configuration, length {seq_len} tokens (speed: median over trials with its 95% "
+        "interval; other metrics: mean ± std over samples)",
     )
 
 
@@ -198,26 +222,35 @@ def cache_tradeoff(summary: pl.DataFrame, color: alt.Color) -> alt.ConcatChart:
     data = _relative_rows(summary)
 
     def layers(field: str, axis_title: str) -> list[alt.Chart]:
+        x = alt.X("cache_size:O", title="Cache limit (tokens)", axis=FLAT_LABELS)
         lines = (
             alt.Chart()
             .mark_line(point=True)
             .encode(
-                x=alt.X("cache_size:O", title="Cache limit (tokens)", axis=FLAT_LABELS),
+                x=x,
                 y=alt.Y(f"{field}:Q", title=axis_title),
                 color=color,
-                tooltip=["series:N", "cache_size:O", f"{field}:Q", "n_paired:Q"],
+                tooltip=["series:N", "cache_size:O", f"{field}:Q", *_interval_tooltip(field)],
             )
         )
-        return [_zero_rule(), lines]
+        return [_zero_rule(), lines, *_interval(x, field, axis_title, color)]
 
     return _panels(
         data,
-        _change_fields("ppl", "ttft_s", "tpot_s"),
+        _change_fields(PPL_CHANGE, TTFT_CHANGE, TPOT_CHANGE, THROUGHPUT_CHANGE),
         layers,
-        "Quality and speed against the cache limit (paired mean change vs full; 0% = full)",
+        "Quality and speed against the cache limit (paired mean change vs full; 0% = full; speed with its 95% "
+        "interval over paired trials)",
         row=ROW_LENGTH,
-        columns=3,
+        columns=4,
     )
+
+
+def _interval_tooltip(field: str) -> list[str]:
+    """A relative panel's tooltip: the interval and pair count of a speed change, the paired samples else."""
+    if field in INTERVAL_FIELDS:
+        return [f"{field}_low:Q", f"{field}_high:Q", f"{field}_n:Q"]
+    return ["n_paired:Q"]
 
 
 def length_effect(summary: pl.DataFrame, color: alt.Color) -> alt.ConcatChart:
@@ -227,23 +260,26 @@ def length_effect(summary: pl.DataFrame, color: alt.Color) -> alt.ConcatChart:
     data = _with_baseline_per_cache(_display_units(summary, metrics))
 
     def layers(field: str, axis_title: str) -> list[alt.Chart]:
+        x = alt.X("seq_len:O", title="Length (tokens)", axis=FLAT_LABELS)
         return [
             alt.Chart()
             .mark_line(point=True)
             .encode(
-                x=alt.X("seq_len:O", title="Length (tokens)", axis=FLAT_LABELS),
+                x=x,
                 y=alt.Y(f"{field}:Q", title=axis_title, scale=alt.Scale(zero=False)),
                 color=color,
                 strokeDash=BASELINE_DASH,
                 tooltip=["config:N", "seq_len:O", f"{field}:Q"],
-            )
+            ),
+            *_interval(x, field, axis_title, color),
         ]
 
     return _panels(
         data,
         [(m.column, m.label) for m in metrics],
         layers,
-        "Baseline (full, dashed black) and policies across lengths (mean over samples)",
+        "Baseline (full, dashed black) and policies across lengths (mean over samples; throughput with the "
+        "range of its 95% intervals)",
         column=COLUMN_CACHE,
         columns=1,
     )
@@ -267,7 +303,7 @@ def policies_at_cache(summary: pl.DataFrame, color: alt.Color) -> alt.ConcatChar
 
     return _panels(
         data,
-        _change_fields("ppl", "accuracy"),
+        _change_fields(PPL_CHANGE, ACCURACY_CHANGE),
         layers,
         "Policies at the same cache limit (paired mean change vs full)",
         row=ROW_LENGTH,

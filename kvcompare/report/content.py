@@ -6,6 +6,7 @@ neither can add, drop, reorder or reword a section. Text is inline Markdown (`co
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,30 +20,38 @@ from kvcompare.report.charts import ChartFile, ChartSet, build_charts
 from kvcompare.report.data import (
     ALL_RULES,
     BASELINE_POLICY,
+    CHANGES,
     METRIC_BY_COLUMN,
     METRICS,
-    RELATIVE_METRICS,
+    NOISE_CHANGES,
+    PPL_CHANGE,
+    Analysis,
+    Change,
     Metric,
+    NoiseFloor,
     Recommendation,
     RunData,
-    baseline_lengths,
+    analyse,
     config_name,
+    estimate,
     failed_cells,
     lengths_in,
     ok_cells,
     policy_name,
     position_perplexity,
-    recommend,
-    several_position_modes,
-    summary,
 )
+from kvcompare.stats import Estimate
 
 TITLE = "KV-cache eviction report"
 MISSING = "–"
+#: Marks a speed change whose 95% interval includes 0: not distinguishable from no change.
+NOT_SIGNIFICANT = "≈"
 
 RELATIVE_METHOD = (
-    "Relative changes are paired: each sample is compared with the same sample's `full` baseline, "
-    "then the per-sample changes are averaged over samples."
+    "Quality changes (PPL, accuracy) are paired per sample: each cell is compared with the same sample's `full` "
+    "cell, then the per-sample changes are averaged over samples. Speed changes (TTFT, TPOT, throughput) are "
+    "paired per trial: each latency trial is compared with the `full` trial of the same passage, position mode, "
+    "session and round, then averaged over those pairs (samples × rounds), with a 95% bootstrap interval."
 )
 #: Said once, in the results section: why the baseline's rows carry no position mode.
 BASELINE_POSITIONS = (
@@ -54,13 +63,42 @@ BASELINE_PER_MODE = (
     "policies are paired with, and named after it: `full (for positions=…)`."
 )
 RELATIVE_NOTE = (
-    "Relative change = 100 × (policy − full) / full, computed per sample against the same sample's `full` "
-    "baseline (same length, passage and position mode) and then averaged over the samples that have a "
-    "baseline (paired n). Signs: negative TTFT/TPOT = faster; positive throughput = faster; "
-    "positive PPL = worse; accuracy is in % of the baseline accuracy (−2.8% = 2.8% lower, relative)."
+    "Relative change = 100 × (policy − full) / full. Speed (TTFT, TPOT, throughput): the mean over trial pairs "
+    "(speed pairs: samples × rounds) with its seeded bootstrap 95% interval over the pairs in brackets; "
+    f"`{NOT_SIGNIFICANT}` marks a change whose interval includes 0 (not significant), and a change without an "
+    "interval (one pair, or a run without raw timings) says so and is never significant. TTFT is compared like "
+    "for like, with `full` prefilled in the same chunks; TTFT vs one-pass full compares it with `full` prefilling "
+    "the prompt in one pass, what a user of full attention waits for. Quality (PPL, accuracy): the mean over "
+    "samples of the per-sample change against the same sample's `full` cell, deterministic, so no interval "
+    "(paired samples: samples with a `full` cell). Signs: negative TTFT/TPOT = faster; positive throughput = "
+    "faster; positive PPL = worse; accuracy is in % of the baseline accuracy (−2.8% = 2.8% lower, relative)."
 )
-ABSOLUTE_NOTE = "Mean ± standard deviation over samples (successful cells only); n = samples."
-RULES_LEAD = "Rules (applied to the mean over samples):"
+ABSOLUTE_NOTE = (
+    "Speed (TTFT, TTFT one pass, TPOT, throughput): a cell's figure is the median over its latency trials. With "
+    "one sample: that median and, in brackets, its 95% bootstrap interval over trials. With several samples: the "
+    "mean of the samples' medians and, in brackets, the range the samples' intervals cover (lowest low to "
+    "highest high), which also spans passage-to-passage differences. TTFT: the prompt prefilled in chunks of "
+    "`prefill_chunk` tokens, as every policy prefills it; TTFT one pass (`full` only): the prompt prefilled in "
+    "one pass (chunks of at most 8192 tokens). Other columns: mean ± standard deviation over samples. n = "
+    "samples (successful cells only)."
+)
+PHYSICS_NOTE = (
+    "What one decode step at the end of the prompt must read: the model's weights and the keys and values it "
+    "attends, summed over layers (skip layers keep every token). TPOT floor = (weights + KV read) / the memory "
+    "bandwidth measured at the start of the run ({bandwidth}): no decode step can be faster. Measured TPOT as in "
+    "the absolute table. Where the weights dominate the bytes, evicting tokens cannot save much; where the keys "
+    "and values dominate, it can."
+)
+NOISE_NOTE = (
+    "The A/A control: `full` timed a second time in each round, paired with that round's `full` trial exactly "
+    "as a policy's trial is. Its true change is 0; its interval shows how far two identical configurations "
+    "drift apart on this machine. Noise floor of a metric = the larger of |low| and |high| of its interval over "
+    "all lengths."
+)
+RULES_LEAD = (
+    "Rules (quality: mean change over samples; speed: mean change over paired trials, with its 95% interval "
+    "and the run's noise floor):"
+)
 NO_RESULTS = "No successful cell: nothing to tabulate."
 
 
@@ -109,6 +147,7 @@ class Section:
     blocks: Sequence[Block]
     intro: str = ""  # a paragraph under the heading
     empty: str = ""  # shown instead of the blocks when there are none
+    collapsed: bool = False  # HTML: folded under its heading until opened (the protocol)
 
 
 @dataclass(frozen=True)
@@ -130,24 +169,58 @@ def format_change(value: float | None) -> str:
     return MISSING if value is None else f"{value:+.1f}%"
 
 
+def format_estimate(found: Estimate) -> str:
+    """A speed change: `-12.3% [-15.1, -9.0]`; `≈ +2.1% [-3.0, +7.4]` when its interval includes 0;
+    `+2.1% (n=1, no interval)` when it has none, which is never significant."""
+    if found.value is None:
+        return MISSING
+    text = format_change(found.value)
+    if found.low is None or found.high is None:
+        return f"{text} (n={found.n}, no interval)"
+    interval = f"[{found.low:+.1f}, {found.high:+.1f}]"
+    return f"{text} {interval}" if found.significant else f"{NOT_SIGNIFICANT} {text} {interval}"
+
+
+def format_row_change(row: dict[str, Any], change: Change) -> str:
+    """A change of a summary() row: speed with its interval, quality as a plain paired mean."""
+    return format_estimate(estimate(row, change)) if change.speed else format_change(row[change.column])
+
+
 def _mean_std(row: dict[str, Any], metric: Metric) -> str:
     mean, std = row[f"{metric.column}_mean"], row[f"{metric.column}_std"]
     return format_value(mean, metric) if std is None else f"{format_value(mean, metric)} ± {format_value(std, metric)}"
 
 
+def _median_interval(row: dict[str, Any], metric: Metric) -> str:
+    """A speed figure of an aggregate() row: the (mean of the samples') median over trials, [low, high]."""
+    value, low, high = row[f"{metric.column}_mean"], row[metric.low], row[metric.high]
+    if value is None:
+        return MISSING
+    if low is None or high is None:
+        return f"{format_value(value, metric)} (no interval)"
+    return f"{format_value(value, metric)} [{format_value(low, metric)}, {format_value(high, metric)}]"
+
+
+def _absolute(row: dict[str, Any], metric: Metric) -> str:
+    return _median_interval(row, metric) if metric.speed else _mean_std(row, metric)
+
+
+def _at(summary: pl.DataFrame, seq_len: int, evicting_only: bool = False) -> list[dict[str, Any]]:
+    rows = summary.filter(pl.col("seq_len") == seq_len)
+    return list((rows.filter(pl.col("policy") != BASELINE_POLICY) if evicting_only else rows).iter_rows(named=True))
+
+
+def _limit(row: dict[str, Any]) -> str:
+    return MISSING if row["cache_size"] is None else str(row["cache_size"])
+
+
 def absolute_table(summary: pl.DataFrame, seq_len: int, several_modes: bool = False) -> Table:
-    rows = summary.filter(pl.col("seq_len") == seq_len).iter_rows(named=True)
     return Table(
         title=f"Absolute values, length {seq_len} tokens",
         headers=["Policy", "Cache limit (tokens)", "n", *(m.label for m in METRICS)],
         rows=[
-            [
-                policy_name(r, several_modes),
-                MISSING if r["cache_size"] is None else str(r["cache_size"]),
-                str(r["n"]),
-                *(_mean_std(r, m) for m in METRICS),
-            ]
-            for r in rows
+            [policy_name(r, several_modes), _limit(r), str(r["n"]), *(_absolute(r, m) for m in METRICS)]
+            for r in _at(summary, seq_len)
         ],
         note=ABSOLUTE_NOTE,
     )
@@ -156,7 +229,13 @@ def absolute_table(summary: pl.DataFrame, seq_len: int, several_modes: bool = Fa
 def relative_table(summary: pl.DataFrame, seq_len: int, has_baseline: bool) -> Table:
     """Changes vs `full`; a configuration whose samples never met a baseline says so in its row."""
     title = f"Relative change vs full, length {seq_len} tokens"
-    headers = ["Policy", "Cache limit (tokens)", "paired n", *(f"Δ {m.title} (%)" for m in RELATIVE_METRICS)]
+    headers = [
+        "Policy",
+        "Cache limit (tokens)",
+        "paired samples",
+        "speed pairs",
+        *(f"Δ {c.title} (%)" for c in CHANGES),
+    ]
     if not has_baseline:
         return Table(
             title,
@@ -166,31 +245,111 @@ def relative_table(summary: pl.DataFrame, seq_len: int, has_baseline: bool) -> T
             empty=f"no baseline: no successful `full` cell at length {seq_len}, so no relative change",
         )
     rows = []
-    for r in summary.filter((pl.col("seq_len") == seq_len) & (pl.col("policy") != BASELINE_POLICY)).iter_rows(
-        named=True
-    ):
+    for r in _at(summary, seq_len, evicting_only=True):
         paired = r["n_paired"] is not None
-        changes = [format_change(r[m.change_column]) if paired else "no baseline" for m in RELATIVE_METRICS]
-        rows.append([policy_name(r), str(r["cache_size"]), str(r["n_paired"] or 0), *changes])
+        changes = [format_row_change(r, c) if paired else "no baseline" for c in CHANGES]
+        pairs = str(r[NOISE_CHANGES[0].n] or 0) if paired and r["speed_from_trials"] else MISSING
+        rows.append([policy_name(r), str(r["cache_size"]), str(r["n_paired"] or 0), pairs, *changes])
     return Table(title, headers, rows, RELATIVE_NOTE, empty="no evicting configuration at this length")
 
 
-def relative_tables(cells: pl.DataFrame) -> list[Table]:
+#: The measured TPOT beside its floor, in the floor's unit.
+TPOT_MS = dataclasses.replace(METRIC_BY_COLUMN["tpot_s"], unit="ms", decimals=2, scale=1000.0)
+MIB = METRIC_BY_COLUMN["peak_kv_bytes"]
+
+
+def _bandwidth(meta: dict[str, Any]) -> str:
+    bandwidth = (meta.get("speed") or {}).get("memory_bandwidth_bytes_s")
+    return f"{bandwidth / 1e9:.1f} GB/s" if isinstance(bandwidth, int | float) and bandwidth > 0 else "not recorded"
+
+
+def physics_table(summary: pl.DataFrame, seq_len: int, meta: dict[str, Any], several_modes: bool = False) -> Table:
+    """Bytes per decode step, the TPOT they allow at the measured bandwidth, and the TPOT measured."""
+    rows = []
+    for r in _at(summary, seq_len):
+        kv, weights, floor = r["kv_read_bytes_mean"], r["weight_bytes_mean"], r["tpot_floor_s_mean"]
+        if kv is None and weights is None and floor is None:
+            continue
+        measured = r["tpot_s_mean"]
+        ratio = f"×{measured / floor:.1f}" if measured is not None and floor else MISSING
+        floor_ms = MISSING if floor is None else f"{floor * 1000:.2f}"
+        rows.append(
+            [
+                config_name(r, several_modes),
+                format_value(kv, MIB),
+                format_value(weights, MIB),
+                floor_ms,
+                _median_interval(r, TPOT_MS),
+                ratio,
+            ]
+        )
+    return Table(
+        f"Physics of a decode step, length {seq_len} tokens",
+        [
+            "Configuration",
+            "KV read per step (MiB)",
+            "Weights (MiB)",
+            "TPOT floor (ms)",
+            "Measured TPOT (ms)",
+            "Measured / floor",
+        ],
+        rows,
+        PHYSICS_NOTE.format(bandwidth=_bandwidth(meta)),
+        empty="no physics recorded (bytes per step and TPOT floor): a run older than these columns",
+    )
+
+
+def relative_tables(analysis: Analysis) -> list[Table]:
     """The relative-change table of every length, as `kvcompare run` prints them."""
-    stats, with_baseline = summary(cells), baseline_lengths(cells)
-    return [relative_table(stats, n, n in with_baseline) for n in lengths_in(stats)]
+    stats = analysis.summary
+    return [relative_table(stats, n, n in analysis.baseline_lengths) for n in lengths_in(stats)]
+
+
+def noise_line(noise: NoiseFloor) -> str:
+    """The noise floor in one sentence: said at the top of every report and of the terminal summary."""
+    if not noise.measured:
+        return (
+            f"**Noise floor:** could not be measured in this run, because {noise.reason}; speed changes are judged "
+            "by their own intervals only."
+        )
+    floors = [f"±{floor:.1f}% ({c.title})" for c in NOISE_CHANGES if (floor := noise.floor(c)) is not None]
+    return (
+        f"**Noise floor:** speed differences smaller than {_join(floors)} are not distinguishable on this machine "
+        "in this run (per metric: the larger of |low| and |high| of the 95% interval of the A/A control's change, "
+        f"`full` timed twice in the same round, over {noise.pairs} pairs)."
+    )
+
+
+def noise_table(noise: NoiseFloor) -> Table:
+    """The A/A control's change per length and over all lengths, and the floor taken from the latter."""
+    rows = [
+        [str(r["seq_len"]), str(r[NOISE_CHANGES[0].n]), *(format_estimate(estimate(r, c)) for c in NOISE_CHANGES)]
+        for r in noise.by_length.sort("seq_len").iter_rows(named=True)
+    ]
+    if noise.changes:
+        all_lengths = [noise.changes.get(c.column, Estimate(None, None, None, 0)) for c in NOISE_CHANGES]
+        rows.append(["all lengths", str(noise.pairs), *(format_estimate(e) for e in all_lengths)])
+        floors = [noise.floor(c) for c in NOISE_CHANGES]
+        rows.append(["noise floor", "", *(MISSING if f is None else f"±{f:.1f}%" for f in floors)])
+    return Table(
+        "A/A control (noise floor)",
+        ["Length (tokens)", "A/A pairs", *(f"Δ {c.title} (%)" for c in NOISE_CHANGES)],
+        rows,
+        NOISE_NOTE,
+        empty=f"no A/A pair: {noise.reason}",
+    )
 
 
 def _evidence(row: dict[str, Any]) -> str:
     parts = [
-        f"PPL {format_change(row['ppl_change_pct'])}"
-        if row["ppl_change_pct"] is not None
+        f"PPL {format_change(row[PPL_CHANGE.column])}"
+        if row[PPL_CHANGE.column] is not None
         else "PPL change: no baseline"
     ]
     parts += [
-        f"{m.title} {format_change(row[m.change_column])}"
-        for m in RELATIVE_METRICS
-        if m.column != "ppl" and row[m.change_column] is not None
+        f"{c.title} {format_row_change(row, c)}"
+        for c in CHANGES
+        if c.like_for_like and c is not PPL_CHANGE and row[c.column] is not None
     ]
     kv = METRIC_BY_COLUMN["peak_kv_bytes"]
     parts.append(f"{kv.title} {format_value(row['peak_kv_bytes_mean'], kv)} {kv.unit}")
@@ -209,7 +368,7 @@ def recommendation_table(recommendations: list[Recommendation]) -> Table:
     ]
     return Table(
         "Recommended configurations",
-        ["Scenario", "Length (tokens)", "Choice", "Evidence (mean over samples)"],
+        ["Scenario", "Length (tokens)", "Choice", "Evidence (changes vs full; speed with its 95% interval)"],
         rows,
         empty="no configuration to recommend: no successful evicting cells",
     )
@@ -319,25 +478,117 @@ def beyond_context_notices(cells: pl.DataFrame) -> list[str]:
     return sorted(notices)
 
 
+def load_notices(meta: dict[str, Any]) -> list[str]:
+    """A warning when the 1-minute load average at the start or end of the run exceeded the machine's cores
+    (run.json's speed.cpu_count; without it, the threads the run used)."""
+    speed = meta.get("speed") or {}
+    cores, what = speed.get("cpu_count"), "CPU cores"
+    if not isinstance(cores, int | float) or cores <= 0:
+        cores, what = speed.get("threads"), "threads the run used (run.json records no core count)"
+    if not isinstance(cores, int | float) or cores <= 0:
+        return []
+    high = [
+        f"{load[0]:g} at the {when}"
+        for when, key in (("start", "load_average_start"), ("end", "load_average_end"))
+        if isinstance(load := speed.get(key), list) and load and isinstance(load[0], int | float) and load[0] > cores
+    ]
+    if not high:
+        return []
+    return [
+        f"The 1-minute load average was {_join(high)} of the run, above the {cores:g} {what}: other work competed "
+        "for the processor, so speed figures may be slower and noisier than this machine allows."
+    ]
+
+
+def timing_notices(summary: pl.DataFrame) -> list[str]:
+    """Say where speed changes come from cell-level means, without intervals (runs older than raw timings)."""
+    paired = summary.filter((pl.col("policy") != BASELINE_POLICY) & pl.col("n_paired").is_not_null())
+    without = paired.filter(~pl.col("speed_from_trials").fill_null(False)).height
+    if not without:
+        return []
+    consequence = (
+        "speed changes are the cell-level paired means over samples, without intervals; none is marked "
+        "significant, and no speed rule recommends anything on them."
+    )
+    if without == paired.height:
+        return [f"This run has no raw trial timings (`timings/`) paired with `full`: {consequence}"]
+    return [
+        f"{without} of {paired.height} configurations have no raw trial timings paired with `full`: their "
+        + consequence
+    ]
+
+
+def _distinct(cells: pl.DataFrame, column: str, fallback: Any = None) -> list[str]:
+    """The distinct values of a cells column, sorted; else run.json's value (a list or one value)."""
+    found = sorted(cells[column].drop_nulls().unique().to_list()) if column in cells.columns else []
+    if not found and fallback is not None:
+        found = fallback if isinstance(fallback, list) else [fallback]
+    return [str(value) for value in found]
+
+
+def compared(run: RunData) -> dict[str, str]:
+    """What the run compared, for the reader in a hurry: from the cells where they say it, else run.json."""
+    cells, config = run.cells, run.meta.get("config") or {}
+    speed, environment = run.meta.get("speed") or {}, run.meta.get("environment") or {}
+    unknown = "not recorded"
+
+    def listed(column: str, key: str) -> str:
+        return ", ".join(_distinct(cells, column, config.get(key))) or unknown
+
+    evicting = cells.filter(pl.col("policy") != BASELINE_POLICY)
+    policies = _distinct(evicting, "policy_label") or [p for p in config.get("policies", []) if p != BASELINE_POLICY]
+    lengths = []
+    for seq_len in lengths_in(cells):
+        samples = cells.filter(pl.col("seq_len") == seq_len)["sample_id"].n_unique()
+        lengths.append(f"{seq_len} ({samples} sample{'s' if samples != 1 else ''})")
+    repeats = _distinct(cells, "repeats", config.get("repeats"))
+    trials = f"{', '.join(repeats)} per cell, in interleaved rounds" if repeats else "repeats not recorded"
+    chunk, gen, warmup = (
+        listed(*keys) for keys in (("prefill_chunk", "prefill_chunk"), ("gen_tokens", "gen"), ("warmup", "warmup"))
+    )
+    device = environment.get("device_name") or listed("device", "device")
+    if speed.get("threads"):  # what the run set; a CPU's name says the threads torch had before
+        device += f"; timed with {speed['threads']} threads"
+    if speed.get("memory_bandwidth_bytes_s"):
+        device += f", memory bandwidth {_bandwidth(run.meta)} (measured at the start of the run)"
+    return {
+        "model": listed("model", "model"),
+        "dataset": listed("dataset", "dataset"),
+        "policies": (", ".join(policies) or "none") + " against `full`",
+        "cache limits (tokens)": listed("cache_size", "cache_sizes"),
+        "position modes": listed("positions", "positions"),
+        "lengths (tokens)": ", ".join(lengths) or listed("seq_len", "lengths"),
+        "latency trials": f"{trials}; the prompt prefilled in chunks of {chunk} tokens, then {gen} tokens timed "
+        f"after {warmup} warm-up steps",
+        "device": device,
+    }
+
+
 def assemble(run: RunData, charts_dir: Path) -> Report:
-    """Compute tables, recommendations and charts (written to charts_dir) for one run, in reading order."""
-    stats = summary(run.cells)
-    with_baseline = baseline_lengths(run.cells)
-    several_modes = several_position_modes(run.cells)
+    """Compute tables, recommendations and charts (written to charts_dir) for one run, in reading order:
+    the headline first (what was compared, the noise floor, the recommendations), the protocol last."""
+    analysis = analyse(run)
+    stats, several_modes = analysis.summary, analysis.several_modes
     charts = build_charts(stats, position_perplexity(run.curves, run.cells), charts_dir, several_modes)
     results = [
         table
         for n in lengths_in(stats)
-        for table in (relative_table(stats, n, n in with_baseline), absolute_table(stats, n, several_modes))
+        for table in (
+            relative_table(stats, n, n in analysis.baseline_lengths),
+            absolute_table(stats, n, several_modes),
+            physics_table(stats, n, run.meta, several_modes),
+        )
     ]
     baseline_note = f"{BASELINE_POSITIONS} {BASELINE_PER_MODE}" if several_modes else BASELINE_POSITIONS
     sections = [
-        Section("Protocol", [Markdown(PROTOCOL_MD)]),
         Section(
-            "Recommendations",
+            "Summary",
             [
+                Definitions("What was compared:", compared(run)),
+                Markdown(noise_line(analysis.noise)),
+                recommendation_table(analysis.recommendations),
                 Definitions(RULES_LEAD, {rule.scenario: rule.text for rule in ALL_RULES}),
-                recommendation_table(recommend(stats, with_baseline)),
+                noise_table(analysis.noise),
             ],
         ),
         Section("Results by length", results, intro=f"{RELATIVE_METHOD} {baseline_note}", empty=NO_RESULTS),
@@ -357,5 +608,7 @@ def assemble(run: RunData, charts_dir: Path) -> Report:
             ],
         ),
         Section("Run", [metadata_table(run.meta)]),
+        Section("Protocol", [Markdown(PROTOCOL_MD)], collapsed=True),
     ]
-    return Report(report_title(run.run_dir, run.meta), sections, charts, beyond_context_notices(run.cells))
+    notices = [*beyond_context_notices(run.cells), *load_notices(run.meta), *timing_notices(stats)]
+    return Report(report_title(run.run_dir, run.meta), sections, charts, notices)

@@ -1,5 +1,6 @@
-"""The report's numbers: a run directory read into frames, means over samples, paired changes against `full`,
-the names of configurations, and the recommendations chosen from the numbers by fixed, stated rules.
+"""The report's numbers: a run directory read into frames, means over samples, paired changes against `full`
+(speed from the raw trial timings, with intervals), the run's noise floor, the names of configurations, and
+the recommendations chosen from the numbers by fixed, stated rules.
 
 Nothing here formats a table or writes a file; content.py says things about these numbers, charts.py draws them.
 """
@@ -7,6 +8,7 @@ Nothing here formats a table or writes a file; content.py says things about thes
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,16 @@ import polars as pl
 import pyarrow as pa
 
 from kvcompare.errors import KVCompareError
-from kvcompare.schema import CURVE_SCHEMA, CURVES_GLOB, RESULT_SCHEMA, RESULTS_GLOB, RUN_JSON
+from kvcompare.schema import (
+    CURVE_SCHEMA,
+    CURVES_GLOB,
+    RESULT_SCHEMA,
+    RESULTS_GLOB,
+    RUN_JSON,
+    TIMINGS_GLOB,
+    TIMINGS_SCHEMA,
+)
+from kvcompare.stats import Estimate, mean_estimate
 
 # --- Loading: tolerate what an interrupted or partial run leaves behind ---------------------------------------
 
@@ -47,6 +58,7 @@ class RunData:
     meta: dict[str, Any]  # run.json, {} when absent
     cells: pl.DataFrame  # RESULT_SCHEMA, one row per cell (latest attempt)
     curves: pl.DataFrame  # CURVE_SCHEMA
+    timings: pl.DataFrame  # TIMINGS_SCHEMA, every trial's raw rows; empty for runs older than repeated trials
     problems: list[str] = field(default_factory=list)  # files that could not be read
 
 
@@ -80,7 +92,7 @@ def _latest_attempt(cells: pl.DataFrame) -> pl.DataFrame:
 
 
 def load_run(run_dir: Path) -> RunData:
-    """Load run.json, cells and curves; any of them may be missing, but not all (ReportError)."""
+    """Load run.json, cells, curves and timings; any of them may be missing, but not all (ReportError)."""
     check_run_dir(run_dir)
     problems: list[str] = []
     meta_path = run_dir / RUN_JSON
@@ -92,43 +104,113 @@ def load_run(run_dir: Path) -> RunData:
             problems.append(f"{RUN_JSON}: {exc}")
     cells = _latest_attempt(_read_parquet_dir(run_dir, RESULTS_GLOB, RESULT_SCHEMA, problems))
     curves = _read_parquet_dir(run_dir, CURVES_GLOB, CURVE_SCHEMA, problems)
-    return RunData(run_dir=run_dir, meta=meta, cells=cells, curves=curves, problems=problems)
+    timings = _read_parquet_dir(run_dir, TIMINGS_GLOB, TIMINGS_SCHEMA, problems)
+    return RunData(run_dir=run_dir, meta=meta, cells=cells, curves=curves, timings=timings, problems=problems)
 
 
-# --- Metrics: titles and display units, so tables and charts agree ------------------------------------------
+# --- Metrics and changes: titles and display units, so tables and charts agree ------------------------------
+
+
+class Bounded:
+    """A figure's column and, beside it, the ends of its 95% interval: `<column>_low` and `<column>_high`
+    (the names tables and charts read, so that every speed figure is drawn with its interval alike)."""
+
+    column: str
+
+    @property
+    def low(self) -> str:
+        return f"{self.column}_low"
+
+    @property
+    def high(self) -> str:
+        return f"{self.column}_high"
 
 
 @dataclass(frozen=True)
-class Metric:
-    """A result column and how a reader sees it."""
+class Metric(Bounded):
+    """A result column and how a reader sees it; a speed metric's `low`/`high` are, per configuration, the
+    lowest and highest ends of its cells' intervals over trials (aggregate())."""
 
     column: str
     title: str
     unit: str  # unit after `scale` is applied; "" for unitless
     decimals: int
     scale: float = 1.0  # stored value * scale = displayed value
-    relative: bool = False  # compared against the `full` baseline
+    interval: str | None = None  # speed: prefix of the row's interval over trials (`tpot` -> tpot_ci_low)
 
     @property
     def label(self) -> str:
         return f"{self.title} ({self.unit})" if self.unit else self.title
 
     @property
-    def change_column(self) -> str:
-        return f"{self.column}_change_pct"
+    def speed(self) -> bool:
+        return self.interval is not None
 
 
 METRICS: tuple[Metric, ...] = (
-    Metric("ttft_s", "TTFT", "s", 4, relative=True),
-    Metric("tpot_s", "TPOT", "s", 5, relative=True),
-    Metric("throughput_tok_s", "Throughput", "tokens/s", 1, relative=True),
-    Metric("ppl", "PPL", "", 3, relative=True),
-    Metric("accuracy", "Accuracy", "", 4, relative=True),
+    Metric("ttft_s", "TTFT", "s", 4, interval="ttft"),
+    Metric("ttft_oneshot_s", "TTFT one pass", "s", 4, interval="ttft_oneshot"),
+    Metric("tpot_s", "TPOT", "s", 5, interval="tpot"),
+    Metric("throughput_tok_s", "Throughput", "tokens/s", 1, interval="throughput"),
+    Metric("ppl", "PPL", "", 3),
+    Metric("accuracy", "Accuracy", "", 4),
     Metric("peak_kv_bytes", "Peak KV", "MiB", 2, scale=1 / 2**20),
     Metric("evict_share", "Eviction share", "%", 1, scale=100.0),
 )
-RELATIVE_METRICS: tuple[Metric, ...] = tuple(m for m in METRICS if m.relative)
 METRIC_BY_COLUMN: dict[str, Metric] = {m.column: m for m in METRICS}
+#: What one decode step must read, per cell (the same for every sample of a configuration and length).
+PHYSICS_COLUMNS: tuple[str, ...] = ("kv_read_bytes", "weight_bytes", "tpot_floor_s")
+
+
+@dataclass(frozen=True)
+class Change(Bounded):
+    """A relative change against `full`, 100 × (policy − full) / full in %, averaged over pairs.
+
+    Speed changes pair trials (same passage, position mode, session and round) and carry a bootstrap
+    interval over the pairs; quality changes pair cells per sample and are deterministic, with no interval.
+    """
+
+    column: str  # the mean change; `low`, `high`, `n` name its interval and pair count
+    title: str
+    value: str  # the policy's figure: a trial figure (speed) or a row column (quality)
+    base: str  # the `full` figure it is compared with
+    speed: bool
+
+    @property
+    def n(self) -> str:
+        return f"{self.column}_n"
+
+    @property
+    def noise(self) -> str:
+        """The run's noise floor for this change, as recommend() adds it beside each configuration."""
+        return f"{self.column}_noise"
+
+    @property
+    def like_for_like(self) -> bool:
+        """Compared with the same figure of `full` (TTFT with TTFT, not with the one-pass TTFT)."""
+        return self.value == self.base
+
+
+TTFT_CHANGE = Change("ttft_s_change_pct", "TTFT", "ttft_s", "ttft_s", speed=True)
+TTFT_ONESHOT_CHANGE = Change("ttft_oneshot_change_pct", "TTFT vs one-pass full", "ttft_s", "ttft_oneshot_s", True)
+TPOT_CHANGE = Change("tpot_s_change_pct", "TPOT", "tpot_s", "tpot_s", speed=True)
+THROUGHPUT_CHANGE = Change(
+    "throughput_tok_s_change_pct", "Throughput", "throughput_tok_s", "throughput_tok_s", speed=True
+)
+PPL_CHANGE = Change("ppl_change_pct", "PPL", "ppl", "ppl", speed=False)
+ACCURACY_CHANGE = Change("accuracy_change_pct", "Accuracy", "accuracy", "accuracy", speed=False)
+CHANGES: tuple[Change, ...] = (
+    TTFT_CHANGE,
+    TTFT_ONESHOT_CHANGE,
+    TPOT_CHANGE,
+    THROUGHPUT_CHANGE,
+    PPL_CHANGE,
+    ACCURACY_CHANGE,
+)
+SPEED_CHANGES: tuple[Change, ...] = tuple(c for c in CHANGES if c.speed)
+#: What the A/A control measures: `full` against itself, figure for figure.
+NOISE_CHANGES: tuple[Change, ...] = tuple(c for c in SPEED_CHANGES if c.like_for_like)
+CHANGE_BY_COLUMN: dict[str, Change] = {c.column: c for c in CHANGES}
 
 
 # --- Aggregation: per-configuration means over samples, paired changes against `full` -----------------------
@@ -137,6 +219,12 @@ METRIC_BY_COLUMN: dict[str, Metric] = {m.column: m for m in METRICS}
 CONFIG_KEYS: list[str] = ["seq_len", "policy", "policy_label", "cache_size", "positions"]
 #: A policy row is compared with the baseline row that saw the same passage the same way.
 PAIR_KEYS: list[str] = ["seq_len", "sample_id", "positions"]
+#: A policy trial is compared with the baseline trial of the same passage, session and round.
+ROUND_KEYS: list[str] = [*PAIR_KEYS, "session", "round"]
+#: One latency trial in the raw timings (its TTFT row and its step rows share these).
+TRIAL_KEYS: list[str] = ["cell_id", "role", *ROUND_KEYS]
+#: Roles of `full` trials a policy trial (or an A/A control) is paired with; a key has at most one of them.
+BASELINE_ROLES = ("cell", "baseline")
 BASELINE_POLICY = "full"
 
 IS_BASELINE = (pl.col("policy") == BASELINE_POLICY) & pl.col("cache_size").is_null()
@@ -165,45 +253,160 @@ def sort_configs(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def aggregate(cells: pl.DataFrame) -> pl.DataFrame:
-    """Mean, std and count over samples of every metric, per configuration."""
+    """Per configuration: mean, std and count over samples of every metric; for speed metrics also the
+    lowest low and highest high of the cells' intervals over trials; the physics of a decode step."""
     stats = [pl.len().alias("n")]
     for metric in METRICS:
         stats += [
             pl.col(metric.column).mean().alias(f"{metric.column}_mean"),
             pl.col(metric.column).std().alias(f"{metric.column}_std"),
         ]
+        if metric.interval is not None:
+            stats += [
+                pl.col(f"{metric.interval}_ci_low").min().alias(metric.low),
+                pl.col(f"{metric.interval}_ci_high").max().alias(metric.high),
+            ]
+    stats += [pl.col(column).mean().alias(f"{column}_mean") for column in PHYSICS_COLUMNS]
     return sort_configs(ok_cells(cells).group_by(CONFIG_KEYS).agg(stats))
 
 
+def _with_changes(frame: pl.DataFrame, changes: Sequence[Change]) -> pl.DataFrame:
+    """Each change in %, from the policy's `value` column and the paired baseline's `<base>_base` column."""
+    columns = []
+    for change in changes:
+        base = pl.col(f"{change.base}_base")
+        columns.append(pl.when(base != 0).then(100 * (pl.col(change.value) - base) / base).alias(change.column))
+    return frame.with_columns(columns)
+
+
+def _base_columns(changes: Sequence[Change]) -> list[str]:
+    return sorted({change.base for change in changes})
+
+
 def paired_changes(cells: pl.DataFrame) -> pl.DataFrame:
-    """Per-sample change in % of the same sample's baseline: pairing removes passage-to-passage variance."""
+    """Per-sample change in % of the same sample's baseline cell: pairing removes passage-to-passage variance."""
     ok = ok_cells(cells)
     baseline = (
         ok.filter(IS_BASELINE)
         .group_by(PAIR_KEYS)
-        .agg(pl.col(m.column).mean().alias(f"{m.column}_base") for m in RELATIVE_METRICS)
+        .agg(pl.col(column).mean().alias(f"{column}_base") for column in _base_columns(CHANGES))
     )
-    changes = []
-    for metric in RELATIVE_METRICS:
-        base = pl.col(f"{metric.column}_base")
-        changes.append(pl.when(base != 0).then(100 * (pl.col(metric.column) - base) / base).alias(metric.change_column))
-    return ok.filter(~IS_BASELINE).join(baseline, on=PAIR_KEYS, how="inner").with_columns(changes)
+    return _with_changes(ok.filter(~IS_BASELINE).join(baseline, on=PAIR_KEYS, how="inner"), CHANGES)
 
 
-def relative_changes(cells: pl.DataFrame) -> pl.DataFrame:
-    """Mean (and std) over samples of the paired changes per configuration; n_paired had a baseline."""
-    stats = [pl.len().alias("n_paired")]
-    for metric in RELATIVE_METRICS:
-        stats += [
-            pl.col(metric.change_column).mean(),
-            pl.col(metric.change_column).std().alias(f"{metric.change_column}_std"),
+def trial_figures(timings: pl.DataFrame) -> pl.DataFrame:
+    """One row per latency trial: its TTFT (and one-pass TTFT), TPOT = the median of its counted steps,
+    throughput = its number of counted steps / their total seconds."""
+    seconds, kind = pl.col("seconds"), pl.col("kind")
+    steps = seconds.filter(kind == "step")
+    return timings.group_by(TRIAL_KEYS).agg(
+        seconds.filter(kind == "ttft").first().alias("ttft_s"),
+        seconds.filter(kind == "ttft_oneshot").first().alias("ttft_oneshot_s"),
+        steps.median().alias("tpot_s"),
+        pl.when(steps.sum() > 0).then(steps.count() / steps.sum()).alias("throughput_tok_s"),
+    )
+
+
+@dataclass(frozen=True)
+class TrialPairs:
+    """Trials paired with the `full` trial of the same passage, position mode, session and round, with the
+    change of each paired figure in %: never across sessions or rounds."""
+
+    policy: pl.DataFrame  # a policy's trial (role "cell") against `full`; SPEED_CHANGES columns
+    aa: pl.DataFrame  # the A/A control (`full` timed again) against `full`; NOISE_CHANGES columns
+
+
+def trial_pairs(cells: pl.DataFrame, timings: pl.DataFrame) -> TrialPairs:
+    """Pair the trials of successful cells; a trial with no `full` trial of its key is left out."""
+    configs = ok_cells(cells).select("cell_id", "policy", "policy_label", "cache_size", IS_BASELINE.alias("_baseline"))
+    trials = trial_figures(timings).join(configs, on="cell_id", how="inner")
+    is_baseline, role = pl.col("_baseline"), pl.col("role")
+    base = (
+        trials.filter(is_baseline & role.is_in(BASELINE_ROLES))
+        .sort([*ROUND_KEYS, "role"])
+        .unique(ROUND_KEYS, keep="first", maintain_order=True)  # at most one by design; never a cross product
+        .select(*ROUND_KEYS, *(pl.col(column).alias(f"{column}_base") for column in _base_columns(SPEED_CHANGES)))
+    )
+
+    def paired(frame: pl.DataFrame, changes: Sequence[Change]) -> pl.DataFrame:
+        return _with_changes(frame.join(base, on=ROUND_KEYS, how="inner"), changes)
+
+    return TrialPairs(
+        policy=paired(trials.filter(~is_baseline & (role == "cell")), SPEED_CHANGES),
+        aa=paired(trials.filter(is_baseline & (role == "aa_control")), NOISE_CHANGES),
+    )
+
+
+def change_estimates(pairs: pl.DataFrame, keys: Sequence[str], changes: Sequence[Change]) -> pl.DataFrame:
+    """Per group of `keys` (one group when empty): each change's mean over its pairs, with a seeded bootstrap
+    95% interval over the pairs (stats.mean_estimate) and the number of pairs."""
+    groups = pairs.group_by(list(keys), maintain_order=True) if keys else [((), pairs)]
+    rows = []
+    for key, group in groups:
+        row: dict[str, Any] = dict(zip(keys, key, strict=True))
+        for change in changes:
+            estimate = mean_estimate(group[change.column].to_list())
+            row.update(
+                {
+                    change.column: estimate.value,
+                    change.low: estimate.low,
+                    change.high: estimate.high,
+                    change.n: estimate.n,
+                }
+            )
+        rows.append(row)
+    schema: dict[str, Any] = {key: pairs.schema[key] for key in keys}
+    for change in changes:
+        schema.update({change.column: pl.Float64, change.low: pl.Float64, change.high: pl.Float64, change.n: pl.Int64})
+    return pl.DataFrame(rows, schema=schema)
+
+
+def estimate(row: dict[str, Any], change: Change) -> Estimate:
+    """A change of a row of change_estimates() or summary() as a stats.Estimate (n = 0 when absent)."""
+    return Estimate(row.get(change.column), row.get(change.low), row.get(change.high), row.get(change.n) or 0)
+
+
+def relative_changes(cells: pl.DataFrame, timings: pl.DataFrame | None = None) -> pl.DataFrame:
+    """Per configuration: paired changes against `full`, n_paired = samples that had a baseline cell.
+
+    Quality: the mean over samples of the per-sample change (deterministic). Speed: the mean over trial pairs
+    (samples × rounds) with its interval, from the raw timings; a configuration without any trial pair (a run
+    older than the raw timings) falls back to the per-sample change of the cells' figures, with no interval,
+    and has speed_from_trials false.
+    """
+    by_sample = (
+        paired_changes(cells)
+        .group_by(CONFIG_KEYS)
+        .agg(
+            pl.len().alias("n_paired"),
+            *(pl.col(c.column).mean() for c in CHANGES),
+            *(pl.col(c.column).count().alias(c.n) for c in SPEED_CHANGES),
+        )
+    )
+    timings = _empty(TIMINGS_SCHEMA) if timings is None else timings
+    by_trial = change_estimates(trial_pairs(cells, timings).policy, CONFIG_KEYS, SPEED_CHANGES)
+    joined = by_sample.join(by_trial, on=CONFIG_KEYS, how="left", nulls_equal=True, suffix="_trials")
+    columns = []
+    for change in SPEED_CHANGES:
+        from_trials = pl.col(f"{change.n}_trials").fill_null(0) > 0
+        columns += [
+            pl.when(from_trials)
+            .then(pl.col(f"{change.column}_trials"))
+            .otherwise(pl.col(change.column))
+            .alias(change.column),
+            pl.when(from_trials).then(pl.col(f"{change.n}_trials")).otherwise(pl.col(change.n)).alias(change.n),
         ]
-    return sort_configs(paired_changes(cells).group_by(CONFIG_KEYS).agg(stats))
+    trial_counts = [pl.col(f"{c.n}_trials").fill_null(0) for c in SPEED_CHANGES]
+    columns.append((pl.max_horizontal(trial_counts) > 0).alias("speed_from_trials"))
+    suffixed = [f"{column}_trials" for c in SPEED_CHANGES for column in (c.column, c.n)]
+    return sort_configs(joined.with_columns(columns).drop(suffixed))
 
 
-def summary(cells: pl.DataFrame) -> pl.DataFrame:
+def summary(cells: pl.DataFrame, timings: pl.DataFrame | None = None) -> pl.DataFrame:
     """Absolute statistics and relative changes side by side; change columns are null without a baseline."""
-    return sort_configs(aggregate(cells).join(relative_changes(cells), on=CONFIG_KEYS, how="left", nulls_equal=True))
+    return sort_configs(
+        aggregate(cells).join(relative_changes(cells, timings), on=CONFIG_KEYS, how="left", nulls_equal=True)
+    )
 
 
 def baseline_lengths(cells: pl.DataFrame) -> set[int]:
@@ -221,6 +424,63 @@ def position_perplexity(curves: pl.DataFrame, cells: pl.DataFrame) -> pl.DataFra
         .filter(pl.col("tokens") > 0)
         .with_columns((pl.col("nll_sum") / pl.col("tokens")).exp().alias("ppl"))
         .sort(["seq_len", "policy_label", "cache_size", "positions", "bucket_start"], nulls_last=False)
+    )
+
+
+# --- The noise floor: how far `full` drifts from itself on this machine in this run -------------------------
+
+
+@dataclass(frozen=True)
+class NoiseFloor:
+    """The A/A control's change against `full` (paired like a policy's trials), over all its pairs.
+
+    A metric's floor is max(|low|, |high|) of that change's 95% interval: a speed difference smaller than it
+    is not distinguishable from `full` against itself. `reason` says why there is none, "" when measured.
+    """
+
+    changes: dict[str, Estimate]  # Change.column -> the A/A change over all lengths
+    by_length: pl.DataFrame  # change_estimates() of the A/A pairs per seq_len
+    reason: str = ""
+
+    def floor(self, change: Change) -> float | None:
+        found = self.changes.get(change.column)
+        if found is None or found.low is None or found.high is None:
+            return None
+        return max(abs(found.low), abs(found.high))
+
+    @property
+    def pairs(self) -> int:
+        return max((e.n for e in self.changes.values()), default=0)
+
+    @property
+    def measured(self) -> bool:
+        return any(self.floor(change) is not None for change in NOISE_CHANGES)
+
+
+def noise_floor(cells: pl.DataFrame, timings: pl.DataFrame | None) -> NoiseFloor:
+    """The run's noise floor from its A/A control trials, or why it could not be measured."""
+    nothing = change_estimates(pl.DataFrame(schema={"seq_len": pl.Int64}), ["seq_len"], NOISE_CHANGES)
+    if timings is None or timings.is_empty():
+        return NoiseFloor({}, nothing, "the run has no raw timings (`timings/`; it predates repeated latency trials)")
+    if timings.filter(pl.col("role") == "aa_control").is_empty():
+        return NoiseFloor({}, nothing, "the run recorded no A/A control trials")
+    aa = trial_pairs(cells, timings).aa
+    if aa.is_empty():
+        return NoiseFloor(
+            {},
+            nothing,
+            "no A/A control trial has a successful `full` trial of the same passage, session and round to pair with",
+        )
+    overall = change_estimates(aa, [], NOISE_CHANGES).row(0, named=True)
+    found = NoiseFloor(
+        {c.column: estimate(overall, c) for c in NOISE_CHANGES}, change_estimates(aa, ["seq_len"], NOISE_CHANGES)
+    )
+    if found.measured:
+        return found
+    return NoiseFloor(
+        found.changes,
+        found.by_length,
+        f"there is only {found.pairs} A/A pair (one round of one passage), and an interval needs at least two",
     )
 
 
@@ -258,7 +518,7 @@ QUALITY_PPL_MAX_PCT = 2.0
 #: Speed first and long text: the largest PPL increase worth trading for speed.
 SPEED_PPL_MAX_PCT = 10.0
 
-PPL_CHANGE = pl.col("ppl_change_pct")
+PPL_DELTA = pl.col(PPL_CHANGE.column)
 
 
 @dataclass(frozen=True)
@@ -281,31 +541,55 @@ class Rule:
 
 
 SPEED_PPL_OK = Step(
-    PPL_CHANGE <= SPEED_PPL_MAX_PCT,
+    PPL_DELTA <= SPEED_PPL_MAX_PCT,
     f"no configuration within +{SPEED_PPL_MAX_PCT:g}% PPL",
 )
+
+
+def significant_gain(change: Change, lower_is_better: bool) -> tuple[Step, Step]:
+    """A speed gain a rule may act on: its 95% interval lies entirely on the gaining side of 0, and its mean
+    is beyond the run's noise floor (recommend() puts the floor in the `noise` column; 0 when unmeasured)."""
+    what = change.title
+    side = "below" if lower_is_better else "above"
+    if lower_is_better:
+        significant = pl.col(change.high) < 0
+        beyond = pl.col(change.column) < -pl.col(change.noise)
+    else:
+        significant = pl.col(change.low) > 0
+        beyond = pl.col(change.column) > pl.col(change.noise)
+    return (
+        Step(
+            significant,
+            f"nothing beat full significantly on {what} at this length (no configuration within "
+            f"+{SPEED_PPL_MAX_PCT:g}% PPL has a {what} change whose 95% interval lies entirely {side} 0; "
+            "a change without an interval never counts)",
+        ),
+        Step(beyond, f"no significant {what} gain at this length is larger than the run's noise floor for {what}"),
+    )
+
+
+def _speed_rule_text(change: Change, side: str, better: str) -> str:
+    return (
+        f"among configurations whose mean PPL change is at most +{SPEED_PPL_MAX_PCT:g}% and whose "
+        f"{change.title} change against full is significant and {side} 0 (its 95% interval over paired trials "
+        f"entirely {side} 0, and its mean beyond the run's noise floor for {change.title}), the one with the "
+        f"{better} {change.title} change; none when nothing qualifies"
+    )
+
 
 QUALITY_FIRST = Rule(
     "quality first",
     f"per length, the smallest cache limit whose mean PPL change is at most +{QUALITY_PPL_MAX_PCT:g}%, "
     "with the policy of lowest PPL change at that limit",
-    (Step(PPL_CHANGE <= QUALITY_PPL_MAX_PCT, f"no configuration within +{QUALITY_PPL_MAX_PCT:g}% PPL"),),
-    (pl.col("cache_size"), PPL_CHANGE),
+    (Step(PPL_DELTA <= QUALITY_PPL_MAX_PCT, f"no configuration within +{QUALITY_PPL_MAX_PCT:g}% PPL"),),
+    (pl.col("cache_size"), PPL_DELTA),
     True,
 )
 SPEED_FIRST = Rule(
     "speed first",
-    f"per length, among configurations faster than full (mean TPOT change below 0%) whose mean PPL change is "
-    f"at most +{SPEED_PPL_MAX_PCT:g}%, the one with the lowest (most negative) TPOT change; none when nothing "
-    "beat full on TPOT",
-    (
-        SPEED_PPL_OK,
-        Step(
-            pl.col("tpot_s_change_pct") < 0,
-            f"nothing beat full on TPOT at this length (among configurations within +{SPEED_PPL_MAX_PCT:g}% PPL)",
-        ),
-    ),
-    (pl.col("tpot_s_change_pct"),),
+    "per length, " + _speed_rule_text(TPOT_CHANGE, "below", "lowest (most negative)"),
+    (SPEED_PPL_OK, *significant_gain(TPOT_CHANGE, lower_is_better=True)),
+    (pl.col(TPOT_CHANGE.column),),
     True,
 )
 MEMORY_BOUND = Rule(
@@ -313,22 +597,14 @@ MEMORY_BOUND = Rule(
     "per length, the configuration with the smallest mean peak KV-cache size (ties: lowest PPL change), "
     "whatever its PPL change, which is shown",
     (Step(pl.col("peak_kv_bytes_mean").is_not_null(), "no peak KV-cache size measured"),),
-    (pl.col("peak_kv_bytes_mean"), PPL_CHANGE),
+    (pl.col("peak_kv_bytes_mean"), PPL_DELTA),
     False,
 )
 LONG_TEXT = Rule(
     "long text",
-    f"at the longest length, among configurations with more throughput than full (mean throughput change "
-    f"above 0%) whose mean PPL change is at most +{SPEED_PPL_MAX_PCT:g}%, the one with the highest throughput "
-    "change; none when nothing beat full on throughput",
-    (
-        SPEED_PPL_OK,
-        Step(
-            pl.col("throughput_tok_s_change_pct") > 0,
-            f"nothing beat full on throughput at this length (among configurations within +{SPEED_PPL_MAX_PCT:g}% PPL)",
-        ),
-    ),
-    (pl.col("throughput_tok_s_change_pct").neg(),),
+    "at the longest length, " + _speed_rule_text(THROUGHPUT_CHANGE, "above", "highest"),
+    (SPEED_PPL_OK, *significant_gain(THROUGHPUT_CHANGE, lower_is_better=False)),
+    (pl.col(THROUGHPUT_CHANGE.column).neg(),),
     True,
 )
 PER_LENGTH_RULES = (QUALITY_FIRST, SPEED_FIRST, MEMORY_BOUND)
@@ -356,10 +632,38 @@ def apply_rule(rule: Rule, evicting: pl.DataFrame, seq_len: int, has_baseline: b
     return Recommendation(rule.scenario, seq_len, best, "")
 
 
-def recommend(summary: pl.DataFrame, baseline_lengths: set[int]) -> list[Recommendation]:
-    """Apply the rules to summary(): PER_LENGTH_RULES at every length, LONG_TEXT at the longest."""
-    evicting = summary.filter(pl.col("policy") != BASELINE_POLICY)
+def recommend(
+    summary: pl.DataFrame, baseline_lengths: set[int], noise: NoiseFloor | None = None
+) -> list[Recommendation]:
+    """Apply the rules to summary(): PER_LENGTH_RULES at every length, LONG_TEXT at the longest.
+
+    The run's noise floor (0 where it was not measured: significance alone then decides) is put beside each
+    configuration, so that no speed rule acts on a gain inside it.
+    """
+    floors = [pl.lit((noise.floor(c) if noise else None) or 0.0).alias(c.noise) for c in NOISE_CHANGES]
+    evicting = summary.filter(pl.col("policy") != BASELINE_POLICY).with_columns(floors)
     lengths = lengths_in(evicting)
     plan = [(rule, seq_len) for seq_len in lengths for rule in PER_LENGTH_RULES]
     plan += [(LONG_TEXT, lengths[-1])] if lengths else []
     return [apply_rule(rule, evicting, seq_len, seq_len in baseline_lengths) for rule, seq_len in plan]
+
+
+# --- Everything a report says about one run, computed once --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Analysis:
+    summary: pl.DataFrame  # summary(): one row per configuration and length
+    baseline_lengths: set[int]
+    noise: NoiseFloor
+    several_modes: bool
+    recommendations: list[Recommendation]
+
+
+def analyse(run: RunData) -> Analysis:
+    stats = summary(run.cells, run.timings)
+    with_baseline = baseline_lengths(run.cells)
+    noise = noise_floor(run.cells, run.timings)
+    return Analysis(
+        stats, with_baseline, noise, several_position_modes(run.cells), recommend(stats, with_baseline, noise)
+    )

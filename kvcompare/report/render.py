@@ -90,6 +90,8 @@ th { background: #f3f3f3; }
 .chart { margin: 1rem 0; }
 #js-errors { color: #b00; white-space: pre-wrap; }
 .notice { background: #fff4d6; border-left: 4px solid #d99a00; padding: 0.5rem 0.8rem; max-width: 70rem; }
+summary { cursor: pointer; }
+summary h2 { display: inline; }
 """
 
 #: Installed before anything else runs: page errors land in #js-errors, where tests and readers see them.
@@ -211,12 +213,15 @@ def render_html(report: Report, out_dir: Path) -> str:
         *(f'<p class="notice"><strong>Note:</strong> {_inline(notice)}</p>' for notice in report.notices),
     ]
     for section in report.sections:
-        body.append(f"<h2>{escape(section.heading)}</h2>")
+        heading = f"<h2>{escape(section.heading)}</h2>"
+        body.append(f"<details><summary>{heading}</summary>" if section.collapsed else heading)
         if section.intro:
             body.append(f"<p>{_inline(section.intro)}</p>")
         body += [_block_html(block, out_dir) for block in section.blocks]
         if section.empty and not section.blocks:
             body.append(f"<p><em>{_inline(section.empty)}</em></p>")
+        if section.collapsed:
+            body.append("</details>")
     scripts = f"<script>{vega_bundle()}</script>\n<script>{EMBED}</script>" if report.charts.charts else ""
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
