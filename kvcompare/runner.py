@@ -163,12 +163,26 @@ def run(
     context = RowContext(run_id, max_positions, threads, weight_bytes(loaded.model), bandwidth, executor.layout)
     try:
         _measure_all(grid, done, executor, folder, context, session=len(resumes), progress=progress)
+        meta["speed"]["noise_floor"] = measured_noise_floor(folder.path)
         meta["finished_at"] = _timestamp()
     finally:  # an interrupted run still records how loaded the machine was
         torch.set_num_threads(threads_before)
         meta["speed"]["load_average_end"] = _load()
         folder.write_run_json(meta)
     return folder.path
+
+
+def measured_noise_floor(path: Path) -> dict[str, Any]:
+    """The run's noise floor in % per speed metric (the A/A control; see kvcompare.report.data.noise_floor)."""
+    from kvcompare.report.data import NOISE_CHANGES, load_run, noise_floor
+
+    data = load_run(path)
+    floor = noise_floor(data.cells, data.timings)
+    return {
+        "pct": {change.title: floor.floor(change) for change in NOISE_CHANGES},
+        "pairs": floor.pairs,
+        "reason": floor.reason,
+    }
 
 
 def physical_cores() -> int:

@@ -115,6 +115,9 @@ def test_run_json_records_the_speed_setting(measured: Path) -> None:
     speed = meta["speed"]
     assert speed["threads"] >= 1 and speed["memory_bandwidth_bytes_s"] > 0 and speed["cpu_count"] >= 1
     assert len(speed["load_average_start"]) == 3 and len(speed["load_average_end"]) == 3
+    floor = speed["noise_floor"]  # 2 position modes x 2 rounds of A/A pairs
+    assert floor["pairs"] == 4 and floor["reason"] == "" and set(floor["pct"]) == {"TTFT", "TPOT", "Throughput"}
+    assert all(value >= 0 for value in floor["pct"].values())
 
 
 def test_a_resumed_passage_retimes_its_finished_baseline(tiny_model_dir: Path, tmp_path: Path) -> None:
