@@ -83,7 +83,7 @@ body { font-family: system-ui, sans-serif; margin: 2rem; color: #222; max-width:
 table { border-collapse: collapse; margin: 0.5rem 0; font-size: 0.85rem; }
 th, td { border: 1px solid #ccc; padding: 0.2rem 0.5rem; text-align: left; vertical-align: top; }
 td { white-space: nowrap; }
-td:last-child { white-space: normal; }
+td:last-child, td.prose { white-space: normal; min-width: 16rem; }
 th { background: #f3f3f3; }
 .scroll { overflow-x: auto; }
 .note { color: #555; font-size: 0.85rem; max-width: 70rem; }
@@ -167,11 +167,19 @@ def markdown_blocks(text: str) -> str:
     return "\n".join(blocks)
 
 
+#: A cell longer than this is prose (a reason, evidence) and wraps; shorter cells (figures) never break.
+PROSE_CHARS = 40
+
+
+def _td(text: str) -> str:
+    return f'<td class="prose">{escape(text)}</td>' if len(text) > PROSE_CHARS else f"<td>{escape(text)}</td>"
+
+
 def table_html(table: Table, level: int = 3) -> str:
     parts = [f"<h{level}>{escape(table.title)}</h{level}>"]
     if table.rows:
         head = "".join(f"<th>{escape(h)}</th>" for h in table.headers)
-        body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in table.rows)
+        body = "".join("<tr>" + "".join(_td(c) for c in row) + "</tr>" for row in table.rows)
         parts.append(f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>')
     else:
         parts.append(f'<p class="empty"><em>{_inline(table.empty)}</em></p>')
