@@ -133,3 +133,13 @@ def test_evicting_names_do_not_depend_on_the_run(several_modes: bool) -> None:
     assert config_name(row, several_modes) == "l2:mode=random @ 64, positions=shift"
     assert policy_name(row, several_modes) == "l2:mode=random, positions=shift"
     assert config_name({**row, "positions": "true"}, several_modes) == "l2:mode=random @ 64"
+
+
+def test_prose_cells_wrap_and_figures_do_not() -> None:
+    from kvcompare.report.content import Table
+    from kvcompare.report.render import PROSE_CHARS, table_html
+
+    reason = "nothing beat full significantly on TPOT at this length (no configuration qualifies)"
+    html = table_html(Table("Recommended", ["Scenario", "Choice", "Evidence"], [["speed first", reason, "–"]]))
+    assert len(reason) > PROSE_CHARS
+    assert f'<td class="prose">{reason}</td>' in html and "<td>speed first</td>" in html
