@@ -47,6 +47,13 @@ GROWABLE = ("policies", "cache_sizes", "positions")
 def resume_additions(previous: dict[str, Any], config: RunConfig) -> dict[str, Any]:
     """What ``config`` adds to the run recorded in ``previous``; refuse any change to what finished cells mean."""
     new = dataclasses.asdict(config)
+    unknown = sorted(set(new) - set(previous))
+    if unknown:
+        raise ConfigError(
+            f"the run in --out was made by an older kvcompare, whose protocol had no {', '.join(unknown)}: its "
+            "cells cannot be mixed with cells measured now; use another --out (its results stay readable with "
+            "`kvcompare report`)"
+        )
     changed = []
     for key, old in previous.items():
         if key in GROWABLE or key in ("lengths", "samples") or key not in new:

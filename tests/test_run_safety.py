@@ -124,6 +124,16 @@ def test_resume_adds_cells_and_records_the_additions(tiny_model_dir: Path, tmp_p
     assert meta["cells_planned"] == 6 and meta["config"]["cache_sizes"] == [16, 24]
 
 
+def test_resume_refuses_a_run_made_by_an_older_protocol(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run(config(tiny_model_dir), out, progress=False)
+    meta = json.loads((out / "run.json").read_text())
+    del meta["config"]["repeats"], meta["config"]["prefill_chunk"]  # what run.json held before issue 9
+    (out / "run.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="older kvcompare.*prefill_chunk, repeats"):
+        run(config(tiny_model_dir), out, resume=True, progress=False)
+
+
 # -- 4. a truncated cell file is kept aside and its cell measured again -------------------------------------
 def test_resume_moves_an_unreadable_cell_aside_and_remeasures_it(tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
