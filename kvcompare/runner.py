@@ -157,25 +157,29 @@ def run(
     threads = config.threads or physical_cores()
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    bandwidth = memory_bandwidth(executor.device)
-    meta["speed"] = {
-        "threads": threads,
-        "cpu_count": os.cpu_count(),  # logical CPUs: a load average above it means another process competed
-        "memory_bandwidth_bytes_s": bandwidth,
-        "load_average_start": _load(),
-    }
-    if todo:
-        _warm_up(executor, todo[0])
-    folder.open(meta)
-    context = RowContext(run_id, max_positions, threads, weight_bytes(loaded.model), bandwidth, executor.layout)
-    try:
-        _measure_all(grid, done, executor, folder, context, session=len(resumes), progress=progress)
-        meta["speed"]["noise_floor"] = measured_noise_floor(folder.path)
-        meta["finished_at"] = _timestamp()
-    finally:  # an interrupted run still records how loaded the machine was
+    try:  # the caller's thread setting comes back whatever happens
+        bandwidth = memory_bandwidth(executor.device)
+        meta["speed"] = {
+            "threads": threads,
+            "cpu_count": os.cpu_count(),  # logical CPUs: a load average above it means another process competed
+            "memory_bandwidth_bytes_s": bandwidth,
+            "load_average_start": _load(),
+        }
+        if todo:
+            _warm_up(executor, todo[0])
+        folder.open(meta)
+        context = RowContext(
+            run_id, max_positions, frozenset(beyond), threads, weight_bytes(loaded.model), bandwidth, executor.layout
+        )
+        try:
+            _measure_all(grid, done, executor, folder, context, session=len(resumes), progress=progress)
+            meta["speed"]["noise_floor"] = measured_noise_floor(folder.path)
+            meta["finished_at"] = _timestamp()
+        finally:  # an interrupted run still records how loaded the machine was
+            meta["speed"]["load_average_end"] = _load()
+            folder.write_run_json(meta)
+    finally:
         torch.set_num_threads(threads_before)
-        meta["speed"]["load_average_end"] = _load()
-        folder.write_run_json(meta)
     return folder.path
 
 
@@ -211,6 +215,7 @@ class RowContext:
 
     run_id: str
     max_positions: int | None
+    beyond_context: frozenset[int]  # lengths whose latency pass goes past max_positions (beyond_context_lengths)
     threads: int
     weight_bytes: int
     bandwidth: float
@@ -281,8 +286,7 @@ def result_row(record: CellRecord, context: RowContext) -> tuple[dict[str, Any],
         **cell.fields,
         "threads": context.threads,
         "max_positions": context.max_positions,
-        "beyond_context": context.max_positions is not None
-        and seq_len + cell.context.latency.warmup + cell.context.latency.gen > context.max_positions,
+        "beyond_context": seq_len in context.beyond_context,
         "wall_s": record.wall_s,
         "finished_at": _timestamp(),
     }

@@ -97,9 +97,10 @@ def measure_passage(
     repeats = todo[0].context.latency.repeats if todo else 0
     for round_index in range(repeats):
         for order, trial in enumerate(round_order(trials, round_index)):
-            record = records.get(trial.cell.id)
+            record = records.get(trial.cell.id)  # a finished baseline of an earlier session has none
             if record is not None and record.error is not None:
-                continue
+                continue  # the cell failed: its own trials and its controls stop
+            owner = record if trial.role == "cell" else None  # the record this trial's figures belong to
             tick(f"round {round_index + 1} {trial.role} {trial.cell.describe()}", trial.role == "cell")
             keys: dict[str, Any] = {
                 "run_id": run_id,
@@ -116,21 +117,21 @@ def measure_passage(
             try:
                 timed = _trial(executor, trial.cell)
                 rows += timing_rows(timed, **keys)
-                if trial.role == "cell" and record is not None:
-                    record.trials.append(timed)
+                if owner is not None:
+                    owner.trials.append(timed)
                     if not trial.cell.policy.bounded:
                         oneshot = _trial(executor, trial.cell, oneshot=True)
-                        record.oneshot_ttft.append(oneshot.ttft_s)
+                        owner.oneshot_ttft.append(oneshot.ttft_s)
                         rows += timing_rows(oneshot, kind="ttft_oneshot", **keys)
             except (KeyboardInterrupt, MemoryError):
                 raise
             except Exception as err:  # one failing policy must not lose the other cells
-                if trial.role == "cell" and record is not None:
-                    _fail(record, err)
+                if owner is not None:
+                    _fail(owner, err)
                 else:  # a control trial: its pairs are missing, no cell is lost
                     print(f"\n{trial.role} trial of {trial.cell.describe()} failed: {err}", file=sys.stderr)
-            if trial.role == "cell" and record is not None:
-                record.wall_s += time.perf_counter() - started
+            if owner is not None:
+                owner.wall_s += time.perf_counter() - started
     return list(records.values()), rows
 
 
