@@ -253,11 +253,11 @@ def load_tokenizer(spec: str) -> Any:
     return _from_pretrained(AutoTokenizer.from_pretrained, spec, source, gguf_file)
 
 
-def check_device_and_dtype(device: str, dtype: str) -> None:
-    """Refuse an unknown dtype or an unavailable device before anything loads."""
+def check_device_and_dtype(device: str, dtype: str) -> torch.device:
+    """Refuse an unknown dtype or an unavailable device before anything loads; return the torch device."""
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    resolve_device(device)
+    return resolve_device(device)
 
 
 def load_model(spec: str, device: str = "cpu", dtype: str = "float32", *, tokenizer: Any = None) -> LoadedModel:
@@ -265,8 +265,7 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", *, tokeni
 
     Pass the `tokenizer` that `load_tokenizer(spec)` gave, if any, so that it is not loaded twice.
     """
-    check_device_and_dtype(device, dtype)
-    torch_device = resolve_device(device)
+    torch_device = check_device_and_dtype(device, dtype)
     source, gguf_file = _source(spec)
     if tokenizer is None:
         tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, spec, source, gguf_file)
