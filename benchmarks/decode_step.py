@@ -1,14 +1,19 @@
-"""Decode step time of `full` against `streaming` with a given number of tokens already in context.
+"""Decode step time of each policy with N tokens already in context, as ratios to `full`, in one run.
 
-    python benchmarks/decode_step.py --contexts 1024,4096,16384 --cache 1024 --steps 32
+    python benchmarks/decode_step.py --contexts 2048,4096,16384 --cache 1024 --rounds 5
 
-Prints the median step time of each policy and the ratio full / streaming.
+Every policy's cache is prefilled once per context (untimed). Then each round decodes `--steps` tokens under
+every policy in turn, the order rotating by one policy per round, so the machine's drift touches all alike;
+each policy's sequence simply continues from round to round. Printed per context and policy: the median
+decode step, the eviction (slot work) per step and its share of the step, and the step time relative to
+`full`, the median over rounds of each round's ratio of medians, with the range over rounds.
 """
 
 from __future__ import annotations
 
 import statistics
 
+import torch
 from common import base_parser, book_tokens, setup
 
 from kvcompare.config import CacheConfig
@@ -17,33 +22,62 @@ from kvcompare.plugins import get_registry
 
 def main() -> None:
     parser = base_parser(__doc__ or "")
-    parser.add_argument("--contexts", default="1024,4096,16384")
-    parser.add_argument("--cache", type=int, default=1024)
-    parser.add_argument("--stride", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--contexts", default="2048,4096,16384")
+    parser.add_argument("--policies", default="full,streaming,l2,recent")
+    parser.add_argument("--cache", default="1024", help="cache limits, comma-separated")
+    parser.add_argument("--stride", type=int, default=64, help="prefill chunk")
+    parser.add_argument("--positions", default="shift")
+    parser.add_argument("--skip-layers", default="0,1")
+    parser.add_argument("--steps", type=int, default=32, help="counted decode steps per policy and round")
+    parser.add_argument("--warmup", type=int, default=4, help="uncounted decode steps before them, each round")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--evict-block", type=int, default=1)
     args = parser.parse_args()
     loaded, executor = setup(args)
     contexts = [int(c) for c in args.contexts.split(",")]
-    tokens = book_tokens(args, loaded, max(contexts))
+    limits = [int(c) for c in args.cache.split(",")]
+    skip = tuple(int(i) for i in args.skip_layers.split(",") if i)
     registry = get_registry()
-    print(f"decode steps after a prefill of N tokens; cache limit {args.cache}, {args.steps} steps, {args.device}")
-    print("| context | policy | median step (ms) | evict (ms/step) | prefill (s) | full / streaming |")
+    policies = args.policies.split(",")
+    tokens = book_tokens(args, loaded, max(contexts))
+    print(
+        f"{loaded.name} on {args.device}: decode steps after N tokens of {args.book}; limits {limits}, "
+        f"{args.positions} positions, skip layers {list(skip)}, evict block {args.evict_block}, "
+        f"{args.rounds} rounds x {args.steps} steps (+{args.warmup} warm-up)"
+    )
+    print("| context | policy | step (ms) | evict (ms/step) | evict share | step / full [range over rounds] |")
     print("|---|---|---|---|---|---|")
-    for context in contexts:
-        medians = {}
-        for spec in ("full", "streaming"):
-            policy = registry.build(spec)
-            config = CacheConfig(args.cache, args.stride, "shift", (0, 1), args.evict_block)
-            timed = executor.generate(tokens[:context], policy, config, gen=args.steps, warmup=args.warmup)
-            medians[spec] = statistics.median(timed.step_s)
-            ratio = f"{medians['full'] / medians['streaming']:.2f}x" if spec == "streaming" else ""
-            print(
-                f"| {context} | {spec} | {1000 * medians[spec]:.2f} | "
-                f"{1000 * sum(timed.evict_s) / len(timed.evict_s):.2f} | {timed.ttft_s:.2f} | {ratio} |",
-                flush=True,
-            )
+    per_round = args.warmup + args.steps
+    with executor.attached():
+        for context in contexts:
+            runs = {}
+            for spec in policies:
+                for limit in limits if registry.build(spec).bounded else [None]:
+                    config = CacheConfig(limit, args.stride, args.positions, skip, args.evict_block)
+                    cache = executor.new_cache(registry.build(spec), config, context + args.rounds * per_round + 1)
+                    token = executor.prefill(cache, tokens[:context].to(executor.device).view(1, -1), args.stride)
+                    runs[spec if limit is None else f"{spec}@{limit}"] = [cache, token]
+            medians: dict[str, list[float]] = {name: [] for name in runs}
+            evict: dict[str, list[float]] = {name: [] for name in runs}
+            names = list(runs)
+            for r in range(args.rounds):
+                for name in names[r % len(names) :] + names[: r % len(names)]:
+                    cache, token = runs[name]
+                    steps = executor.decode(cache, token, per_round)
+                    runs[name][1] = torch.tensor([[steps.tokens[-1]]], device=executor.device)
+                    medians[name].append(statistics.median(steps.step_s[args.warmup :]))
+                    evict[name].append(statistics.fmean(steps.evict_s[args.warmup :]))
+            for name in names:
+                step, evicted = statistics.median(medians[name]), statistics.median(evict[name])
+                ratio = ""
+                if "full" in medians and name != "full":
+                    ratios = [a / b for a, b in zip(medians[name], medians["full"], strict=True)]
+                    ratio = f"{statistics.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}]"
+                print(
+                    f"| {context} | {name} | {1000 * step:.2f} | {1000 * evicted:.3f} | "
+                    f"{100 * evicted / step:.2f}% | {ratio} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

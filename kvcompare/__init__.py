@@ -1,6 +1,7 @@
 """kvcompare: compare KV-cache eviction policies for causal language models under identical measurement.
 
-What a plugin author needs is importable from here: ``from kvcompare import KVPolicy, hookimpl, parameter``.
+What a plugin author needs is importable from here:
+``from kvcompare import KVPolicy, ScoredPolicy, hookimpl, parameter``.
 These names are loaded on first use, so ``import kvcompare`` stays light (no torch) for the command line.
 """
 
@@ -9,17 +10,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["KVCompareError", "KVPolicy", "PolicyError", "hookimpl", "parameter"]
+__all__ = ["KVCompareError", "KVPolicy", "PolicyError", "ScoredPolicy", "hookimpl", "parameter"]
 
 if TYPE_CHECKING:
     from kvcompare.errors import KVCompareError
     from kvcompare.hookspecs import hookimpl
-    from kvcompare.policy import KVPolicy, PolicyError, parameter
+    from kvcompare.policy import KVPolicy, PolicyError, ScoredPolicy, parameter
 
 _HOMES = {
     "KVCompareError": "kvcompare.errors",
     "KVPolicy": "kvcompare.policy",
     "PolicyError": "kvcompare.policy",
+    "ScoredPolicy": "kvcompare.policy",
     "hookimpl": "kvcompare.hookspecs",
     "parameter": "kvcompare.policy",
 }

@@ -1,24 +1,26 @@
 """The attention function the executor installs in the model.
 
-Cached layers hold different lengths (skip layers keep everything, compressed layers are bounded), but
-Hugging Face sizes its attention mask from one layer. So this function ignores that mask and builds each
-layer's own: the chunk's queries see every cached key plus the chunk causally (bottom-right aligned).
+Cached layers hold different lengths (skip layers keep everything, compressed layers are bounded and reuse
+slots out of time order), but Hugging Face sizes its attention mask from one layer. So this function ignores
+that mask and asks kvcompare's cache, which the executor passes as the ``kvcompare_cache`` keyword, for
+each layer's own.
 """
 
 from __future__ import annotations
 
-import functools
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from kvcompare.rope import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from kvcompare.cache import BoundedKVCache
+
 ATTN_IMPLEMENTATION = "kvcompare"
-
-
-@functools.lru_cache(maxsize=8)
-def _chunk_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
-    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(diagonal=kv_len - q_len)
+CACHE_KEYWORD = "kvcompare_cache"
 
 
 def chunk_causal_attention(
@@ -31,21 +33,24 @@ def chunk_causal_attention(
     scaling: float | None = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
+    cache: BoundedKVCache | None = kwargs.get(CACHE_KEYWORD)  # type: ignore[assignment]
+    if cache is None:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} did not pass its keyword arguments on to the attention function, so "
+            "kvcompare cannot give each layer its mask; kvcompare supports models that do (Llama, Mistral, "
+            "Qwen, GPT-NeoX and most current Hugging Face decoders)"
+        )
     q_len, kv_len = query.shape[2], key.shape[2]
+    mask, is_causal = cache.attention_mask(module.layer_idx, q_len, kv_len)  # type: ignore[arg-type]
     groups = query.shape[1] // key.shape[1]
+    if mask is not None and mask.dim() == 4 and groups > 1 and mask.shape[1] > 1:
+        mask = mask.repeat_interleave(groups, dim=1)  # per KV head -> per query head
     if groups > 1 and query.device.type == "mps":  # enable_gqa is not implemented on mps
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
         groups = 1
-    mask = None if q_len == 1 or q_len == kv_len else _chunk_mask(q_len, kv_len, query.device)
     out = F.scaled_dot_product_attention(
-        query,
-        key,
-        value,
-        attn_mask=mask,
-        is_causal=q_len > 1 and q_len == kv_len,
-        scale=scaling,
-        enable_gqa=groups > 1,
+        query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=groups > 1
     )
     return out.transpose(1, 2).contiguous(), None
 

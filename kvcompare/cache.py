@@ -1,20 +1,23 @@
-"""The KV cache the executor owns: preallocated buffers written in place, evicted by one gather.
+"""The KV cache the executor owns: preallocated buffers written in place, with slots reused after eviction.
 
-Compressed layers share one buffer ``[2 (key, value), layers, batch, kv_heads, limit, head_dim]``, so a single
-gather evicts all of them at once and a policy sees all their keys as one tensor. Skip layers keep their
-full history in a buffer of their own. Nothing is concatenated per step, unlike transformers'
-``DynamicLayer``, which copies the whole cache on every token.
+Compressed layers share one buffer ``[2 (key, value), layers, batch, kv_heads, limit, head_dim]`` of slots.
+Until the first eviction they fill in time order. An eviction only chooses victim slots; the next tokens
+are written straight into them, so nothing that stays is moved (shift mode re-rotates, in place, just the
+keys whose rank changed). Each slot records its token index, from which the attention masks are built.
+Skip layers keep their full history in a buffer of their own, in time order. Nothing is concatenated per
+step, unlike transformers' ``DynamicLayer``, which copies the whole cache on every token.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 
 import torch
 
 from kvcompare.config import CacheConfig, ConfigError
-from kvcompare.policy import KVPolicy, PolicyError, check_selection
+from kvcompare.eviction import VictimChooser, rank_shift
+from kvcompare.policy import KVPolicy
 from kvcompare.rope import Rotary
 
 
@@ -27,6 +30,20 @@ def check_skip_layers(skip_layers: tuple[int, ...] | list[int], num_layers: int)
     bad = [i for i in skip_layers if not 0 <= i < num_layers]
     if bad:
         raise ConfigError(f"--skip-layers {list(skip_layers)}: the model has layers 0..{num_layers - 1}, not {bad}")
+
+
+@functools.lru_cache(maxsize=8)
+def _prefix_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(diagonal=kv_len - q_len)
+
+
+def prefix_mask(q_len: int, kv_len: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:
+    """``(mask, is_causal)`` for keys in time order ending with the chunk: every earlier key, the chunk causally."""
+    if q_len == 1:
+        return None, False
+    if q_len == kv_len:
+        return None, True
+    return _prefix_mask(q_len, kv_len, device), False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +61,9 @@ class CacheLayout:
 class BoundedKVCache:
     """A KV cache whose compressed layers never hold more than ``config.limit`` tokens.
 
-    The model calls :meth:`update` once per layer per forward pass (the Hugging Face cache protocol); the
-    executor calls :meth:`make_room` before and :meth:`advance` after each chunk.
+    The model calls :meth:`update` once per layer per forward pass (the Hugging Face cache protocol), and
+    kvcompare's attention function asks :meth:`attention_mask` for each layer's mask; the executor calls
+    :meth:`make_room` before and :meth:`advance` after each chunk.
     """
 
     def __init__(
@@ -61,15 +79,14 @@ class BoundedKVCache:
         if config.positions == "shift" and rotary is None:
             raise ValueError("shift mode needs the model's rotary embedding")
         check_skip_layers(config.skip_layers, layout.num_layers)
-        positions, limit, skip_layers = config.positions, config.limit, config.skip_layers
+        limit, skip_layers = config.limit, config.skip_layers
         self.layout = layout
         self.config = config
         self.policy = policy.fresh()  # no state carried over from another cell or pass
         self.limit = limit if policy.bounded else None
-        self.positions = positions
+        self.positions = config.positions
         self.rotary = rotary
         self.evict_block = config.evict_block
-        self.check_every_eviction = check_every_eviction
         self.evictions = 0
         self.seen = 0  # tokens fed so far: the true position of the next token
 
@@ -81,12 +98,16 @@ class BoundedKVCache:
         dtype, device = layout.dtype, layout.device
         self.c_kv = torch.empty(2, len(compressed), b, h, self.limit or 0, d, dtype=dtype, device=device)
         self.f_kv = torch.empty(2, len(full), b, h, capacity if full else 0, d, dtype=dtype, device=device)
-        # Original token index of each compressed slot, and the position its key is rotated at.
-        self.c_token = torch.empty(len(compressed), b, h, self.limit or 0, dtype=torch.long, device=layout.device)
-        self.c_rotated_at = self.c_token.clone() if positions == "shift" else self.c_token
-        self._scratch = torch.empty(self.c_kv.numel() // d, d, dtype=dtype, device=device)
-        self.c_len = 0
+        # Per slot: the original token index (-1 = empty) and, in shift mode, the position its key is rotated at.
+        self.c_token = torch.full((len(compressed), b, h, self.limit or 0), -1, dtype=torch.long, device=device)
+        self.c_rotated_at = self.c_token.clone() if self.positions == "shift" else None
+        self.victims = VictimChooser(self.policy, self.c_token, check_every_eviction)
+        self.c_len = 0  # tokens each compressed head holds
         self.f_len = 0
+        self.reused = False  # once slots are reused, compressed keys are no longer in time order
+        self._write_index: torch.Tensor | None = None  # slots the current chunk goes to, expanded over head_dim
+        self._spare = self.c_token[..., :0]  # freed slots the last chunk did not fill
+        self._shared_mask: tuple[torch.Tensor, ...] | None = None  # this chunk's mask for all layers, if one serves
         self.peak_bytes = 0
 
     # -- the Hugging Face cache protocol ---------------------------------------------------------
@@ -95,8 +116,16 @@ class BoundedKVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this chunk's keys and values in place; return the layer's whole cache as views."""
         group, n = self._slot[layer_idx]
+        chunk = key_states.shape[2]
+        if group == "c" and self.reused:
+            if self._write_index is None or self._write_index.shape[-2] != chunk:
+                raise CacheLimitError(f"layer {layer_idx} was given {chunk} tokens without make_room() for them")
+            index = self._write_index[n]
+            self.c_kv[0, n].scatter_(2, index, key_states)
+            self.c_kv[1, n].scatter_(2, index, value_states)
+            return self.c_kv[0, n], self.c_kv[1, n]
         buf, start = (self.c_kv, self.c_len) if group == "c" else (self.f_kv, self.f_len)
-        end = start + key_states.shape[2]
+        end = start + chunk
         if end > buf.shape[4]:
             what = "limit" if group == "c" else "capacity"
             raise CacheLimitError(f"layer {layer_idx} would hold {end} tokens, over its {what} of {buf.shape[4]}")
@@ -107,72 +136,88 @@ class BoundedKVCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
 
+    def attention_mask(self, layer_idx: int, q_len: int, kv_len: int) -> tuple[torch.Tensor | None, bool]:
+        """``(mask, is_causal)`` for the chunk's queries over what :meth:`update` returned for this layer.
+
+        Reused slots are in no order: a query at position p sees a slot iff ``0 <= token <= p``, a
+        ``[batch, kv_heads, q_len, slots]`` mask made from the slots' token indices. When every compressed
+        layer and head holds the same tokens in the same slots (StreamingLLM, recent), one
+        ``[batch, 1, q_len, slots]`` mask serves them all. A decode step over a full buffer needs none.
+        """
+        group, n = self._slot[layer_idx]
+        if group == "f" or not self.reused:
+            return prefix_mask(q_len, kv_len, self.c_kv.device)
+        if q_len == 1 and self._spare.shape[-1] == 0:
+            return None, False
+        if self._shared_mask is None:  # once per chunk: does one layout serve every layer and head?
+            first = self.c_token[:1, :, :1]
+            shared = torch.equal(self.c_token, first.expand_as(self.c_token))
+            self._shared_mask = (self._visible(first[0], q_len),) if shared else ()
+        return (self._shared_mask[0] if self._shared_mask else self._visible(self.c_token[n], q_len)), False
+
+    def _visible(self, tokens: torch.Tensor, q_len: int) -> torch.Tensor:
+        """Which slots (token indices ``[batch, heads, slots]``) each of the chunk's queries may attend."""
+        tokens = tokens.unsqueeze(-2)
+        if q_len == 1:
+            return tokens >= 0
+        query = torch.arange(self.seen, self.seen + q_len, device=tokens.device).unsqueeze(-1)
+        return (tokens >= 0) & (tokens <= query)
+
     # -- executor side ---------------------------------------------------------------------------
     def make_room(self, chunk: int) -> bool:
-        """Evict so that the compressed layers can take ``chunk`` more tokens within the limit.
+        """Choose the slots the next ``chunk`` tokens go to, evicting if the compressed layers are full.
 
-        Evicts down to ``limit - chunk`` tokens, or further to drop at least ``evict_block`` at once
-        (amortised eviction). Returns whether anything was evicted.
+        An eviction frees slots down to ``limit - chunk`` held tokens, or further to free at least
+        ``evict_block`` at once (amortised eviction); the chunk fills freed slots and the rest stay spare
+        for the chunks after it. Returns whether any slot work was done (it is timed as eviction).
         """
-        if self.limit is None or self.c_len + chunk <= self.limit:
+        if self.limit is None:
             return False
+        new = torch.arange(self.seen, self.seen + chunk, device=self.c_token.device)
+        if self.c_len + chunk <= self.limit:
+            if not self.reused:  # still filling in time order
+                self.c_token[..., self.c_len : self.c_len + chunk] = new
+                if self.c_rotated_at is not None:
+                    self.c_rotated_at[..., self.c_len : self.c_len + chunk] = new
+                return False
+            slots, self._spare = self._spare[..., :chunk], self._spare[..., chunk:]
+            self._assign(slots, new)
+            return True
         keep = max(0, min(self.limit - chunk, self.c_len - self.evict_block))
-        keys = self.c_kv[0, :, :, :, : self.c_len]
-        tokens = self.c_token[..., : self.c_len]
-        if self.evictions == 0 or self.check_every_eviction:
-            # The policy gets views of the cache itself: an edit in place would silently change the model.
-            keys_before, tokens_before = keys.clone(), tokens.clone()
-            kept = self.policy.select(keys, keep, tokens)
-            if not (torch.equal(keys, keys_before) and torch.equal(tokens, tokens_before)):
-                raise PolicyError(
-                    f"{self.policy.who()} changed the keys or positions it was given; select() must only read them "
-                    "(work on a copy)"
-                )
-            check_selection(self.policy, kept, keys.shape, keep)
-        else:
-            kept = self.policy.select(keys, keep, tokens)
-        self._gather(kept.to(torch.long), keep)
+        freed = self.victims.choose(self.c_kv[0], self.c_token, self.c_len, keep)
+        if self.c_rotated_at is not None:
+            assert self.rotary is not None
+            moves = rank_shift(self.c_token, freed)
+            self.rotary.rotate_(self.c_kv[0], moves)
+            self.c_rotated_at += moves
+        self.c_token.scatter_(-1, freed, -1)
+        self.c_len = keep
+        self.reused = True
         self.evictions += 1
+        self._assign(freed[..., :chunk], new)
+        self._spare = freed[..., chunk:]
         return True
 
-    def _gather(self, kept: torch.Tensor, keep: int) -> None:
-        """Move the kept slots of every compressed layer, keys and values together, to the front.
-
-        One index_select over rows ``(kv, layer, batch, head, slot)`` of head_dim values: its index has one
-        entry per kept row, where torch.gather would read one per value (head_dim times as many).
-        """
-        limit, head_dim = self.c_kv.shape[4], self.layout.head_dim
-        base = torch.arange(2 * math.prod(kept.shape[:3]), device=kept.device).view(2, *kept.shape[:3], 1) * limit
-        rows = (base + kept.unsqueeze(0)).flatten()
-        # Into a buffer allocated once: a fresh tensor of this size costs more in page faults than the copy.
-        moved = torch.index_select(self.c_kv.view(-1, head_dim), 0, rows, out=self._scratch[: rows.numel()])
-        moved = moved.view(2, *kept.shape, head_dim)
-        tokens = torch.gather(self.c_token[..., : self.c_len], 3, kept)
-        if self.positions == "shift":
-            assert self.rotary is not None
-            # Kept keys take consecutive positions ending just before the next token: the relative
-            # distances of StreamingLLM's cache slots, without re-rotating the incoming queries.
-            rotated_at = torch.gather(self.c_rotated_at[..., : self.c_len], 3, kept)
-            target = torch.arange(self.seen - keep, self.seen, device=kept.device).expand_as(rotated_at)
-            self.rotary.rotate_(moved[0], target - rotated_at)
-            self.c_rotated_at[..., :keep] = target
-        self.c_kv[..., :keep, :] = moved
-        self.c_token[..., :keep] = tokens
-        self.c_len = keep
+    def _assign(self, slots: torch.Tensor, new: torch.Tensor) -> None:
+        """Give the next chunk's tokens ``slots`` (``[layers, batch, kv_heads, chunk]``), metadata first."""
+        tokens = new.expand(slots.shape)
+        self.c_token.scatter_(-1, slots, tokens)
+        if self.c_rotated_at is not None:
+            self.c_rotated_at.scatter_(-1, slots, tokens)
+        self.victims.written(slots)
+        self._write_index = slots.unsqueeze(-1).expand(*slots.shape, self.layout.head_dim)
 
     def advance(self, chunk: int) -> None:
         """Account for a chunk the model has just written into every layer."""
+        self._shared_mask = None
+        self._write_index = None  # the next chunk needs make_room() first
         if self.limit is not None:
-            new = torch.arange(self.seen, self.seen + chunk, device=self.c_token.device)
-            self.c_token[..., self.c_len : self.c_len + chunk] = new
-            if self.positions == "shift":
-                self.c_rotated_at[..., self.c_len : self.c_len + chunk] = new
             self.c_len += chunk
+            if self.c_len > self.limit:
+                raise CacheLimitError(f"compressed layers hold {self.c_len} tokens, over the limit of {self.limit}")
         if self.f_kv.shape[1]:
             self.f_len += chunk
         self.seen += chunk
-        if self.limit is not None and self.c_len > self.limit:
-            raise CacheLimitError(f"compressed layers hold {self.c_len} tokens, over the limit of {self.limit}")
         self.peak_bytes = max(self.peak_bytes, self.live_bytes())
 
     def lengths(self) -> dict[int, int]:

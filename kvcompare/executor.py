@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kvcompare.attention import ATTN_IMPLEMENTATION
+from kvcompare.attention import ATTN_IMPLEMENTATION, CACHE_KEYWORD
 from kvcompare.cache import BoundedKVCache, CacheLayout
 from kvcompare.config import CacheConfig
 from kvcompare.memory import PeakMemory
@@ -45,6 +45,13 @@ class LatencyResult:
     generated: list[int]
     peak_kv_bytes: int
     peak_mem_bytes: int
+
+
+@dataclasses.dataclass
+class DecodeSteps:
+    step_s: list[float]  # each step, from before its eviction to its next token
+    evict_s: list[float]  # slot work (eviction) inside each step
+    tokens: list[int]  # the token each step produced
 
 
 class Executor:
@@ -108,6 +115,7 @@ class Executor:
             cache=cache,
             use_cache=True,
             logits_to_keep=1 if last_only else 0,
+            **{CACHE_KEYWORD: cache},
         )
         cache.advance(chunk)
         return out.logits, evict_s
@@ -149,28 +157,43 @@ class Executor:
         of the prefill to the first generated token. Each decode step's time runs from before its eviction to
         its next token; the first ``warmup`` steps are not counted.
         """
-        chunk = prefill_chunk or config.stride
         ids = prompt.to(self.device).view(1, -1)
         cache = self.new_cache(policy, config, capacity=ids.shape[1] + warmup + gen)
         memory = PeakMemory(self.device)
-        step_s: list[float] = []
-        evict_s: list[float] = []
         with self.attached():
             start = now(self.device)
-            for offset in range(0, ids.shape[1], chunk):
-                logits, _ = self.forward(cache, ids[:, offset : offset + chunk], last_only=True)
-            token = logits[:, -1].argmax(dim=-1, keepdim=True)
+            token = self.prefill(cache, ids, prefill_chunk or config.stride)
             ttft = now(self.device) - start
             memory.sample()
-            generated = [int(token)]
-            for step in range(warmup + gen):
-                begin = now(self.device)
-                logits, step_evict_s = self.forward(cache, token, last_only=True)
-                token = logits[:, -1].argmax(dim=-1, keepdim=True)
-                elapsed = now(self.device) - begin
-                generated.append(int(token))
+            steps = self.decode(cache, token, warmup + gen, memory)
+        return LatencyResult(
+            ttft,
+            steps.step_s[warmup:],
+            steps.evict_s[warmup:],
+            [int(token), *steps.tokens],
+            cache.peak_bytes,
+            memory.peak,
+        )
+
+    def prefill(self, cache: BoundedKVCache, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Feed ``ids`` (``[1, length]``) in chunks of ``chunk``; return the first generated token (``[1, 1]``)."""
+        for offset in range(0, ids.shape[1], chunk):
+            logits, _ = self.forward(cache, ids[:, offset : offset + chunk], last_only=True)
+        return logits[:, -1].argmax(dim=-1, keepdim=True)
+
+    def decode(
+        self, cache: BoundedKVCache, token: torch.Tensor, steps: int, memory: PeakMemory | None = None
+    ) -> DecodeSteps:
+        """Decode ``steps`` tokens greedily after ``token``, timing each step from before its eviction to its
+        next token. Call it inside :meth:`attached`; calling it again continues the same sequence."""
+        timed = DecodeSteps([], [], [])
+        for _ in range(steps):
+            begin = now(self.device)
+            logits, evict_s = self.forward(cache, token, last_only=True)
+            token = logits[:, -1].argmax(dim=-1, keepdim=True)
+            timed.step_s.append(now(self.device) - begin)
+            timed.evict_s.append(evict_s)
+            timed.tokens.append(int(token))
+            if memory is not None:
                 memory.sample()
-                if step >= warmup:
-                    step_s.append(elapsed)
-                    evict_s.append(step_evict_s)
-        return LatencyResult(ttft, step_s, evict_s, generated, cache.peak_bytes, memory.peak)
+        return timed

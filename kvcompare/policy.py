@@ -29,8 +29,9 @@ class KVPolicy:
     """Base class of every eviction policy.
 
     Subclasses are dataclasses whose fields are their parameters (typed, with defaults). They implement
-    :meth:`select` and nothing else: top-k, gather, re-rotation and timing belong to the shared executor,
-    so every policy is measured the same way.
+    :meth:`select` (or, cheaper, subclass :class:`ScoredPolicy` and implement ``score``) and nothing else:
+    victims, slot reuse, re-rotation and timing belong to the shared executor, so every policy is measured
+    the same way.
     """
 
     name: ClassVar[str] = ""
@@ -42,10 +43,10 @@ class KVPolicy:
 
         Args:
             keys: the cached keys of every compressed layer at once, shape
-                ``[layers, batch, kv_heads, length, head_dim]``, in time order (slot 0 is the oldest kept
+                ``[layers, batch, kv_heads, length, head_dim]``, in time order (index 0 is the oldest kept
                 token). One tensor for all compressed layers lets a policy score them in one vectorised
-                call, and it is a free view of the executor's buffer. Keys carry their rotary embedding;
-                rotation does not change their norm.
+                call. Keys carry their rotary embedding; rotation does not change their norm. Putting the
+                keys in time order costs a copy of the cache per eviction: a :class:`ScoredPolicy` avoids it.
             keep: how many slots to keep, ``0 < keep < length``.
             positions: the original token index of every slot, shape ``[layers, batch, kv_heads, length]``.
 
@@ -95,6 +96,42 @@ class KVPolicy:
 
     def params_json(self) -> str:
         return json.dumps(self.params(), sort_keys=True)
+
+
+@dataclasses.dataclass
+class ScoredPolicy(KVPolicy):
+    """A policy that scores slots; the executor evicts the lowest scores with one topk.
+
+    The cheap way to write a policy: the executor picks the victims itself, writes the next tokens into their
+    slots and moves nothing that stays, so an eviction costs what it evicts. :meth:`select` is derived from
+    :meth:`score`, for callers that want kept indices.
+    """
+
+    def score(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Return one score per slot; the lowest are evicted first.
+
+        Args:
+            keys: ``[layers, batch, kv_heads, slots, head_dim]``, in slot order, which is not time order:
+                slots are reused as tokens come and go. A view of the executor's buffer: read it, never edit it.
+            positions: the original token index of every slot, ``[layers, batch, kv_heads, slots]``; -1 marks
+                an empty slot, whose score is ignored.
+
+        Returns:
+            Floating tensor shaped like ``positions``.
+        """
+        raise NotImplementedError
+
+    def scores_at_write(self) -> bool:
+        """Whether a slot's score depends only on its own key and token index, never on the others or on time.
+
+        Then the executor scores each key once, when it is written (``score`` is given just the new slots),
+        and keeps the score with its slot, so an eviction never re-reads the cache.
+        """
+        return False
+
+    def select(self, keys: torch.Tensor, keep: int, positions: torch.Tensor) -> torch.Tensor:
+        """The ``keep`` highest-scoring slots, ascending."""
+        return self.score(keys, positions).topk(keep, dim=-1).indices.sort(dim=-1).values
 
 
 def parameter_types(cls: type[KVPolicy]) -> dict[str, Any]:
@@ -149,3 +186,16 @@ def check_selection(policy: KVPolicy, kept: object, keys_shape: torch.Size, keep
         raise PolicyError(f"{who} returned an index outside [0, {length})")
     if keep > 1 and not bool((kept.diff(dim=-1) > 0).all()):
         raise PolicyError(f"{who} returned repeated or unsorted indices; each head's must be distinct and ascending")
+
+
+def check_scores(policy: KVPolicy, scores: object, shape: tuple[int, ...]) -> None:
+    """Raise a PolicyError naming the policy and its plugin if ``scores`` breaks the score() contract."""
+    who = policy.who()
+    if not isinstance(scores, torch.Tensor):
+        raise PolicyError(f"{who} returned {type(scores).__name__} from score(), expected a tensor of scores")
+    if tuple(scores.shape) != shape:
+        raise PolicyError(f"{who} returned scores of shape {tuple(scores.shape)}, expected {shape}")
+    if not scores.dtype.is_floating_point:
+        raise PolicyError(f"{who} returned {scores.dtype} scores, expected a floating tensor")
+    if bool(scores.isnan().any()):
+        raise PolicyError(f"{who} returned NaN scores")

@@ -9,10 +9,12 @@ PROTOCOL_MD = """\
 - **Cache limit.** Before a chunk of `c` tokens is attended, each compressed layer holding more than
   `limit - c` tokens is reduced by the policy to `limit - c` (or to `evict_block` fewer tokens than it
   holds, whichever is smaller), so no attention call sees more than `limit` keys. Skip layers (default 0
-  and 1) keep their full cache. One gather moves the kept keys and values of all compressed layers.
+  and 1) keep their full cache. An eviction only frees slots: the next chunk's keys and values are written
+  into them, and nothing that stays is moved. Among equally scored tokens the older goes first.
 - **Positions.** `true`: every token keeps its original position. `shift` (StreamingLLM): positions are
-  slots in the cache; after an eviction the kept keys are re-rotated so that they sit at consecutive
-  positions ending just before the next token, which gives exactly the relative distances of cache slots.
+  ranks in the cache; after an eviction each kept key is re-rotated in place by the number of evicted
+  tokens newer than it, so the held keys sit at consecutive positions ending just before the next token,
+  which gives exactly the relative distances of StreamingLLM's cache slots.
 - **Quality pass.** The passage is fed teacher-forced in chunks of `stride` tokens under the policy and the
   limit; every token after the first is scored. `ppl = exp(mean NLL)`; `accuracy` is the share of tokens
   whose arg-max prediction is the next token. NLL is also kept per bucket of positions for the
@@ -21,8 +23,8 @@ PROTOCOL_MD = """\
   the stride) under the policy and limit. `ttft_s` runs from the start of the prefill to the first generated
   token (greedy). Then `warmup + gen` tokens are decoded one at a time; the first `warmup` steps are not
   counted. A trial's TPOT is its median counted step (eviction included) and its throughput is `gen` divided
-  by its counted steps' total time. Each cell runs `repeats` trials. Eviction time inside the counted steps
-  is `evict_s`, and `evict_share = evict_s / decode time`.
+  by its counted steps' total time. Each cell runs `repeats` trials. Eviction time (choosing victims and
+  slots, re-rotation) inside the counted steps is `evict_s`, and `evict_share = evict_s / decode time`.
 - **Rounds.** The cells of a passage are measured together: one quality pass each, then `repeats` rounds.
   Round r runs trial r of every cell of the passage, `full` included, and the order rotates by one cell per
   round, so a slow spell of the machine touches every policy alike. Each round also times `full` a second

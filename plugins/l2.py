@@ -7,14 +7,15 @@ from typing import Literal
 
 import torch
 
-from kvcompare import KVPolicy, hookimpl, parameter
+from kvcompare import ScoredPolicy, hookimpl, parameter
 
 
 @dataclasses.dataclass
-class L2Norm(KVPolicy):
+class L2Norm(ScoredPolicy):
     """Per KV head, keep the lowest-norm keys (keep_low), the highest (keep_high) or a seeded random subset.
 
-    keep_high is the ablation; random is uniform and reproducible for a seed.
+    keep_high is the ablation; random is uniform and reproducible for a seed. A key's norm is computed once,
+    when it is written (rotation does not change it).
     """
 
     name = "l2"
@@ -26,13 +27,22 @@ class L2Norm(KVPolicy):
     def __post_init__(self) -> None:
         self._generator = torch.Generator().manual_seed(self.seed)
 
-    def select(self, keys: torch.Tensor, keep: int, positions: torch.Tensor) -> torch.Tensor:
+    def scores_at_write(self) -> bool:
+        return self.mode != "random"
+
+    def score(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.mode == "random":
-            scores = torch.rand(keys.shape[:4], generator=self._generator).to(keys.device)
-        else:
-            norms = torch.linalg.vector_norm(keys.float(), dim=-1)
-            scores = -norms if self.mode == "keep_low" else norms
-        return scores.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values
+            return self._random(positions)
+        norms = torch.linalg.vector_norm(keys.float(), dim=-1)
+        return -norms if self.mode == "keep_low" else norms
+
+    def _random(self, positions: torch.Tensor) -> torch.Tensor:
+        """Uniform scores, drawn for the held tokens in time order so that a seed picks the same tokens
+        whatever slots they sit in."""
+        held = int((positions[(0,) * (positions.dim() - 1)] >= 0).sum())
+        in_time = positions.argsort(dim=-1)[..., positions.shape[-1] - held :]
+        draw = torch.rand((*positions.shape[:-1], held), generator=self._generator).to(positions.device)
+        return torch.full(positions.shape, float("-inf"), device=positions.device).scatter_(-1, in_time, draw)
 
 
 @hookimpl

@@ -6,18 +6,20 @@ import dataclasses
 
 import torch
 
-from kvcompare import KVPolicy, hookimpl
+from kvcompare import ScoredPolicy, hookimpl
 
 
 @dataclasses.dataclass
-class RecentOnly(KVPolicy):
+class RecentOnly(ScoredPolicy):
     """Keep the most recent tokens only (StreamingLLM without sinks: shows what the sinks are worth)."""
 
     name = "recent"
 
-    def select(self, keys: torch.Tensor, keep: int, positions: torch.Tensor) -> torch.Tensor:
-        length = keys.shape[3]
-        return torch.arange(length - keep, length, device=keys.device).expand(*keys.shape[:3], keep)
+    def score(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return positions.float()  # the oldest token goes first
+
+    def scores_at_write(self) -> bool:
+        return True
 
 
 @hookimpl

@@ -6,11 +6,11 @@ import dataclasses
 
 import torch
 
-from kvcompare import KVPolicy, PolicyError, hookimpl, parameter
+from kvcompare import PolicyError, ScoredPolicy, hookimpl, parameter
 
 
 @dataclasses.dataclass
-class StreamingLLM(KVPolicy):
+class StreamingLLM(ScoredPolicy):
     """Keep the first `start_size` tokens (the attention sinks) and the most recent ones."""
 
     name = "streaming"
@@ -28,16 +28,12 @@ class StreamingLLM(KVPolicy):
                 "or --prefill-chunk"
             )
 
-    def select(self, keys: torch.Tensor, keep: int, positions: torch.Tensor) -> torch.Tensor:
-        length = keys.shape[3]
-        sinks = min(self.start_size, keep)
-        slots = torch.cat(
-            [
-                torch.arange(sinks, device=keys.device),
-                torch.arange(length - (keep - sinks), length, device=keys.device),
-            ]
-        )
-        return slots.expand(*keys.shape[:3], keep)
+    def score(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # The oldest token goes first, except the sinks, which never go.
+        return positions.float().masked_fill(positions < self.start_size, float("inf"))
+
+    def scores_at_write(self) -> bool:
+        return True
 
 
 @hookimpl

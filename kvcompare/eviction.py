@@ -1,0 +1,143 @@
+"""Choosing victims: a policy's scores, or the slots it keeps, become the cache slots to free.
+
+The cache reuses slots, so its keys are not in time order. A :class:`~kvcompare.policy.ScoredPolicy` scores
+the slots where they are and the victims are one topk over the lowest scores; scores that depend only on a
+slot's own key and token are computed once, when the key is written, and kept as ranks with their slots.
+A plain ``select()`` policy is given its keys in time order, as its contract promises, which costs one
+gather of the cache per eviction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+from kvcompare.policy import KVPolicy, PolicyError, ScoredPolicy, check_scores, check_selection
+
+T = TypeVar("T")
+
+
+#: The eviction rank of an empty slot: below every held one, so empty slots are always freed first.
+EMPTY = torch.iinfo(torch.int64).min
+
+
+class VictimChooser:
+    """Holds a cache's policy and, for scores made at write time, each slot's eviction rank between evictions."""
+
+    def __init__(self, policy: KVPolicy, slots: torch.Tensor, check_every_eviction: bool = False) -> None:
+        self.policy = policy
+        self.scored = isinstance(policy, ScoredPolicy)
+        self.at_write = isinstance(policy, ScoredPolicy) and policy.scores_at_write()
+        # Each slot's rank (see eviction_ranks), kept only when scores are made at write time.
+        self.ranks = torch.full(slots.shape, EMPTY, device=slots.device) if self.at_write else None
+        self._unranked: list[torch.Tensor] = []  # slots written since the last eviction, not ranked yet
+        self.check_every_eviction = check_every_eviction
+        self.calls = 0
+
+    def written(self, slots: torch.Tensor) -> None:
+        """Note the slots a chunk is about to be written into (``[layers, batch, kv_heads, chunk]``) once slots
+        are reused; before the first eviction the held slots are ranked all at once."""
+        if self.at_write:
+            self._unranked.append(slots)
+
+    def choose(self, keys: torch.Tensor, tokens: torch.Tensor, held: int, keep: int) -> torch.Tensor:
+        """The slots to free so that ``keep`` tokens stay: every empty slot and the held ones ranked lowest.
+
+        ``keys`` is ``[layers, batch, kv_heads, slots, head_dim]``, ``tokens`` the token index of each slot
+        (-1 when empty), ``held`` the tokens each head holds. Returns ``[layers, batch, kv_heads, slots - keep]``.
+        """
+        first = self.calls == 0
+        check = first or self.check_every_eviction
+        self.calls += 1
+        if self.at_write:
+            ranks = self._ranks_at_write(keys, tokens, held, first, check)
+        elif self.scored:
+            ranks = eviction_ranks(self._scored(keys, tokens, check), tokens)
+        else:
+            ranks = eviction_ranks(self._scores_from_select(keys, tokens, held, keep, check), tokens)
+        freed = ranks.topk(tokens.shape[-1] - keep, dim=-1, largest=False, sorted=False).indices
+        if self.ranks is not None:
+            self.ranks.scatter_(-1, freed, EMPTY)
+        return freed
+
+    # -- the three ways a policy's choice arrives ---------------------------------------------------------
+    def _scored(self, keys: torch.Tensor, tokens: torch.Tensor, check: bool) -> torch.Tensor:
+        assert isinstance(self.policy, ScoredPolicy)
+        policy = self.policy
+        scores = self._call(lambda: policy.score(keys, tokens), keys, tokens, check)
+        if check:
+            check_scores(policy, scores, tuple(tokens.shape))
+        return scores
+
+    def _ranks_at_write(
+        self, keys: torch.Tensor, tokens: torch.Tensor, held: int, first: bool, check: bool
+    ) -> torch.Tensor:
+        """Rank the slots written since the last eviction (on the first, the ``held`` slots filled in order)."""
+        assert self.ranks is not None
+        if first:
+            prefix = tokens[..., :held]
+            self.ranks[..., :held] = eviction_ranks(self._scored(keys[..., :held, :], prefix, check), prefix)
+        elif self._unranked:
+            slots = torch.cat(self._unranked, dim=-1)
+            self._unranked.clear()
+            written = tokens.gather(-1, slots)
+            self.ranks.scatter_(-1, slots, eviction_ranks(self._scored(_take(keys, slots), written, check), written))
+        return self.ranks
+
+    def _scores_from_select(
+        self, keys: torch.Tensor, tokens: torch.Tensor, held: int, keep: int, check: bool
+    ) -> torch.Tensor:
+        """Give select() the held keys in time order; score what it keeps 1 and the rest 0."""
+        order = tokens.argsort(dim=-1)[..., tokens.shape[-1] - held :]  # held slots, oldest first (-1 sorts first)
+        in_time, positions = _take(keys, order), tokens.gather(-1, order)
+        kept = self._call(lambda: self.policy.select(in_time, keep, positions), in_time, positions, check)
+        if check:
+            check_selection(self.policy, kept, in_time.shape, keep)
+        ones = torch.ones(kept.shape, dtype=torch.float32, device=tokens.device)
+        return torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device).scatter_(
+            -1, order.gather(-1, kept.long()), ones
+        )
+
+    def _call(self, call: Callable[[], T], keys: torch.Tensor, tokens: torch.Tensor, check: bool) -> T:
+        """Run a policy call; when checking, refuse one that edited what it was given."""
+        if not check:
+            return call()
+        # A policy may be given views of the cache itself: an edit in place would silently change the model.
+        keys_before, tokens_before = keys.clone(), tokens.clone()
+        result = call()
+        if not (torch.equal(keys, keys_before) and torch.equal(tokens, tokens_before)):
+            raise PolicyError(
+                f"{self.policy.who()} changed the keys or positions it was given; it must only read them "
+                "(work on a copy)"
+            )
+        return result
+
+
+def eviction_ranks(scores: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """One 64-bit integer per slot whose order is the eviction order: by score, then oldest token first.
+
+    Equal scores (the same word's key at layer 0 has the same norm wherever it occurs) go oldest first, so the
+    victims do not depend on which slots tokens happen to sit in. The score's float32 bits, made monotone,
+    sit above the token index; empty slots rank lowest.
+    """
+    bits = scores.float().view(torch.int32)
+    monotone = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+    return ((monotone << 32) | (tokens + 1)).masked_fill(tokens < 0, EMPTY)
+
+
+def _take(keys: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The keys at ``slots`` (``[..., n]``), as ``[..., n, head_dim]``."""
+    return keys.gather(-2, slots.unsqueeze(-1).expand(*slots.shape, keys.shape[-1]))
+
+
+def rank_shift(tokens: torch.Tensor, freed: torch.Tensor) -> torch.Tensor:
+    """How far each kept slot's position moves up when ``freed`` slots are evicted: the evicted tokens newer than it.
+
+    Shift mode keeps the held positions consecutive, ending just before the next token, so a key moves up by
+    one for every newer token evicted. Freed slots get 0 (they are overwritten or emptied).
+    """
+    gone = tokens.gather(-1, freed).sort(dim=-1).values  # an empty slot's -1 is never newer than a token
+    newer = gone.shape[-1] - torch.searchsorted(gone, tokens.contiguous(), right=True)
+    return newer.scatter_(-1, freed, 0)
