@@ -187,10 +187,12 @@ class BoundedKVCache:
         freed = self.victims.choose(self.c_kv[0], self.c_token, self.c_len, keep)
         if self.c_rotated_at is not None:
             assert self.rotary is not None
-            moves = rank_shift(self.c_token, freed)
-            self.rotary.rotate_(self.c_kv[0], moves)
-            self.c_rotated_at += moves
-        self.c_token.scatter_(-1, freed, -1)
+            rows, moves = rank_shift(self.c_token, freed, self.victims.uniform)
+            self.rotary.rotate_rows_(self.c_kv[0].view(-1, self.layout.head_dim), rows, moves)
+            step = moves if isinstance(moves, torch.Tensor) else torch.full_like(rows, moves)
+            self.c_rotated_at.view(-1).index_add_(0, rows, step)
+        if freed.shape[-1] > chunk:  # the freed slots the chunk does not fill are left empty
+            self.c_token.scatter_(-1, freed[..., chunk:], -1)
         self.c_len = keep
         self.reused = True
         self.evictions += 1

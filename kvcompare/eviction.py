@@ -33,6 +33,9 @@ class VictimChooser:
         # Each slot's rank (see eviction_ranks), kept only when scores are made at write time.
         self.ranks = torch.full(slots.shape, EMPTY, device=slots.device) if self.at_write else None
         self._unranked: list[torch.Tensor] = []  # slots written since the last eviction, not ranked yet
+        # True while every layer and head ranks its slots alike (scores from token indices alone, as
+        # StreamingLLM's and recent's): then they all evict the same slots, chosen once from one row.
+        self.uniform = self.at_write
         self.check_every_eviction = check_every_eviction
         self.calls = 0
 
@@ -53,11 +56,18 @@ class VictimChooser:
         self.calls += 1
         if self.at_write:
             ranks = self._ranks_at_write(keys, tokens, held, first, check)
-        elif self.scored:
-            ranks = eviction_ranks(self._scored(keys, tokens, check), tokens)
         else:
-            ranks = eviction_ranks(self._scores_from_select(keys, tokens, held, keep, check), tokens)
-        freed = ranks.topk(tokens.shape[-1] - keep, dim=-1, largest=False, sorted=False).indices
+            scores = (
+                self._scored(keys, tokens, check)
+                if self.scored
+                else self._scores_from_select(keys, tokens, held, keep, check)
+            )
+            ranks = eviction_ranks(scores, tokens).masked_fill(tokens < 0, EMPTY)
+        count = tokens.shape[-1] - keep
+        if self.uniform:
+            freed = _lowest(ranks[(0,) * (ranks.dim() - 1)], count).expand(*ranks.shape[:-1], count)
+        else:
+            freed = _lowest(ranks, count)
         if self.ranks is not None:
             self.ranks.scatter_(-1, freed, EMPTY)
         return freed
@@ -78,12 +88,18 @@ class VictimChooser:
         assert self.ranks is not None
         if first:
             prefix = tokens[..., :held]
-            self.ranks[..., :held] = eviction_ranks(self._scored(keys[..., :held, :], prefix, check), prefix)
+            fresh = eviction_ranks(self._scored(keys[..., :held, :], prefix, check), prefix)
+            self.ranks[..., :held] = fresh
         elif self._unranked:
             slots = torch.cat(self._unranked, dim=-1)
             self._unranked.clear()
             written = tokens.gather(-1, slots)
-            self.ranks.scatter_(-1, slots, eviction_ranks(self._scored(_take(keys, slots), written, check), written))
+            fresh = eviction_ranks(self._scored(_take(keys, slots), written, check), written)
+            self.ranks.scatter_(-1, slots, fresh)
+        else:
+            return self.ranks
+        if self.uniform:
+            self.uniform = torch.equal(fresh, fresh[:1, :1, :1].expand_as(fresh))
         return self.ranks
 
     def _scores_from_select(
@@ -115,16 +131,23 @@ class VictimChooser:
         return result
 
 
+def _lowest(ranks: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` lowest-ranked slots along the last axis (argmin for one: it reads the ranks once)."""
+    if count == 1:
+        return ranks.argmin(dim=-1, keepdim=True)
+    return ranks.topk(count, dim=-1, largest=False, sorted=False).indices
+
+
 def eviction_ranks(scores: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """One 64-bit integer per slot whose order is the eviction order: by score, then oldest token first.
 
     Equal scores (the same word's key at layer 0 has the same norm wherever it occurs) go oldest first, so the
     victims do not depend on which slots tokens happen to sit in. The score's float32 bits, made monotone,
-    sit above the token index; empty slots rank lowest.
+    sit above the token index. Meaningless for empty slots: the caller ranks those :data:`EMPTY`.
     """
     bits = scores.float().view(torch.int32)
     monotone = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
-    return ((monotone << 32) | (tokens + 1)).masked_fill(tokens < 0, EMPTY)
+    return (monotone << 32) | (tokens + 1)
 
 
 def _take(keys: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -132,12 +155,31 @@ def _take(keys: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return keys.gather(-2, slots.unsqueeze(-1).expand(*slots.shape, keys.shape[-1]))
 
 
-def rank_shift(tokens: torch.Tensor, freed: torch.Tensor) -> torch.Tensor:
-    """How far each kept slot's position moves up when ``freed`` slots are evicted: the evicted tokens newer than it.
+def rank_shift(
+    tokens: torch.Tensor, freed: torch.Tensor, uniform: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | int]:
+    """The kept slots whose position moves up when ``freed`` slots are evicted, and by how much.
 
     Shift mode keeps the held positions consecutive, ending just before the next token, so a key moves up by
-    one for every newer token evicted. Freed slots get 0 (they are overwritten or emptied).
+    one for every newer token evicted; keys newer than every evicted token stay. Returns flat indices into
+    ``tokens`` and the moves (an int when all move alike: one token evicted), so that only the moving keys
+    are touched (for StreamingLLM, just the sinks). ``uniform``: every row holds the same tokens in the same
+    slots and frees the same ones, so the first row is worked out and repeated.
     """
-    gone = tokens.gather(-1, freed).sort(dim=-1).values  # an empty slot's -1 is never newer than a token
-    newer = gone.shape[-1] - torch.searchsorted(gone, tokens.contiguous(), right=True)
-    return newer.scatter_(-1, freed, 0)
+    if uniform:
+        rows, moves = rank_shift(tokens.flatten(0, -2)[:1], freed.flatten(0, -2)[:1])
+        starts = torch.arange(0, tokens.numel(), tokens.shape[-1], device=tokens.device).unsqueeze(1)
+        every = (starts + rows).flatten()
+        return every, moves if isinstance(moves, int) else moves.repeat(starts.shape[0])
+    gone = tokens.gather(-1, freed)
+    if gone.shape[-1] > 1:
+        gone = gone.sort(dim=-1).values  # an empty slot's -1 is never newer than a token
+    older = tokens < gone[..., -1:]
+    older.scatter_(-1, freed, False)  # freed slots are overwritten or emptied, not moved
+    rows = older.view(-1).nonzero().squeeze(1)
+    count = gone.shape[-1]
+    if count == 1:
+        return rows, 1
+    gone_by_row = gone.reshape(-1, count).index_select(0, rows.div(tokens.shape[-1], rounding_mode="floor"))
+    kept = tokens.reshape(-1).index_select(0, rows).unsqueeze(1)
+    return rows, count - torch.searchsorted(gone_by_row, kept, right=True).squeeze(1)

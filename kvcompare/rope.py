@@ -24,31 +24,53 @@ class Rotary:
 
     inv_freq: torch.Tensor  # [rotary_dim // 2], float32
     rotary_dim: int
+    _tables: dict[tuple[int, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def rotate_(self, x: torch.Tensor, delta: torch.Tensor) -> None:
-        """Rotate ``x`` (``[..., T, head_dim]``) in place by integer ``delta`` (``[..., T]``), the fast way.
+        """Rotate ``x`` (``[..., T, head_dim]``) in place by integer ``delta`` (``[..., T]``).
 
-        After an eviction a key moves by the number of tokens evicted before it, so deltas take few distinct
-        values: cos and sin come from a small table indexed by delta, and only the span of slots that
-        actually move is touched (for StreamingLLM, just the sinks).
+        Only the span of positions whose delta is not 0 is touched.
         """
         moving = delta.ne(0).flatten(0, -2).any(dim=0).nonzero()
-        if moving.numel() == 0:
-            return
-        start, stop = int(moving[0]), int(moving[-1]) + 1
-        x, delta = x[..., start:stop, :], delta[..., start:stop]
-        low, high = int(delta.min()), int(delta.max())
-        offsets = torch.arange(low, high + 1, device=x.device, dtype=torch.float32)
-        angles = offsets.unsqueeze(-1) * self.inv_freq.to(x.device)
-        index = (delta - low).flatten()
-        shape = (*delta.shape, self.rotary_dim // 2)
-        cos = angles.cos().to(x.dtype).index_select(0, index).view(shape)
-        sin = angles.sin().to(x.dtype).index_select(0, index).view(shape)
+        if moving.numel():
+            start, stop = int(moving[0]), int(moving[-1]) + 1
+            self._rotate(x[..., start:stop, :], delta[..., start:stop])
+
+    def rotate_rows_(self, x: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor | int) -> None:
+        """Rotate the given rows of ``x`` (``[N, head_dim]``) in place, row ``rows[i]`` by ``delta[i]`` (or all
+        by one int). Only those rows are read and written: after an eviction, the keys whose rank changed."""
+        if rows.numel():
+            picked = x.index_select(0, rows)
+            self._rotate(picked, delta)
+            x.index_copy_(0, rows, picked)
+
+    def _rotate(self, x: torch.Tensor, delta: torch.Tensor | int) -> None:
+        """The rotation itself; ``delta`` is one int or one per row of ``x`` (``[..., T]``)."""
+        if isinstance(delta, int):
+            cos, sin = self._cos_sin(delta, x.dtype, x.device)
+        else:
+            # Deltas take few distinct values: cos and sin come from a small table indexed by delta.
+            low, high = int(delta.min()), int(delta.max())
+            offsets = torch.arange(low, high + 1, device=x.device, dtype=torch.float32)
+            angles = offsets.unsqueeze(-1) * self.inv_freq.to(x.device)
+            index = (delta - low).flatten()
+            shape = (*delta.shape, self.rotary_dim // 2)
+            cos = angles.cos().to(x.dtype).index_select(0, index).view(shape)
+            sin = angles.sin().to(x.dtype).index_select(0, index).view(shape)
         half = self.rotary_dim // 2
         first, second = x[..., :half], x[..., half : self.rotary_dim]
-        new_first = first * cos - second * sin
+        new_first = torch.mul(first, cos).addcmul_(second, sin, value=-1)
         second.mul_(cos).addcmul_(first, sin)
         first.copy_(new_first)
+
+    def _cos_sin(self, delta: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (delta, dtype, device)
+        if key not in self._tables:
+            angles = delta * self.inv_freq.to(device)
+            self._tables[key] = (angles.cos().to(dtype), angles.sin().to(dtype))
+        return self._tables[key]
 
 
 def find_rotary(model: nn.Module) -> Rotary:

@@ -196,6 +196,19 @@ def test_scores_made_at_write_read_each_key_once(tokens: torch.Tensor) -> None:
     torch.testing.assert_close(logits_of(executor, CountingRecent(), tokens, config), expected)
 
 
+@pytest.mark.parametrize("spec,uniform", [("streaming", True), ("recent", True), ("l2", False)])
+def test_victims_are_chosen_once_for_all_layers_only_when_all_rank_alike(
+    tokens: torch.Tensor, spec: str, uniform: bool
+) -> None:
+    executor = Executor(tiny_llama())
+    cache = executor.new_cache(get_registry().build(spec), CacheConfig(12, 1, "shift", ()), capacity=48)
+    with executor.attached():
+        for s in range(tokens.numel()):
+            executor.forward(cache, tokens[s : s + 1].view(1, 1))
+    assert cache.victims.uniform is uniform
+    assert torch.equal(cache.c_token, cache.c_token[:1, :1, :1].expand_as(cache.c_token)) is uniform
+
+
 @dataclasses.dataclass
 class BadScores(ScoredPolicy):
     name = "bad-scores"
@@ -225,10 +238,15 @@ def test_bad_scores_name_the_policy_and_plugin(tokens: torch.Tensor, how: str, m
     assert "policy 'bad-scores" in str(info.value) and "odd-plugin" in str(info.value)
 
 
-def test_rank_shift_counts_the_evicted_tokens_newer_than_each_kept_one() -> None:
-    tokens = torch.tensor([[0, 1, 9, 2, 3, -1, 10, 11]])
-    freed = torch.tensor([[3, 4, 5]])  # tokens 2 and 3, and an empty slot
-    assert rank_shift(tokens, freed).tolist() == [[2, 2, 0, 0, 0, 0, 0, 0]]
+def test_rank_shift_moves_each_kept_token_by_the_evicted_tokens_newer_than_it() -> None:
+    tokens = torch.tensor([[[0, 1, 9, 2, 3, -1, 10, 11]], [[5, 0, 1, 2, 3, 4, 6, 7]]])
+    freed = torch.tensor([[[3, 4, 5]], [[3, 4, 7]]])  # tokens 2, 3 and an empty slot; tokens 2, 3 and 7
+    rows, moves = rank_shift(tokens, freed)
+    moved = torch.zeros(tokens.numel(), dtype=torch.long).index_add_(0, rows, moves).view(tokens.shape)
+    assert moved.tolist() == [[[2, 2, 0, 0, 0, 0, 0, 0]], [[1, 3, 3, 0, 0, 1, 1, 0]]]
+    full = torch.tensor([[[0, 1, 9, 2, 3, 12, 10, 11]]])
+    rows, moves = rank_shift(full, torch.tensor([[[4]]]))  # one victim (token 3): the older ones move by 1
+    assert sorted(rows.tolist()) == [0, 1, 3] and moves == 1
 
 
 def test_attention_refuses_a_model_that_drops_its_keyword_arguments() -> None:
