@@ -98,9 +98,9 @@ class BoundedKVCache:
         dtype, device = layout.dtype, layout.device
         self.c_kv = torch.empty(2, len(compressed), b, h, self.limit or 0, d, dtype=dtype, device=device)
         self.f_kv = torch.empty(2, len(full), b, h, capacity if full else 0, d, dtype=dtype, device=device)
-        # Per slot: the original token index (-1 = empty) and, in shift mode, the position its key is rotated at.
+        # Per slot: the original token index (-1 = empty). In shift mode a held key is rotated at its rank
+        # among the held tokens, counted to end just before the next token: derived, so not stored.
         self.c_token = torch.full((len(compressed), b, h, self.limit or 0), -1, dtype=torch.long, device=device)
-        self.c_rotated_at = self.c_token.clone() if self.positions == "shift" else None
         self.victims = VictimChooser(self.policy, self.c_token, check_every_eviction)
         self.c_len = 0  # tokens each compressed head holds
         self.f_len = 0
@@ -177,20 +177,16 @@ class BoundedKVCache:
         if self.c_len + chunk <= self.limit:
             if not self.reused:  # still filling in time order
                 self.c_token[..., self.c_len : self.c_len + chunk] = new
-                if self.c_rotated_at is not None:
-                    self.c_rotated_at[..., self.c_len : self.c_len + chunk] = new
                 return False
             slots, self._spare = self._spare[..., :chunk], self._spare[..., chunk:]
             self._assign(slots, new)
             return True
         keep = max(0, min(self.limit - chunk, self.c_len - self.evict_block))
         freed = self.victims.choose(self.c_kv[0], self.c_token, self.c_len, keep)
-        if self.c_rotated_at is not None:
+        if self.positions == "shift":
             assert self.rotary is not None
             rows, moves = rank_shift(self.c_token, freed, self.victims.uniform)
             self.rotary.rotate_rows_(self.c_kv[0].view(-1, self.layout.head_dim), rows, moves)
-            step = moves if isinstance(moves, torch.Tensor) else torch.full_like(rows, moves)
-            self.c_rotated_at.view(-1).index_add_(0, rows, step)
         if freed.shape[-1] > chunk:  # the freed slots the chunk does not fill are left empty
             self.c_token.scatter_(-1, freed[..., chunk:], -1)
         self.c_len = keep
@@ -202,10 +198,7 @@ class BoundedKVCache:
 
     def _assign(self, slots: torch.Tensor, new: torch.Tensor) -> None:
         """Give the next chunk's tokens ``slots`` (``[layers, batch, kv_heads, chunk]``), metadata first."""
-        tokens = new.expand(slots.shape)
-        self.c_token.scatter_(-1, slots, tokens)
-        if self.c_rotated_at is not None:
-            self.c_rotated_at.scatter_(-1, slots, tokens)
+        self.c_token.scatter_(-1, slots, new.expand(slots.shape))
         self.victims.written(slots)
         self._write_index = slots.unsqueeze(-1).expand(*slots.shape, self.layout.head_dim)
 

@@ -91,7 +91,7 @@ class VictimChooser:
             fresh = eviction_ranks(self._scored(keys[..., :held, :], prefix, check), prefix)
             self.ranks[..., :held] = fresh
         elif self._unranked:
-            slots = torch.cat(self._unranked, dim=-1)
+            slots = self._unranked[0] if len(self._unranked) == 1 else torch.cat(self._unranked, dim=-1)
             self._unranked.clear()
             written = tokens.gather(-1, slots)
             fresh = eviction_ranks(self._scored(_take(keys, slots), written, check), written)
@@ -167,7 +167,8 @@ def rank_shift(
     slots and frees the same ones, so the first row is worked out and repeated.
     """
     if uniform:
-        rows, moves = rank_shift(tokens.flatten(0, -2)[:1], freed.flatten(0, -2)[:1])
+        first = (0,) * (tokens.dim() - 1)
+        rows, moves = rank_shift(tokens[first].unsqueeze(0), freed[first].unsqueeze(0))
         starts = torch.arange(0, tokens.numel(), tokens.shape[-1], device=tokens.device).unsqueeze(1)
         every = (starts + rows).flatten()
         return every, moves if isinstance(moves, int) else moves.repeat(starts.shape[0])

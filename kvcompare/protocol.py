@@ -1,6 +1,10 @@
 """The measurement protocol as readers see it: written once here, shown verbatim in every report and in the
 README (a test keeps the README in step). The code that carries it out is ``kvcompare.measure``."""
 
+#: Raised whenever a change to the executor can change a cell's numbers; ``--resume`` never mixes versions.
+#: 2: slot reuse, ties in score evicted oldest first (issue 10).
+PROTOCOL_VERSION = 2
+
 #: How the numbers are measured; shown verbatim in every report and in the README.
 PROTOCOL_MD = """\
 - **Cells.** One measurement per (policy with its parameters, cache limit, passage length, sample, position

@@ -23,6 +23,7 @@ from kvcompare.models import LoadedModel, load_model
 from kvcompare.physics import kv_read_bytes, memory_bandwidth, tpot_floor, weight_bytes
 from kvcompare.plan import Cell, Plan, plan, prepare
 from kvcompare.policy import KVPolicy
+from kvcompare.protocol import PROTOCOL_VERSION
 from kvcompare.results import RunFolder, cell_id
 from kvcompare.schedule import CellRecord, measure_passage
 from kvcompare.schema import CURVE_CELL_COLUMNS
@@ -42,6 +43,17 @@ def new_run_id(config: RunConfig) -> str:
 #: Grid fields a resumed run may extend (new cells) but never shrink; every other field must stay the same,
 #: since it changes what a finished cell means.
 GROWABLE = ("policies", "cache_sizes", "positions")
+
+
+def check_protocol(previous: dict[str, Any]) -> None:
+    """Refuse to resume a run whose cells were measured under another protocol version."""
+    version = previous.get("protocol_version", 1)
+    if version != PROTOCOL_VERSION:
+        raise ConfigError(
+            f"the run in --out was measured under protocol {version}, this kvcompare measures under protocol "
+            f"{PROTOCOL_VERSION} (see kvcompare/protocol.py): its cells cannot be mixed with cells measured now; "
+            "use another --out (its results stay readable with `kvcompare report`)"
+        )
 
 
 def resume_additions(previous: dict[str, Any], config: RunConfig) -> dict[str, Any]:
@@ -118,6 +130,8 @@ def run(
     folder = RunFolder(out if out is not None else DEFAULT_RUNS_DIR / run_id)
     folder.check(resume=resume, force=force)
     previous = folder.read_run_json() if resume else {}
+    if previous:
+        check_protocol(previous)
     additions = resume_additions(previous["config"], config) if previous.get("config") else {}
     done = folder.finished() if resume else set()
     grid = plan(config, policies)  # the tokenizer and the corpus: passages are drawn before the weights load
@@ -139,6 +153,7 @@ def run(
     run_id = previous.get("run_id") or run_id
     meta: dict[str, Any] = {
         "run_id": run_id,
+        "protocol_version": PROTOCOL_VERSION,
         "command": " ".join(["kvcompare", *sys.argv[1:]])
         if Path(sys.argv[0]).name == "kvcompare"
         else " ".join(sys.argv),

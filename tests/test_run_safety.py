@@ -134,6 +134,16 @@ def test_resume_refuses_a_run_made_by_an_older_protocol(tiny_model_dir: Path, tm
         run(config(tiny_model_dir), out, resume=True, progress=False)
 
 
+def test_resume_refuses_a_run_measured_under_another_protocol_version(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run(config(tiny_model_dir), out, progress=False)
+    meta = json.loads((out / "run.json").read_text())
+    del meta["protocol_version"]  # run.json before slot reuse (issue 10) had none: protocol 1
+    (out / "run.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="measured under protocol 1, this kvcompare measures under protocol 2"):
+        run(config(tiny_model_dir), out, resume=True, progress=False)
+
+
 # -- 4. a truncated cell file is kept aside and its cell measured again -------------------------------------
 def test_resume_moves_an_unreadable_cell_aside_and_remeasures_it(tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"

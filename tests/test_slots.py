@@ -7,6 +7,7 @@ from typing import Literal
 
 import pytest
 import torch
+from transformers.models.llama.modeling_llama import rotate_half
 
 from kvcompare import KVPolicy, ScoredPolicy
 from kvcompare.attention import chunk_causal_attention
@@ -149,19 +150,29 @@ def test_an_eviction_moves_no_kept_slot(
     assert checked > 5
 
 
-def test_shift_positions_stay_ranks_after_slot_reuse(tokens: torch.Tensor) -> None:
-    """Held keys sit at consecutive positions in time order, ending just before the next token."""
-    executor = Executor(tiny_llama())
-    cache = executor.new_cache(get_registry().build("l2"), CacheConfig(12, 3, "shift", (), 2), capacity=48)
+@pytest.mark.parametrize("spec", ["streaming:start_size=2", "l2", "l2:mode=random"])
+def test_shift_mode_keys_sit_at_their_rank_among_the_held_tokens(tokens: torch.Tensor, spec: str) -> None:
+    """Layer 0's keys depend on the token alone, so each held key can be rebuilt independently: the token's
+    raw key rotated by transformers' own rotary code at its rank, counted to end just before the next token."""
+    model = tiny_llama()
+    layer = model.model.layers[0]
+    raw = layer.self_attn.k_proj(layer.input_layernorm(model.model.embed_tokens(tokens))).detach()
+    raw = raw.view(tokens.numel(), -1, model.config.head_dim).transpose(0, 1).unsqueeze(0)  # [1, heads, T, dim]
+    rotary = model.model.rotary_emb
+    executor = Executor(model)
+    cache = executor.new_cache(get_registry().build(spec), CacheConfig(12, 3, "shift", (), 2), capacity=48)
     with executor.attached():
         for s in range(0, tokens.numel(), 3):
             executor.forward(cache, tokens[s : s + 3].view(1, -1))
-            assert cache.c_rotated_at is not None
-            held = cache.c_token >= 0
-            order = torch.where(held, cache.c_token, torch.iinfo(torch.long).max).argsort(-1)[..., : cache.c_len]
-            at = cache.c_rotated_at.gather(-1, order)
-            expected = torch.arange(cache.seen - cache.c_len, cache.seen).expand_as(at)
-            assert torch.equal(at, expected)
+            held = cache.c_token[0, 0]  # layer 0: [heads, slots]
+            rank = torch.where(held >= 0, held, torch.iinfo(torch.long).max).argsort(-1).argsort(-1)
+            position = cache.seen - cache.c_len + rank
+            for head in range(held.shape[0]):
+                for slot in held[head].ge(0).nonzero().flatten().tolist():
+                    key = raw[:, head : head + 1, int(held[head, slot]) : int(held[head, slot]) + 1]
+                    cos, sin = rotary(key, torch.tensor([[int(position[head, slot])]]))
+                    expected = key * cos.unsqueeze(1) + rotate_half(key) * sin.unsqueeze(1)
+                    torch.testing.assert_close(cache.c_kv[0, 0, 0, head, slot], expected[0, 0, 0], atol=2e-5, rtol=1e-4)
     assert cache.evictions > 5
 
 
