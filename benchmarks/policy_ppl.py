@@ -42,7 +42,7 @@ def main() -> None:
                 ppl = math.exp(result.nll.mean())
                 baseline = baseline or ppl
                 print(
-                    f"| {policy.label()} | {mode if policy.bounded else 'any'} | {list(skip) or 'none'} | {ppl:.3f} | "
+                    f"| {policy.label()} | {mode if policy.bounded else 'any'} | {list(skip) or 'none'} | {ppl:.6f} | "
                     f"{result.correct.mean():.4f} | {100 * (ppl / baseline - 1):+.2f}% | "
                     f"{time.perf_counter() - started:.1f} |",
                     flush=True,
