@@ -107,7 +107,7 @@ class BoundedKVCache:
         self.reused = False  # once slots are reused, compressed keys are no longer in time order
         self._write_index: torch.Tensor | None = None  # slots the current chunk goes to, expanded over head_dim
         self._spare = self.c_token[..., :0]  # freed slots the last chunk did not fill
-        self._shared_mask: tuple[torch.Tensor, ...] | None = None  # this chunk's mask for all layers, if one serves
+        self._shared_mask: torch.Tensor | None = None  # this chunk's mask for every layer, when victims are uniform
         self.peak_bytes = 0
 
     # -- the Hugging Face cache protocol ---------------------------------------------------------
@@ -140,20 +140,21 @@ class BoundedKVCache:
         """``(mask, is_causal)`` for the chunk's queries over what :meth:`update` returned for this layer.
 
         Reused slots are in no order: a query at position p sees a slot iff ``0 <= token <= p``, a
-        ``[batch, kv_heads, q_len, slots]`` mask made from the slots' token indices. When every compressed
-        layer and head holds the same tokens in the same slots (StreamingLLM, recent), one
-        ``[batch, 1, q_len, slots]`` mask serves them all. A decode step over a full buffer needs none.
+        ``[batch, kv_heads, q_len, slots]`` mask made from the slots' token indices. While every layer and
+        head has evicted alike (``victims.uniform``: StreamingLLM, recent), they hold the same tokens in the
+        same slots and one ``[batch, 1, q_len, slots]`` mask serves them all. A decode step over a full
+        buffer needs none.
         """
         group, n = self._slot[layer_idx]
         if group == "f" or not self.reused:
             return prefix_mask(q_len, kv_len, self.c_kv.device)
         if q_len == 1 and self._spare.shape[-1] == 0:
             return None, False
-        if self._shared_mask is None:  # once per chunk: does one layout serve every layer and head?
-            first = self.c_token[:1, :, :1]
-            shared = torch.equal(self.c_token, first.expand_as(self.c_token))
-            self._shared_mask = (self._visible(first[0], q_len),) if shared else ()
-        return (self._shared_mask[0] if self._shared_mask else self._visible(self.c_token[n], q_len)), False
+        if not self.victims.uniform:
+            return self._visible(self.c_token[n], q_len), False
+        if self._shared_mask is None:  # made once per chunk, for every layer
+            self._shared_mask = self._visible(self.c_token[0, :, :1], q_len)
+        return self._shared_mask, False
 
     def _visible(self, tokens: torch.Tensor, q_len: int) -> torch.Tensor:
         """Which slots (token indices ``[batch, heads, slots]``) each of the chunk's queries may attend."""

@@ -28,16 +28,6 @@ class Rotary:
         default_factory=dict, compare=False, repr=False
     )
 
-    def rotate_(self, x: torch.Tensor, delta: torch.Tensor) -> None:
-        """Rotate ``x`` (``[..., T, head_dim]``) in place by integer ``delta`` (``[..., T]``).
-
-        Only the span of positions whose delta is not 0 is touched.
-        """
-        moving = delta.ne(0).flatten(0, -2).any(dim=0).nonzero()
-        if moving.numel():
-            start, stop = int(moving[0]), int(moving[-1]) + 1
-            self._rotate(x[..., start:stop, :], delta[..., start:stop])
-
     def rotate_rows_(self, x: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor | int) -> None:
         """Rotate the given rows of ``x`` (``[N, head_dim]``) in place, row ``rows[i]`` by ``delta[i]`` (or all
         by one int). Only those rows are read and written: after an eviction, the keys whose rank changed."""

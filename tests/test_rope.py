@@ -24,16 +24,18 @@ def test_rerotation_equals_rotating_the_raw_key(tiny_model: torch.nn.Module, p: 
     raw = torch.randn(1, 2, 3, head_dim, generator=torch.Generator().manual_seed(p))
     rotary = find_rotary(tiny_model)
     moved = hf_rotate(tiny_model, raw, p)
-    rotary.rotate_(moved, torch.full((1, 2, 3), q - p))
+    rotary.rotate_rows_(moved.view(-1, head_dim), torch.arange(6), q - p)
     torch.testing.assert_close(moved, hf_rotate(tiny_model, raw, q), atol=1e-5, rtol=1e-5)
 
 
 def test_rerotation_with_mixed_deltas_moves_each_slot_by_its_own(tiny_model: torch.nn.Module) -> None:
     head_dim = tiny_model.config.hidden_size // tiny_model.config.num_attention_heads
     raw = torch.randn(1, 2, 5, head_dim, generator=torch.Generator().manual_seed(3))
-    start, delta = [0, 10, 11, 40, 41], [0, 3, 3, 0, 7]  # a span with zeros inside and at its edges
+    start, delta = [0, 10, 11, 40, 41], [0, 3, 3, 0, 7]  # zeros inside and at the edges
     keys = torch.cat([hf_rotate(tiny_model, raw[:, :, i : i + 1], p) for i, p in enumerate(start)], dim=2)
-    find_rotary(tiny_model).rotate_(keys, torch.tensor(delta).expand(1, 2, 5))
+    moves = torch.tensor(delta).expand(1, 2, 5).flatten()
+    rows = moves.nonzero().flatten()  # only the keys that move are given; the others must stay as they are
+    find_rotary(tiny_model).rotate_rows_(keys.view(-1, head_dim), rows, moves[rows])
     expected = torch.cat(
         [hf_rotate(tiny_model, raw[:, :, i : i + 1], p + d) for i, (p, d) in enumerate(zip(start, delta, strict=True))],
         2,
@@ -46,7 +48,7 @@ def test_partial_rotary_leaves_the_other_channels_alone(tiny_model: torch.nn.Mod
     head_dim = tiny_model.config.hidden_size // tiny_model.config.num_attention_heads
     x = torch.randn(2, 4, head_dim)
     out = x.clone()
-    rotary.rotate_(out, torch.full((2, 4), 7))
+    rotary.rotate_rows_(out.view(-1, head_dim), torch.arange(8), 7)
     assert torch.equal(out[..., rotary.rotary_dim :], x[..., rotary.rotary_dim :])
     assert not torch.equal(out[..., : rotary.rotary_dim], x[..., : rotary.rotary_dim])
     expected_dim = head_dim if "Llama" in type(tiny_model).__name__ else head_dim // 4

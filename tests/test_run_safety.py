@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
@@ -124,24 +125,35 @@ def test_resume_adds_cells_and_records_the_additions(tiny_model_dir: Path, tmp_p
     assert meta["cells_planned"] == 6 and meta["config"]["cache_sizes"] == [16, 24]
 
 
-def test_resume_refuses_a_run_made_by_an_older_protocol(tiny_model_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
+def refuse_resume_of_edited_run(tiny_model_dir: Path, out: Path, edit: Callable[[dict], None], match: str) -> None:
+    """Finish a run, edit its run.json with ``edit``, and expect --resume to be refused with ``match``."""
     run(config(tiny_model_dir), out, progress=False)
     meta = json.loads((out / "run.json").read_text())
-    del meta["config"]["repeats"], meta["config"]["prefill_chunk"]  # what run.json held before issue 9
+    edit(meta)
     (out / "run.json").write_text(json.dumps(meta))
-    with pytest.raises(ConfigError, match="older kvcompare.*prefill_chunk, repeats"):
+    with pytest.raises(ConfigError, match=match):
         run(config(tiny_model_dir), out, resume=True, progress=False)
+
+
+def test_resume_refuses_a_run_made_by_an_older_protocol(tiny_model_dir: Path, tmp_path: Path) -> None:
+    def before_issue_9(meta: dict) -> None:  # what run.json held before issue 9
+        del meta["config"]["repeats"], meta["config"]["prefill_chunk"]
+
+    refuse_resume_of_edited_run(
+        tiny_model_dir, tmp_path / "run", before_issue_9, "older kvcompare.*prefill_chunk, repeats"
+    )
 
 
 def test_resume_refuses_a_run_measured_under_another_protocol_version(tiny_model_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    run(config(tiny_model_dir), out, progress=False)
-    meta = json.loads((out / "run.json").read_text())
-    del meta["protocol_version"]  # run.json before slot reuse (issue 10) had none: protocol 1
-    (out / "run.json").write_text(json.dumps(meta))
-    with pytest.raises(ConfigError, match="measured under protocol 1, this kvcompare measures under protocol 2"):
-        run(config(tiny_model_dir), out, resume=True, progress=False)
+    def before_slot_reuse(meta: dict) -> None:  # run.json before slot reuse (issue 10) had no version: protocol 1
+        del meta["protocol_version"]
+
+    refuse_resume_of_edited_run(
+        tiny_model_dir,
+        tmp_path / "run",
+        before_slot_reuse,
+        "measured under protocol 1, this kvcompare measures under protocol 2",
+    )
 
 
 # -- 4. a truncated cell file is kept aside and its cell measured again -------------------------------------
