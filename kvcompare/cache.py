@@ -96,7 +96,9 @@ class BoundedKVCache:
         self._slot.update({layer: ("f", n) for n, layer in enumerate(full)})
         b, h, d = layout.batch, layout.kv_heads, layout.head_dim
         dtype, device = layout.dtype, layout.device
-        self.c_kv = torch.empty(2, len(compressed), b, h, self.limit or 0, d, dtype=dtype, device=device)
+        # Zeros, not torch.empty: once slots are reused, a never-written slot is attended (masked) and handed
+        # to policies, and uninitialised memory may hold NaN (0 x NaN in attention; NaN != NaN in the edit check).
+        self.c_kv = torch.zeros(2, len(compressed), b, h, self.limit or 0, d, dtype=dtype, device=device)
         self.f_kv = torch.empty(2, len(full), b, h, capacity if full else 0, d, dtype=dtype, device=device)
         # Per slot: the original token index (-1 = empty). In shift mode a held key is rotated at its rank
         # among the held tokens, counted to end just before the next token: derived, so not stored.

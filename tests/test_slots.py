@@ -176,6 +176,19 @@ def test_shift_mode_keys_sit_at_their_rank_among_the_held_tokens(tokens: torch.T
     assert cache.evictions > 5
 
 
+def test_slots_never_written_hold_zeros_not_uninitialised_memory(tokens: torch.Tensor) -> None:
+    """At limit 12 and stride 5 the first eviction comes with slots 10 and 11 never written; they are then
+    masked in attention and handed to the policy, where uninitialised NaN would poison the output (0 x NaN)
+    or fail the in-place-edit check (NaN != NaN)."""
+    executor = Executor(tiny_llama())
+    cache = executor.new_cache(get_registry().build("l2:mode=random"), CacheConfig(12, 5, "shift", (1,)), 48)
+    assert not bool(cache.c_kv.any())
+    with executor.attached():
+        for s in range(0, tokens.numel(), 5):
+            logits, _ = executor.forward(cache, tokens[s : s + 5].view(1, -1))
+            assert bool(torch.isfinite(logits).all())
+
+
 @dataclasses.dataclass
 class CountingRecent(ScoredPolicy):
     """Recent-only, recording how many slots each score() call reads."""
