@@ -1,7 +1,7 @@
 """kvcompare: compare KV-cache eviction policies for causal language models under identical measurement.
 
 What a plugin author needs is importable from here:
-``from kvcompare import KVPolicy, ScoredPolicy, hookimpl, parameter``.
+``from kvcompare import KVPolicy, ScoredPolicy, Needs, Signals, hookimpl, parameter``.
 These names are loaded on first use, so ``import kvcompare`` stays light (no torch) for the command line.
 """
 
@@ -10,18 +10,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["KVCompareError", "KVPolicy", "PolicyError", "ScoredPolicy", "hookimpl", "parameter"]
+__all__ = ["KVCompareError", "KVPolicy", "Needs", "PolicyError", "ScoredPolicy", "Signals", "hookimpl", "parameter"]
 
 if TYPE_CHECKING:
     from kvcompare.errors import KVCompareError
     from kvcompare.hookspecs import hookimpl
     from kvcompare.policy import KVPolicy, PolicyError, ScoredPolicy, parameter
+    from kvcompare.signals import Needs, Signals
 
 _HOMES = {
     "KVCompareError": "kvcompare.errors",
     "KVPolicy": "kvcompare.policy",
     "PolicyError": "kvcompare.policy",
     "ScoredPolicy": "kvcompare.policy",
+    "Needs": "kvcompare.signals",
+    "Signals": "kvcompare.signals",
     "hookimpl": "kvcompare.hookspecs",
     "parameter": "kvcompare.policy",
 }

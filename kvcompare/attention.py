@@ -3,7 +3,8 @@
 Cached layers hold different lengths (skip layers keep everything, compressed layers are bounded and reuse
 slots out of time order), but Hugging Face sizes its attention mask from one layer. So this function ignores
 that mask and asks kvcompare's cache, which the executor passes as the ``kvcompare_cache`` keyword, for
-each layer's own.
+each layer's own. It also shows the cache each layer's post-RoPE queries and keys, from which the signals a
+policy asks for (attention weights, recent queries) are collected.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def chunk_causal_attention(
         )
     q_len, kv_len = query.shape[2], key.shape[2]
     mask, is_causal = cache.attention_mask(module.layer_idx, q_len, kv_len)  # type: ignore[arg-type]
+    cache.observe(module.layer_idx, query, key, mask, is_causal, scaling)  # type: ignore[arg-type]
     groups = query.shape[1] // key.shape[1]
     if mask is not None and mask.dim() == 4 and groups > 1 and mask.shape[1] > 1:
         mask = mask.repeat_interleave(groups, dim=1)  # per KV head -> per query head

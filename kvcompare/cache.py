@@ -1,11 +1,13 @@
 """The KV cache the executor owns: preallocated buffers written in place, with slots reused after eviction.
 
-Compressed layers share one buffer ``[2 (key, value), layers, batch, kv_heads, limit, head_dim]`` of slots.
-Until the first eviction they fill in time order. An eviction only chooses victim slots; the next tokens
-are written straight into them, so nothing that stays is moved (shift mode re-rotates, in place, just the
-keys whose rank changed). Each slot records its token index, from which the attention masks are built.
-Skip layers keep their full history in a buffer of their own, in time order. Nothing is concatenated per
-step, unlike transformers' ``DynamicLayer``, which copies the whole cache on every token.
+Compressed layers share one buffer ``[2 (key, value), layers, batch, kv_heads, slots, head_dim]``, with as
+many slots as the largest layer budget (the limit, unless ``--layer-budget`` shares it unevenly; a layer's
+slots beyond its budget are blocked and never attended). Until the first eviction they fill in time order.
+An eviction only chooses victim slots; the next tokens are written straight into them, so nothing that stays
+is moved (shift mode re-rotates, in place, just the keys whose rank changed). Each slot records its token
+index, from which the attention masks are built. Skip layers keep their full history in a buffer of their
+own, in time order. Nothing is concatenated per step, unlike transformers' ``DynamicLayer``, which copies
+the whole cache on every token.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import numpy as np
 import torch
 
+from kvcompare.budgets import layer_budgets
 from kvcompare.config import CacheConfig, ConfigError
-from kvcompare.eviction import VictimChooser, rank_shift
+from kvcompare.eviction import BLOCKED, VictimChooser, rank_shift
 from kvcompare.policy import KVPolicy
 from kvcompare.rope import Rotary
+from kvcompare.signals import SignalRecorder
 
 
 class CacheLimitError(RuntimeError):
@@ -56,6 +61,7 @@ class CacheLayout:
     dtype: torch.dtype
     device: torch.device
     batch: int = 1
+    heads: int | None = None  # query heads (None: as many as kv_heads)
 
 
 class BoundedKVCache:
@@ -96,15 +102,31 @@ class BoundedKVCache:
         self._slot.update({layer: ("f", n) for n, layer in enumerate(full)})
         b, h, d = layout.batch, layout.kv_heads, layout.head_dim
         dtype, device = layout.dtype, layout.device
+        self.budgets = (
+            layer_budgets(config.layer_budget, self.limit, len(compressed), config.budget_reserve())
+            if self.limit is not None
+            else []
+        )
+        slots = max(self.budgets, default=0)
+        if self.budgets and min(self.budgets) < config.budget_reserve():
+            raise ConfigError(f"layer budgets {self.budgets} leave a layer less than a chunk of room")
+        self.uneven = len(set(self.budgets)) > 1
         # Zeros, not torch.empty: once slots are reused, a never-written slot is attended (masked) and handed
         # to policies, and uninitialised memory may hold NaN (0 x NaN in attention; NaN != NaN in the edit check).
-        self.c_kv = torch.zeros(2, len(compressed), b, h, self.limit or 0, d, dtype=dtype, device=device)
+        self.c_kv = torch.zeros(2, len(compressed), b, h, slots, d, dtype=dtype, device=device)
         self.f_kv = torch.empty(2, len(full), b, h, capacity if full else 0, d, dtype=dtype, device=device)
-        # Per slot: the original token index (-1 = empty). In shift mode a held key is rotated at its rank
-        # among the held tokens, counted to end just before the next token: derived, so not stored.
-        self.c_token = torch.full((len(compressed), b, h, self.limit or 0), -1, dtype=torch.long, device=device)
-        self.victims = VictimChooser(self.policy, self.c_token, check_every_eviction)
-        self.c_len = 0  # tokens each compressed head holds
+        # Per slot: the original token index (-1 = empty, BLOCKED = beyond the layer's budget). In shift mode a
+        # held key is rotated at its rank among the held tokens, counted to end just before the next token:
+        # derived, so not stored.
+        self.c_token = torch.full((len(compressed), b, h, slots), -1, dtype=torch.long, device=device)
+        for n, budget in enumerate(self.budgets):
+            self.c_token[n, ..., budget:] = BLOCKED
+        self.victims = VictimChooser(self.policy, self.c_token, self.budgets, check_every_eviction)
+        needs = self.policy.needs()
+        self.recorder = (
+            SignalRecorder(needs, self.c_token, layout.heads or h, d, dtype) if needs and self.budgets else None
+        )
+        self.held = np.zeros(len(compressed), dtype=np.int64)  # tokens each compressed layer holds
         self.f_len = 0
         self.reused = False  # once slots are reused, compressed keys are no longer in time order
         self._write_index: torch.Tensor | None = None  # slots the current chunk goes to, expanded over head_dim
@@ -125,10 +147,13 @@ class BoundedKVCache:
             index = self._write_index[n]
             self.c_kv[0, n].scatter_(2, index, key_states)
             self.c_kv[1, n].scatter_(2, index, value_states)
+            if self.uneven:  # a layer attends its own budget of slots, never the blocked ones beyond it
+                budget = self.budgets[n]
+                return self.c_kv[0, n, :, :, :budget], self.c_kv[1, n, :, :, :budget]
             return self.c_kv[0, n], self.c_kv[1, n]
         buf, start = (self.c_kv, self.c_len) if group == "c" else (self.f_kv, self.f_len)
         end = start + chunk
-        if end > buf.shape[4]:
+        if end > (min(self.budgets) if group == "c" else buf.shape[4]):
             what = "limit" if group == "c" else "capacity"
             raise CacheLimitError(f"layer {layer_idx} would hold {end} tokens, over its {what} of {buf.shape[4]}")
         buf[0, n, :, :, start:end] = key_states
@@ -150,13 +175,27 @@ class BoundedKVCache:
         group, n = self._slot[layer_idx]
         if group == "f" or not self.reused:
             return prefix_mask(q_len, kv_len, self.c_kv.device)
-        if q_len == 1 and self._spare.shape[-1] == 0:
+        if q_len == 1 and self._spare.shape[-1] == 0 and not self.uneven:
             return None, False
         if not self.victims.uniform:
-            return self._visible(self.c_token[n], q_len), False
+            return self._visible(self.c_token[n, ..., :kv_len], q_len), False
         if self._shared_mask is None:  # made once per chunk, for every layer
             self._shared_mask = self._visible(self.c_token[0, :, :1], q_len)
         return self._shared_mask, False
+
+    def observe(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        scaling: float | None,
+    ) -> None:
+        """Hand a compressed layer's attention inputs to the signal recorder, if the policy asked for signals."""
+        group, n = self._slot[layer_idx]
+        if self.recorder is not None and group == "c":
+            self.recorder.observe(n, self.seen, query, key, mask, is_causal, scaling)
 
     def _visible(self, tokens: torch.Tensor, q_len: int) -> torch.Tensor:
         """Which slots (token indices ``[batch, heads, slots]``) each of the chunk's queries may attend."""
@@ -177,22 +216,29 @@ class BoundedKVCache:
         if self.limit is None:
             return False
         new = torch.arange(self.seen, self.seen + chunk, device=self.c_token.device)
-        if self.c_len + chunk <= self.limit:
-            if not self.reused:  # still filling in time order
-                self.c_token[..., self.c_len : self.c_len + chunk] = new
-                return False
+        smallest = min(self.budgets)
+        if not self.reused and self.c_len + chunk <= smallest:  # still filling in time order
+            self.c_token[..., self.c_len : self.c_len + chunk] = new
+            return False
+        if self.reused and chunk <= self._spare.shape[-1]:
             slots, self._spare = self._spare[..., :chunk], self._spare[..., chunk:]
             self._assign(slots, new)
             return True
-        keep = max(0, min(self.limit - chunk, self.c_len - self.evict_block))
-        freed = self.victims.choose(self.c_kv[0], self.c_token, self.c_len, keep)
+        # Every layer frees the same number of slots, its empty ones first: with uneven budgets a layer with
+        # room to spare evicts fewer tokens, or none.
+        empty = np.asarray(self.budgets) - self.held
+        count = min(smallest, max(chunk, int(empty.min()) + self.evict_block))
+        signals = None if self.recorder is None else self.recorder.snapshot(self.seen, chunk, self.victims.budgets)
+        freed = self.victims.choose(self.c_kv[0], self.c_token, self.c_len, count, signals)
+        if self.recorder is not None:
+            self.recorder.forget(freed)
         if self.positions == "shift":
             assert self.rotary is not None
             rows, moves = rank_shift(self.c_token, freed, self.victims.uniform)
             self.rotary.rotate_rows_(self.c_kv[0].view(-1, self.layout.head_dim), rows, moves)
         if freed.shape[-1] > chunk:  # the freed slots the chunk does not fill are left empty
             self.c_token.scatter_(-1, freed[..., chunk:], -1)
-        self.c_len = keep
+        self.held = np.minimum(self.held, np.asarray(self.budgets) - count)
         self.reused = True
         self.evictions += 1
         self._assign(freed[..., :chunk], new)
@@ -210,19 +256,28 @@ class BoundedKVCache:
         self._shared_mask = None
         self._write_index = None  # the next chunk needs make_room() first
         if self.limit is not None:
-            self.c_len += chunk
-            if self.c_len > self.limit:
-                raise CacheLimitError(f"compressed layers hold {self.c_len} tokens, over the limit of {self.limit}")
+            self.held += chunk
+            if (self.held > np.asarray(self.budgets)).any():
+                raise CacheLimitError(f"compressed layers hold {self.held.tolist()} tokens, over {self.budgets}")
         if self.f_kv.shape[1]:
             self.f_len += chunk
         self.seen += chunk
         self.peak_bytes = max(self.peak_bytes, self.live_bytes())
 
+    @property
+    def c_len(self) -> int:
+        """The most tokens any compressed layer holds (all hold alike until the first eviction)."""
+        return int(self.held.max()) if self.held.size else 0
+
     def lengths(self) -> dict[int, int]:
         """Tokens held by each layer."""
-        return {layer: (self.c_len if g == "c" else self.f_len) for layer, (g, _) in self._slot.items()}
+        return {layer: int(self.held[n] if g == "c" else self.f_len) for layer, (g, n) in self._slot.items()}
 
     def live_bytes(self) -> int:
-        """Bytes of keys and values currently held, over all layers."""
+        """Bytes of keys and values currently held, over all layers (true bytes held, not slots allocated)."""
         per_token = 2 * self.layout.batch * self.layout.kv_heads * self.layout.head_dim * self.c_kv.element_size()
-        return per_token * (self.c_kv.shape[1] * self.c_len + self.f_kv.shape[1] * self.f_len)
+        return per_token * (int(self.held.sum()) + self.f_kv.shape[1] * self.f_len)
+
+    def take_signal_seconds(self) -> float:
+        """Time spent collecting signals since the last call (0 for a policy that reads none)."""
+        return 0.0 if self.recorder is None else self.recorder.take_seconds()

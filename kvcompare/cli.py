@@ -89,6 +89,11 @@ def _add_run_parser(commands: Any) -> None:
     run.add_argument(
         "--evict-block", type=int, help=f"evict at least this many tokens at once (default {d.evict_block})"
     )
+    run.add_argument(
+        "--layer-budget",
+        help="how the limit is shared among compressed layers: uniform (default), or pyramid[:beta=B] "
+        "(PyramidKV: more slots in lower layers, the same total)",
+    )
     run.add_argument("--gen", type=int, help=f"generated tokens counted in the latency pass (default {d.gen})")
     run.add_argument("--warmup", type=int, help=f"decode steps before counting (default {d.warmup})")
     run.add_argument(

@@ -39,9 +39,14 @@ class CacheConfig:
     positions: PositionMode = "shift"
     skip_layers: tuple[int, ...] = (0, 1)
     evict_block: int = 1
+    layer_budget: str = "uniform"  # how the limit is shared among compressed layers (kvcompare.budgets)
+    reserve: int | None = None  # slots every layer keeps for a chunk under a pyramid; None: stride + evict_block - 1
 
     def __post_init__(self) -> None:
         check_position_mode(self.positions)
+
+    def budget_reserve(self) -> int:
+        return self.reserve if self.reserve is not None else self.stride + self.evict_block - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +79,7 @@ class RunConfig:
     positions: list[str] = dataclasses.field(default_factory=lambda: ["shift"])
     skip_layers: list[int] = dataclasses.field(default_factory=lambda: [0, 1])
     evict_block: int = 1
+    layer_budget: str = "uniform"
     gen: int = 32
     warmup: int = 4
     repeats: int = DEFAULT_REPEATS
@@ -92,7 +98,10 @@ class RunConfig:
     def cache_config(self, limit: int | None, positions: str) -> CacheConfig:
         """The cache of a cell at ``limit`` (None: no limit) in one position mode."""
         mode = check_position_mode(positions)
-        return CacheConfig(limit, self.stride, mode, tuple(self.skip_layers), self.evict_block)
+        reserve = self.largest_chunk() + self.evict_block - 1
+        return CacheConfig(
+            limit, self.stride, mode, tuple(self.skip_layers), self.evict_block, self.layer_budget, reserve
+        )
 
     def latency(self) -> LatencySettings:
         return LatencySettings(self.gen, self.warmup, self.repeats, self.prefill_chunk or self.stride)

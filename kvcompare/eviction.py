@@ -15,27 +15,43 @@ from typing import TypeVar
 import torch
 
 from kvcompare.policy import KVPolicy, PolicyError, ScoredPolicy, check_scores, check_selection
+from kvcompare.signals import Signals
 
 T = TypeVar("T")
 
 
 #: The eviction rank of an empty slot: below every held one, so empty slots are always freed first.
 EMPTY = torch.iinfo(torch.int64).min
+#: The rank of a blocked slot (beyond its layer's budget): above every held one, so it is never freed.
+NEVER = torch.iinfo(torch.int64).max
+#: The token index a blocked slot records; like an empty slot's -1 it is negative, so it is never attended.
+BLOCKED = -2
 
 
 class VictimChooser:
     """Holds a cache's policy and, for scores made at write time, each slot's eviction rank between evictions."""
 
-    def __init__(self, policy: KVPolicy, slots: torch.Tensor, check_every_eviction: bool = False) -> None:
+    def __init__(
+        self, policy: KVPolicy, slots: torch.Tensor, budgets: list[int], check_every_eviction: bool = False
+    ) -> None:
         self.policy = policy
         self.scored = isinstance(policy, ScoredPolicy)
         self.at_write = isinstance(policy, ScoredPolicy) and policy.scores_at_write()
+        self.signals = bool(policy.needs())
+        if self.signals and (not self.scored or self.at_write):
+            raise PolicyError(
+                f"{policy.who()} asks for signals in needs(), so it must be a ScoredPolicy whose "
+                "scores_at_write() is False: signals change after a key is written"
+            )
+        self.budgets = torch.tensor(budgets, dtype=torch.long, device=slots.device)
         # Each slot's rank (see eviction_ranks), kept only when scores are made at write time.
         self.ranks = torch.full(slots.shape, EMPTY, device=slots.device) if self.at_write else None
+        if self.ranks is not None:
+            self.ranks.masked_fill_(slots == BLOCKED, NEVER)
         self._unranked: list[torch.Tensor] = []  # slots written since the last eviction, not ranked yet
         # True while every layer and head ranks its slots alike (scores from token indices alone, as
         # StreamingLLM's and recent's): then they all evict the same slots, chosen once from one row.
-        self.uniform = self.at_write
+        self.uniform = self.at_write and len(set(budgets)) <= 1
         self.check_every_eviction = check_every_eviction
         self.calls = 0
 
@@ -45,11 +61,15 @@ class VictimChooser:
         if self.at_write:
             self._unranked.append(slots)
 
-    def choose(self, keys: torch.Tensor, tokens: torch.Tensor, held: int, keep: int) -> torch.Tensor:
-        """The slots to free so that ``keep`` tokens stay: every empty slot and the held ones ranked lowest.
+    def choose(
+        self, keys: torch.Tensor, tokens: torch.Tensor, held: int, count: int, signals: Signals | None = None
+    ) -> torch.Tensor:
+        """The ``count`` slots to free in every layer and head: its empty slots first, then its held ones
+        ranked lowest; blocked slots never.
 
         ``keys`` is ``[layers, batch, kv_heads, slots, head_dim]``, ``tokens`` the token index of each slot
-        (-1 when empty), ``held`` the tokens each head holds. Returns ``[layers, batch, kv_heads, slots - keep]``.
+        (-1 when empty, :data:`BLOCKED` beyond the layer's budget), ``held`` the tokens each head held when the
+        slots were last in time order (the first eviction). Returns ``[layers, batch, kv_heads, count]``.
         """
         first = self.calls == 0
         check = first or self.check_every_eviction
@@ -58,12 +78,11 @@ class VictimChooser:
             ranks = self._ranks_at_write(keys, tokens, held, first, check)
         else:
             scores = (
-                self._scored(keys, tokens, check)
+                self._scored(keys, tokens, check, signals)
                 if self.scored
-                else self._scores_from_select(keys, tokens, held, keep, check)
+                else self._scores_from_select(keys, tokens, count, check)
             )
-            ranks = eviction_ranks(scores, tokens).masked_fill(tokens < 0, EMPTY)
-        count = tokens.shape[-1] - keep
+            ranks = eviction_ranks(scores, tokens).masked_fill(tokens < 0, EMPTY).masked_fill(tokens == BLOCKED, NEVER)
         if self.uniform:
             freed = _lowest(ranks[(0,) * (ranks.dim() - 1)], count).expand(*ranks.shape[:-1], count)
         else:
@@ -73,10 +92,15 @@ class VictimChooser:
         return freed
 
     # -- the three ways a policy's choice arrives ---------------------------------------------------------
-    def _scored(self, keys: torch.Tensor, tokens: torch.Tensor, check: bool) -> torch.Tensor:
+    def _scored(
+        self, keys: torch.Tensor, tokens: torch.Tensor, check: bool, signals: Signals | None = None
+    ) -> torch.Tensor:
         assert isinstance(self.policy, ScoredPolicy)
         policy = self.policy
-        scores = self._call(lambda: policy.score(keys, tokens), keys, tokens, check)
+        if self.signals:
+            scores = self._call(lambda: policy.score(keys, tokens, signals), keys, tokens, check)
+        else:
+            scores = self._call(lambda: policy.score(keys, tokens), keys, tokens, check)
         if check:
             check_scores(policy, scores, tuple(tokens.shape))
         return scores
@@ -102,11 +126,28 @@ class VictimChooser:
             self.uniform = torch.equal(fresh, fresh[:1, :1, :1].expand_as(fresh))
         return self.ranks
 
-    def _scores_from_select(
+    def _scores_from_select(self, keys: torch.Tensor, tokens: torch.Tensor, count: int, check: bool) -> torch.Tensor:
+        """Give select() the held keys in time order; score what it keeps 1 and the rest 0.
+
+        Layers that hold different numbers of tokens (uneven budgets) are given to select() one at a time.
+        """
+        held = (tokens[:, 0, 0] >= 0).sum(dim=-1).tolist()
+        keep = torch.minimum(torch.tensor(held), self.budgets.cpu() - count).tolist()
+        if len(set(zip(held, keep, strict=True))) == 1:
+            return self._select_layers(keys, tokens, held[0], keep[0], check)
+        return torch.cat(
+            [
+                self._select_layers(keys[n : n + 1], tokens[n : n + 1], held[n], keep[n], check)
+                for n in range(tokens.shape[0])
+            ]
+        )
+
+    def _select_layers(
         self, keys: torch.Tensor, tokens: torch.Tensor, held: int, keep: int, check: bool
     ) -> torch.Tensor:
-        """Give select() the held keys in time order; score what it keeps 1 and the rest 0."""
-        order = tokens.argsort(dim=-1)[..., tokens.shape[-1] - held :]  # held slots, oldest first (-1 sorts first)
+        if keep >= held:  # this layer has room without evicting: keep every held token
+            return (tokens >= 0).float()
+        order = tokens.argsort(dim=-1)[..., tokens.shape[-1] - held :]  # held slots, oldest first (empty sort first)
         in_time, positions = _take(keys, order), tokens.gather(-1, order)
         kept = self._call(lambda: self.policy.select(in_time, keep, positions), in_time, positions, check)
         if check:
@@ -175,7 +216,7 @@ def rank_shift(
     gone = tokens.gather(-1, freed)
     if gone.shape[-1] > 1:
         gone = gone.sort(dim=-1).values  # an empty slot's -1 is never newer than a token
-    older = tokens < gone[..., -1:]
+    older = (tokens >= 0) & (tokens < gone[..., -1:])
     older.scatter_(-1, freed, False)  # freed slots are overwritten or emptied, not moved
     rows = older.view(-1).nonzero().squeeze(1)
     count = gone.shape[-1]

@@ -42,6 +42,7 @@ class LatencyResult:
     ttft_s: float
     step_s: list[float]  # counted decode steps (after warm-up)
     evict_s: list[float]  # eviction time inside each counted step
+    signal_s: list[float]  # signal collection (attention a policy reads) inside each counted step
     generated: list[int]
     peak_kv_bytes: int
     peak_mem_bytes: int
@@ -51,6 +52,7 @@ class LatencyResult:
 class DecodeSteps:
     step_s: list[float]  # each step, from before its eviction to its next token
     evict_s: list[float]  # slot work (eviction) inside each step
+    signal_s: list[float]  # collecting what the policy reads (attention, queries) inside each step
     tokens: list[int]  # the token each step produced
 
 
@@ -70,6 +72,7 @@ class Executor:
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
             dtype=param.dtype,
             device=param.device,
+            heads=heads,
         )
         self.rotary: Rotary = find_rotary(model)
 
@@ -170,6 +173,7 @@ class Executor:
             ttft,
             steps.step_s[warmup:],
             steps.evict_s[warmup:],
+            steps.signal_s[warmup:],
             [int(token), *steps.tokens],
             cache.peak_bytes,
             memory.peak,
@@ -186,13 +190,15 @@ class Executor:
     ) -> DecodeSteps:
         """Decode ``steps`` tokens greedily after ``token``, timing each step from before its eviction to its
         next token. Call it inside :meth:`attached`; calling it again continues the same sequence."""
-        timed = DecodeSteps([], [], [])
+        timed = DecodeSteps([], [], [], [])
+        cache.take_signal_seconds()
         for _ in range(steps):
             begin = now(self.device)
             logits, evict_s = self.forward(cache, token, last_only=True)
             token = logits[:, -1].argmax(dim=-1, keepdim=True)
             timed.step_s.append(now(self.device) - begin)
             timed.evict_s.append(evict_s)
+            timed.signal_s.append(cache.take_signal_seconds())
             timed.tokens.append(int(token))
             if memory is not None:
                 memory.sample()

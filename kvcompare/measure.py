@@ -66,10 +66,13 @@ def latency_fields(trials: list[LatencyResult], oneshot_ttft: list[float] | None
     figures = [trial_figures(trial) for trial in trials]
     decode_s = float(sum(sum(t.step_s) for t in trials))
     evicted = float(sum(sum(t.evict_s) for t in trials))
+    signalled = float(sum(sum(t.signal_s) for t in trials))
     fields: dict[str, Any] = {
         "decode_s": decode_s,
         "evict_s": evicted,
         "evict_share": evicted / decode_s if decode_s > 0 else None,
+        "signal_s": signalled,
+        "signal_share": signalled / decode_s if decode_s > 0 else None,
     }
     for column, interval, values in (
         ("ttft_s", "ttft", [f.ttft_s for f in figures]),
@@ -90,10 +93,12 @@ def timing_rows(trial: LatencyResult, kind: str = "ttft", **keys: Any) -> list[d
     ``kind`` names the TTFT row ("ttft", or "ttft_oneshot" for the one-pass prefill); ``keys`` are the
     columns shared by every row of the trial (cell, role, session, round, order, pairing keys).
     """
-    rows = [{**keys, "kind": kind, "step": None, "seconds": trial.ttft_s, "evict_seconds": None}]
+    rows = [
+        {**keys, "kind": kind, "step": None, "seconds": trial.ttft_s, "evict_seconds": None, "signal_seconds": None}
+    ]
     rows += [
-        {**keys, "kind": "step", "step": index, "seconds": seconds, "evict_seconds": evict}
-        for index, (seconds, evict) in enumerate(zip(trial.step_s, trial.evict_s, strict=True))
+        {**keys, "kind": "step", "step": index, "seconds": seconds, "evict_seconds": evict, "signal_seconds": signal}
+        for index, (seconds, evict, signal) in enumerate(zip(trial.step_s, trial.evict_s, trial.signal_s, strict=True))
     ]
     return rows
 

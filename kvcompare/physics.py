@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from kvcompare.budgets import layer_budgets
 from kvcompare.cache import CacheLayout
 from kvcompare.config import CacheConfig
 from kvcompare.timing import now
@@ -36,7 +37,8 @@ def kv_read_bytes(layout: CacheLayout, cache: CacheConfig, context: int) -> int:
     if cache.limit is None:
         return per_token * layout.num_layers * held
     skipped = len(set(cache.skip_layers))
-    return per_token * (skipped * held + (layout.num_layers - skipped) * min(cache.limit, held))
+    budgets = layer_budgets(cache.layer_budget, cache.limit, layout.num_layers - skipped, cache.budget_reserve())
+    return per_token * (skipped * held + sum(min(budget, held) for budget in budgets))
 
 
 def memory_bandwidth(device: torch.device, size: int = PROBE_BYTES, trials: int = PROBE_TRIALS) -> float:

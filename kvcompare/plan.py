@@ -13,6 +13,7 @@ from typing import Any
 
 from kvcompare import corpus as corpora
 from kvcompare import models
+from kvcompare.budgets import parse_layer_budget, smallest_budget
 from kvcompare.config import CacheConfig, ConfigError, LatencySettings, RunConfig, check_position_mode
 from kvcompare.corpus import Passage
 from kvcompare.plugins import get_host
@@ -64,6 +65,7 @@ class Cell:
             "evict_block": self.cache.evict_block,
             "positions": self.cache.positions,
             "skip_layers": json.dumps(list(self.cache.skip_layers)),
+            "layer_budget": self.cache.layer_budget,
             "device": self.context.device,
             "dtype": self.context.dtype,
             "gen_tokens": self.context.latency.gen,
@@ -154,6 +156,7 @@ def check_config(config: RunConfig, policies: list[KVPolicy]) -> None:
         )
     for mode in config.positions:
         check_position_mode(mode)
+    parse_layer_budget(config.layer_budget)
     bounded = [p for p in policies if p.bounded]
     chunk = config.largest_chunk()
     flag = "--stride" if chunk == config.stride else "--prefill-chunk"
@@ -165,6 +168,13 @@ def check_config(config: RunConfig, policies: list[KVPolicy]) -> None:
         min_keep = limit - chunk - config.evict_block + 1
         if min_keep < 1:
             raise ConfigError(f"--evict-block {config.evict_block} is too large for limit {limit} and {flag} {chunk}")
+        reserve = chunk + config.evict_block - 1
+        min_keep = smallest_budget(config.layer_budget, limit, reserve) - reserve  # in the most squeezed layer
+        if min_keep < 1:
+            raise ConfigError(
+                f"--layer-budget {config.layer_budget} leaves the top layer no token to keep at --cache {limit}; "
+                "lower beta or raise --cache"
+            )
         for policy in bounded:
             try:
                 policy.check_limit(min_keep)

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 
 from kvcompare.errors import KVCompareError
+from kvcompare.signals import Needs, Signals
 
 
 class PolicyError(KVCompareError, RuntimeError):
@@ -62,6 +63,11 @@ class KVPolicy:
     def check_limit(self, min_keep: int) -> None:
         """Refuse a cache limit too small for this policy; ``min_keep`` is the fewest slots an eviction keeps."""
 
+    def needs(self) -> Needs:
+        """What this policy reads besides the keys (a :class:`ScoredPolicy` only): the executor collects it
+        only when asked, and hands it to :meth:`ScoredPolicy.score` as ``signals``."""
+        return Needs()
+
     # -- bookkeeping the executor and the results use; plugins need not touch it --------------------------
     @property
     def plugin(self) -> str:
@@ -107,14 +113,16 @@ class ScoredPolicy(KVPolicy):
     :meth:`score`, for callers that want kept indices.
     """
 
-    def score(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def score(self, keys: torch.Tensor, positions: torch.Tensor, signals: Signals | None = None) -> torch.Tensor:
         """Return one score per slot; the lowest are evicted first.
 
         Args:
             keys: ``[layers, batch, kv_heads, slots, head_dim]``, in slot order, which is not time order:
                 slots are reused as tokens come and go. A view of the executor's buffer: read it, never edit it.
-            positions: the original token index of every slot, ``[layers, batch, kv_heads, slots]``; -1 marks
-                an empty slot, whose score is ignored.
+            positions: the original token index of every slot, ``[layers, batch, kv_heads, slots]``; a
+                negative index marks a slot that holds no token, whose score is ignored.
+            signals: what :meth:`needs` asked for (attention, queries) and the eviction's context; given only
+                to a policy whose ``needs()`` asks for something, so a keys-only policy may leave it out.
 
         Returns:
             Floating tensor shaped like ``positions``.
@@ -125,7 +133,8 @@ class ScoredPolicy(KVPolicy):
         """Whether a slot's score depends only on its own key and token index, never on the others or on time.
 
         Then the executor scores each key once, when it is written (``score`` is given just the new slots),
-        and keeps the score with its slot, so an eviction never re-reads the cache.
+        and keeps the score with its slot, so an eviction never re-reads the cache. A policy that reads
+        signals scores at eviction time, so it must return False.
         """
         return False
 

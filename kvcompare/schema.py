@@ -26,6 +26,8 @@ RESULT_SCHEMA = pa.schema(
         ("evict_block", pa.int64()),
         ("positions", pa.string()),  # "true" or "shift"
         ("skip_layers", pa.string()),  # JSON list of layer indices that keep the full cache
+        ("layer_budget", pa.string()),  # how the limit is shared among compressed layers: uniform or pyramid:beta=B
+        ("layer_budgets", pa.string()),  # JSON list: the slots each compressed layer may hold (null for `full`)
         ("device", pa.string()),
         ("dtype", pa.string()),
         ("gen_tokens", pa.int64()),
@@ -56,6 +58,8 @@ RESULT_SCHEMA = pa.schema(
         ("peak_mem_bytes", pa.int64()),
         ("evict_s", pa.float64()),  # eviction time inside the counted decode steps, summed over trials
         ("evict_share", pa.float64()),  # evict_s / decode_s
+        ("signal_s", pa.float64()),  # collecting the attention/queries a policy reads, inside counted decode steps
+        ("signal_share", pa.float64()),  # signal_s / decode_s
         ("decode_s", pa.float64()),  # counted decode time, summed over trials
         # What the physics predicts for one decode step at the end of the prompt.
         ("kv_read_bytes", pa.int64()),  # keys and values attended, summed over layers
@@ -111,6 +115,7 @@ TIMINGS_SCHEMA = pa.schema(
         ("step", pa.int64()),  # counted decode step index; null for TTFT
         ("seconds", pa.float64()),
         ("evict_seconds", pa.float64()),  # eviction inside this step; null for TTFT
+        ("signal_seconds", pa.float64()),  # signal collection inside this step; null for TTFT
         # the keys a trial is paired on with its baseline: same passage, position mode, session and round
         ("seq_len", pa.int64()),
         ("sample_id", pa.int64()),

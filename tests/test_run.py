@@ -47,7 +47,7 @@ def test_quality_fields_match_a_hand_computation() -> None:
     from kvcompare.executor import LatencyResult
 
     def trial(ttft: float, steps: list[float], evict: list[float]) -> LatencyResult:
-        return LatencyResult(ttft, steps, evict, [], 0, 0)
+        return LatencyResult(ttft, steps, evict, [0.0] * len(steps), [], 0, 0)
 
     one = latency_fields([trial(0.5, [0.1, 0.3, 0.2, 0.4], [0.0, 0.1, 0.0, 0.1])])
     assert one["tpot_s"] == pytest.approx(0.25) and one["throughput_tok_s"] == pytest.approx(4 / 1.0)

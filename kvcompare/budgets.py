@@ -1,0 +1,58 @@
+"""Per-layer cache budgets: how a cache limit is shared among the compressed layers.
+
+``uniform`` gives every compressed layer the limit. ``pyramid`` follows PyramidKV (Cai et al., 2024):
+budgets fall linearly from the lowest compressed layer to the highest, with the same total (so the same KV
+bytes) as uniform. As PyramidKV keeps its observation window in every layer on top of the pyramid, every
+layer here keeps ``reserve`` slots (room for the largest chunk and the eviction block), and the pyramid
+shares out the rest: the top layer gets ``(limit - reserve) / beta`` of it, the bottom layer
+``2 (limit - reserve)`` minus that.
+"""
+
+from __future__ import annotations
+
+from kvcompare.config import ConfigError
+
+KINDS = ("uniform", "pyramid")
+DEFAULT_BETA = 20.0  # PyramidKV's
+
+
+def parse_layer_budget(spec: str) -> tuple[str, float]:
+    """``uniform``, ``pyramid`` or ``pyramid:beta=B`` as ``(kind, beta)``, or a ConfigError saying what is allowed."""
+    kind, _, rest = spec.partition(":")
+    if kind not in KINDS:
+        raise ConfigError(f"--layer-budget {spec!r}: use uniform, pyramid or pyramid:beta=B (B >= 1)")
+    if not rest:
+        return kind, DEFAULT_BETA
+    key, _, value = rest.partition("=")
+    try:
+        beta = float(value)
+    except ValueError:
+        beta = 0.0
+    if kind != "pyramid" or key != "beta" or not beta >= 1:
+        raise ConfigError(f"--layer-budget {spec!r}: use uniform, pyramid or pyramid:beta=B (B >= 1)")
+    return kind, beta
+
+
+def layer_budgets(spec: str, limit: int, layers: int, reserve: int) -> list[int]:
+    """Slots for each of ``layers`` compressed layers, lowest first; they sum to ``limit * layers``."""
+    kind, beta = parse_layer_budget(spec)
+    if kind == "uniform" or layers == 1:
+        return [limit] * layers
+    share = limit - reserve
+    if share < 0:
+        raise ConfigError(f"--cache {limit} leaves no room for a pyramid beside chunks of {reserve} tokens")
+    low = share / beta
+    high = 2 * share - low
+    exact = [reserve + high - (high - low) * i / (layers - 1) for i in range(layers)]
+    budgets = [int(b) for b in exact]
+    # Hand the rounding remainder to the layers that lost most to rounding, so the total is exact.
+    short = limit * layers - sum(budgets)
+    for i in sorted(range(layers), key=lambda i: budgets[i] - exact[i])[:short]:
+        budgets[i] += 1
+    return budgets
+
+
+def smallest_budget(spec: str, limit: int, reserve: int) -> int:
+    """The budget of the most squeezed layer (the top one under a pyramid), for checks before the model loads."""
+    kind, beta = parse_layer_budget(spec)
+    return limit if kind == "uniform" else reserve + int((limit - reserve) / beta)

@@ -1,0 +1,61 @@
+"""`snapkv`: SnapKV (Li et al., 2024) — what the latest window of queries attends, pooled over neighbours."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from kvcompare import Needs, PolicyError, ScoredPolicy, Signals, hookimpl, parameter
+
+
+@dataclasses.dataclass
+class SnapKV(ScoredPolicy):
+    """Per KV head, keep the tokens the last ``window`` queries attend most, and the window's own tokens.
+
+    As in the paper: the window's queries attend the held keys (causally), their weights are summed over the
+    window and averaged over the query heads that share the KV head, then average-pooled over ``kernel``
+    neighbouring tokens (in time order, zero-padded at both ends) so that kept tokens keep some context.
+    The paper compresses once, after the prompt; kvcompare applies it at every eviction, during chunked
+    prefill and decoding alike, with the window's queries as they were computed (in shift mode the held keys
+    have been re-rotated since).
+    """
+
+    name = "snapkv"
+    window: int = parameter(32, "latest queries whose attention decides; their own tokens are always kept")
+    kernel: int = parameter(5, "tokens pooled around each token's score (odd)")
+
+    def validate(self) -> None:
+        if self.window < 1:
+            raise PolicyError(f"snapkv: window must be at least 1, not {self.window}")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise PolicyError(f"snapkv: kernel must be a positive odd number, not {self.kernel}")
+
+    def needs(self) -> Needs:
+        return Needs(queries=self.window)
+
+    def score(self, keys: torch.Tensor, positions: torch.Tensor, signals: Signals | None = None) -> torch.Tensor:
+        assert signals is not None and signals.queries is not None and signals.query_positions is not None
+        layers, batch, kv_heads, slots, dim = keys.shape
+        queries = signals.queries.float().reshape(layers, batch, kv_heads, -1, dim)  # a KV head's group, by window
+        asked = signals.query_positions.repeat(queries.shape[3] // signals.query_positions.numel())
+        logits = queries @ keys.float().transpose(-1, -2) * signals.scaling  # [layers, batch, kv_heads, rows, slots]
+        held = positions.unsqueeze(-2)
+        visible = (held >= 0) & (held <= asked.view(-1, 1)) & (asked >= 0).view(-1, 1)
+        weights = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1).nan_to_num(0.0)  # empty rows: 0
+        votes = weights.sum(dim=-2)
+        in_window = positions >= signals.seen - self.window
+        votes = votes.masked_fill(in_window, 0.0)
+        # Pool over neighbours in time: empty slots sort first and score 0, as the paper's zero padding.
+        order = positions.argsort(dim=-1)
+        pooled = F.avg_pool1d(
+            votes.gather(-1, order).view(-1, 1, slots), self.kernel, stride=1, padding=self.kernel // 2
+        ).view_as(votes)
+        scores = torch.empty_like(votes).scatter_(-1, order, pooled)
+        return scores.masked_fill(in_window, float("inf"))
+
+
+@hookimpl
+def register_policies(register):  # type: ignore[no-untyped-def]
+    register(SnapKV)
