@@ -5,8 +5,9 @@
 Every policy's cache is prefilled once per context (untimed). Then each round decodes `--steps` tokens under
 every policy in turn, the order rotating by one policy per round, so the machine's drift touches all alike;
 each policy's sequence simply continues from round to round. Printed per context and policy: the median
-decode step, the eviction (slot work) per step and its share of the step, and the step time relative to
-`full`, the median over rounds of each round's ratio of medians, with the range over rounds.
+decode step, the eviction (slot work, scoring) and the signal collection (attention a policy reads) per step
+and their shares of the step, and the step time relative to `full`, the median over rounds of each round's
+ratio of medians, with the range over rounds.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=4, help="uncounted decode steps before them, each round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--evict-block", type=int, default=1)
+    parser.add_argument("--layer-budget", default="uniform", help="uniform or pyramid[:beta=B]")
     args = parser.parse_args()
     loaded, executor = setup(args)
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -43,22 +45,27 @@ def main() -> None:
     print(
         f"{loaded.name} on {args.device}: decode steps after N tokens of {args.book}; limits {limits}, "
         f"{args.positions} positions, skip layers {list(skip)}, evict block {args.evict_block}, "
+        f"layer budget {args.layer_budget}, "
         f"{args.rounds} rounds x {args.steps} steps (+{args.warmup} warm-up)"
     )
-    print("| context | policy | step (ms) | evict (ms/step) | evict share | step / full [range over rounds] |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| context | policy | step (ms) | evict (ms/step) | evict share | signal (ms/step) | signal share "
+        "| step / full [range over rounds] |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     per_round = args.warmup + args.steps
     with executor.attached():
         for context in contexts:
             runs = {}
             for spec in policies:
                 for limit in limits if registry.build(spec).bounded else [None]:
-                    config = CacheConfig(limit, args.stride, args.positions, skip, args.evict_block)
+                    config = CacheConfig(limit, args.stride, args.positions, skip, args.evict_block, args.layer_budget)
                     cache = executor.new_cache(registry.build(spec), config, context + args.rounds * per_round + 1)
                     token = executor.prefill(cache, tokens[:context].to(executor.device).view(1, -1), args.stride)
                     runs[spec if limit is None else f"{spec}@{limit}"] = [cache, token]
             medians: dict[str, list[float]] = {name: [] for name in runs}
             evict: dict[str, list[float]] = {name: [] for name in runs}
+            signal: dict[str, list[float]] = {name: [] for name in runs}
             names = list(runs)
             for r in range(args.rounds):
                 for name in names[r % len(names) :] + names[: r % len(names)]:
@@ -67,15 +74,17 @@ def main() -> None:
                     runs[name][1] = torch.tensor([[steps.tokens[-1]]], device=executor.device)
                     medians[name].append(statistics.median(steps.step_s[args.warmup :]))
                     evict[name].append(statistics.fmean(steps.evict_s[args.warmup :]))
+                    signal[name].append(statistics.fmean(steps.signal_s[args.warmup :]))
             for name in names:
                 step, evicted = statistics.median(medians[name]), statistics.median(evict[name])
+                signalled = statistics.median(signal[name])
                 ratio = ""
                 if "full" in medians and name != "full":
                     ratios = [a / b for a, b in zip(medians[name], medians["full"], strict=True)]
                     ratio = f"{statistics.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}]"
                 print(
                     f"| {context} | {name} | {1000 * step:.2f} | {1000 * evicted:.3f} | "
-                    f"{100 * evicted / step:.2f}% | {ratio} |",
+                    f"{100 * evicted / step:.2f}% | {1000 * signalled:.3f} | {100 * signalled / step:.2f}% | {ratio} |",
                     flush=True,
                 )
 

@@ -22,11 +22,15 @@ def main() -> None:
     parser.add_argument("--policies", default="full,streaming,l2,l2:mode=random,recent")
     parser.add_argument("--positions", default="true,shift")
     parser.add_argument("--skip-sets", default="0,1;none", help="skip-layer sets separated by ';'")
+    parser.add_argument("--layer-budget", default="uniform", help="uniform or pyramid[:beta=B]")
     args = parser.parse_args()
     loaded, executor = setup(args)
     tokens = book_tokens(args, loaded, args.tokens)
     registry = get_registry()
-    print(f"{args.book}: first {args.tokens} tokens, cache {args.cache}, stride {args.stride}, {args.device}")
+    print(
+        f"{args.book}: first {args.tokens} tokens, cache {args.cache}, stride {args.stride}, "
+        f"layer budget {args.layer_budget}, {args.device}"
+    )
     print("| policy | positions | skip layers | ppl | accuracy | ppl vs full | seconds |")
     print("|---|---|---|---|---|---|---|")
     skip_sets = [() if s == "none" else tuple(int(i) for i in s.split(",")) for s in args.skip_sets.split(";")]
@@ -37,7 +41,7 @@ def main() -> None:
             modes = args.positions.split(",")
             for mode in modes if policy.bounded else modes[:1]:
                 started = time.perf_counter()
-                config = CacheConfig(args.cache, args.stride, mode, skip)
+                config = CacheConfig(args.cache, args.stride, mode, skip, layer_budget=args.layer_budget)
                 result = executor.score(tokens, policy, config)
                 ppl = math.exp(result.nll.mean())
                 baseline = baseline or ppl

@@ -3,7 +3,8 @@ README (a test keeps the README in step). The code that carries it out is ``kvco
 
 #: Raised whenever a change to the executor can change a cell's numbers; ``--resume`` never mixes versions.
 #: 2: slot reuse, ties in score evicted oldest first (issue 10).
-PROTOCOL_VERSION = 2
+#: 3: per-layer budgets; with uneven budgets every layer frees the same number of slots, empty ones first (issue 11).
+PROTOCOL_VERSION = 3
 
 #: How the numbers are measured; shown verbatim in every report and in the README.
 PROTOCOL_MD = """\
@@ -15,6 +16,16 @@ PROTOCOL_MD = """\
   holds, whichever is smaller), so no attention call sees more than `limit` keys. Skip layers (default 0
   and 1) keep their full cache. An eviction only frees slots: the next chunk's keys and values are written
   into them, and nothing that stays is moved. Among equally scored tokens the older goes first.
+- **Layer budgets.** `--layer-budget uniform` (default) gives every compressed layer the limit. `pyramid`
+  (PyramidKV) gives lower layers more and higher layers less, falling linearly, with the same total, so the
+  same KV bytes; every layer keeps room for a chunk. Each row records the rule and the budgets. An eviction
+  frees the same number of slots in every layer, empty slots first, so a layer with room evicts less.
+- **Signals.** A policy that reads attention (`h2o`, `tova`) or recent queries (`snapkv`) gets them from
+  kvcompare's attention function, for compressed layers only and only when it asks: the weights are
+  recomputed there from the post-RoPE queries and the attended keys (softmax of q·k·scale under the same
+  mask), so the model's own attention output is the same for every policy. An eviction sees only what
+  earlier chunks produced. The time spent collecting inside the counted decode steps is `signal_s`
+  (`signal_share = signal_s / decode time`); scoring at eviction is part of `evict_s`.
 - **Positions.** `true`: every token keeps its original position. `shift` (StreamingLLM): positions are
   ranks in the cache; after an eviction each kept key is re-rotated in place by the number of evicted
   tokens newer than it, so the held keys sit at consecutive positions ending just before the next token,

@@ -8,18 +8,23 @@ tokens in every layer and head after every step.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 
+import polars as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from runs import tiny_run
 from transformers import AttentionInterface
 
 from kvcompare.budgets import layer_budgets, parse_layer_budget
 from kvcompare.config import CacheConfig, ConfigError
 from kvcompare.executor import Executor
 from kvcompare.plugins import get_registry
+from kvcompare.runner import run
 from kvcompare.signals import SignalRecorder
 from kvcompare.testing import TINY_VOCAB, tiny_llama
 
@@ -333,3 +338,29 @@ def test_pyramid_with_every_budget_above_the_length_gives_full_logits() -> None:
     for spec in ["h2o", "tova", "streaming", "l2"]:
         got = executor.score(tokens, get_registry().build(spec), config)
         assert abs(got.nll - full.nll).max() < 1e-5
+
+
+def test_a_run_records_the_layer_budgets_and_the_signal_time(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = tiny_run(tiny_model_dir, policies=["h2o", "streaming"], cache_sizes=[24], layer_budget="pyramid:beta=2")
+    run(config, tmp_path / "run", progress=False)
+    rows = {r["policy"]: r for r in pl.read_parquet(tmp_path / "run" / "cells" / "*.parquet").to_dicts()}
+    assert {r["status"] for r in rows.values()} == {"ok"}
+    assert {r["layer_budget"] for r in rows.values()} == {"pyramid:beta=2"}
+    budgets = json.loads(rows["h2o"]["layer_budgets"])
+    assert rows["full"]["layer_budgets"] is None and sum(budgets) == 24 * len(budgets) and budgets[0] > budgets[-1]
+    assert rows["h2o"]["signal_s"] > 0 and rows["streaming"]["signal_s"] == 0 and rows["h2o"]["signal_share"] > 0
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"layer_budget": "pyramid:beta=0"}, "uniform, pyramid or pyramid:beta=B"),
+        ({"layer_budget": "pyramid:beta=1000", "cache_sizes": [12]}, "leaves the top layer no token to keep"),
+    ],
+)
+def test_a_bad_layer_budget_is_refused_before_measuring(
+    tiny_model_dir: Path, tmp_path: Path, changes: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        run(tiny_run(tiny_model_dir, **changes), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

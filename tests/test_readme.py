@@ -25,18 +25,23 @@ def test_readme_opens_with_the_two_commands() -> None:
     assert "kvcompare run" in lines[3] and "python -m pytest" in lines[4]
 
 
-def test_readme_policy_example_registers_and_runs(
-    register_plugin: Callable[[object, str], None], host: PluginHost, tokens: torch.Tensor
-) -> None:
+def readme_examples() -> list[str]:
+    """The Python blocks of the README's plugin section, in order."""
     text = README.read_text()
-    section = text[text.index("## Writing a policy plugin") :]
-    code = section[section.index("```python") + len("```python") : section.index("```\n", section.index("```python"))]
+    section = text[text.index("## Writing a policy plugin") : text.index("## Development")]
+    return [block.split("```", 1)[0] for block in section.split("```python")[1:]]
+
+
+def held_after_running(
+    code: str, spec: str, register_plugin: Callable[[object, str], None], host: PluginHost, tokens: torch.Tensor
+) -> list[list[int]]:
+    """Run a README example's policy over ``tokens`` (limit 16, chunks of 4); what each head holds at the end."""
     module = types.ModuleType("readme_example")
     sys.modules[module.__name__] = module
     try:
         exec(code, module.__dict__)
         register_plugin(module, "readme-example")
-        policy = host.registry().build("oldest:margin=2")
+        policy = host.registry().build(spec)
         executor = Executor(tiny_llama())
         cache = executor.new_cache(policy, CacheConfig(16, 4, "shift", ()), capacity=tokens.numel())
         with executor.attached():
@@ -44,5 +49,23 @@ def test_readme_policy_example_registers_and_runs(
                 executor.forward(cache, tokens[start : start + 4].view(1, -1))
     finally:
         del sys.modules[module.__name__]
-    held = sorted(set(cache.c_token[cache.c_token >= 0].tolist()))
-    assert held == [*range(12), *range(tokens.numel() - 4, tokens.numel())]  # the oldest, and the last chunk
+    assert cache.evictions > 0
+    return [sorted(row[row >= 0].tolist()) for row in cache.c_token.flatten(0, 2)]
+
+
+def test_readme_policy_example_registers_and_runs(
+    register_plugin: Callable[[object, str], None], host: PluginHost, tokens: torch.Tensor
+) -> None:
+    held = held_after_running(readme_examples()[0], "oldest:margin=2", register_plugin, host, tokens)
+    oldest = [*range(12), *range(tokens.numel() - 4, tokens.numel())]  # the oldest, and the last chunk
+    assert all(row == oldest for row in held)
+
+
+def test_readme_attention_example_reads_attention(
+    register_plugin: Callable[[object, str], None], host: PluginHost, tokens: torch.Tensor
+) -> None:
+    first, second = readme_examples()[:2]
+    held = held_after_running(first + second, "least-attended", register_plugin, host, tokens)
+    last_chunk = list(range(tokens.numel() - 4, tokens.numel()))
+    assert all(len(row) == 16 and row[-4:] == last_chunk for row in held)
+    assert len({tuple(row) for row in held}) > 1  # each head kept what its own queries attended

@@ -15,6 +15,7 @@ from runs import tiny_run as config
 
 import kvcompare.runner as runner
 from kvcompare.cli import main
+from kvcompare.protocol import PROTOCOL_VERSION
 from kvcompare.results import ResultsError, RunFolder
 from kvcompare.runner import ConfigError, RunConfig, run
 
@@ -152,7 +153,7 @@ def test_resume_refuses_a_run_measured_under_another_protocol_version(tiny_model
         tiny_model_dir,
         tmp_path / "run",
         before_slot_reuse,
-        "measured under protocol 1, this kvcompare measures under protocol 2",
+        f"measured under protocol 1, this kvcompare measures under protocol {PROTOCOL_VERSION}",
     )
 
 

@@ -156,6 +156,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("accuracy", "Accuracy", "", 4),
     Metric("peak_kv_bytes", "Peak KV", "MiB", 2, scale=1 / 2**20),
     Metric("evict_share", "Eviction share", "%", 1, scale=100.0),
+    Metric("signal_share", "Signal share", "%", 1, scale=100.0),
 )
 METRIC_BY_COLUMN: dict[str, Metric] = {m.column: m for m in METRICS}
 #: What one decode step must read, per cell (the same for every sample of a configuration and length).
