@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from kvcompare.timing import now
+from kvcompare.timing import SpanTimer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +73,7 @@ class SignalRecorder:
         self.queries = torch.zeros(shape[0], shape[1], heads, w, head_dim, dtype=dtype, device=device) if w else None
         self.query_positions = torch.full((w,), -1, dtype=torch.long, device=device) if w else None
         self.scaling = 1 / math.sqrt(head_dim)
-        self.seconds = 0.0  # time spent collecting, since the executor last took it
+        self.timer = SpanTimer(device)  # time spent collecting, without synchronising inside the step
 
     def observe(
         self,
@@ -87,24 +87,22 @@ class SignalRecorder:
     ) -> None:
         """Record compressed layer ``layer``'s chunk: ``query`` ``[batch, heads, q, dim]`` over ``key``
         ``[batch, kv_heads, kv, dim]`` (the first ``kv`` slots), under the mask the attention used."""
-        start = now(query.device)
+        self.timer.start()
         b, heads, q_len, dim = query.shape
         kv_heads, kv_len = key.shape[1], key.shape[2]
         if scaling is not None:
             self.scaling = scaling
         if self.needs.attention:
             assert self.attention is not None and self.last is not None and self.accumulated is not None
-            grouped = query.to(self.dtype).reshape(b, kv_heads, heads // kv_heads * q_len, dim)
-            logits = (grouped @ key.to(self.dtype).transpose(-1, -2) * self.scaling).view(
-                b, kv_heads, -1, q_len, kv_len
-            )
+            grouped = (query.to(self.dtype) * self.scaling).reshape(b, kv_heads, heads // kv_heads * q_len, dim)
+            logits = (grouped @ key.to(self.dtype).transpose(-1, -2)).view(b, kv_heads, -1, q_len, kv_len)
             visible = _visible(mask, is_causal, q_len, kv_len, query.device)
             if visible is not None:
                 logits.masked_fill_(~visible.unsqueeze(2), float("-inf"))
             weights = logits.softmax(dim=-1)  # [batch, kv_heads, group, q, kv]
             chunk = weights.sum(dim=(2, 3))
             self.attention[layer, ..., :kv_len] = chunk
-            self.last[layer, ..., :kv_len] = weights[:, :, :, -1].sum(dim=2)
+            self.last[layer, ..., :kv_len] = chunk if q_len == 1 else weights[:, :, :, -1].sum(dim=2)
             self.accumulated[layer, ..., :kv_len] += chunk
         if self.queries is not None:
             assert self.query_positions is not None
@@ -114,7 +112,7 @@ class SignalRecorder:
             self.queries[layer].index_copy_(2, tokens % w, query[:, :, q_len - kept :])
             if layer == 0:
                 self.query_positions.index_copy_(0, tokens % w, tokens)
-        self.seconds += now(query.device) - start
+        self.timer.stop()
 
     def forget(self, slots: torch.Tensor) -> None:
         """Freed ``slots`` (``[layers, batch, kv_heads, n]``) start again from nothing."""
@@ -123,8 +121,7 @@ class SignalRecorder:
 
     def take_seconds(self) -> float:
         """The collection time since the last call."""
-        seconds, self.seconds = self.seconds, 0.0
-        return seconds
+        return self.timer.take_seconds()
 
     def snapshot(self, seen: int, incoming: int, budgets: torch.Tensor) -> Signals:
         return Signals(

@@ -21,10 +21,11 @@ class KeyDiff(ScoredPolicy):
     name = "keydiff"
 
     def score(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        held = (positions >= 0).unsqueeze(-1)
+        held = (positions >= 0).float().unsqueeze(-2)  # [..., 1, slots]
         directions = F.normalize(keys.float(), dim=-1)
-        anchor = (directions * held).sum(dim=-2, keepdim=True) / held.sum(dim=-2, keepdim=True).clamp(min=1)
-        return -F.cosine_similarity(directions, anchor, dim=-1)
+        anchor = held @ directions  # the held directions summed: the mean's direction, [..., 1, head_dim]
+        cosine = (directions @ anchor.transpose(-1, -2)).squeeze(-1) / anchor.norm(dim=-1).clamp(min=1e-12)
+        return -cosine
 
 
 @hookimpl

@@ -38,15 +38,20 @@ class SnapKV(ScoredPolicy):
     def score(self, keys: torch.Tensor, positions: torch.Tensor, signals: Signals | None = None) -> torch.Tensor:
         assert signals is not None and signals.queries is not None and signals.query_positions is not None
         layers, batch, kv_heads, slots, dim = keys.shape
-        queries = signals.queries.float().reshape(layers, batch, kv_heads, -1, dim)  # a KV head's group, by window
-        asked = signals.query_positions.repeat(queries.shape[3] // signals.query_positions.numel())
-        logits = queries @ keys.float().transpose(-1, -2) * signals.scaling  # [layers, batch, kv_heads, rows, slots]
-        held = positions.unsqueeze(-2)
-        visible = (held >= 0) & (held <= asked.view(-1, 1)) & (asked >= 0).view(-1, 1)
-        weights = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1).nan_to_num(0.0)  # empty rows: 0
-        votes = weights.sum(dim=-2)
+        asked = signals.query_positions
+        filled = asked >= 0  # the ring is not full until `window` tokens have been seen
+        queries = signals.queries[:, :, :, filled] if not bool(filled.all()) else signals.queries
+        asked = asked[filled]
+        # A KV head's group of queries, by window, scaled before the product (the smaller tensor).
+        queries = (queries.float() * signals.scaling).reshape(layers, batch, kv_heads, -1, dim)
+        asked = asked.repeat(queries.shape[3] // asked.numel()).view(-1, 1)
+        logits = queries @ keys.float().transpose(-1, -2)  # [layers, batch, kv_heads, rows, slots]
+        # A query sees held tokens up to its own: empty and blocked slots compare as newer than any query.
+        held = positions.masked_fill(positions < 0, torch.iinfo(positions.dtype).max).unsqueeze(-2)
+        # nansum: a query whose every visible token was evicted (a tiny limit) votes for nothing.
+        votes = logits.masked_fill_(held > asked, float("-inf")).softmax(dim=-1).nansum(dim=-2)
         in_window = positions >= signals.seen - self.window
-        votes = votes.masked_fill(in_window, 0.0)
+        votes.masked_fill_(in_window, 0.0)
         # Pool over neighbours in time: empty slots sort first and score 0, as the paper's zero padding.
         order = positions.argsort(dim=-1)
         pooled = F.avg_pool1d(
