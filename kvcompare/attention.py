@@ -43,7 +43,9 @@ def chunk_causal_attention(
         )
     q_len, kv_len = query.shape[2], key.shape[2]
     mask, is_causal = cache.attention_mask(module.layer_idx, q_len, kv_len)  # type: ignore[arg-type]
-    cache.observe(module.layer_idx, query, key, mask, is_causal, scaling)  # type: ignore[arg-type]
+    signal_layer = cache.signal_layer(module.layer_idx)  # type: ignore[arg-type]
+    if signal_layer is not None and cache.recorder is not None:  # the policy reads attention or queries
+        cache.recorder.observe(signal_layer, cache.seen, query, key, mask, is_causal, scaling)
     groups = query.shape[1] // key.shape[1]
     if mask is not None and mask.dim() == 4 and groups > 1 and mask.shape[1] > 1:
         mask = mask.repeat_interleave(groups, dim=1)  # per KV head -> per query head

@@ -183,19 +183,11 @@ class BoundedKVCache:
             self._shared_mask = self._visible(self.c_token[0, :, :1], q_len)
         return self._shared_mask, False
 
-    def observe(
-        self,
-        layer_idx: int,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        mask: torch.Tensor | None,
-        is_causal: bool,
-        scaling: float | None,
-    ) -> None:
-        """Hand a compressed layer's attention inputs to the signal recorder, if the policy asked for signals."""
+    def signal_layer(self, layer_idx: int) -> int | None:
+        """The compressed-layer index under which :attr:`recorder` records this layer, or None: the policy
+        reads no signals, or the layer is a skip layer."""
         group, n = self._slot[layer_idx]
-        if self.recorder is not None and group == "c":
-            self.recorder.observe(n, self.seen, query, key, mask, is_causal, scaling)
+        return n if self.recorder is not None and group == "c" else None
 
     def _visible(self, tokens: torch.Tensor, q_len: int) -> torch.Tensor:
         """Which slots (token indices ``[batch, heads, slots]``) each of the chunk's queries may attend."""
