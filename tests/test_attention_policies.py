@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from runs import tiny_run
+from test_slots import SelectRecent
 from transformers import AttentionInterface
 
 from kvcompare.budgets import layer_budgets, parse_layer_budget
@@ -364,3 +365,14 @@ def test_a_bad_layer_budget_is_refused_before_measuring(
     with pytest.raises(ConfigError, match=message):
         run(tiny_run(tiny_model_dir, **changes), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("positions", ["true", "shift"])
+def test_a_select_policy_works_under_uneven_budgets(positions: str) -> None:
+    """select() is called layer by layer when layers hold different counts; it must match its scored twin."""
+    executor = Executor(tiny_llama())
+    tokens = torch.randint(0, TINY_VOCAB, (60,), generator=torch.Generator().manual_seed(9))
+    config = CacheConfig(16, 3, positions, (0,), layer_budget="pyramid:beta=4")
+    scored = executor.score(tokens, get_registry().build("recent"), config)
+    selected = executor.score(tokens, SelectRecent(), config)
+    assert scored.max_cached > 16 and abs(scored.nll - selected.nll).max() < 1e-5
