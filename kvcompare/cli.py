@@ -35,6 +35,13 @@ def _skip_layers(text: str) -> list[int]:
     return [] if text.strip().lower() in ("none", "") else _int_list(text)
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _str_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -80,6 +87,12 @@ def _add_run_parser(commands: Any) -> None:
     run.add_argument("--device", default=None, choices=["cpu", "cuda", "mps"], help=f"default {d.device}")
     run.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help=f"default {d.dtype}")
     run.add_argument("--stride", type=int, help=f"tokens per forward chunk (default {d.stride})")
+    run.add_argument("--task", dest="tasks", type=_str_list, help=f"ppl and/or passkey (default {listed(d.tasks)})")
+    run.add_argument(
+        "--depths",
+        type=_float_list,
+        help=f"passkey: needle depths from 0 (start) to 1 (end) (default {listed(d.depths)})",
+    )
     run.add_argument("--positions", type=_str_list, help=f"true and/or shift (default {listed(d.positions)})")
     run.add_argument(
         "--skip-layers",

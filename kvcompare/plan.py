@@ -14,8 +14,9 @@ from typing import Any
 from kvcompare import corpus as corpora
 from kvcompare import models
 from kvcompare.budgets import parse_layer_budget, smallest_budget
-from kvcompare.config import CacheConfig, ConfigError, LatencySettings, RunConfig, check_position_mode
+from kvcompare.config import TASKS, CacheConfig, ConfigError, LatencySettings, RunConfig, check_position_mode
 from kvcompare.corpus import Passage
+from kvcompare.passkey import PasskeyPrompt, build_prompt, passkey_keys
 from kvcompare.plugins import get_host
 from kvcompare.policy import KVPolicy, PolicyError
 from kvcompare.results import cell_id
@@ -39,12 +40,21 @@ class CellContext:
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    """One measurement: a policy at a cache limit on one passage, with everything that identifies it."""
+    """One measurement: a policy at a cache limit on one passage, with everything that identifies it.
+
+    A ``ppl`` cell measures quality and speed on a passage of the corpus; a ``passkey`` cell (``probe`` set)
+    measures whether the key hidden in its prompt is retrieved.
+    """
 
     passage: Passage
     policy: KVPolicy
     cache: CacheConfig
     context: CellContext
+    probe: PasskeyPrompt | None = None
+
+    @property
+    def task(self) -> str:
+        return "ppl" if self.probe is None else "passkey"
 
     @functools.cached_property
     def fields(self) -> dict[str, Any]:
@@ -52,6 +62,8 @@ class Cell:
         return {
             "model": self.context.model,
             "dataset": self.context.dataset,
+            "task": self.task,
+            "depth": None if self.probe is None else self.probe.depth,
             "source": self.passage.source,
             "token_offset": self.passage.token_offset,
             "sample_id": self.passage.sample_id,
@@ -81,7 +93,8 @@ class Cell:
 
     def describe(self) -> str:
         """A short name for progress and error lines."""
-        return f"{self.policy.label()} cache={self.cache.limit} len={len(self.passage.tokens)}"
+        probe = "" if self.probe is None else f" passkey depth={self.probe.depth}"
+        return f"{self.policy.label()} cache={self.cache.limit} len={len(self.passage.tokens)}{probe}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +169,11 @@ def check_config(config: RunConfig, policies: list[KVPolicy]) -> None:
         )
     for mode in config.positions:
         check_position_mode(mode)
+    unknown = [t for t in config.tasks if t not in TASKS]
+    if not config.tasks or unknown:
+        raise ConfigError(f"--task takes {' and/or '.join(TASKS)}, not {config.tasks}")
+    if "passkey" in config.tasks and (not config.depths or not all(0 <= d <= 1 for d in config.depths)):
+        raise ConfigError(f"--depths takes numbers from 0 (start) to 1 (end), not {config.depths}")
     parse_layer_budget(config.layer_budget)
     bounded = [p for p in policies if p.bounded]
     chunk = config.largest_chunk()
@@ -206,13 +224,35 @@ def plan(config: RunConfig, policies: list[KVPolicy] | None = None) -> Plan:
         passage
         for length, samples in zip(config.lengths, config.samples, strict=True)
         for passage in corpora.sample_passages(corpus, encode, length, samples, config.seed)
+        if "ppl" in config.tasks
     ]
     context = CellContext.of(config)
-    cells = [
-        Cell(passage, policy, config.cache_config(limit, mode), context)
-        for passage in passages
+    configurations = [
+        (policy, config.cache_config(limit, mode))
         for mode in config.positions
         for policy in policies
         for limit in (config.cache_sizes if policy.bounded else [None])
     ]
+    cells = [Cell(passage, policy, cache, context) for passage in passages for policy, cache in configurations]
+    if "passkey" in config.tasks:
+        cells += [
+            Cell(probe_passage(probe, sample), policy, cache, context, probe)
+            for probe, sample in passkey_probes(config, encode)
+            for policy, cache in configurations
+        ]
     return Plan(config, policies, tokenizer, corpus.describe(), passages, cells)
+
+
+def passkey_probes(config: RunConfig, encode: Any) -> list[tuple[PasskeyPrompt, int]]:
+    """Every passkey prompt of the run with its sample index: ``samples`` seeded keys per (length, depth)."""
+    return [
+        (build_prompt(encode, length, depth, key), sample)
+        for length, samples in zip(config.lengths, config.samples, strict=True)
+        for depth in config.depths
+        for sample, key in enumerate(passkey_keys(config.seed, length, depth, samples))
+    ]
+
+
+def probe_passage(probe: PasskeyPrompt, sample: int) -> Passage:
+    """A passkey prompt as a passage, so that it is grouped, described and keyed like one."""
+    return Passage("passkey", f"passkey:{probe.key}", probe.needle_start, sample, probe.tokens)

@@ -4,7 +4,8 @@ README (a test keeps the README in step). The code that carries it out is ``kvco
 #: Raised whenever a change to the executor can change a cell's numbers; ``--resume`` never mixes versions.
 #: 2: slot reuse, ties in score evicted oldest first (issue 10).
 #: 3: per-layer budgets; with uneven budgets every layer frees the same number of slots, empty ones first (issue 11).
-PROTOCOL_VERSION = 3
+#: 4: a task in every cell's identity (ppl, passkey) (issue 12).
+PROTOCOL_VERSION = 4
 
 #: How the numbers are measured; shown verbatim in every report and in the README.
 PROTOCOL_MD = """\
@@ -40,6 +41,14 @@ PROTOCOL_MD = """\
   counted. A trial's TPOT is its median counted step (eviction included) and its throughput is `gen` divided
   by its counted steps' total time. Each cell runs `repeats` trials. Eviction time (choosing victims and
   slots, re-rotation) inside the counted steps is `evict_s`, and `evict_share = evict_s / decode time`.
+- **Passkey retrieval** (`--task passkey`). A prompt of exactly the passage length: an instruction, a
+  filler sentence repeated, the line "The pass key is K. Remember it. K is the pass key." with a seeded
+  random 5-digit K at each depth of `--depths` (0: just after the instruction, 1: just before the
+  question), then "What is the pass key? The pass key is". It is prefilled in chunks of `prefill_chunk`
+  under the policy and limit, then the answer " K" is fed one token at a time as decoding feeds tokens.
+  `passkey_correct`: every answer token was the arg-max, which is exactly when greedy decoding produces
+  the key (while it is right, it is fed the same tokens through the same evictions); `passkey_logprob`:
+  the answer's teacher-forced log-probability. `--samples` keys per length and depth; not timed.
 - **Rounds.** The cells of a passage are measured together: one quality pass each, then `repeats` rounds.
   Round r runs trial r of every cell of the passage, `full` included, and the order rotates by one cell per
   round, so a slow spell of the machine touches every policy alike. Each round also times `full` a second

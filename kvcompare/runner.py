@@ -27,7 +27,7 @@ from kvcompare.plan import Cell, Plan, plan, prepare
 from kvcompare.policy import KVPolicy
 from kvcompare.protocol import PROTOCOL_VERSION
 from kvcompare.results import RunFolder, cell_id
-from kvcompare.schedule import CellRecord, measure_passage
+from kvcompare.schedule import CellRecord, measure_passage, measure_probes
 from kvcompare.schema import CURVE_CELL_COLUMNS
 
 DEFAULT_RUNS_DIR = Path("reports/runs")
@@ -44,7 +44,7 @@ def new_run_id(config: RunConfig) -> str:
 
 #: Grid fields a resumed run may extend (new cells) but never shrink; every other field must stay the same,
 #: since it changes what a finished cell means.
-GROWABLE = ("policies", "cache_sizes", "positions")
+GROWABLE = ("policies", "cache_sizes", "positions", "tasks", "depths")
 
 
 def check_protocol(previous: dict[str, Any]) -> None:
@@ -252,7 +252,8 @@ def _measure_all(
     """Measure passage by passage; write a passage's timings, then its cells, the moment it is done."""
     groups = [list(cells) for _, cells in itertools.groupby(grid.cells, key=lambda cell: cell.passage)]
     plan_todo = [[c for c in cells if c.id not in done] for cells in groups]
-    total = sum(len(todo) * (1 + grid.config.repeats) for todo in plan_todo)  # passes, controls not counted
+    # passes, controls not counted: a passkey cell is one pass, a ppl cell its quality pass and its trials
+    total = sum(len(todo) * (1 if todo and todo[0].probe else 1 + grid.config.repeats) for todo in plan_todo)
     bar = tqdm(total=total, desc="passes", unit="pass", disable=not progress, file=sys.stderr)
 
     def tick(label: str, counted: bool) -> None:
@@ -264,6 +265,12 @@ def _measure_all(
     try:
         for cells, todo in zip(groups, plan_todo, strict=True):
             if not todo:
+                continue
+            if todo[0].probe is not None:
+                for record in measure_probes(executor, todo, tick):
+                    row, _ = result_row(record, context)
+                    failures += row["status"] != "ok"
+                    folder.write_cell(row, [])
                 continue
             baselines = [c for c in cells if not c.policy.bounded and c.id in done]
             records, timings = measure_passage(
@@ -321,6 +328,18 @@ def result_row(record: CellRecord, context: RowContext) -> tuple[dict[str, Any],
         weight_bytes=context.weight_bytes,
         tpot_floor_s=tpot_floor(context.weight_bytes, kv_bytes, context.bandwidth),
     )
+    if record.retrieval is not None:
+        probe, retrieval = cell.probe, record.retrieval
+        assert probe is not None
+        row.update(
+            needle_start=probe.needle_start,
+            passkey_correct=retrieval.correct,
+            passkey_matched=retrieval.matched,
+            passkey_tokens=len(probe.answer),
+            passkey_logprob=retrieval.logprob,
+            status="ok",
+        )
+        return row, []
     if record.error is not None or record.quality is None:
         row.update(status="failed", error=record.error or "no quality pass")
         return row, []

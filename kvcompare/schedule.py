@@ -21,6 +21,7 @@ import torch
 
 from kvcompare.executor import Executor, LatencyResult, QualityResult
 from kvcompare.measure import round_order, timing_rows
+from kvcompare.passkey import Retrieval, retrieve
 from kvcompare.plan import Cell
 
 #: A one-pass prefill of the `full` baseline goes in chunks of at most this many tokens (memory).
@@ -35,6 +36,7 @@ class CellRecord:
     quality: QualityResult | None = None
     trials: list[LatencyResult] = dataclasses.field(default_factory=list)
     oneshot_ttft: list[float] = dataclasses.field(default_factory=list)
+    retrieval: Retrieval | None = None  # a passkey cell's one pass
     error: str | None = None
     wall_s: float = 0.0  # its own passes only: cells of a passage interleave
 
@@ -150,6 +152,29 @@ def _trial(executor: Executor, cell: Cell, oneshot: bool = False) -> LatencyResu
         warmup=latency.warmup,
         prefill_chunk=latency.prefill_chunk,
     )
+
+
+def measure_probes(executor: Executor, cells: list[Cell], tick: Callable[[str, bool], None]) -> list[CellRecord]:
+    """A passkey prompt's cells: one retrieval pass each (prefill under the policy, then the key's tokens).
+
+    Retrieval is not timed for speed (the ppl task's latency trials are), so no rounds are needed.
+    """
+    records = []
+    for cell in cells:
+        record = CellRecord(cell)
+        assert cell.probe is not None
+        tick(cell.describe(), False)
+        try:
+            chunk = cell.context.latency.prefill_chunk or cell.cache.stride
+            record.retrieval = retrieve(executor, cell.probe, cell.policy, cell.cache, chunk)
+            record.wall_s = record.retrieval.wall_s
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as err:  # one failing policy must not lose the other cells
+            _fail(record, err)
+        tick(cell.describe(), True)
+        records.append(record)
+    return records
 
 
 def _fail(record: CellRecord, err: Exception) -> None:

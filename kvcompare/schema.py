@@ -11,6 +11,8 @@ RESULT_SCHEMA = pa.schema(
         ("cell_id", pa.string()),  # stable hash of the cell's configuration; --resume keys on it
         ("status", pa.string()),  # "ok" or "failed"
         ("error", pa.string()),  # the failure, for status == "failed"
+        ("task", pa.string()),  # "ppl" (quality and speed on a passage) or "passkey" (retrieval of one key)
+        ("depth", pa.float64()),  # passkey: where the needle sits, 0 (start) to 1 (end); null for ppl
         ("model", pa.string()),
         ("dataset", pa.string()),
         ("source", pa.string()),  # book or file the passage came from
@@ -58,6 +60,12 @@ RESULT_SCHEMA = pa.schema(
         ("peak_mem_bytes", pa.int64()),
         ("evict_s", pa.float64()),  # eviction time inside the counted decode steps, summed over trials
         ("evict_share", pa.float64()),  # evict_s / decode_s
+        # passkey: the prompt prefilled under the policy, then the key's tokens fed one at a time
+        ("needle_start", pa.int64()),  # token index where the needle starts in the prompt
+        ("passkey_correct", pa.bool_()),  # greedy decoding gives the key exactly
+        ("passkey_matched", pa.int64()),  # answer tokens right before the first wrong one
+        ("passkey_tokens", pa.int64()),  # tokens of the answer (" {key}")
+        ("passkey_logprob", pa.float64()),  # teacher-forced log-probability of the answer's tokens, summed
         ("signal_s", pa.float64()),  # collecting the attention/queries a policy reads, inside counted decode steps
         ("signal_share", pa.float64()),  # signal_s / decode_s
         ("decode_s", pa.float64()),  # counted decode time, summed over trials

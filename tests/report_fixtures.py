@@ -103,6 +103,52 @@ def failed_cell(policy_label: str, cache_size: int | None, seq_len: int, sample_
     return row
 
 
+#: What a passkey probe does not measure: its row leaves these null.
+PPL_ONLY_COLUMNS = (
+    "ttft_s",
+    "tpot_s",
+    "throughput_tok_s",
+    "ppl",
+    "accuracy",
+    "nll_sum",
+    "tokens_scored",
+    "evict_share",
+    "decode_s",
+    "quality_s",
+    "kv_read_bytes",
+    "weight_bytes",
+    "tpot_floor_s",
+)
+
+
+def probe(
+    policy_label: str,
+    cache_size: int | None,
+    seq_len: int,
+    depth: float,
+    sample_id: int,
+    correct: bool,
+    **fields: Any,
+) -> dict[str, Any]:
+    """One passkey probe (task "passkey") as RESULT_SCHEMA row: its own cell id, the PPL and speed columns
+    null; a wrong answer matched 2 of 3 tokens and is less likely. `fields` overrides any column."""
+    row = cell(policy_label, cache_size, seq_len, sample_id)
+    row.update({name: None for name in PPL_ONLY_COLUMNS})
+    row.update(
+        task="passkey",
+        depth=depth,
+        needle_start=int(depth * seq_len),
+        passkey_correct=correct,
+        passkey_matched=3 if correct else 2,
+        passkey_tokens=3,
+        passkey_logprob=-0.5 if correct else -6.0,
+    )
+    row.update(fields)
+    if "cell_id" not in fields:
+        row["cell_id"] = f"passkey-{policy_label}-{cache_size}-{seq_len}-{depth}-{sample_id}-{row['positions']}"
+    return row
+
+
 def curve_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
     """Position buckets whose perplexity drifts from the cell's ppl, worse later for evicting policies."""
     rows = []

@@ -49,3 +49,15 @@ def test_embedded_model_executor_matches_plain_forward_and_respects_the_limit(sm
     small = executor.score(tokens, registry.build("streaming"), CacheConfig(64, 16))
     assert small.max_cached <= 64
     assert full.nll.mean() < 3.0  # the real weights predict repeated text well; random weights would be ~10.8
+
+
+def test_embedded_model_retrieves_the_passkey_with_a_full_cache_and_loses_it_under_recent(smollm) -> None:  # type: ignore[no-untyped-def]
+    from kvcompare.passkey import build_prompt, retrieve
+
+    executor = Executor(smollm.model)
+    registry = get_registry()
+    probe = build_prompt(smollm.encode, 512, 0.3, "68305")
+    full = retrieve(executor, probe, registry.build("full"), CacheConfig(None, 64), 64)
+    assert full.correct and full.logprob > -3  # the key, with high probability
+    recent = retrieve(executor, probe, registry.build("recent"), CacheConfig(128, 64), 64)
+    assert not recent.correct  # the needle left a 128-token window long before the question

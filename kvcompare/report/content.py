@@ -16,14 +16,14 @@ from typing import Any, TypeAlias
 import polars as pl
 
 from kvcompare.protocol import PROTOCOL_MD
-from kvcompare.report.charts import ChartFile, ChartSet, build_charts
+from kvcompare.report.charts import ChartFile, ChartSet, build_charts, build_retrieval_charts
 from kvcompare.report.data import (
-    ALL_RULES,
     BASELINE_POLICY,
     CHANGES,
     METRIC_BY_COLUMN,
     METRICS,
     NOISE_CHANGES,
+    PASSKEY_TASK,
     PPL_CHANGE,
     Analysis,
     Change,
@@ -39,6 +39,10 @@ from kvcompare.report.data import (
     ok_cells,
     policy_name,
     position_perplexity,
+    retrieval_by_config,
+    retrieval_by_probe,
+    retrieval_stats,
+    several_position_modes,
 )
 from kvcompare.stats import Estimate
 
@@ -103,6 +107,18 @@ RULES_LEAD = (
     "and the run's noise floor):"
 )
 NO_RESULTS = "No successful cell: nothing to tabulate."
+RETRIEVAL_HEADING = "Retrieval (passkey)"
+RETRIEVAL_DEFINITIONS = (
+    "A probe is one prompt of exactly the given length with a random 5-digit pass key hidden at a depth (0: "
+    "right after the instruction, 1: just before the question), prefilled under the policy and cache limit; "
+    "accuracy = the share of probes whose greedy decoding gives the key exactly (exact match), and log-prob = "
+    "the teacher-forced log-probability of the key's tokens, summed (0 = certain, more negative = less likely)."
+)
+RETRIEVAL_NOTE = (
+    "Accuracy (%): over every answered probe of the configuration, all lengths and depths; depth columns: over "
+    "the probes at that depth, all lengths. n = answered probes; failed probes are counted beside it and left "
+    "out of accuracy and log-prob."
+)
 
 
 # --- What a section can hold --------------------------------------------------------------------------------
@@ -170,6 +186,11 @@ def format_value(value: float | None, metric: Metric) -> str:
 
 def format_change(value: float | None) -> str:
     return MISSING if value is None else f"{value:+.1f}%"
+
+
+def format_pct(value: float | None) -> str:
+    """An accuracy in %, already scaled: `83.3`."""
+    return MISSING if value is None else f"{value:.1f}"
 
 
 def format_estimate(found: Estimate) -> str:
@@ -349,6 +370,8 @@ def _evidence(row: dict[str, Any]) -> str:
         if row[PPL_CHANGE.column] is not None
         else "PPL change: no baseline"
     ]
+    if row.get("retrieval_pct") is not None:
+        parts.append(f"Retrieval {format_pct(row['retrieval_pct'])}% (full {format_pct(row['retrieval_full_pct'])}%)")
     parts += [
         f"{c.title} {format_row_change(row, c)}"
         for c in CHANGES
@@ -416,11 +439,20 @@ def _one_line(text: str | None, limit: int = 500) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
+def _probe_name(row: dict[str, Any], several_modes: bool = False) -> str:
+    """config_name, and for a passkey probe what it probed: 'l2 @ 64, passkey at depth 0.5'."""
+    name = config_name(row, several_modes)
+    if row.get("task") != PASSKEY_TASK:
+        return name
+    depth = MISSING if row.get("depth") is None else f"{row['depth']:g}"
+    return f"{name}, passkey at depth {depth}"
+
+
 def failed_table(cells: pl.DataFrame, several_modes: bool = False) -> Table:
-    failed = failed_cells(cells).sort(["seq_len", "policy_label", "cache_size", "sample_id"], nulls_last=False)
+    failed = failed_cells(cells).sort(["seq_len", "policy_label", "cache_size", "sample_id", "depth"], nulls_last=False)
     rows = [
         [
-            config_name(r, several_modes),
+            _probe_name(r, several_modes),
             str(r["seq_len"]),
             str(r["sample_id"]),
             r["cell_id"] or MISSING,
@@ -445,6 +477,74 @@ def _flat(prefix: str, value: Any) -> list[tuple[str, str]]:
 def metadata_table(meta: dict[str, Any]) -> Table:
     """run.json flattened to dotted keys, so nothing the runner recorded is hidden."""
     return Table("Run metadata", ["Key", "Value"], [list(item) for item in _flat("", meta)], empty="no run.json found")
+
+
+def retrieval_table(retrieval: pl.DataFrame, several_modes: bool = False) -> Table:
+    """Passkey accuracy per policy and cache limit (`full` first): over all probes, then per depth."""
+    by_depth = retrieval_stats(retrieval, ["depth"])
+    depths = sorted(by_depth["depth"].drop_nulls().unique().to_list())
+    at_depth = {
+        (r["policy"], r["policy_label"], r["cache_size"], r["positions"], r["depth"]): r["accuracy_pct"]
+        for r in by_depth.iter_rows(named=True)
+    }
+    rows = []
+    for r in retrieval_by_config(retrieval).iter_rows(named=True):
+        key = (r["policy"], r["policy_label"], r["cache_size"], r["positions"])
+        logprob = MISSING if r["logprob_mean"] is None else f"{r['logprob_mean']:.2f}"
+        n = str(r["n"]) + (f" (+{r['failed']} failed)" if r["failed"] else "")
+        rows.append(
+            [
+                policy_name(r, several_modes),
+                _limit(r),
+                format_pct(r["accuracy_pct"]),
+                n,
+                logprob,
+                *(format_pct(at_depth.get((*key, depth))) for depth in depths),
+            ]
+        )
+    return Table(
+        "Passkey retrieval by configuration",
+        [
+            "Policy",
+            "Cache limit (tokens)",
+            "Accuracy (%)",
+            "n",
+            "Mean log-prob of the key",
+            *(f"depth {depth:g}" for depth in depths),
+        ],
+        rows,
+        RETRIEVAL_NOTE,
+        empty="no passkey probe",
+    )
+
+
+def retrieval_section(retrieval: pl.DataFrame, charts: ChartSet, several_modes: bool) -> Section:
+    """The passkey probes: the table, a heat map per policy, and the charts that could not be drawn."""
+    return Section(
+        RETRIEVAL_HEADING,
+        [
+            retrieval_table(retrieval, several_modes),
+            *charts.charts,
+            Remarks([f"{s.title} (`{s.name}`) not drawn: {s.reason}" for s in charts.skipped]),
+        ],
+        intro=RETRIEVAL_DEFINITIONS,
+    )
+
+
+def _probed(retrieval: pl.DataFrame) -> str:
+    """What the passkey probes covered, for the summary: policies, limits, lengths, depths, keys per length and
+    depth (the PPL cells' entries above may name others)."""
+    evicting = retrieval.filter(pl.col("policy") != BASELINE_POLICY)
+    policies = ", ".join(_distinct(evicting, "policy_label")) or "none"
+    limits = ", ".join(_distinct(evicting, "cache_size")) or MISSING
+    lengths = ", ".join(str(n) for n in lengths_in(retrieval))
+    depths = ", ".join(f"{d:g}" for d in sorted(retrieval["depth"].drop_nulls().unique().to_list()))
+    keys = retrieval.group_by(["seq_len", "depth"]).agg(pl.col("sample_id").n_unique())["sample_id"]
+    per = MISSING if keys.is_empty() else str(keys.max())
+    return (
+        f"{policies} against `full` at cache limits {limits}; lengths {lengths or MISSING} tokens, needle depths "
+        f"{depths or MISSING}, {per} keys per length and depth"
+    )
 
 
 # --- The report, section by section --------------------------------------------------------------------------
@@ -564,6 +664,7 @@ def compared(run: RunData) -> dict[str, str]:
         "latency trials": f"{trials}; the prompt prefilled in chunks of {chunk} tokens, then {gen} tokens timed "
         f"after {warmup} warm-up steps",
         "device": device,
+        **({"passkey retrieval": _probed(run.retrieval)} if not run.retrieval.is_empty() else {}),
     }
 
 
@@ -572,7 +673,14 @@ def assemble(run: RunData, charts_dir: Path) -> Report:
     the headline first (what was compared, the noise floor, the recommendations), the protocol last."""
     analysis = analyse(run)
     stats, several_modes = analysis.summary, analysis.several_modes
-    charts = build_charts(stats, position_perplexity(run.curves, run.cells), charts_dir, several_modes)
+    ppl_charts = build_charts(stats, position_perplexity(run.curves, run.cells), charts_dir, several_modes)
+    charts, every_row, retrieval = ppl_charts, run.cells, []
+    if not run.retrieval.is_empty():  # a run with passkey probes: their section, heat maps, failures and counts
+        every_row = pl.concat([run.cells, run.retrieval], how="diagonal_relaxed")
+        probe_modes = several_position_modes(every_row)
+        heat_maps = build_retrieval_charts(retrieval_by_probe(run.retrieval), charts_dir, probe_modes)
+        retrieval = [retrieval_section(run.retrieval, heat_maps, probe_modes)]
+        charts = ChartSet([*ppl_charts.charts, *heat_maps.charts], [*ppl_charts.skipped, *heat_maps.skipped])
     results = [
         table
         for n in lengths_in(stats)
@@ -590,23 +698,24 @@ def assemble(run: RunData, charts_dir: Path) -> Report:
                 Definitions("What was compared:", compared(run)),
                 Markdown(noise_line(analysis.noise)),
                 recommendation_table(analysis.recommendations),
-                Definitions(RULES_LEAD, {rule.scenario: rule.text for rule in ALL_RULES}),
+                Definitions(RULES_LEAD, {rule.scenario: rule.text for rule in analysis.rules}),
                 noise_table(analysis.noise),
             ],
         ),
         Section("Results by length", results, intro=f"{RELATIVE_METHOD} {baseline_note}", empty=NO_RESULTS),
+        *retrieval,
         Section(
             "Charts",
             [
-                *charts.charts,
-                Remarks([f"{s.title} (`{s.name}`) not drawn: {s.reason}" for s in charts.skipped]),
+                *ppl_charts.charts,
+                Remarks([f"{s.title} (`{s.name}`) not drawn: {s.reason}" for s in ppl_charts.skipped]),
             ],
         ),
         Section(
             "Missing / failed cells",
             [
-                counts_table(cell_counts(run.cells, run.meta)),
-                failed_table(run.cells, several_modes),
+                counts_table(cell_counts(every_row, run.meta)),
+                failed_table(every_row, several_modes),
                 Remarks([f"unreadable: {problem}" for problem in run.problems]),
             ],
         ),

@@ -1,6 +1,6 @@
 """The report's numbers: a run directory read into frames, means over samples, paired changes against `full`
-(speed from the raw trial timings, with intervals), the run's noise floor, the names of configurations, and
-the recommendations chosen from the numbers by fixed, stated rules.
+(speed from the raw trial timings, with intervals), the run's noise floor, passkey retrieval accuracy, the names
+of configurations, and the recommendations chosen from the numbers by fixed, stated rules.
 
 Nothing here formats a table or writes a file; content.py says things about these numbers, charts.py draws them.
 """
@@ -60,6 +60,8 @@ class RunData:
     curves: pl.DataFrame  # CURVE_SCHEMA
     timings: pl.DataFrame  # TIMINGS_SCHEMA, every trial's raw rows; empty for runs older than repeated trials
     problems: list[str] = field(default_factory=list)  # files that could not be read
+    # RESULT_SCHEMA, the passkey probes (task "passkey"), kept apart so that `cells` stays the PPL/speed cells
+    retrieval: pl.DataFrame = field(default_factory=lambda: _empty(RESULT_SCHEMA))
 
 
 def _empty(schema: pa.Schema) -> pl.DataFrame:
@@ -91,8 +93,17 @@ def _latest_attempt(cells: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+#: The task of a passkey probe's row; every other row (task "ppl", or null in runs older than tasks) is a PPL cell.
+PASSKEY_TASK = "passkey"
+IS_PASSKEY = (pl.col("task") == PASSKEY_TASK).fill_null(False)
+
+
 def load_run(run_dir: Path) -> RunData:
-    """Load run.json, cells, curves and timings; any of them may be missing, but not all (ReportError)."""
+    """Load run.json, cells, curves and timings; any of them may be missing, but not all (ReportError).
+
+    Passkey probes go to `retrieval`, and `cells` (with the curves and timings of its cells) holds only the
+    PPL/speed cells, so every figure computed from `cells` is what it was before runs had probes.
+    """
     check_run_dir(run_dir)
     problems: list[str] = []
     meta_path = run_dir / RUN_JSON
@@ -102,10 +113,20 @@ def load_run(run_dir: Path) -> RunData:
             meta = json.loads(meta_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             problems.append(f"{RUN_JSON}: {exc}")
-    cells = _latest_attempt(_read_parquet_dir(run_dir, RESULTS_GLOB, RESULT_SCHEMA, problems))
+    rows = _latest_attempt(_read_parquet_dir(run_dir, RESULTS_GLOB, RESULT_SCHEMA, problems))
+    retrieval = rows.filter(IS_PASSKEY)
+    not_probe = ~pl.col("cell_id").is_in(retrieval["cell_id"].implode()).fill_null(False)
     curves = _read_parquet_dir(run_dir, CURVES_GLOB, CURVE_SCHEMA, problems)
     timings = _read_parquet_dir(run_dir, TIMINGS_GLOB, TIMINGS_SCHEMA, problems)
-    return RunData(run_dir=run_dir, meta=meta, cells=cells, curves=curves, timings=timings, problems=problems)
+    return RunData(
+        run_dir=run_dir,
+        meta=meta,
+        cells=rows.filter(~IS_PASSKEY),
+        curves=curves.filter(not_probe),
+        timings=timings.filter(not_probe),
+        problems=problems,
+        retrieval=retrieval,
+    )
 
 
 # --- Metrics and changes: titles and display units, so tables and charts agree ------------------------------
@@ -428,6 +449,78 @@ def position_perplexity(curves: pl.DataFrame, cells: pl.DataFrame) -> pl.DataFra
     )
 
 
+# --- Retrieval: passkey probes, whether greedy decoding still gives the key under eviction -------------------
+
+#: A retrieval configuration: a policy at a cache limit in a position mode; `policy` rides along for names.
+RETRIEVAL_KEYS: list[str] = ["policy", "policy_label", "cache_size", "positions"]
+#: Where a probe was placed: the prompt's length and the needle's depth in it.
+PROBE_KEYS: list[str] = ["seq_len", "depth"]
+#: A probe that counts towards accuracy: it succeeded and recorded whether the key came out.
+IS_ANSWERED = IS_OK.fill_null(False) & pl.col("passkey_correct").is_not_null()
+
+
+def retrieval_stats(retrieval: pl.DataFrame, by: Sequence[str] = ()) -> pl.DataFrame:
+    """Per configuration and group of `by`: accuracy_pct = 100 × the share of answered probes whose greedy
+    decoding gave the key exactly, logprob_mean = their mean teacher-forced log-probability of the key, n =
+    answered probes; failed = probes that failed, left out of both. Baseline first, as in every table."""
+    return (
+        retrieval.group_by([*RETRIEVAL_KEYS, *by])
+        .agg(
+            (pl.col("passkey_correct").filter(IS_ANSWERED).cast(pl.Float64).mean() * 100).alias("accuracy_pct"),
+            pl.col("passkey_logprob").filter(IS_ANSWERED).mean().alias("logprob_mean"),
+            IS_ANSWERED.sum().cast(pl.Int64).alias("n"),
+            (~IS_OK.fill_null(False)).sum().cast(pl.Int64).alias("failed"),
+        )
+        .sort(
+            [pl.col("policy") != BASELINE_POLICY, "policy_label", "cache_size", "positions", *by],
+            nulls_last=False,
+        )
+    )
+
+
+def retrieval_by_probe(retrieval: pl.DataFrame) -> pl.DataFrame:
+    """retrieval_stats() per configuration, length and depth: one cell of a heat map each."""
+    return retrieval_stats(retrieval, PROBE_KEYS)
+
+
+def retrieval_by_config(retrieval: pl.DataFrame) -> pl.DataFrame:
+    """retrieval_stats() per configuration, over every length and depth it was probed at."""
+    return retrieval_stats(retrieval)
+
+
+def retrieval_measured(retrieval: pl.DataFrame | None) -> bool:
+    """Whether any probe was answered: only then do the recommendations weigh retrieval."""
+    return retrieval is not None and not retrieval.filter(IS_ANSWERED).is_empty()
+
+
+def retrieval_gaps(retrieval: pl.DataFrame) -> pl.DataFrame:
+    """Per evicting configuration (RETRIEVAL_KEYS): retrieval_pct, its accuracy, retrieval_full_pct, the
+    accuracy of `full` in its position mode, and retrieval_gap_pts = full's − its, in percentage points; both
+    pooled over the answered probes at the lengths where both it and that `full` have answered probes, so that
+    neither is judged on lengths the other was not. A configuration sharing no length with `full` is absent."""
+    answered = retrieval.filter(IS_ANSWERED).with_columns(pl.col("passkey_correct").cast(pl.Float64) * 100)
+    baseline = answered.filter(IS_BASELINE).select("positions", "seq_len", "passkey_correct")
+    evicting = answered.filter(~IS_BASELINE)
+    shared = (
+        evicting.select(*RETRIEVAL_KEYS, "seq_len")
+        .unique()
+        .join(baseline.select("positions", "seq_len").unique(), on=["positions", "seq_len"], nulls_equal=True)
+    )
+    own = (
+        evicting.join(shared, on=[*RETRIEVAL_KEYS, "seq_len"], nulls_equal=True)
+        .group_by(RETRIEVAL_KEYS)
+        .agg(pl.col("passkey_correct").mean().alias("retrieval_pct"))
+    )
+    full = (
+        shared.join(baseline, on=["positions", "seq_len"], nulls_equal=True)
+        .group_by(RETRIEVAL_KEYS)
+        .agg(pl.col("passkey_correct").mean().alias("retrieval_full_pct"))
+    )
+    return own.join(full, on=RETRIEVAL_KEYS, nulls_equal=True).with_columns(
+        (pl.col("retrieval_full_pct") - pl.col("retrieval_pct")).alias("retrieval_gap_pts")
+    )
+
+
 # --- The noise floor: how far `full` drifts from itself on this machine in this run -------------------------
 
 
@@ -611,6 +704,35 @@ LONG_TEXT = Rule(
 PER_LENGTH_RULES = (QUALITY_FIRST, SPEED_FIRST, MEMORY_BOUND)
 ALL_RULES = (*PER_LENGTH_RULES, LONG_TEXT)
 
+#: Quality first in a run with passkey probes: the largest drop in retrieval accuracy below `full`, in points.
+QUALITY_RETRIEVAL_MAX_PTS = 5.0
+#: Quality first where retrieval was measured: no visible PPL loss is not enough if the model forgets the key.
+QUALITY_FIRST_WITH_RETRIEVAL = Rule(
+    QUALITY_FIRST.scenario,
+    f"per length, the smallest cache limit whose mean PPL change is at most +{QUALITY_PPL_MAX_PCT:g}% and whose "
+    f"passkey retrieval accuracy is at most {QUALITY_RETRIEVAL_MAX_PTS:g} percentage points below that of full "
+    "(same position mode, both over the lengths where both were probed; a configuration without such probes "
+    "does not qualify), with the policy of lowest PPL change at that limit",
+    (
+        *QUALITY_FIRST.steps,
+        Step(
+            pl.col("retrieval_gap_pts") <= QUALITY_RETRIEVAL_MAX_PTS,
+            f"no configuration within +{QUALITY_PPL_MAX_PCT:g}% PPL retrieves the pass key within "
+            f"{QUALITY_RETRIEVAL_MAX_PTS:g} points of full",
+        ),
+    ),
+    QUALITY_FIRST.order,
+    QUALITY_FIRST.needs_baseline,
+)
+
+
+def rules_for(with_retrieval: bool) -> tuple[Rule, ...]:
+    """The rules a run is judged by, in the order the report states them: ALL_RULES, with quality first
+    also asking for retrieval when the run answered passkey probes (with_retrieval)."""
+    if not with_retrieval:
+        return ALL_RULES
+    return tuple(QUALITY_FIRST_WITH_RETRIEVAL if rule is QUALITY_FIRST else rule for rule in ALL_RULES)
+
 
 @dataclass(frozen=True)
 class Recommendation:
@@ -634,17 +756,27 @@ def apply_rule(rule: Rule, evicting: pl.DataFrame, seq_len: int, has_baseline: b
 
 
 def recommend(
-    summary: pl.DataFrame, baseline_lengths: set[int], noise: NoiseFloor | None = None
+    summary: pl.DataFrame,
+    baseline_lengths: set[int],
+    noise: NoiseFloor | None = None,
+    retrieval: pl.DataFrame | None = None,
 ) -> list[Recommendation]:
-    """Apply the rules to summary(): PER_LENGTH_RULES at every length, LONG_TEXT at the longest.
+    """Apply the rules to summary(): the per-length rules at every length, LONG_TEXT at the longest.
 
     The run's noise floor (0 where it was not measured: significance alone then decides) is put beside each
-    configuration, so that no speed rule acts on a gain inside it.
+    configuration, so that no speed rule acts on a gain inside it. Where passkey probes were answered
+    (`retrieval`, RunData.retrieval), retrieval_gaps() is put beside each too, and quality first asks for it
+    (rules_for()).
     """
     floors = [pl.lit((noise.floor(c) if noise else None) or 0.0).alias(c.noise) for c in NOISE_CHANGES]
     evicting = summary.filter(pl.col("policy") != BASELINE_POLICY).with_columns(floors)
+    measured = retrieval_measured(retrieval)
+    if measured and retrieval is not None:
+        gaps = retrieval_gaps(retrieval)
+        evicting = evicting.join(gaps, on=RETRIEVAL_KEYS, how="left", nulls_equal=True, maintain_order="left")
+    per_length = [rule for rule in rules_for(measured) if rule is not LONG_TEXT]
     lengths = lengths_in(evicting)
-    plan = [(rule, seq_len) for seq_len in lengths for rule in PER_LENGTH_RULES]
+    plan = [(rule, seq_len) for seq_len in lengths for rule in per_length]
     plan += [(LONG_TEXT, lengths[-1])] if lengths else []
     return [apply_rule(rule, evicting, seq_len, seq_len in baseline_lengths) for rule, seq_len in plan]
 
@@ -659,6 +791,7 @@ class Analysis:
     noise: NoiseFloor
     several_modes: bool
     recommendations: list[Recommendation]
+    rules: tuple[Rule, ...] = ALL_RULES  # the rules the recommendations followed, as the report states them
 
 
 def analyse(run: RunData) -> Analysis:
@@ -666,5 +799,10 @@ def analyse(run: RunData) -> Analysis:
     with_baseline = baseline_lengths(run.cells)
     noise = noise_floor(run.cells, run.timings)
     return Analysis(
-        stats, with_baseline, noise, several_position_modes(run.cells), recommend(stats, with_baseline, noise)
+        stats,
+        with_baseline,
+        noise,
+        several_position_modes(run.cells),
+        recommend(stats, with_baseline, noise, run.retrieval),
+        rules_for(retrieval_measured(run.retrieval)),
     )

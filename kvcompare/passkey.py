@@ -1,0 +1,103 @@
+"""The passkey retrieval task (LongLoRA, Landmark attention): can the model still recall one fact under eviction?
+
+A prompt of exactly ``length`` tokens: an instruction, a filler sentence repeated, the line "The pass key is
+{key}. Remember it. {key} is the pass key." at a depth, then "What is the pass key? The pass key is". It is
+prefilled in chunks under the policy and limit, as the latency pass does; then the key's tokens are fed one
+at a time, as decoding would, recording each one's log-probability and whether it was the arg-max.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from collections.abc import Callable
+
+import torch
+
+from kvcompare.cache import BoundedKVCache
+from kvcompare.config import CacheConfig, ConfigError
+from kvcompare.executor import Executor
+from kvcompare.policy import KVPolicy
+
+INSTRUCTION = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there."
+)
+FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = " What is the pass key? The pass key is"
+
+
+@dataclasses.dataclass(frozen=True)
+class PasskeyPrompt:
+    """One retrieval probe: the prompt's tokens, the answer's tokens and where the needle sits."""
+
+    tokens: tuple[int, ...]  # exactly the requested length
+    answer: tuple[int, ...]  # the tokens of " {key}", what should follow the prompt
+    key: str
+    depth: float  # requested: the needle starts this far into the filler
+    needle_start: int  # token index of the needle's first token
+    needle_end: int  # one past its last
+
+
+def passkey_keys(seed: int, length: int, depth: float, samples: int) -> list[str]:
+    """``samples`` seeded random 5-digit keys for one (length, depth); the same for every policy."""
+    rng = random.Random(f"{seed}-{length}-{depth}")
+    return [str(rng.randint(10000, 99999)) for _ in range(samples)]
+
+
+def build_prompt(encode: Callable[[str], list[int]], length: int, depth: float, key: str) -> PasskeyPrompt:
+    """The prompt for ``key`` with the needle at ``depth`` (0: right after the instruction, 1: before the
+    question), assembled from separately tokenized pieces so that its length is exact."""
+    if not 0 <= depth <= 1:
+        raise ConfigError(f"--depths takes numbers from 0 to 1, not {depth}")
+    instruction, needle, question = encode(INSTRUCTION), encode(NEEDLE.format(key=key)), encode(QUESTION)
+    budget = length - len(instruction) - len(needle) - len(question)
+    if budget < 0:
+        fixed = length - budget
+        raise ConfigError(f"a passkey prompt needs at least {fixed} tokens with this tokenizer, not {length}")
+    unit = encode(FILLER)
+    filler = (unit * (budget // len(unit) + 1))[:budget]
+    before = round(depth * budget)
+    start = len(instruction) + before
+    tokens = (*instruction, *filler[:before], *needle, *filler[before:], *question)
+    return PasskeyPrompt(tuple(tokens), tuple(encode(f" {key}")), key, depth, start, start + len(needle))
+
+
+@dataclasses.dataclass(frozen=True)
+class Retrieval:
+    """What a policy made of one probe."""
+
+    correct: bool  # greedy decoding would produce the answer's tokens exactly
+    matched: int  # answer tokens that were the arg-max before the first that was not
+    logprob: float  # teacher-forced log-probability of the answer's tokens, summed
+    max_cached: int
+    wall_s: float
+
+
+@torch.inference_mode()
+def retrieve(
+    executor: Executor, prompt: PasskeyPrompt, policy: KVPolicy, config: CacheConfig, prefill_chunk: int
+) -> Retrieval:
+    """Prefill the prompt in chunks under the policy, then feed the answer one token at a time.
+
+    Greedy decoding feeds back its own arg-max; while that equals the answer's next token, it is fed exactly
+    what is fed here, through the same evictions. So the answer is generated exactly iff every answer token
+    is the arg-max here, and one pass gives both the exact match and the teacher-forced log-probability.
+    """
+    begin = time.perf_counter()
+    ids = torch.tensor(prompt.tokens, device=executor.device).view(1, -1)
+    cache: BoundedKVCache = executor.new_cache(policy, config, capacity=ids.shape[1] + len(prompt.answer))
+    logprob, matched, on_track = 0.0, 0, True
+    with executor.attached():
+        for offset in range(0, ids.shape[1], prefill_chunk):
+            logits, _ = executor.forward(cache, ids[:, offset : offset + prefill_chunk], last_only=True)
+        for index, token in enumerate(prompt.answer):
+            scores = torch.log_softmax(logits[0, -1].float(), dim=-1)
+            logprob += float(scores[token])
+            on_track = on_track and int(scores.argmax()) == token
+            matched += on_track
+            if index + 1 < len(prompt.answer):
+                logits, _ = executor.forward(cache, torch.tensor([[token]], device=executor.device), last_only=True)
+    return Retrieval(matched == len(prompt.answer), matched, logprob, cache.c_len, time.perf_counter() - begin)

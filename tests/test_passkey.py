@@ -1,0 +1,108 @@
+"""The passkey task: prompts of exact length with the needle where asked, scoring, and its rows."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+from runs import tiny_run
+
+from kvcompare import models
+from kvcompare.config import CacheConfig, ConfigError
+from kvcompare.executor import Executor
+from kvcompare.passkey import INSTRUCTION, NEEDLE, QUESTION, build_prompt, passkey_keys, retrieve
+from kvcompare.plugins import get_registry
+from kvcompare.runner import run
+from kvcompare.testing import TINY_VOCAB, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def encode(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+    tokenizer = models.load_tokenizer(str(tiny_model_dir))
+    return lambda text: models.encode(tokenizer, text)
+
+
+@pytest.mark.parametrize("length", [300, 517])
+@pytest.mark.parametrize("depth", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_prompt_has_the_exact_length_and_the_needle_at_its_depth(encode, length: int, depth: float) -> None:  # type: ignore[no-untyped-def]
+    prompt = build_prompt(encode, length, depth, "48213")
+    needle = encode(NEEDLE.format(key="48213"))
+    assert len(prompt.tokens) == length
+    assert list(prompt.tokens[prompt.needle_start : prompt.needle_end]) == needle
+    assert list(prompt.tokens[-len(encode(QUESTION)) :]) == encode(QUESTION)
+    instruction, question = encode(INSTRUCTION), encode(QUESTION)
+    assert list(prompt.tokens[: len(instruction)]) == instruction
+    budget = length - len(instruction) - len(needle) - len(question)  # filler tokens, before and after the needle
+    assert abs((prompt.needle_start - len(instruction)) - depth * budget) <= 0.5
+    assert prompt.answer == tuple(encode(" 48213"))
+
+
+def test_bad_lengths_and_depths_are_refused(encode) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError, match="passkey prompt needs at least"):
+        build_prompt(encode, 20, 0.5, "12345")
+    with pytest.raises(ConfigError, match="from 0 to 1"):
+        build_prompt(encode, 300, 1.5, "12345")
+
+
+def test_keys_are_seeded_five_digit_numbers() -> None:
+    keys = passkey_keys(0, 2048, 0.5, 4)
+    assert keys == passkey_keys(0, 2048, 0.5, 4) and all(len(k) == 5 and k.isdigit() for k in keys)
+    assert keys != passkey_keys(1, 2048, 0.5, 4) and keys != passkey_keys(0, 2048, 0.3, 4)
+    assert len(set(keys)) == 4
+
+
+@pytest.mark.parametrize("spec,limit", [("full", None), ("streaming", 24), ("h2o", 24), ("l2", 20)])
+def test_exact_match_means_greedy_decoding_gives_the_answer(spec: str, limit: int | None) -> None:
+    """Feeding the answer one token at a time through the same evictions is what greedy decoding does while
+    it is right: an answer equal to the greedy output is matched whole, one with a changed token is not."""
+    executor = Executor(tiny_llama())
+    tokens = torch.randint(0, TINY_VOCAB, (50,), generator=torch.Generator().manual_seed(11))
+    config = CacheConfig(limit, 8, "shift", (0,))
+    greedy = executor.generate(tokens, get_registry().build(spec), config, gen=5, warmup=0, prefill_chunk=8)
+    answer = tuple(greedy.generated[:5])
+    probe = build_prompt(lambda text: [1] * len(text.split()), 50, 0.5, "12345")  # shapes only
+    probe = dataclasses.replace(probe, tokens=tuple(tokens.tolist()), answer=answer)
+    right = retrieve(executor, probe, get_registry().build(spec), config, 8)
+    assert right.correct and right.matched == 5 and right.logprob < 0
+    wrong = dataclasses.replace(probe, answer=(*answer[:3], (answer[3] + 1) % TINY_VOCAB, answer[4]))
+    missed = retrieve(executor, wrong, get_registry().build(spec), config, 8)
+    assert not missed.correct and missed.matched == 3 and missed.logprob < right.logprob
+
+
+def test_a_run_writes_passkey_rows_beside_the_ppl_rows(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = tiny_run(
+        tiny_model_dir,
+        policies=["streaming"],
+        cache_sizes=[64],
+        tasks=["ppl", "passkey"],
+        lengths=[256],
+        depths=[0.2, 0.8],
+        stride=16,
+    )
+    run(config, tmp_path / "run", progress=False)
+    rows = pl.read_parquet(tmp_path / "run" / "cells" / "*.parquet")
+    assert set(rows["status"]) == {"ok"}
+    ppl = rows.filter(pl.col("task") == "ppl")
+    passkey = rows.filter(pl.col("task") == "passkey")
+    assert ppl.height == 2 and ppl["depth"].null_count() == 2 and ppl["ppl"].null_count() == 0
+    assert passkey.height == 4 and sorted(passkey["depth"].unique().to_list()) == [0.2, 0.8]
+    assert passkey["passkey_correct"].null_count() == 0 and passkey["ppl"].null_count() == 4
+    assert (passkey["passkey_tokens"] == len(models.encode(models.load_tokenizer(str(tiny_model_dir)), " 12345"))).all()
+    assert (passkey["passkey_logprob"] < 0).all() and (passkey["seq_len"] == 256).all()
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"tasks": ["ppl", "needle"]}, "--task takes ppl and/or passkey"),
+        ({"tasks": ["passkey"], "depths": [1.2]}, "--depths"),
+    ],
+)
+def test_bad_tasks_are_refused_before_measuring(
+    tiny_model_dir: Path, tmp_path: Path, changes: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        run(tiny_run(tiny_model_dir, **changes), tmp_path / "run", progress=False)

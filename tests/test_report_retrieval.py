@@ -1,0 +1,284 @@
+"""Passkey probes in the report: kept apart from the PPL cells, aggregated by hand-checkable numbers, shown in a
+section of their own with a heat map per policy, and weighed by the quality-first recommendation."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+from report_fixtures import cell, channels, failed_cell, probe, spec_rows, write_run
+
+from kvcompare.report import ReportPaths, build_report
+from kvcompare.report.content import (
+    RETRIEVAL_HEADING,
+    Definitions,
+    Table,
+    assemble,
+    relative_table,
+    retrieval_table,
+)
+from kvcompare.report.data import (
+    ALL_RULES,
+    QUALITY_FIRST,
+    QUALITY_FIRST_WITH_RETRIEVAL,
+    RunData,
+    analyse,
+    load_run,
+    retrieval_by_config,
+    retrieval_by_probe,
+    retrieval_gaps,
+    summary,
+)
+from kvcompare.schema import RESULT_SCHEMA
+
+DEPTHS = (0.0, 0.5, 1.0)
+
+#: Length 256, one sample: full; streaming loses 1% PPL at limit 32; recent loses 1.5% at limit 64.
+PPL_CELLS = [
+    cell("full", None, 256, 0, ppl=100.0, task="ppl"),
+    cell("streaming", 32, 256, 0, ppl=101.0),  # task null: a row written before tasks existed
+    cell("recent", 64, 256, 0, ppl=101.5, task="ppl"),
+]
+
+
+def _probes(label: str, cache_size: int | None, answers: list[bool], seq_len: int = 256, **fields: Any) -> list[dict]:
+    """One probe per answer, spread over DEPTHS in turn, a new sample each time round."""
+    return [
+        probe(label, cache_size, seq_len, DEPTHS[i % len(DEPTHS)], i // len(DEPTHS), correct, **fields)
+        for i, correct in enumerate(answers)
+    ]
+
+
+#: full always finds the key; streaming @ 32 finds it at depth 0, once of two at 0.5, never at 1 (one failed).
+PROBES = [
+    *_probes("full", None, [True] * 6),
+    *_probes("streaming", 32, [True, True, False, True, False, False]),
+    probe("streaming", 32, 256, 1.0, 2, False, status="failed", error="boom", passkey_correct=None),
+    *_probes("recent", 64, [True] * 6),
+]
+
+
+def _only(frame: pl.DataFrame, **keys: Any) -> dict[str, Any]:
+    found = frame
+    for column, value in keys.items():
+        found = found.filter(pl.col(column).eq_missing(value))
+    assert found.height == 1, found
+    return found.row(0, named=True)
+
+
+# --- Loading: probes apart, PPL cells as before ---------------------------------------------------------------
+
+
+def test_probes_are_kept_apart_and_leave_the_ppl_tables_unchanged(tmp_path: Path) -> None:
+    without = load_run(write_run(tmp_path / "ppl", PPL_CELLS))
+    run = load_run(write_run(tmp_path / "both", [*PPL_CELLS, *PROBES]))
+    assert run.cells.height == 3 and set(run.cells["policy_label"]) == {"full", "streaming", "recent"}
+    assert run.retrieval.height == len(PROBES) and set(run.retrieval["task"]) == {"passkey"}
+    assert run.retrieval.schema == without.cells.schema  # every RESULT_SCHEMA column
+    assert summary(run.cells).equals(summary(without.cells))
+    assert relative_table(summary(run.cells), 256, True) == relative_table(summary(without.cells), 256, True)
+    assert without.retrieval.is_empty() and without.retrieval.columns == RESULT_SCHEMA.names
+
+
+def test_run_data_built_without_probes_has_an_empty_retrieval() -> None:
+    empty = pl.DataFrame()
+    run = RunData(Path("run"), {}, empty, empty, empty)
+    assert run.retrieval.is_empty() and run.retrieval.columns == RESULT_SCHEMA.names
+
+
+# --- Aggregation ------------------------------------------------------------------------------------------------
+
+
+def test_accuracy_per_length_and_depth(tmp_path: Path) -> None:
+    by_probe = retrieval_by_probe(load_run(write_run(tmp_path, [*PPL_CELLS, *PROBES])).retrieval)
+    streaming = {r["depth"]: r for r in by_probe.filter(pl.col("policy") == "streaming").iter_rows(named=True)}
+    assert {d: (r["accuracy_pct"], r["n"], r["failed"]) for d, r in streaming.items()} == {
+        0.0: (100.0, 2, 0),
+        0.5: (50.0, 2, 0),
+        1.0: (0.0, 2, 1),  # the failed probe is counted beside n, not as wrong
+    }
+    assert streaming[0.5]["logprob_mean"] == pytest.approx((-0.5 - 6.0) / 2)
+    assert by_probe["policy"].to_list()[:3] == ["full"] * 3  # the baseline first
+
+
+def test_accuracy_per_configuration_over_every_probe(tmp_path: Path) -> None:
+    overall = retrieval_by_config(load_run(write_run(tmp_path, [*PPL_CELLS, *PROBES])).retrieval)
+    assert overall["policy_label"].to_list() == ["full", "recent", "streaming"]
+    row = _only(overall, policy_label="streaming")
+    assert (row["accuracy_pct"], row["n"], row["failed"]) == (50.0, 6, 1)
+    assert row["logprob_mean"] == pytest.approx((3 * -0.5 + 3 * -6.0) / 6)
+    assert _only(overall, policy_label="full")["accuracy_pct"] == 100.0
+
+
+def test_gap_to_full_counts_only_lengths_and_modes_both_were_probed_at(tmp_path: Path) -> None:
+    rows = [
+        *_probes("full", None, [True] * 3),
+        *_probes("full", None, [False] * 3, positions="shift"),  # another mode's baseline: not this one's
+        *_probes("full", None, [False] * 3, seq_len=512, positions="shift"),
+        *_probes("l2", 32, [True, True, False]),
+        *_probes("l2", 32, [False] * 3, seq_len=512),  # this mode's full was never probed at 512: left out
+    ]
+    gap = _only(retrieval_gaps(load_run(write_run(tmp_path, rows)).retrieval), policy_label="l2")
+    assert gap["retrieval_pct"] == pytest.approx(200 / 3)
+    assert gap["retrieval_full_pct"] == 100.0
+    assert gap["retrieval_gap_pts"] == pytest.approx(100 / 3)
+
+
+# --- The section and its heat maps --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def probed_report(tmp_path_factory: pytest.TempPathFactory) -> ReportPaths:
+    return build_report(write_run(tmp_path_factory.mktemp("run"), [*PPL_CELLS, *PROBES]))
+
+
+def _headings(markdown: str) -> list[str]:
+    return re.findall(r"^## (.*)$", markdown, flags=re.M)
+
+
+def test_section_follows_the_results_in_both_renderings(probed_report: ReportPaths) -> None:
+    markdown, html = probed_report.markdown.read_text(), probed_report.html.read_text()
+    headings = _headings(markdown)
+    assert headings.index(RETRIEVAL_HEADING) == headings.index("Results by length") + 1
+    assert f"<h2>{RETRIEVAL_HEADING}</h2>" in html
+    section = markdown.split(f"## {RETRIEVAL_HEADING}", 1)[1].split("\n## ", 1)[0]
+    assert "A probe is one prompt" in section and "greedy decoding gives the key exactly" in section
+    assert "teacher-forced log-probability of the key's tokens" in section
+    assert "| Policy | Cache limit (tokens) | Accuracy (%) | n | Mean log-prob of the key | depth 0 | depth 0.5 " in (
+        section
+    )
+    assert "| full | – | 100.0 | 6 | -0.50 | 100.0 | 100.0 | 100.0 |" in section
+    assert "| streaming | 32 | 50.0 | 6 (+1 failed) | -3.25 | 100.0 | 50.0 | 0.0 |" in section
+    assert "![Passkey retrieval: streaming]" in section  # the heat maps are in the section, not under Charts
+    assert "passkey at depth 1" in markdown  # the failed probe is listed with the failed cells
+    assert (
+        "- **passkey retrieval**: recent, streaming against `full` at cache limits 32, 64; lengths 256 tokens, "
+        "needle depths 0, 0.5, 1, 3 keys per length and depth" in markdown
+    )
+    assert "| 22 | 21 | 1 | 0 |" in markdown  # cells planned, ok and failed count the probes too
+
+
+def test_no_probes_no_section(tmp_path: Path) -> None:
+    paths = build_report(write_run(tmp_path, PPL_CELLS))
+    markdown = paths.markdown.read_text()
+    assert RETRIEVAL_HEADING not in _headings(markdown)
+    before_protocol = markdown.split("\n## Protocol", 1)[0].lower()  # the protocol describes every task
+    assert "passkey" not in before_protocol and "retriev" not in before_protocol
+    assert not any(p.name.startswith("passkey") for p in paths.specs)
+
+
+def _heat_maps(paths: ReportPaths) -> dict[str, dict[str, Any]]:
+    return {p.name: json.loads(p.read_text()) for p in paths.specs if p.name.startswith("passkey")}
+
+
+def test_one_heat_map_per_policy_of_depth_length_and_accuracy(probed_report: ReportPaths) -> None:
+    maps = _heat_maps(probed_report)
+    assert set(maps) == {"passkey_recent.vl.json", "passkey_streaming.vl.json"}
+    assert {p.name for p in probed_report.charts} >= {"passkey_recent.png", "passkey_streaming.png"}
+    spec = maps["passkey_streaming.vl.json"]
+    assert {"field": "depth", "type": "ordinal"}.items() <= channels(spec, "x")[0].items()
+    assert {"field": "seq_len", "type": "ordinal"}.items() <= channels(spec, "y")[0].items()
+    color = next(c for c in channels(spec, "color") if c.get("field") == "accuracy_pct")
+    assert color["scale"]["domain"] == [0, 100]
+    assert spec["facet"]["column"]["field"] == "limit"
+    rows = spec_rows(spec)
+    assert {r["series"] for r in rows} == {"full", "streaming"}  # the policy beside its reference
+    assert {(r["limit"], r["depth"]): r["accuracy_pct"] for r in rows if r["series"] == "streaming"} == {
+        ("32", 0.0): 100.0,
+        ("32", 0.5): 50.0,
+        ("32", 1.0): 0.0,
+    }
+
+
+def test_heat_maps_are_listed_once_in_the_html(probed_report: ReportPaths) -> None:
+    html = probed_report.html.read_text()
+    assert html.count('data-chart="passkey_streaming"') == 1 and html.count('data-chart="passkey_recent"') == 1
+
+
+def test_table_names_position_modes_when_there_are_several(tmp_path: Path) -> None:
+    rows = [*_probes("full", None, [True] * 3), *_probes("l2", 32, [True] * 3, positions="shift")]
+    rows += _probes("full", None, [True] * 3, positions="shift")
+    table = retrieval_table(load_run(write_run(tmp_path, rows)).retrieval, several_modes=True)
+    assert [row[:2] for row in table.rows] == [
+        ["full (for positions=shift)", "–"],
+        ["full (for positions=true)", "–"],
+        ["l2, positions=shift", "32"],
+    ]
+
+
+# --- Recommendations ------------------------------------------------------------------------------------------------
+
+
+def _quality_first(run_dir: Path, rows: list[dict]) -> dict[str, Any] | None:
+    analysis = analyse(load_run(write_run(run_dir, rows)))
+    return next(r for r in analysis.recommendations if r.scenario == "quality first").choice
+
+
+def _twenty(right: int) -> list[bool]:
+    return [True] * right + [False] * (20 - right)
+
+
+def test_quality_first_without_probes_picks_on_ppl_alone(tmp_path: Path) -> None:
+    choice = _quality_first(tmp_path, PPL_CELLS)
+    assert choice is not None and (choice["policy_label"], choice["cache_size"]) == ("streaming", 32)
+    assert analyse(load_run(tmp_path)).rules == ALL_RULES
+
+
+@pytest.mark.parametrize(
+    ("recent_right", "chosen"),
+    [
+        pytest.param(19, ("recent", 64), id="5-points-below-full-qualifies"),
+        pytest.param(18, None, id="10-points-below-full-does-not"),
+    ],
+)
+def test_quality_first_asks_for_retrieval_within_5_points_of_full(
+    tmp_path: Path, recent_right: int, chosen: tuple[str, int] | None
+) -> None:
+    """streaming @ 32 has the smaller limit and +1% PPL, but finds the key 20 points less often than full."""
+    rows = [
+        *PPL_CELLS,
+        *_probes("full", None, _twenty(20)),
+        *_probes("streaming", 32, _twenty(16)),
+        *_probes("recent", 64, _twenty(recent_right)),
+    ]
+    recommendations = analyse(load_run(write_run(tmp_path, rows))).recommendations
+    quality = next(r for r in recommendations if r.scenario == "quality first")
+    if chosen is None:
+        assert quality.choice is None
+        assert quality.reason == "no configuration within +2% PPL retrieves the pass key within 5 points of full"
+    else:
+        assert quality.choice is not None
+        assert (quality.choice["policy_label"], quality.choice["cache_size"]) == chosen
+        assert quality.choice["retrieval_gap_pts"] == pytest.approx(5.0)
+
+
+def test_unprobed_configuration_does_not_qualify_when_retrieval_was_measured(tmp_path: Path) -> None:
+    rows = [*PPL_CELLS, *_probes("full", None, [True] * 3), *_probes("recent", 64, [True] * 3)]
+    choice = _quality_first(tmp_path, rows)
+    assert choice is not None and choice["policy_label"] == "recent"  # streaming was never probed
+
+
+def test_rule_text_and_evidence_say_retrieval(tmp_path: Path) -> None:
+    rows = [*PPL_CELLS, *_probes("full", None, _twenty(20)), *_probes("recent", 64, _twenty(19))]
+    report = assemble(load_run(write_run(tmp_path, rows)), tmp_path / "charts")
+    summary_blocks = report.sections[0].blocks
+    rules = next(b for b in summary_blocks if isinstance(b, Definitions) and b.lead.startswith("Rules"))
+    assert rules.items["quality first"] == QUALITY_FIRST_WITH_RETRIEVAL.text
+    assert "at most +2%" in QUALITY_FIRST_WITH_RETRIEVAL.text
+    assert "at most 5 percentage points below that of full" in QUALITY_FIRST_WITH_RETRIEVAL.text
+    assert "retrieval" not in QUALITY_FIRST.text and QUALITY_FIRST in ALL_RULES
+    table = next(b for b in summary_blocks if isinstance(b, Table) and b.title == "Recommended configurations")
+    quality = next(row for row in table.rows if row[0] == "quality first")
+    assert quality[2] == "recent @ 64" and "Retrieval 95.0% (full 100.0%)" in quality[3]
+
+
+def test_failed_probes_alone_do_not_change_the_rules(tmp_path: Path) -> None:
+    failed = probe("streaming", 32, 256, 0.5, 0, False, status="failed", error="boom", passkey_correct=None)
+    analysis = analyse(load_run(write_run(tmp_path, [*PPL_CELLS, failed, failed_cell("l2", 32, 256, 0, "x")])))
+    assert analysis.rules == ALL_RULES
+    choice = next(r for r in analysis.recommendations if r.scenario == "quality first").choice
+    assert choice is not None and choice["policy_label"] == "streaming"
