@@ -82,29 +82,8 @@ def cell(policy_label: str, cache_size: int | None, seq_len: int, sample_id: int
     return row
 
 
-def failed_cell(policy_label: str, cache_size: int | None, seq_len: int, sample_id: int, error: str) -> dict[str, Any]:
-    row = cell(policy_label, cache_size, seq_len, sample_id, status="failed", error=error)
-    for name in (
-        "ttft_s",
-        "tpot_s",
-        "throughput_tok_s",
-        "ppl",
-        "accuracy",
-        "nll_sum",
-        "tokens_scored",
-        "peak_kv_bytes",
-        "peak_mem_bytes",
-        "evict_s",
-        "evict_share",
-        "decode_s",
-        "quality_s",
-    ):
-        row[name] = None
-    return row
-
-
-#: What a passkey probe does not measure: its row leaves these null.
-PPL_ONLY_COLUMNS = (
+#: What a failed cell did not measure.
+MEASURED_COLUMNS = (
     "ttft_s",
     "tpot_s",
     "throughput_tok_s",
@@ -112,13 +91,23 @@ PPL_ONLY_COLUMNS = (
     "accuracy",
     "nll_sum",
     "tokens_scored",
+    "peak_kv_bytes",
+    "peak_mem_bytes",
+    "evict_s",
     "evict_share",
     "decode_s",
     "quality_s",
-    "kv_read_bytes",
-    "weight_bytes",
-    "tpot_floor_s",
 )
+
+
+def failed_cell(policy_label: str, cache_size: int | None, seq_len: int, sample_id: int, error: str) -> dict[str, Any]:
+    row = cell(policy_label, cache_size, seq_len, sample_id, status="failed", error=error)
+    row.update(dict.fromkeys(MEASURED_COLUMNS))
+    return row
+
+
+#: What a passkey probe does not measure: its row leaves these null, as a run writes it.
+PPL_ONLY_COLUMNS = MEASURED_COLUMNS
 
 
 def probe(
