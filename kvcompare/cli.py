@@ -93,6 +93,11 @@ def _add_run_parser(commands: Any) -> None:
         type=_float_list,
         help=f"passkey: needle depths from 0 (start) to 1 (end) (default {listed(d.depths)})",
     )
+    run.add_argument(
+        "--haystack",
+        choices=["repeat", "text"],
+        help="passkey filler: the classic repeated sentence (repeat, default) or passages of --dataset (text)",
+    )
     run.add_argument("--positions", type=_str_list, help=f"true and/or shift (default {listed(d.positions)})")
     run.add_argument(
         "--skip-layers",

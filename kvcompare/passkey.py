@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -37,6 +37,7 @@ class PasskeyPrompt:
     answer: tuple[int, ...]  # the tokens of " {key}", what should follow the prompt
     key: str
     depth: float  # requested: the needle starts this far into the filler
+    haystack: str  # "repeat", or where the filler text came from (a book of the dataset)
     needle_start: int  # token index of the needle's first token
     needle_end: int  # one past its last
 
@@ -47,9 +48,20 @@ def passkey_keys(seed: int, length: int, depth: float, samples: int) -> list[str
     return [str(rng.randint(10000, 99999)) for _ in range(samples)]
 
 
-def build_prompt(encode: Callable[[str], list[int]], length: int, depth: float, key: str) -> PasskeyPrompt:
+def build_prompt(
+    encode: Callable[[str], list[int]],
+    length: int,
+    depth: float,
+    key: str,
+    filler: Sequence[int] | None = None,
+    haystack: str = "repeat",
+) -> PasskeyPrompt:
     """The prompt for ``key`` with the needle at ``depth`` (0: right after the instruction, 1: before the
-    question), assembled from separately tokenized pieces so that its length is exact."""
+    question), assembled from separately tokenized pieces so that its length is exact.
+
+    ``filler``: the tokens of a text to hide the needle in (``haystack`` names it), repeated if short;
+    default the classic sentence.
+    """
     if not 0 <= depth <= 1:
         raise ConfigError(f"--depths takes numbers from 0 to 1, not {depth}")
     instruction, needle, question = encode(INSTRUCTION), encode(NEEDLE.format(key=key)), encode(QUESTION)
@@ -57,12 +69,12 @@ def build_prompt(encode: Callable[[str], list[int]], length: int, depth: float, 
     if budget < 0:
         fixed = length - budget
         raise ConfigError(f"a passkey prompt needs at least {fixed} tokens with this tokenizer, not {length}")
-    unit = encode(FILLER)
-    filler = (unit * (budget // len(unit) + 1))[:budget]
+    unit = list(filler) if filler else encode(FILLER)
+    stream = (unit * (budget // len(unit) + 1))[:budget]
     before = round(depth * budget)
     start = len(instruction) + before
-    tokens = (*instruction, *filler[:before], *needle, *filler[before:], *question)
-    return PasskeyPrompt(tuple(tokens), tuple(encode(f" {key}")), key, depth, start, start + len(needle))
+    tokens = (*instruction, *stream[:before], *needle, *stream[before:], *question)
+    return PasskeyPrompt(tuple(tokens), tuple(encode(f" {key}")), key, depth, haystack, start, start + len(needle))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 from kvcompare import corpus as corpora
 from kvcompare import models
 from kvcompare.budgets import parse_layer_budget, smallest_budget
-from kvcompare.config import TASKS, CacheConfig, ConfigError, LatencySettings, RunConfig, check_position_mode
+from kvcompare.config import HAYSTACKS, TASKS, CacheConfig, ConfigError, LatencySettings, RunConfig, check_position_mode
 from kvcompare.corpus import Passage
 from kvcompare.passkey import PasskeyPrompt, build_prompt, passkey_keys
 from kvcompare.plugins import get_host
@@ -172,6 +172,8 @@ def check_config(config: RunConfig, policies: list[KVPolicy]) -> None:
     unknown = [t for t in config.tasks if t not in TASKS]
     if not config.tasks or unknown:
         raise ConfigError(f"--task takes {' and/or '.join(TASKS)}, not {config.tasks}")
+    if config.haystack not in HAYSTACKS:
+        raise ConfigError(f"--haystack takes {' or '.join(HAYSTACKS)}, not {config.haystack!r}")
     if "passkey" in config.tasks and (not config.depths or not all(0 <= d <= 1 for d in config.depths)):
         raise ConfigError(f"--depths takes numbers from 0 (start) to 1 (end), not {config.depths}")
     parse_layer_budget(config.layer_budget)
@@ -237,22 +239,34 @@ def plan(config: RunConfig, policies: list[KVPolicy] | None = None) -> Plan:
     if "passkey" in config.tasks:
         cells += [
             Cell(probe_passage(probe, sample), policy, cache, context, probe)
-            for probe, sample in passkey_probes(config, encode)
+            for probe, sample in passkey_probes(config, encode, corpus)
             for policy, cache in configurations
         ]
     return Plan(config, policies, tokenizer, corpus.describe(), passages, cells)
 
 
-def passkey_probes(config: RunConfig, encode: Any) -> list[tuple[PasskeyPrompt, int]]:
-    """Every passkey prompt of the run with its sample index: ``samples`` seeded keys per (length, depth)."""
-    return [
-        (build_prompt(encode, length, depth, key), sample)
-        for length, samples in zip(config.lengths, config.samples, strict=True)
-        for depth in config.depths
-        for sample, key in enumerate(passkey_keys(config.seed, length, depth, samples))
-    ]
+def passkey_probes(config: RunConfig, encode: Any, corpus: Any) -> list[tuple[PasskeyPrompt, int]]:
+    """Every passkey prompt of the run with its sample index: ``samples`` seeded keys per (length, depth).
+
+    With ``--haystack text`` sample s of a length hides its keys in the s-th passage drawn from the dataset
+    (with another seed than the ppl passages), the same text at every depth.
+    """
+    probes = []
+    for length, samples in zip(config.lengths, config.samples, strict=True):
+        texts = (
+            corpora.sample_passages(corpus, encode, length, samples, config.seed + 1)
+            if config.haystack == "text"
+            else []
+        )
+        for depth in config.depths:
+            for sample, key in enumerate(passkey_keys(config.seed, length, depth, samples)):
+                text = texts[sample] if texts else None
+                filler = None if text is None else text.tokens
+                haystack = "repeat" if text is None else f"{text.source}@{text.token_offset}"
+                probes.append((build_prompt(encode, length, depth, key, filler, haystack), sample))
+    return probes
 
 
 def probe_passage(probe: PasskeyPrompt, sample: int) -> Passage:
     """A passkey prompt as a passage, so that it is grouped, described and keyed like one."""
-    return Passage("passkey", f"passkey:{probe.key}", probe.needle_start, sample, probe.tokens)
+    return Passage("passkey", f"passkey:{probe.key}:{probe.haystack}", probe.needle_start, sample, probe.tokens)

@@ -42,7 +42,7 @@ PROTOCOL_MD = """\
   by its counted steps' total time. Each cell runs `repeats` trials. Eviction time (choosing victims and
   slots, re-rotation) inside the counted steps is `evict_s`, and `evict_share = evict_s / decode time`.
 - **Passkey retrieval** (`--task passkey`). A prompt of exactly the passage length: an instruction, a
-  filler sentence repeated, the line "The pass key is K. Remember it. K is the pass key." with a seeded
+  filler (a sentence repeated, or with `--haystack text` a passage of the dataset), the line "The pass key is K. Remember it. K is the pass key." with a seeded
   random 5-digit K at each depth of `--depths` (0: just after the instruction, 1: just before the
   question), then "What is the pass key? The pass key is". It is prefilled in chunks of `prefill_chunk`
   under the policy and limit, then the answer " K" is fed one token at a time as decoding feeds tokens.

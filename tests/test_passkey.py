@@ -106,3 +106,25 @@ def test_bad_tasks_are_refused_before_measuring(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         run(tiny_run(tiny_model_dir, **changes), tmp_path / "run", progress=False)
+
+
+def test_a_text_haystack_hides_the_needle_in_that_text(encode) -> None:  # type: ignore[no-untyped-def]
+    text = encode("It was the best of times, it was the worst of times, it was the age of wisdom.")
+    prompt = build_prompt(encode, 300, 0.4, "55555", filler=text, haystack="dickens@0")
+    instruction = len(encode(INSTRUCTION))
+    assert len(prompt.tokens) == 300 and prompt.haystack == "dickens@0"
+    before = prompt.tokens[instruction : prompt.needle_start]
+    assert list(before) == (text * 10)[: len(before)]  # the text, repeated where it is short, up to the needle
+    after = prompt.tokens[prompt.needle_end : -len(encode(QUESTION))]
+    assert list(after) == (text * 10)[len(before) : len(before) + len(after)]  # and on after it
+
+
+def test_a_run_with_a_text_haystack_names_the_text_of_each_probe(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = tiny_run(
+        tiny_model_dir, tasks=["passkey"], lengths=[200], depths=[0.5], samples=[2], haystack="text", cache_sizes=[64]
+    )
+    run(config, tmp_path / "run", progress=False)
+    rows = pl.read_parquet(tmp_path / "run" / "cells" / "*.parquet")
+    assert set(rows["task"]) == {"passkey"} and rows.height == 2 * 2  # full and recent, two keys
+    sources = set(rows["source"])
+    assert len(sources) == 2 and all("tiny_corpus" in source and "@" in source for source in sources)
