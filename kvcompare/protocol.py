@@ -42,13 +42,14 @@ PROTOCOL_MD = """\
   by its counted steps' total time. Each cell runs `repeats` trials. Eviction time (choosing victims and
   slots, re-rotation) inside the counted steps is `evict_s`, and `evict_share = evict_s / decode time`.
 - **Passkey retrieval** (`--task passkey`). A prompt of exactly the passage length: an instruction, a
-  filler (a sentence repeated, or with `--haystack text` a passage of the dataset), the line "The pass key is K. Remember it. K is the pass key." with a seeded
-  random 5-digit K at each depth of `--depths` (0: just after the instruction, 1: just before the
-  question), then "What is the pass key? The pass key is". It is prefilled in chunks of `prefill_chunk`
-  under the policy and limit, then the answer " K" is fed one token at a time as decoding feeds tokens.
-  `passkey_correct`: every answer token was the arg-max, which is exactly when greedy decoding produces
-  the key (while it is right, it is fed the same tokens through the same evictions); `passkey_logprob`:
-  the answer's teacher-forced log-probability. `--samples` keys per length and depth; not timed.
+  filler (a sentence repeated, or with `--haystack text` a passage of the dataset), the line "The pass key
+  is K. Remember it. K is the pass key." with a seeded random 5-digit K at each depth of `--depths` (0:
+  just after the instruction, 1: just before the question), then "What is the pass key? The pass key is".
+  It is prefilled in chunks of `prefill_chunk` under the policy and limit, then the answer " K" is fed one
+  token at a time as decoding feeds tokens. `passkey_correct`: every answer token was the arg-max, which
+  is exactly when greedy decoding produces the key (while it is right, it is fed the same tokens through
+  the same evictions); `passkey_logprob`: the answer's teacher-forced log-probability. `--samples` keys per
+  length and depth; not timed.
 - **Rounds.** The cells of a passage are measured together: one quality pass each, then `repeats` rounds.
   Round r runs trial r of every cell of the passage, `full` included, and the order rotates by one cell per
   round, so a slow spell of the machine touches every policy alike. Each round also times `full` a second
