@@ -18,6 +18,7 @@ import torch
 from common import base_parser, book_tokens, setup
 
 from kvcompare.config import CacheConfig
+from kvcompare.executor import greedy
 from kvcompare.plugins import get_registry
 
 
@@ -61,7 +62,9 @@ def main() -> None:
                 for limit in limits if registry.build(spec).bounded else [None]:
                     config = CacheConfig(limit, args.stride, args.positions, skip, args.evict_block, args.layer_budget)
                     cache = executor.new_cache(registry.build(spec), config, context + args.rounds * per_round + 1)
-                    token = executor.prefill(cache, tokens[:context].to(executor.device).view(1, -1), args.stride)
+                    token = greedy(
+                        executor.prefill(cache, tokens[:context].to(executor.device).view(1, -1), args.stride)
+                    )
                     runs[spec if limit is None else f"{spec}@{limit}"] = [cache, token]
             medians: dict[str, list[float]] = {name: [] for name in runs}
             evict: dict[str, list[float]] = {name: [] for name in runs}

@@ -10,7 +10,12 @@ shares out the rest: the top layer gets ``(limit - reserve) / beta`` of it, the 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from kvcompare.config import ConfigError
+
+if TYPE_CHECKING:
+    from kvcompare.config import CacheConfig
 
 KINDS = ("uniform", "pyramid")
 DEFAULT_BETA = 20.0  # PyramidKV's
@@ -50,6 +55,15 @@ def layer_budgets(spec: str, limit: int, layers: int, reserve: int) -> list[int]
     for i in sorted(range(layers), key=lambda i: budgets[i] - exact[i])[:short]:
         budgets[i] += 1
     return budgets
+
+
+def compressed_layer_budgets(cache: CacheConfig, num_layers: int) -> list[int]:
+    """The budget of each compressed layer of a ``num_layers``-layer model under ``cache`` (none without a
+    limit): the one place the cache, the physics and the result rows take them from."""
+    if cache.limit is None:
+        return []
+    compressed = num_layers - len(set(cache.skip_layers))
+    return layer_budgets(cache.layer_budget, cache.limit, compressed, cache.budget_reserve())
 
 
 def smallest_budget(spec: str, limit: int, reserve: int) -> int:

@@ -18,7 +18,7 @@ import functools
 import numpy as np
 import torch
 
-from kvcompare.budgets import layer_budgets
+from kvcompare.budgets import compressed_layer_budgets
 from kvcompare.config import CacheConfig, ConfigError
 from kvcompare.eviction import BLOCKED, VictimChooser, rank_shift
 from kvcompare.policy import KVPolicy
@@ -102,13 +102,11 @@ class BoundedKVCache:
         self._slot.update({layer: ("f", n) for n, layer in enumerate(full)})
         b, h, d = layout.batch, layout.kv_heads, layout.head_dim
         dtype, device = layout.dtype, layout.device
-        self.budgets = (
-            layer_budgets(config.layer_budget, self.limit, len(compressed), config.budget_reserve())
-            if self.limit is not None
-            else []
-        )
+        self.budgets = compressed_layer_budgets(config, layout.num_layers) if self.limit is not None else []
+        self._budget_array = np.asarray(self.budgets, dtype=np.int64)  # for the per-chunk arithmetic on `held`
+        self.smallest = min(self.budgets, default=0)  # the first layer to fill
         slots = max(self.budgets, default=0)
-        if self.budgets and min(self.budgets) < config.budget_reserve():
+        if self.budgets and self.smallest < config.budget_reserve():
             raise ConfigError(f"layer budgets {self.budgets} leave a layer less than a chunk of room")
         self.uneven = len(set(self.budgets)) > 1
         # Zeros, not torch.empty: once slots are reused, a never-written slot is attended (masked) and handed
@@ -153,7 +151,7 @@ class BoundedKVCache:
             return self.c_kv[0, n], self.c_kv[1, n]
         buf, start = (self.c_kv, self.c_len) if group == "c" else (self.f_kv, self.f_len)
         end = start + chunk
-        if end > (min(self.budgets) if group == "c" else buf.shape[4]):
+        if end > (self.smallest if group == "c" else buf.shape[4]):
             what = "limit" if group == "c" else "capacity"
             raise CacheLimitError(f"layer {layer_idx} would hold {end} tokens, over its {what} of {buf.shape[4]}")
         buf[0, n, :, :, start:end] = key_states
@@ -208,8 +206,7 @@ class BoundedKVCache:
         if self.limit is None:
             return False
         new = torch.arange(self.seen, self.seen + chunk, device=self.c_token.device)
-        smallest = min(self.budgets)
-        if not self.reused and self.c_len + chunk <= smallest:  # still filling in time order
+        if not self.reused and self.c_len + chunk <= self.smallest:  # still filling in time order
             self.c_token[..., self.c_len : self.c_len + chunk] = new
             return False
         if self.reused and chunk <= self._spare.shape[-1]:
@@ -218,8 +215,8 @@ class BoundedKVCache:
             return True
         # Every layer frees the same number of slots, its empty ones first: with uneven budgets a layer with
         # room to spare evicts fewer tokens, or none.
-        empty = np.asarray(self.budgets) - self.held
-        count = min(smallest, max(chunk, int(empty.min()) + self.evict_block))
+        empty = self._budget_array - self.held
+        count = min(self.smallest, max(chunk, int(empty.min()) + self.evict_block))
         signals = None if self.recorder is None else self.recorder.snapshot(self.seen, chunk, self.victims.budgets)
         freed = self.victims.choose(self.c_kv[0], self.c_token, self.c_len, count, signals)
         if self.recorder is not None:
@@ -230,7 +227,7 @@ class BoundedKVCache:
             self.rotary.rotate_rows_(self.c_kv[0].view(-1, self.layout.head_dim), rows, moves)
         if freed.shape[-1] > chunk:  # the freed slots the chunk does not fill are left empty
             self.c_token.scatter_(-1, freed[..., chunk:], -1)
-        self.held = np.minimum(self.held, np.asarray(self.budgets) - count)
+        self.held = np.minimum(self.held, self._budget_array - count)
         self.reused = True
         self.evictions += 1
         self._assign(freed[..., :chunk], new)
@@ -249,7 +246,7 @@ class BoundedKVCache:
         self._write_index = None  # the next chunk needs make_room() first
         if self.limit is not None:
             self.held += chunk
-            if (self.held > np.asarray(self.budgets)).any():
+            if (self.held > self._budget_array).any():
                 raise CacheLimitError(f"compressed layers hold {self.held.tolist()} tokens, over {self.budgets}")
         if self.f_kv.shape[1]:
             self.f_len += chunk

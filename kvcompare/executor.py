@@ -165,7 +165,7 @@ class Executor:
         memory = PeakMemory(self.device)
         with self.attached():
             start = now(self.device)
-            token = self.prefill(cache, ids, prefill_chunk or config.stride)
+            token = greedy(self.prefill(cache, ids, prefill_chunk or config.stride))
             ttft = now(self.device) - start
             memory.sample()
             steps = self.decode(cache, token, warmup + gen, memory)
@@ -180,10 +180,11 @@ class Executor:
         )
 
     def prefill(self, cache: BoundedKVCache, ids: torch.Tensor, chunk: int) -> torch.Tensor:
-        """Feed ``ids`` (``[1, length]``) in chunks of ``chunk``; return the first generated token (``[1, 1]``)."""
+        """Feed ``ids`` (``[1, length]``) in chunks of ``chunk``; return the last position's logits (``[1, vocab]``),
+        from which :func:`greedy` takes the first generated token."""
         for offset in range(0, ids.shape[1], chunk):
             logits, _ = self.forward(cache, ids[:, offset : offset + chunk], last_only=True)
-        return logits[:, -1].argmax(dim=-1, keepdim=True)
+        return logits[:, -1]
 
     def decode(
         self, cache: BoundedKVCache, token: torch.Tensor, steps: int, memory: PeakMemory | None = None
@@ -195,7 +196,7 @@ class Executor:
         for _ in range(steps):
             begin = now(self.device)
             logits, evict_s = self.forward(cache, token, last_only=True)
-            token = logits[:, -1].argmax(dim=-1, keepdim=True)
+            token = greedy(logits[:, -1])
             timed.step_s.append(now(self.device) - begin)
             timed.evict_s.append(evict_s)
             timed.signal_s.append(cache.take_signal_seconds())
@@ -203,3 +204,8 @@ class Executor:
             if memory is not None:
                 memory.sample()
         return timed
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The arg-max token of last-position logits ``[1, vocab]``, as the next input ``[1, 1]``."""
+    return logits.argmax(dim=-1, keepdim=True)

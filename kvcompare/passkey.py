@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from kvcompare.cache import BoundedKVCache
 from kvcompare.config import CacheConfig, ConfigError
 from kvcompare.executor import Executor
 from kvcompare.policy import KVPolicy
@@ -84,7 +83,6 @@ class Retrieval:
     correct: bool  # greedy decoding would produce the answer's tokens exactly
     matched: int  # answer tokens that were the arg-max before the first that was not
     logprob: float  # teacher-forced log-probability of the answer's tokens, summed
-    max_cached: int
     wall_s: float
 
 
@@ -100,16 +98,16 @@ def retrieve(
     """
     begin = time.perf_counter()
     ids = torch.tensor(prompt.tokens, device=executor.device).view(1, -1)
-    cache: BoundedKVCache = executor.new_cache(policy, config, capacity=ids.shape[1] + len(prompt.answer))
+    cache = executor.new_cache(policy, config, capacity=ids.shape[1] + len(prompt.answer))
     logprob, matched, on_track = 0.0, 0, True
     with executor.attached():
-        for offset in range(0, ids.shape[1], prefill_chunk):
-            logits, _ = executor.forward(cache, ids[:, offset : offset + prefill_chunk], last_only=True)
+        last = executor.prefill(cache, ids, prefill_chunk)
         for index, token in enumerate(prompt.answer):
-            scores = torch.log_softmax(logits[0, -1].float(), dim=-1)
+            scores = torch.log_softmax(last[0].float(), dim=-1)
             logprob += float(scores[token])
             on_track = on_track and int(scores.argmax()) == token
             matched += on_track
             if index + 1 < len(prompt.answer):
                 logits, _ = executor.forward(cache, torch.tensor([[token]], device=executor.device), last_only=True)
-    return Retrieval(matched == len(prompt.answer), matched, logprob, cache.c_len, time.perf_counter() - begin)
+                last = logits[:, -1]
+    return Retrieval(matched == len(prompt.answer), matched, logprob, time.perf_counter() - begin)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcompare.budgets import layer_budgets
+from kvcompare.budgets import compressed_layer_budgets
 from kvcompare.cache import CacheLayout
 from kvcompare.config import CacheConfig
 from kvcompare.timing import now
@@ -37,7 +37,7 @@ def kv_read_bytes(layout: CacheLayout, cache: CacheConfig, context: int) -> int:
     if cache.limit is None:
         return per_token * layout.num_layers * held
     skipped = len(set(cache.skip_layers))
-    budgets = layer_budgets(cache.layer_budget, cache.limit, layout.num_layers - skipped, cache.budget_reserve())
+    budgets = compressed_layer_budgets(cache, layout.num_layers)
     return per_token * (skipped * held + sum(min(budget, held) for budget in budgets))
 
 

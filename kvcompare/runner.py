@@ -15,7 +15,7 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from kvcompare.budgets import layer_budgets
+from kvcompare.budgets import compressed_layer_budgets
 from kvcompare.cache import CacheLayout, check_skip_layers
 from kvcompare.config import ConfigError, RunConfig
 from kvcompare.environment import environment
@@ -315,15 +315,9 @@ def result_row(record: CellRecord, context: RowContext) -> tuple[dict[str, Any],
         "finished_at": _timestamp(),
     }
     kv_bytes = kv_read_bytes(context.layout, cell.cache, seq_len)
-    compressed = context.layout.num_layers - len(cell.cache.skip_layers)
-    limit = cell.cache.limit if cell.policy.bounded else None
-    budgets = (
-        None
-        if limit is None
-        else layer_budgets(cell.cache.layer_budget, limit, compressed, cell.cache.budget_reserve())
-    )
+    budgets = compressed_layer_budgets(cell.cache, context.layout.num_layers) if cell.policy.bounded else []
     row.update(
-        layer_budgets=None if budgets is None else json.dumps(budgets),
+        layer_budgets=json.dumps(budgets) if budgets else None,
         kv_read_bytes=kv_bytes,
         weight_bytes=context.weight_bytes,
         tpot_floor_s=tpot_floor(context.weight_bytes, kv_bytes, context.bandwidth),

@@ -518,6 +518,11 @@ def retrieval_table(retrieval: pl.DataFrame, several_modes: bool = False) -> Tab
     )
 
 
+def not_drawn(charts: ChartSet) -> Remarks:
+    """The charts of a set that could not be drawn, each with its reason."""
+    return Remarks([f"{s.title} (`{s.name}`) not drawn: {s.reason}" for s in charts.skipped])
+
+
 def retrieval_section(retrieval: pl.DataFrame, charts: ChartSet, several_modes: bool) -> Section:
     """The passkey probes: the table, a heat map per policy, and the charts that could not be drawn."""
     return Section(
@@ -525,7 +530,7 @@ def retrieval_section(retrieval: pl.DataFrame, charts: ChartSet, several_modes: 
         [
             retrieval_table(retrieval, several_modes),
             *charts.charts,
-            Remarks([f"{s.title} (`{s.name}`) not drawn: {s.reason}" for s in charts.skipped]),
+            not_drawn(charts),
         ],
         intro=RETRIEVAL_DEFINITIONS,
     )
@@ -708,7 +713,7 @@ def assemble(run: RunData, charts_dir: Path) -> Report:
             "Charts",
             [
                 *ppl_charts.charts,
-                Remarks([f"{s.title} (`{s.name}`) not drawn: {s.reason}" for s in ppl_charts.skipped]),
+                not_drawn(ppl_charts),
             ],
         ),
         Section(
