@@ -18,6 +18,7 @@ from transformers import AttentionInterface
 from kvcompare.rope import UnsupportedModelError
 
 if TYPE_CHECKING:
+    from kvcompare.batched import BatchedKVCache
     from kvcompare.cache import BoundedKVCache
 
 ATTN_IMPLEMENTATION = "kvcompare"
@@ -34,7 +35,7 @@ def chunk_causal_attention(
     scaling: float | None = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
-    cache: BoundedKVCache | None = kwargs.get(CACHE_KEYWORD)  # type: ignore[assignment]
+    cache: BoundedKVCache | BatchedKVCache | None = kwargs.get(CACHE_KEYWORD)  # type: ignore[assignment]
     if cache is None:
         raise UnsupportedModelError(
             f"{type(module).__name__} did not pass its keyword arguments on to the attention function, so "
@@ -43,9 +44,30 @@ def chunk_causal_attention(
         )
     q_len, kv_len = query.shape[2], key.shape[2]
     mask, is_causal = cache.attention_mask(module.layer_idx, q_len, kv_len)  # type: ignore[arg-type]
-    signal_layer = cache.signal_layer(module.layer_idx)  # type: ignore[arg-type]
-    if signal_layer is not None and cache.recorder is not None:  # the policy reads attention or queries
-        cache.recorder.observe(signal_layer, cache.seen, query, key, mask, is_causal, scaling)
+    cache.observe(module.layer_idx, query, key, mask, is_causal, scaling)  # type: ignore[arg-type]
+    spans = cache.spans(module.layer_idx)  # type: ignore[arg-type]
+    if spans is None:
+        out = _attend(query, key, value, mask, is_causal, scaling)
+    else:  # batch rows of different widths: each run of rows attends only the slots it uses
+        assert mask is not None and mask.dim() == 4
+        out = torch.cat(
+            [
+                _attend(query[a:b], key[a:b, :, :kv], value[a:b, :, :kv], mask[a:b, ..., :kv], is_causal, scaling)
+                for a, b, kv in spans
+            ]
+        )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Scaled dot-product attention of query heads over grouped KV heads, under a per-KV-head mask."""
     groups = query.shape[1] // key.shape[1]
     if mask is not None and mask.dim() == 4 and groups > 1 and mask.shape[1] > 1:
         mask = mask.repeat_interleave(groups, dim=1)  # per KV head -> per query head
@@ -53,10 +75,9 @@ def chunk_causal_attention(
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
         groups = 1
-    out = F.scaled_dot_product_attention(
+    return F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=groups > 1
     )
-    return out.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, chunk_causal_attention)

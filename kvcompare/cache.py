@@ -7,7 +7,8 @@ An eviction only chooses victim slots; the next tokens are written straight into
 is moved (shift mode re-rotates, in place, just the keys whose rank changed). Each slot records its token
 index, from which the attention masks are built. Skip layers keep their full history in a buffer of their
 own, in time order. Nothing is concatenated per step, unlike transformers' ``DynamicLayer``, which copies
-the whole cache on every token.
+the whole cache on every token. A batched quality pass (kvcompare.batched) gives each cell's cache its row of
+buffers shared by the batch (:class:`CacheStorage`), written in place the same way.
 """
 
 from __future__ import annotations
@@ -64,6 +65,31 @@ class CacheLayout:
     heads: int | None = None  # query heads (None: as many as kv_heads)
 
 
+@dataclasses.dataclass(frozen=True)
+class CacheStorage:
+    """The buffers a cache writes in place: one cache's own, or its row of a batch's (see kvcompare.batched)."""
+
+    c_kv: torch.Tensor  # [2, compressed layers, batch, kv_heads, slots, head_dim], zeros
+    c_token: torch.Tensor  # [compressed layers, batch, kv_heads, slots] int64, all -1
+    f_kv: torch.Tensor  # [2, full layers, batch, kv_heads, capacity, head_dim]
+
+    @classmethod
+    def allocate(
+        cls, layout: CacheLayout, compressed: int, slots: int, capacity: int, full: int, rows: tuple[int, ...] = ()
+    ) -> CacheStorage:
+        """Buffers for ``layout``; ``rows`` (e.g. ``(n,)``) puts that many independent caches in front."""
+        b, h, d, device = layout.batch, layout.kv_heads, layout.head_dim, layout.device
+        return cls(
+            torch.zeros(*rows, 2, compressed, b, h, slots, d, dtype=layout.dtype, device=device),
+            torch.full((*rows, compressed, b, h, slots), -1, dtype=torch.long, device=device),
+            torch.empty(*rows, 2, full, b, h, capacity if full else 0, d, dtype=layout.dtype, device=device),
+        )
+
+    def row(self, index: int) -> CacheStorage:
+        """The buffers of row ``index`` of a batch's storage: contiguous views, written in place."""
+        return CacheStorage(self.c_kv[index], self.c_token[index], self.f_kv[index])
+
+
 class BoundedKVCache:
     """A KV cache whose compressed layers never hold more than ``config.limit`` tokens.
 
@@ -81,6 +107,7 @@ class BoundedKVCache:
         capacity: int,
         rotary: Rotary | None,
         check_every_eviction: bool = False,
+        storage: CacheStorage | None = None,
     ) -> None:
         if config.positions == "shift" and rotary is None:
             raise ValueError("shift mode needs the model's rotary embedding")
@@ -100,29 +127,33 @@ class BoundedKVCache:
         full = [i for i in range(layout.num_layers) if i not in compressed]
         self._slot = {layer: ("c", n) for n, layer in enumerate(compressed)}
         self._slot.update({layer: ("f", n) for n, layer in enumerate(full)})
-        b, h, d = layout.batch, layout.kv_heads, layout.head_dim
-        dtype, device = layout.dtype, layout.device
+        h, d = layout.kv_heads, layout.head_dim
         self.budgets = compressed_layer_budgets(config, layout.num_layers) if self.limit is not None else []
         self._budget_array = np.asarray(self.budgets, dtype=np.int64)  # for the per-chunk arithmetic on `held`
         self.smallest = min(self.budgets, default=0)  # the first layer to fill
-        slots = max(self.budgets, default=0)
         if self.budgets and self.smallest < config.budget_reserve():
             raise ConfigError(f"layer budgets {self.budgets} leave a layer less than a chunk of room")
-        self.uneven = len(set(self.budgets)) > 1
+        if storage is None:
+            storage = CacheStorage.allocate(layout, len(compressed), max(self.budgets, default=0), capacity, len(full))
         # Zeros, not torch.empty: once slots are reused, a never-written slot is attended (masked) and handed
         # to policies, and uninitialised memory may hold NaN (0 x NaN in attention; NaN != NaN in the edit check).
-        self.c_kv = torch.zeros(2, len(compressed), b, h, slots, d, dtype=dtype, device=device)
-        self.f_kv = torch.empty(2, len(full), b, h, capacity if full else 0, d, dtype=dtype, device=device)
+        self.c_kv = storage.c_kv
+        self.f_kv = storage.f_kv
         # Per slot: the original token index (-1 = empty, BLOCKED = beyond the layer's budget). In shift mode a
         # held key is rotated at its rank among the held tokens, counted to end just before the next token:
         # derived, so not stored.
-        self.c_token = torch.full((len(compressed), b, h, slots), -1, dtype=torch.long, device=device)
+        self.c_token = storage.c_token
+        slots = self.c_token.shape[-1]
+        if self.budgets and slots < max(self.budgets):
+            raise ValueError(f"{slots} slots cannot hold layer budgets up to {max(self.budgets)}")
+        # Some layer has slots beyond its budget (blocked): per-layer budgets, or a batch row in a wider buffer.
+        self.uneven = any(budget < slots for budget in self.budgets)
         for n, budget in enumerate(self.budgets):
             self.c_token[n, ..., budget:] = BLOCKED
         self.victims = VictimChooser(self.policy, self.c_token, self.budgets, check_every_eviction)
         needs = self.policy.needs()
         self.recorder = (
-            SignalRecorder(needs, self.c_token, layout.heads or h, d, dtype) if needs and self.budgets else None
+            SignalRecorder(needs, self.c_token, layout.heads or h, d, layout.dtype) if needs and self.budgets else None
         )
         self.held = np.zeros(len(compressed), dtype=np.int64)  # tokens each compressed layer holds
         self.f_len = 0
@@ -181,11 +212,42 @@ class BoundedKVCache:
             self._shared_mask = self._visible(self.c_token[0, :, :1], q_len)
         return self._shared_mask, False
 
-    def signal_layer(self, layer_idx: int) -> int | None:
-        """The compressed-layer index under which :attr:`recorder` records this layer, or None: the policy
-        reads no signals, or the layer is a skip layer."""
+    def observe(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        scaling: float | None,
+    ) -> None:
+        """Show the signal recorder a compressed layer's chunk (nothing happens for a policy that reads none)."""
         group, n = self._slot[layer_idx]
-        return n if self.recorder is not None and group == "c" else None
+        if self.recorder is not None and group == "c":
+            self.recorder.observe(n, self.seen, query, key, mask, is_causal, scaling)
+
+    @property
+    def rows(self) -> int:
+        """How many sequences the model is fed per chunk."""
+        return self.layout.batch
+
+    def spans(self, layer_idx: int) -> list[tuple[int, int, int]] | None:
+        """Rows attended separately (see :meth:`kvcompare.batched.BatchedKVCache.spans`); one cache: all at once."""
+        return None
+
+    def attended(self, chunk: int) -> int:
+        """Slots of the compressed layers the next ``chunk``'s attention spans: the held tokens in time order
+        and the chunk, or once slots are reused every slot a layer may use."""
+        return self.c_len + chunk if not self.reused else max(self.budgets)
+
+    def filling(self, chunk: int) -> bool:
+        """Whether the next ``chunk`` tokens just extend the held tokens in time order (no eviction)."""
+        return self.limit is None or (not self.reused and self.c_len + chunk <= self.smallest)
+
+    @property
+    def alike(self) -> bool:
+        """Whether every compressed layer and head holds the same tokens in the same slots (one mask serves all)."""
+        return not self.uneven and (not self.reused or self.victims.uniform)
 
     def _visible(self, tokens: torch.Tensor, q_len: int) -> torch.Tensor:
         """Which slots (token indices ``[batch, heads, slots]``) each of the chunk's queries may attend."""
@@ -206,7 +268,7 @@ class BoundedKVCache:
         if self.limit is None:
             return False
         new = torch.arange(self.seen, self.seen + chunk, device=self.c_token.device)
-        if not self.reused and self.c_len + chunk <= self.smallest:  # still filling in time order
+        if self.filling(chunk):  # still filling in time order
             self.c_token[..., self.c_len : self.c_len + chunk] = new
             return False
         if self.reused and chunk <= self._spare.shape[-1]:

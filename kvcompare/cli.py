@@ -126,6 +126,12 @@ def _add_run_parser(commands: Any) -> None:
         "must be below the cache limit",
     )
     run.add_argument("--threads", type=int, help="torch intra-op threads (default: the machine's physical cores)")
+    run.add_argument(
+        "--quality-batch",
+        type=int,
+        help="quality passes of up to N cells of a passage run as one batch, a row per cell, with the same "
+        "results (default: as many as fit in half the free memory; 1: one by one). Latency is never batched",
+    )
     run.add_argument("--seed", type=int, help=f"passage sampling (default {d.seed})")
     run.add_argument("--bucket", type=int, help=f"positions per bucket of the perplexity curve (default {d.bucket})")
     run.add_argument("--no-baseline", action="store_true", help="do not measure the full cache")

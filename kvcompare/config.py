@@ -93,6 +93,7 @@ class RunConfig:
     repeats: int = DEFAULT_REPEATS
     prefill_chunk: int | None = None  # latency-pass prefill chunk; None: the stride
     threads: int | None = None  # torch intra-op threads; None: the machine's physical cores
+    quality_batch: int | None = None  # cells of a passage per batched quality pass; None: as many as fit in memory
     seed: int = 0
     bucket: int = 128
     baseline: bool = True

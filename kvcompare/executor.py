@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from kvcompare.attention import ATTN_IMPLEMENTATION, CACHE_KEYWORD
+from kvcompare.batched import BatchedKVCache
 from kvcompare.cache import BoundedKVCache, CacheLayout
 from kvcompare.config import CacheConfig
 from kvcompare.memory import PeakMemory
@@ -32,9 +33,10 @@ class QualityResult:
     nll: np.ndarray
     correct: np.ndarray
     peak_kv_bytes: int
-    peak_mem_bytes: int
+    peak_mem_bytes: int | None  # None when the pass was batched: the batch's memory is no one cell's
     max_cached: int  # most tokens any compressed layer held while a chunk was attended
-    wall_s: float
+    wall_s: float  # the pass's wall time; in a batch, the batch's divided by its rows
+    batch: int = 1  # how many cells shared the pass as rows of one batch
 
 
 @dataclasses.dataclass
@@ -75,6 +77,7 @@ class Executor:
             heads=heads,
         )
         self.rotary: Rotary = find_rotary(model)
+        self.vocab: int = config.vocab_size
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[None]:
@@ -102,8 +105,11 @@ class Executor:
         )
 
     @torch.inference_mode()
-    def forward(self, cache: BoundedKVCache, ids: torch.Tensor, last_only: bool = False) -> tuple[torch.Tensor, float]:
-        """Evict as needed, then run one chunk ``ids`` (``[batch, chunk]``); return logits and eviction seconds.
+    def forward(
+        self, cache: BoundedKVCache | BatchedKVCache, ids: torch.Tensor, last_only: bool = False
+    ) -> tuple[torch.Tensor, float]:
+        """Evict as needed, then run one chunk ``ids`` (``[batch, chunk]``, or ``[1, chunk]`` for every row of
+        a batched cache); return logits and eviction seconds.
 
         Call it inside :meth:`attached`, as :meth:`score` and :meth:`generate` do.
         """
@@ -111,7 +117,8 @@ class Executor:
         start = now(self.device)
         evicted = cache.make_room(chunk)
         evict_s = now(self.device) - start if evicted else 0.0
-        positions = torch.arange(cache.seen, cache.seen + chunk, device=self.device).unsqueeze(0)
+        ids = ids.expand(cache.rows, -1)  # the rows to feed are known once room is made (a batch may fork)
+        positions = torch.arange(cache.seen, cache.seen + chunk, device=self.device).expand(cache.rows, -1)
         out = self.model(
             input_ids=ids,
             position_ids=positions,
@@ -123,27 +130,83 @@ class Executor:
         cache.advance(chunk)
         return out.logits, evict_s
 
+    def new_batch(
+        self, cells: Sequence[tuple[KVPolicy, CacheConfig]], capacity: int, check_every_eviction: bool = False
+    ) -> BatchedKVCache:
+        return BatchedKVCache(
+            self.layout, cells, capacity=capacity, rotary=self.rotary, check_every_eviction=check_every_eviction
+        )
+
     def score(self, tokens: torch.Tensor, policy: KVPolicy, config: CacheConfig) -> QualityResult:
         """Quality pass: feed ``tokens`` teacher-forced in chunks of ``stride``; score every token after the first."""
+        (result,) = self.score_batch(tokens, [(policy, config)])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def score_batch(
+        self, tokens: torch.Tensor, cells: Sequence[tuple[KVPolicy, CacheConfig]]
+    ) -> list[QualityResult | Exception]:
+        """Quality passes of several cells over the same ``tokens``, as the rows of one batch.
+
+        Row r runs cell r's policy and cache (see :class:`~kvcompare.batched.BatchedKVCache`); its scores equal
+        a pass of that cell alone. The cells must share the stride. Returns each cell's result, or the
+        exception its policy raised (the other rows go on). One cell runs exactly as a pass of its own.
+        """
+        strides = {config.stride for _, config in cells}
+        if len(strides) != 1:
+            raise ValueError(f"cells of one batch must share the stride, not {sorted(strides)}")
+        (stride,) = strides
         started = time.perf_counter()
         length = tokens.numel()
         ids = tokens.to(self.device).view(1, -1)
-        cache = self.new_cache(policy, config, capacity=length)
+        count = len(cells)
+        cache: BoundedKVCache | BatchedKVCache
+        if count == 1:
+            cache = self.new_cache(*cells[0], capacity=length)
+            rows, row_of, failed = [cache], [0], {}
+        else:
+            cache = self.new_batch(cells, capacity=length)
+            rows, row_of, failed = cache.caches, cache.row_of, cache.failed
         memory = PeakMemory(self.device)
-        nll = np.empty(length - 1, dtype=np.float64)
-        correct = np.empty(length - 1, dtype=bool)
-        max_cached = 0
-        with self.attached():
-            for start in range(0, length - 1, config.stride):
-                end = min(start + config.stride, length - 1)
-                logits, _ = self.forward(cache, ids[:, start:end])
-                max_cached = max(max_cached, cache.c_len)
-                logp = torch.log_softmax(logits[0].float(), dim=-1)
-                targets = ids[0, start + 1 : end + 1]
-                nll[start:end] = (-logp.gather(1, targets.unsqueeze(1)).squeeze(1)).cpu().numpy()
-                correct[start:end] = (logp.argmax(dim=-1) == targets).cpu().numpy()
-                memory.sample()
-        return QualityResult(nll, correct, cache.peak_bytes, memory.peak, max_cached, time.perf_counter() - started)
+        nll = np.empty((count, length - 1), dtype=np.float64)  # by batch row
+        correct = np.empty((count, length - 1), dtype=bool)
+        max_cached = [0] * count
+        try:
+            with self.attached():
+                for start in range(0, length - 1, stride):
+                    end = min(start + stride, length - 1)
+                    logits, _ = self.forward(cache, ids[:, start:end])
+                    targets = ids[0, start + 1 : end + 1]
+                    for row in range(logits.shape[0]):  # row by row: one row's scores stay in the CPU's cache
+                        logp = torch.log_softmax(logits[row].float(), dim=-1)
+                        nll[row, start:end] = (-logp.gather(1, targets.unsqueeze(1)).squeeze(1)).cpu().numpy()
+                        correct[row, start:end] = (logp.argmax(dim=-1) == targets).cpu().numpy()
+                    shared = logits.shape[0] - 1  # the rows not run on their own share this row's scores
+                    nll[shared + 1 :, start:end] = nll[shared, start:end]
+                    correct[shared + 1 :, start:end] = correct[shared, start:end]
+                    max_cached = [max(most, row.c_len) for most, row in zip(max_cached, rows, strict=True)]
+                    memory.sample()
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as err:
+            if count > 1:
+                raise
+            return [err]
+        wall_s = (time.perf_counter() - started) / count
+        return [
+            failed.get(row)
+            or QualityResult(
+                nll[row],
+                correct[row],
+                rows[row].peak_bytes,
+                memory.peak if count == 1 else None,
+                max_cached[row],
+                wall_s,
+                count,
+            )
+            for row in row_of
+        ]
 
     def generate(
         self,

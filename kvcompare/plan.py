@@ -148,7 +148,7 @@ def check_config(config: RunConfig, policies: list[KVPolicy]) -> None:
         )
     if any(i < 0 for i in config.skip_layers) or len(set(config.skip_layers)) != len(config.skip_layers):
         raise ConfigError(f"--skip-layers {config.skip_layers}: give distinct layer indices from 0 up, or none")
-    for name in ("stride", "evict_block", "gen", "bucket", "repeats", "prefill_chunk", "threads"):
+    for name in ("stride", "evict_block", "gen", "bucket", "repeats", "prefill_chunk", "threads", "quality_batch"):
         if getattr(config, name) is None:
             continue
         if getattr(config, name) < 1:

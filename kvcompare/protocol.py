@@ -34,7 +34,12 @@ PROTOCOL_MD = """\
 - **Quality pass.** The passage is fed teacher-forced in chunks of `stride` tokens under the policy and the
   limit; every token after the first is scored. `ppl = exp(mean NLL)`; `accuracy` is the share of tokens
   whose arg-max prediction is the next token. NLL is also kept per bucket of positions for the
-  perplexity-against-position curve.
+  perplexity-against-position curve. The quality passes of a passage's cells run as the rows of one batch
+  (`--quality-batch`, default as many as fit in half the free memory; `full` cells batch only with
+  `full`): each row keeps its own cache, policy and limit and attends only its own slots, so its scores
+  equal a pass of its own up to float summation order; a row that has not evicted yet holds what every
+  such row holds, so they share one row's computation until then. `quality_s` is the batch's wall time
+  divided by its cells, `quality_batch` their number. Latency trials are never batched.
 - **Latency trials.** The passage is the prompt, prefilled in chunks of `prefill_chunk` tokens (default
   the stride) under the policy and limit. `ttft_s` runs from the start of the prefill to the first generated
   token (greedy). Then `warmup + gen` tokens are decoded one at a time; the first `warmup` steps are not
@@ -63,7 +68,8 @@ PROTOCOL_MD = """\
   trial of `full` on the first passage runs before anything is timed. `--threads` (default: the physical
   cores) fixes torch's intra-op threads; the load average at start and end is recorded.
 - **Memory.** `peak_kv_bytes`: the most key/value bytes the cache held. `peak_mem_bytes`: peak resident memory
-  of the process (CPU), or peak allocated device memory (cuda, mps), sampled at chunk boundaries.
+  of the process (CPU), or peak allocated device memory (cuda, mps), sampled at chunk boundaries of the
+  cell's single-sequence passes (a batched quality pass's memory is no one cell's).
 - **Relative change.** Quality: each cell against the `full` cell of the same passage and position mode
   (paired), averaged over samples. Speed: each trial against the `full` trial of the same passage, position
   mode, session and round, averaged over samples × rounds, with a seeded bootstrap 95% interval over those

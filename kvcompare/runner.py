@@ -43,8 +43,10 @@ def new_run_id(config: RunConfig) -> str:
 
 
 #: Grid fields a resumed run may extend (new cells) but never shrink; every other field must stay the same,
-#: since it changes what a finished cell means.
+#: since it changes what a finished cell means (except EXECUTION_ONLY).
 GROWABLE = ("policies", "cache_sizes", "positions", "tasks", "depths")
+#: Fields that change how cells are run, never what they measure: a resumed run may change them.
+EXECUTION_ONLY = ("quality_batch",)
 
 
 def check_protocol(previous: dict[str, Any]) -> None:
@@ -70,7 +72,7 @@ def resume_additions(previous: dict[str, Any], config: RunConfig) -> dict[str, A
         )
     changed = []
     for key, old in previous.items():
-        if key in GROWABLE or key in ("lengths", "samples") or key not in new:
+        if key in GROWABLE or key in EXECUTION_ONLY or key in ("lengths", "samples") or key not in new:
             continue
         if new[key] != old:
             changed.append(f"{key}: {old!r} then, {new[key]!r} now")
@@ -274,7 +276,13 @@ def _measure_all(
                 continue
             baselines = [c for c in cells if not c.policy.bounded and c.id in done]
             records, timings = measure_passage(
-                executor, todo, baselines, run_id=context.run_id, session=session, tick=tick
+                executor,
+                todo,
+                baselines,
+                run_id=context.run_id,
+                session=session,
+                quality_batch=grid.config.quality_batch,
+                tick=tick,
             )
             folder.write_timings(f"{passage_key(todo[0])}-s{session}", timings)
             for record in records:
@@ -342,8 +350,13 @@ def result_row(record: CellRecord, context: RowContext) -> tuple[dict[str, Any],
         quality_fields(quality.nll, quality.correct),
         **latency_fields(record.trials, record.oneshot_ttft),
         peak_kv_bytes=max([quality.peak_kv_bytes, *(t.peak_kv_bytes for t in record.trials)]),
-        peak_mem_bytes=max([quality.peak_mem_bytes, *(t.peak_mem_bytes for t in record.trials)]),
+        peak_mem_bytes=max(  # a batched quality pass's memory is no one cell's: only single passes count
+            [t.peak_mem_bytes for t in record.trials]
+            + ([] if quality.peak_mem_bytes is None else [quality.peak_mem_bytes]),
+            default=None,
+        ),
         quality_s=quality.wall_s,
+        quality_batch=quality.batch,
         status="ok",
     )
     curve = position_buckets(quality.nll, cell.context.bucket)

@@ -23,6 +23,7 @@ from kvcompare.executor import Executor, LatencyResult, QualityResult
 from kvcompare.measure import round_order, timing_rows
 from kvcompare.passkey import Retrieval, retrieve
 from kvcompare.plan import Cell
+from kvcompare.quality_batch import MEMORY_SHARE, free_memory, quality_batches
 
 #: A one-pass prefill of the `full` baseline goes in chunks of at most this many tokens (memory).
 ONESHOT_CHUNK = 8192
@@ -74,26 +75,19 @@ def measure_passage(
     *,
     run_id: str,
     session: int,
+    quality_batch: int | None = None,
     tick: Callable[[str, bool], None] = lambda label, counted: None,
 ) -> tuple[list[CellRecord], list[dict[str, Any]]]:
     """Measure the ``todo`` cells of one passage; return their records and every trial's raw timing rows.
 
-    A cell whose quality pass or trial raises is recorded with its error and leaves the later rounds; the
-    other cells go on. ``tick(label, counted)`` is called before each pass, for a progress bar; control
-    trials (A/A, re-timed baselines) are not counted.
+    Quality passes run in batches of up to ``quality_batch`` cells (None: as many as fit in memory; see
+    :func:`measure_quality`); latency trials always run one sequence at a time. A cell whose quality pass or
+    trial raises is recorded with its error and leaves the later rounds; the other cells go on.
+    ``tick(label, counted)`` is called for a progress bar; control trials (A/A, re-timed baselines) are not
+    counted.
     """
     records = {cell.id: CellRecord(cell) for cell in todo}
-    for cell in todo:
-        tick(f"quality {cell.describe()}", True)
-        own = records[cell.id]
-        started = time.perf_counter()
-        try:
-            own.quality = executor.score(_tokens(cell), cell.policy, cell.cache)
-        except (KeyboardInterrupt, MemoryError):
-            raise
-        except Exception as err:  # one failing policy must not lose the other cells
-            _fail(own, err)
-        own.wall_s += time.perf_counter() - started
+    measure_quality(executor, [records[cell.id] for cell in todo], quality_batch, tick)
     trials = schedule(todo, finished_baselines)
     rows: list[dict[str, Any]] = []
     repeats = todo[0].context.latency.repeats if todo else 0
@@ -135,6 +129,48 @@ def measure_passage(
             if owner is not None:
                 owner.wall_s += time.perf_counter() - started
     return list(records.values()), rows
+
+
+def measure_quality(
+    executor: Executor, records: list[CellRecord], most: int | None, tick: Callable[[str, bool], None]
+) -> None:
+    """The quality passes of one passage's cells, as batch rows: up to ``most`` cells per batch (None: as many
+    as fit in MEMORY_SHARE of the free memory). Each record gets its own result, or its policy's error.
+
+    A batch that fails as a whole (out of memory, or an error outside a policy) is run again one cell at a
+    time, so one cell's failure never costs another cell its pass.
+    """
+    if not records:
+        return
+    tokens = _tokens(records[0].cell)
+    cells = [(record.cell.policy, record.cell.cache) for record in records]
+    budget = int(MEMORY_SHARE * free_memory(executor.device))
+    vocab = executor.vocab
+    for batch in quality_batches(cells, executor.layout, length=len(tokens), vocab=vocab, budget=budget, most=most):
+        members = [records[index] for index in batch]
+        tick(f"quality {_batch_label(members)}", False)
+        started = time.perf_counter()
+        try:
+            results = executor.score_batch(tokens, [cells[index] for index in batch])
+        except Exception as err:
+            if len(batch) == 1:  # only MemoryError escapes a single cell's pass (it returns its other errors)
+                raise
+            print(f"\nbatched quality pass failed ({err}); running its {len(batch)} cells one by one", file=sys.stderr)
+            results = [executor.score_batch(tokens, [cells[index]])[0] for index in batch]
+        share = (time.perf_counter() - started) / len(batch)
+        for record, result in zip(members, results, strict=True):
+            if isinstance(result, Exception):
+                _fail(record, result)
+                record.wall_s += share
+            else:
+                record.quality = result
+                record.wall_s += result.wall_s
+            tick(f"quality {record.cell.describe()}", True)
+
+
+def _batch_label(records: list[CellRecord]) -> str:
+    first = records[0].cell.describe()
+    return first if len(records) == 1 else f"{len(records)} cells as one batch, from {first}"
 
 
 def _trial(executor: Executor, cell: Cell, oneshot: bool = False) -> LatencyResult:

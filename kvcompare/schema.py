@@ -57,7 +57,7 @@ RESULT_SCHEMA = pa.schema(
         ("nll_sum", pa.float64()),
         ("tokens_scored", pa.int64()),
         ("peak_kv_bytes", pa.int64()),
-        ("peak_mem_bytes", pa.int64()),
+        ("peak_mem_bytes", pa.int64()),  # process RSS (cpu) or allocator peak in the cell's single-sequence passes
         ("evict_s", pa.float64()),  # eviction time inside the counted decode steps, summed over trials
         ("evict_share", pa.float64()),  # evict_s / decode_s
         # passkey: the prompt prefilled under the policy, then the key's tokens fed one at a time
@@ -73,7 +73,8 @@ RESULT_SCHEMA = pa.schema(
         ("kv_read_bytes", pa.int64()),  # keys and values attended, summed over layers
         ("weight_bytes", pa.int64()),  # the model's parameters
         ("tpot_floor_s", pa.float64()),  # (weight_bytes + kv_read_bytes) / the run's measured memory bandwidth
-        ("quality_s", pa.float64()),  # wall time of the quality pass
+        ("quality_s", pa.float64()),  # wall time of the quality pass; batched: the batch's divided by its cells
+        ("quality_batch", pa.int64()),  # cells whose quality passes ran as rows of one batch (1: on its own)
         ("wall_s", pa.float64()),  # wall time of the whole cell
         ("finished_at", pa.string()),
     ]

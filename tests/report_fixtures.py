@@ -74,6 +74,7 @@ def cell(policy_label: str, cache_size: int | None, seq_len: int, sample_id: int
         kv_read_bytes=KV_BYTES_PER_TOKEN * min(cache_size or seq_len + 1, seq_len + 1),
         weight_bytes=WEIGHT_BYTES,
         quality_s=1.0,
+        quality_batch=1,
         wall_s=2.0,
         finished_at="2025-01-01T00:00:00",
     )
@@ -97,6 +98,7 @@ MEASURED_COLUMNS = (
     "evict_share",
     "decode_s",
     "quality_s",
+    "quality_batch",
 )
 
 

@@ -119,16 +119,16 @@ def test_an_interrupted_run_keeps_finished_passages_and_resumes(
 ) -> None:
     from kvcompare.executor import Executor
 
-    real = Executor.score
+    real = Executor.score_batch
     calls = {"n": 0}
 
     def interrupt_in_second_passage(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
         calls["n"] += 1
-        if calls["n"] == 7:  # the second passage's second quality pass (5 cells per passage)
+        if calls["n"] == 4:  # the second passage's second batched quality pass (full, then the 4 others)
             raise KeyboardInterrupt
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(Executor, "score", interrupt_in_second_passage)
+    monkeypatch.setattr(Executor, "score_batch", interrupt_in_second_passage)
     out = tmp_path / "run"
     cfg = config(tiny_model_dir, samples=[2])
     with pytest.raises(KeyboardInterrupt):
@@ -137,7 +137,7 @@ def test_an_interrupted_run_keeps_finished_passages_and_resumes(
     assert kept.height == 5 and kept["sample_id"].unique().to_list() == [0]
     assert len(list((out / "timings").glob("*.parquet"))) == 1
     assert not list(out.rglob(".*tmp"))
-    monkeypatch.setattr(Executor, "score", real)
+    monkeypatch.setattr(Executor, "score_batch", real)
     run(cfg, out, resume=True, progress=False)
     assert pl.read_parquet(out / "cells" / "*.parquet").height == 10
 
@@ -198,7 +198,7 @@ def test_bad_input_is_refused_before_any_measurement(
     def never(*args: object, **kwargs: object) -> None:
         raise AssertionError("measured despite bad input")
 
-    monkeypatch.setattr(Executor, "score", never)
+    monkeypatch.setattr(Executor, "score_batch", never)
     monkeypatch.setattr(Executor, "generate", never)
     with pytest.raises(KVCompareError, match=message):
         run(config(tiny_model_dir, **changes), tmp_path / "run", progress=False)

@@ -78,14 +78,22 @@ def test_force_and_resume_together_are_refused(tiny_model_dir: Path, tmp_path: P
 
 
 # -- 2. a cell's numbers depend only on its own configuration -----------------------------------------------
-def test_a_random_policy_gives_the_same_cell_alone_and_in_a_grid(tiny_model_dir: Path, tmp_path: Path) -> None:
-    spec = {"policies": ["l2:mode=random"], "baseline": False, "lengths": [64]}
+@pytest.mark.parametrize("quality_batch", [1, None])
+def test_a_random_policy_gives_the_same_cell_alone_and_in_a_grid(
+    tiny_model_dir: Path, tmp_path: Path, quality_batch: int | None
+) -> None:
+    spec = {"policies": ["l2:mode=random"], "baseline": False, "lengths": [64], "quality_batch": quality_batch}
     grid = run(config(tiny_model_dir, cache_sizes=[16, 24], **spec), tmp_path / "grid", progress=False)
     alone = run(config(tiny_model_dir, cache_sizes=[24], **spec), tmp_path / "alone", progress=False)
     in_grid = pl.read_parquet(grid / "cells" / "*.parquet").filter(pl.col("cache_size") == 24).row(0, named=True)
     single = pl.read_parquet(alone / "cells" / "*.parquet").row(0, named=True)
     assert in_grid["cell_id"] == single["cell_id"]
-    assert in_grid["nll_sum"] == single["nll_sum"] and in_grid["accuracy"] == single["accuracy"]
+    assert in_grid["accuracy"] == single["accuracy"]
+    if quality_batch == 1:  # one pass per cell: bit for bit
+        assert in_grid["nll_sum"] == single["nll_sum"]
+    else:  # batch rows: the same random evictions, summed in another order (matrix products of more rows)
+        assert in_grid["quality_batch"] == 2 and single["quality_batch"] == 1
+        assert in_grid["nll_sum"] == pytest.approx(single["nll_sum"], rel=1e-6)
 
 
 def test_every_cache_gets_a_fresh_policy_instance(tiny_model_dir: Path) -> None:
@@ -190,12 +198,12 @@ def test_a_folder_without_finished_cells_is_reused(
 
     from kvcompare.executor import Executor
 
-    real = Executor.score
-    monkeypatch.setattr(Executor, "score", interrupt)
+    real = Executor.score_batch
+    monkeypatch.setattr(Executor, "score_batch", interrupt)
     with pytest.raises(KeyboardInterrupt):
         run(config(tiny_model_dir), out, progress=False)
     assert (out / "run.json").exists() and not list((out / "cells").glob("*.parquet"))
-    monkeypatch.setattr(Executor, "score", real)
+    monkeypatch.setattr(Executor, "score_batch", real)
     run(config(tiny_model_dir), out, progress=False)
     assert len(list((out / "cells").glob("*.parquet"))) == 2
 
