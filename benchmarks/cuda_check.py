@@ -2,6 +2,9 @@
 
     python benchmarks/cuda_check.py --device cuda
 
+Correctness is the tests marked `cuda` (tests/test_devices.py: full-cache logits, limits, re-rotation, in
+float32 and bfloat16), run first with pytest; then the timing table.
+
 The timing part uses a randomly initialised model with SmolLM2-135M's shapes (30 layers, 9 query / 3 KV heads,
 head_dim 64): step time depends on shapes, not weights. Prints PASS/FAIL lines and a ratio table.
 """
@@ -10,6 +13,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -17,7 +23,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from kvcompare.config import CacheConfig
 from kvcompare.executor import Executor
 from kvcompare.plugins import get_registry
-from kvcompare.testing import TINY_VOCAB, tiny_llama, tiny_neox
 
 SMOLLM2_SHAPES = {
     "vocab_size": 49152,
@@ -30,48 +35,6 @@ SMOLLM2_SHAPES = {
     "rope_theta": 100000.0,
     "tie_word_embeddings": True,
 }
-
-
-def tiny_models() -> dict[str, torch.nn.Module]:
-    return {"llama": tiny_llama(), "neox": tiny_neox()}
-
-
-def check_correctness(device: torch.device) -> bool:
-    registry = get_registry()
-    ok = True
-    tokens = torch.randint(0, TINY_VOCAB, (48,), generator=torch.Generator().manual_seed(1)).to(device)
-    for name, model in tiny_models().items():
-        model = model.to(device).eval()
-        model.config._attn_implementation = "sdpa"
-        with torch.no_grad():
-            expected = model(tokens.view(1, -1).to(device)).logits[0]
-        executor = Executor(model)
-        for spec in ("full", "streaming", "l2", "l2:mode=random", "recent"):
-            for positions in ("true", "shift"):
-                for stride in (1, 7):
-                    policy = registry.build(spec)
-                    cache = executor.new_cache(policy, CacheConfig(48, stride, positions, (0,)), 48, True)
-                    with executor.attached():
-                        got = torch.cat(
-                            [
-                                executor.forward(cache, tokens[s : s + stride].view(1, -1))[0][0]
-                                for s in range(0, 48, stride)
-                            ]
-                        )
-                    err = (got - expected).abs().max().item()
-                    if err > 1e-4:
-                        ok = False
-                        print(f"FAIL {name} {spec} {positions} stride={stride}: max |diff| {err:.2e}")
-            if spec != "full":
-                limited = executor.new_cache(registry.build(spec), CacheConfig(12, 5, "shift", (1,)), 48, True)
-                with executor.attached():
-                    for s in range(0, 48, 5):
-                        executor.forward(limited, tokens[s : s + 5].view(1, -1))
-                if limited.lengths()[0] > 12 or limited.lengths()[1] != 48:
-                    ok = False
-                    print(f"FAIL {name} {spec}: lengths {limited.lengths()}")
-    print(("PASS" if ok else "FAIL") + f": limit >= length gives the full logits, limits hold ({device})")
-    return ok
 
 
 def time_decode(device: torch.device, dtype: torch.dtype, contexts: list[int], cache: int, steps: int) -> None:
@@ -105,7 +68,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     args = parser.parse_args()
     device = torch.device(args.device)
-    check_correctness(device)
+    if device.type == "cuda":
+        tests = Path(__file__).resolve().parent.parent / "tests" / "test_devices.py"
+        subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", str(tests)], check=False)
     contexts = [int(c) for c in args.contexts.split(",")]
     for dtype in (torch.float32, torch.bfloat16):
         time_decode(device, dtype, contexts, args.cache, args.steps)

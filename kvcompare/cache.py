@@ -155,6 +155,11 @@ class BoundedKVCache:
         self.recorder = (
             SignalRecorder(needs, self.c_token, layout.heads or h, d, layout.dtype) if needs and self.budgets else None
         )
+        # Shift mode in bfloat16/float16: each slot's key as written and its rotation since, so a key that moves
+        # again and again is rebuilt from the original instead of accumulating rounding (Rotary.rotate_rows_from_).
+        low_precision = self.positions == "shift" and layout.dtype.itemsize < 4 and bool(self.budgets)
+        self.c_key0 = torch.zeros_like(self.c_kv[0]) if low_precision else None
+        self.c_moved = torch.zeros_like(self.c_token) if low_precision else None
         self.held = np.zeros(len(compressed), dtype=np.int64)  # tokens each compressed layer holds
         self.f_len = 0
         self.reused = False  # once slots are reused, compressed keys are no longer in time order
@@ -176,6 +181,8 @@ class BoundedKVCache:
             index = self._write_index[n]
             self.c_kv[0, n].scatter_(2, index, key_states)
             self.c_kv[1, n].scatter_(2, index, value_states)
+            if self.c_key0 is not None:
+                self.c_key0[n].scatter_(2, index, key_states)
             if self.uneven:  # a layer attends its own budget of slots, never the blocked ones beyond it
                 budget = self.budgets[n]
                 return self.c_kv[0, n, :, :, :budget], self.c_kv[1, n, :, :, :budget]
@@ -187,6 +194,8 @@ class BoundedKVCache:
             raise CacheLimitError(f"layer {layer_idx} would hold {end} tokens, over its {what} of {buf.shape[4]}")
         buf[0, n, :, :, start:end] = key_states
         buf[1, n, :, :, start:end] = value_states
+        if group == "c" and self.c_key0 is not None:
+            self.c_key0[n, :, :, start:end] = key_states
         return buf[0, n, :, :, :end], buf[1, n, :, :, :end]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -286,7 +295,12 @@ class BoundedKVCache:
         if self.positions == "shift":
             assert self.rotary is not None
             rows, moves = rank_shift(self.c_token, freed, self.victims.uniform)
-            self.rotary.rotate_rows_(self.c_kv[0].view(-1, self.layout.head_dim), rows, moves)
+            keys = self.c_kv[0].view(-1, self.layout.head_dim)
+            if self.c_key0 is not None and self.c_moved is not None:
+                original = self.c_key0.view(-1, self.layout.head_dim)
+                self.rotary.rotate_rows_from_(keys, original, self.c_moved.view(-1), rows, moves)
+            else:
+                self.rotary.rotate_rows_(keys, rows, moves)
         if freed.shape[-1] > chunk:  # the freed slots the chunk does not fill are left empty
             self.c_token.scatter_(-1, freed[..., chunk:], -1)
         self.held = np.minimum(self.held, self._budget_array - count)
@@ -299,6 +313,8 @@ class BoundedKVCache:
     def _assign(self, slots: torch.Tensor, new: torch.Tensor) -> None:
         """Give the next chunk's tokens ``slots`` (``[layers, batch, kv_heads, chunk]``), metadata first."""
         self.c_token.scatter_(-1, slots, new.expand(slots.shape))
+        if self.c_moved is not None:
+            self.c_moved.scatter_(-1, slots, 0)
         self.victims.written(slots)
         self._write_index = slots.unsqueeze(-1).expand(*slots.shape, self.layout.head_dim)
 

@@ -132,6 +132,23 @@ def _add_run_parser(commands: Any) -> None:
         help="quality passes of up to N cells of a passage run as one batch, a row per cell, with the same "
         "results (default: as many as fit in half the free memory; 1: one by one). Latency is never batched",
     )
+    run.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        metavar="ADDRESS",
+        help="measure passages on Ray actors, one per device: a cluster address, auto (the running cluster, "
+        "the default of a bare --ray) or local (start one here); pip install 'kvcompare[ray]'",
+    )
+    run.add_argument(
+        "--workers", type=int, help="with --ray: actors (default one per GPU with --device cuda, else one)"
+    )
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the cells, the passages and an estimated time per device (a few calibration passes), "
+        "then stop: nothing is measured or written",
+    )
     run.add_argument("--seed", type=int, help=f"passage sampling (default {d.seed})")
     run.add_argument("--bucket", type=int, help=f"positions per bucket of the perplexity curve (default {d.bucket})")
     run.add_argument("--no-baseline", action="store_true", help="do not measure the full cache")
@@ -168,6 +185,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kvcompare.runner import run
 
     config = _run_config(args)
+    if args.dry_run:
+        from kvcompare.estimate import dry_run
+
+        print(dry_run(config))
+        return 0
     folder = run(config, args.out, resume=args.resume, force=args.force, progress=not args.quiet)
     from kvcompare.report import build_report, summary_table
 

@@ -94,6 +94,8 @@ class RunConfig:
     prefill_chunk: int | None = None  # latency-pass prefill chunk; None: the stride
     threads: int | None = None  # torch intra-op threads; None: the machine's physical cores
     quality_batch: int | None = None  # cells of a passage per batched quality pass; None: as many as fit in memory
+    ray: str | None = None  # measure passages on Ray: a cluster address, "auto" (a running one) or "local"
+    workers: int | None = None  # Ray actors; None: one per GPU (cuda), else one
     seed: int = 0
     bucket: int = 128
     baseline: bool = True

@@ -140,6 +140,20 @@ def build_policies(config: RunConfig) -> list[KVPolicy]:
     return policies
 
 
+#: Settings that must be positive when given.
+POSITIVE_SETTINGS = (
+    "stride",
+    "evict_block",
+    "gen",
+    "bucket",
+    "repeats",
+    "prefill_chunk",
+    "threads",
+    "quality_batch",
+    "workers",
+)
+
+
 def check_config(config: RunConfig, policies: list[KVPolicy]) -> None:
     """Refuse what cannot work, from the configuration alone."""
     if not config.policies:
@@ -148,13 +162,15 @@ def check_config(config: RunConfig, policies: list[KVPolicy]) -> None:
         )
     if any(i < 0 for i in config.skip_layers) or len(set(config.skip_layers)) != len(config.skip_layers):
         raise ConfigError(f"--skip-layers {config.skip_layers}: give distinct layer indices from 0 up, or none")
-    for name in ("stride", "evict_block", "gen", "bucket", "repeats", "prefill_chunk", "threads", "quality_batch"):
+    for name in POSITIVE_SETTINGS:
         if getattr(config, name) is None:
             continue
         if getattr(config, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, not {getattr(config, name)}")
     if config.warmup < 0:
         raise ConfigError("--warmup must be 0 or more")
+    if config.workers is not None and config.ray is None:
+        raise ConfigError("--workers sets the Ray actors: add --ray local (this machine) or --ray auto (a cluster)")
     for label, values in (
         ("--cache", config.cache_sizes),
         ("--lengths", config.lengths),

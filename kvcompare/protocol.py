@@ -5,7 +5,8 @@ README (a test keeps the README in step). The code that carries it out is ``kvco
 #: 2: slot reuse, ties in score evicted oldest first (issue 10).
 #: 3: per-layer budgets; with uneven budgets every layer frees the same number of slots, empty ones first (issue 11).
 #: 4: a task in every cell's identity (ppl, passkey) (issue 12).
-PROTOCOL_VERSION = 4
+#: 5: shift mode in bfloat16/float16 re-rotates moved keys from the written key, rounding once (issue 14).
+PROTOCOL_VERSION = 5
 
 #: How the numbers are measured; shown verbatim in every report and in the README.
 PROTOCOL_MD = """\
@@ -30,7 +31,10 @@ PROTOCOL_MD = """\
 - **Positions.** `true`: every token keeps its original position. `shift` (StreamingLLM): positions are
   ranks in the cache; after an eviction each kept key is re-rotated in place by the number of evicted
   tokens newer than it, so the held keys sit at consecutive positions ending just before the next token,
-  which gives exactly the relative distances of StreamingLLM's cache slots.
+  which gives exactly the relative distances of StreamingLLM's cache slots. In bfloat16 and float16 a moved
+  key is rebuilt from the key the model wrote, rotated once in float32 by its total move (a copy of the
+  compressed keys is kept for it): rotating a rotated key at every eviction would add a rounding each time,
+  and a bfloat16 sink key is off by more than 100% after a thousand moves.
 - **Quality pass.** The passage is fed teacher-forced in chunks of `stride` tokens under the policy and the
   limit; every token after the first is scored. `ppl = exp(mean NLL)`; `accuracy` is the share of tokens
   whose arg-max prediction is the next token. NLL is also kept per bucket of positions for the

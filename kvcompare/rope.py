@@ -36,6 +36,25 @@ class Rotary:
             self._rotate(picked, delta)
             x.index_copy_(0, rows, picked)
 
+    def rotate_rows_from_(
+        self,
+        x: torch.Tensor,
+        original: torch.Tensor,
+        total: torch.Tensor,
+        rows: torch.Tensor,
+        delta: torch.Tensor | int,
+    ) -> None:
+        """:meth:`rotate_rows_` for low-precision keys (bfloat16, float16), where rotating a rotated key again and
+        again would add a rounding error each time (StreamingLLM's sinks move at every eviction: a bfloat16 sink
+        key is garbage after about a thousand moves). ``total`` (``[N]``) keeps each row's rotation so far, and
+        the row is rebuilt from ``original`` (the key as the model wrote it) in float32, rounded once."""
+        if rows.numel():
+            moves = delta if isinstance(delta, torch.Tensor) else torch.full_like(rows, delta)
+            total.index_add_(0, rows, moves)
+            picked = original.index_select(0, rows).float()
+            self._rotate(picked, total.index_select(0, rows))
+            x.index_copy_(0, rows, picked.to(x.dtype))
+
     def _rotate(self, x: torch.Tensor, delta: torch.Tensor | int) -> None:
         """The rotation itself; ``delta`` is one int or one per row of ``x`` (``[..., T]``)."""
         if isinstance(delta, int):

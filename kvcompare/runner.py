@@ -7,7 +7,9 @@ import datetime
 import itertools
 import json
 import os
+import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from tqdm import tqdm
 from kvcompare.budgets import compressed_layer_budgets
 from kvcompare.cache import CacheLayout, check_skip_layers
 from kvcompare.config import ConfigError, RunConfig
-from kvcompare.environment import environment
+from kvcompare.environment import device_name, environment
 from kvcompare.executor import Executor
 from kvcompare.measure import latency_fields, position_buckets, quality_fields
 from kvcompare.models import LoadedModel, load_model
@@ -46,7 +48,7 @@ def new_run_id(config: RunConfig) -> str:
 #: since it changes what a finished cell means (except EXECUTION_ONLY).
 GROWABLE = ("policies", "cache_sizes", "positions", "tasks", "depths")
 #: Fields that change how cells are run, never what they measure: a resumed run may change them.
-EXECUTION_ONLY = ("quality_batch",)
+EXECUTION_ONLY = ("quality_batch", "ray", "workers")
 
 
 def check_protocol(previous: dict[str, Any]) -> None:
@@ -127,7 +129,8 @@ def run(
     """Measure every cell of the grid into ``out`` (default ``reports/runs/<run id>``); return the folder.
 
     Everything that can be checked without the weights is checked first, and nothing is written until the
-    first cell is about to be measured.
+    first cell is about to be measured. With ``config.ray`` set, passages are measured by Ray actors
+    (kvcompare.distributed); the folder, its rows and ``--resume`` are the same.
     """
     policies = prepare(config)
     run_id = new_run_id(config)
@@ -139,10 +142,70 @@ def run(
     additions = resume_additions(previous["config"], config) if previous.get("config") else {}
     done = folder.finished() if resume else set()
     grid = plan(config, policies)  # the tokenizer and the corpus: passages are drawn before the weights load
+    resumes = list(previous.get("resumes", []))
+    if previous:
+        resumes.append({"at": _timestamp(), "added": additions})
+    meta: dict[str, Any] = {
+        "run_id": previous.get("run_id") or run_id,
+        "protocol_version": PROTOCOL_VERSION,
+        "command": " ".join(["kvcompare", *sys.argv[1:]])
+        if Path(sys.argv[0]).name == "kvcompare"
+        else " ".join(sys.argv),
+        **grid.metadata(),
+        "started_at": previous.get("started_at") or _timestamp(),
+        "resumes": resumes,
+        "finished_at": None,
+    }
+    todo = [cell for cell in grid.cells if cell.id not in done]
+    if len(todo) < len(grid.cells):
+        print(f"resuming: {len(grid.cells) - len(todo)} of {len(grid.cells)} cells already finished", file=sys.stderr)
+    if config.ray is not None:
+        from kvcompare.distributed import measure_on_ray
 
+        measure_on_ray(grid, done, folder, meta, session=len(resumes), progress=progress)
+    else:
+        _measure_here(grid, done, folder, meta, session=len(resumes), progress=progress)
+    return folder.path
+
+
+def _measure_here(
+    grid: Plan, done: set[str], folder: RunFolder, meta: dict[str, Any], *, session: int, progress: bool
+) -> None:
+    """The serial run: load the model in this process and measure passage by passage."""
+    config = grid.config
     loaded = load_model(config.model, config.device, config.dtype, tokenizer=grid.tokenizer)
-    check_layers(config, policies, loaded)
-    max_positions = loaded.info.get("max_position_embeddings")
+    check_layers(config, grid.policies, loaded)
+    beyond = warn_beyond_context(config, loaded.info.get("max_position_embeddings"))
+    meta.update(model_info=loaded.info, environment=environment(torch.device(config.device)))
+    meta["beyond_context_lengths"] = beyond
+    executor = Executor(loaded.model)
+    threads = config.threads or physical_cores()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:  # the caller's thread setting comes back whatever happens
+        context = row_context(meta["run_id"], config, loaded, executor, threads)
+        meta["speed"] = {
+            "threads": threads,
+            "cpu_count": os.cpu_count(),  # logical CPUs: a load average above it means another process competed
+            "memory_bandwidth_bytes_s": context.bandwidth,
+            "load_average_start": _load(),
+        }
+        todo = [cell for cell in grid.cells if cell.id not in done]
+        if todo:
+            _warm_up(executor, todo[0])
+        folder.open(meta)
+        try:
+            _measure_all(grid, done, executor, folder, context, session=session, progress=progress)
+            finish(folder, meta)
+        finally:  # an interrupted run still records how loaded the machine was
+            meta["speed"]["load_average_end"] = _load()
+            folder.write_run_json(meta)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def warn_beyond_context(config: RunConfig, max_positions: int | None) -> list[int]:
+    """The lengths whose latency pass goes past the model's trained positions, with a warning if any."""
     beyond = beyond_context_lengths(config, max_positions)
     if beyond:
         print(
@@ -151,55 +214,29 @@ def run(
             "was trained for. Measured anyway and marked beyond_context in every row.",
             file=sys.stderr,
         )
-    resumes = list(previous.get("resumes", []))
-    if previous:
-        resumes.append({"at": _timestamp(), "added": additions})
-    run_id = previous.get("run_id") or run_id
-    meta: dict[str, Any] = {
-        "run_id": run_id,
-        "protocol_version": PROTOCOL_VERSION,
-        "command": " ".join(["kvcompare", *sys.argv[1:]])
-        if Path(sys.argv[0]).name == "kvcompare"
-        else " ".join(sys.argv),
-        **grid.metadata(),
-        "model_info": loaded.info,
-        "environment": environment(torch.device(config.device)),
-        "started_at": previous.get("started_at") or _timestamp(),
-        "resumes": resumes,
-        "finished_at": None,
-        "beyond_context_lengths": beyond,
-    }
-    todo = [cell for cell in grid.cells if cell.id not in done]
-    if len(todo) < len(grid.cells):
-        print(f"resuming: {len(grid.cells) - len(todo)} of {len(grid.cells)} cells already finished", file=sys.stderr)
-    executor = Executor(loaded.model)
-    threads = config.threads or physical_cores()
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:  # the caller's thread setting comes back whatever happens
-        bandwidth = memory_bandwidth(executor.device)
-        meta["speed"] = {
-            "threads": threads,
-            "cpu_count": os.cpu_count(),  # logical CPUs: a load average above it means another process competed
-            "memory_bandwidth_bytes_s": bandwidth,
-            "load_average_start": _load(),
-        }
-        if todo:
-            _warm_up(executor, todo[0])
-        folder.open(meta)
-        context = RowContext(
-            run_id, max_positions, frozenset(beyond), threads, weight_bytes(loaded.model), bandwidth, executor.layout
-        )
-        try:
-            _measure_all(grid, done, executor, folder, context, session=len(resumes), progress=progress)
-            meta["speed"]["noise_floor"] = measured_noise_floor(folder.path)
-            meta["finished_at"] = _timestamp()
-        finally:  # an interrupted run still records how loaded the machine was
-            meta["speed"]["load_average_end"] = _load()
-            folder.write_run_json(meta)
-    finally:
-        torch.set_num_threads(threads_before)
-    return folder.path
+    return beyond
+
+
+def row_context(run_id: str, config: RunConfig, loaded: LoadedModel, executor: Executor, threads: int) -> RowContext:
+    """What this process's rows share: the model's limits, the threads, the weights and the measured bandwidth."""
+    max_positions = loaded.info.get("max_position_embeddings")
+    return RowContext(
+        run_id,
+        max_positions,
+        frozenset(beyond_context_lengths(config, max_positions)),
+        threads,
+        weight_bytes(loaded.model),
+        memory_bandwidth(executor.device),
+        executor.layout,
+        socket.gethostname(),
+        device_name(executor.device),
+    )
+
+
+def finish(folder: RunFolder, meta: dict[str, Any]) -> None:
+    """Record the run's noise floor and end time once every passage is measured."""
+    meta["speed"]["noise_floor"] = measured_noise_floor(folder.path)
+    meta["finished_at"] = _timestamp()
 
 
 def measured_noise_floor(path: Path) -> dict[str, Any]:
@@ -239,6 +276,8 @@ class RowContext:
     weight_bytes: int
     bandwidth: float
     layout: CacheLayout
+    host: str  # the machine that measured the rows
+    device_name: str  # the device that measured them (e.g. the GPU's name)
 
 
 def _measure_all(
@@ -252,11 +291,10 @@ def _measure_all(
     progress: bool,
 ) -> None:
     """Measure passage by passage; write a passage's timings, then its cells, the moment it is done."""
-    groups = [list(cells) for _, cells in itertools.groupby(grid.cells, key=lambda cell: cell.passage)]
-    plan_todo = [[c for c in cells if c.id not in done] for cells in groups]
-    # passes, controls not counted: a passkey cell is one pass, a ppl cell its quality pass and its trials
-    total = sum(len(todo) * (1 if todo and todo[0].probe else 1 + grid.config.repeats) for todo in plan_todo)
-    bar = tqdm(total=total, desc="passes", unit="pass", disable=not progress, file=sys.stderr)
+    groups = passage_groups(grid, done)
+    bar = tqdm(
+        total=count_passes(groups, grid.config), desc="passes", unit="pass", disable=not progress, file=sys.stderr
+    )
 
     def tick(label: str, counted: bool) -> None:
         bar.set_postfix_str(label, refresh=not counted)
@@ -265,41 +303,83 @@ def _measure_all(
 
     failures = 0
     try:
-        for cells, todo in zip(groups, plan_todo, strict=True):
-            if not todo:
-                continue
-            if todo[0].probe is not None:
-                for record in measure_probes(executor, todo, tick):
-                    row, _ = result_row(record, context)
-                    failures += row["status"] != "ok"
-                    folder.write_cell(row, [])
-                continue
-            baselines = [c for c in cells if not c.policy.bounded and c.id in done]
-            records, timings = measure_passage(
-                executor,
-                todo,
-                baselines,
-                run_id=context.run_id,
-                session=session,
-                quality_batch=grid.config.quality_batch,
-                tick=tick,
-            )
-            folder.write_timings(f"{passage_key(todo[0])}-s{session}", timings)
-            for record in records:
-                row, curve = result_row(record, context)
-                failures += row["status"] != "ok"
-                folder.write_cell(row, curve)
+        for cells, todo in groups:
+            results = measure_group(executor, cells, todo, done, context, session, grid.config.quality_batch, tick)
+            failures += write_results(folder, results)
     except KeyboardInterrupt:
         bar.close()
-        print(
-            f"\ninterrupted: finished passages are kept in {folder.path} (the one in progress is measured again); "
-            "add --resume to continue",
-            file=sys.stderr,
-        )
+        print(f"\ninterrupted: {KEPT_ON_INTERRUPT.format(path=folder.path)}", file=sys.stderr)
         raise
     bar.close()
+    report_failures(failures)
+
+
+#: What an interrupted run says (a serial one, or one on Ray).
+KEPT_ON_INTERRUPT = (
+    "finished passages are kept in {path} (the ones in progress are measured again); add --resume to continue"
+)
+
+
+def passage_groups(grid: Plan, done: set[str]) -> list[tuple[list[Cell], list[Cell]]]:
+    """Each passage's cells with those still to measure, in the plan's order; finished passages are left out."""
+    groups = [list(cells) for _, cells in itertools.groupby(grid.cells, key=lambda cell: cell.passage)]
+    return [(cells, todo) for cells in groups if (todo := [c for c in cells if c.id not in done])]
+
+
+def count_passes(groups: list[tuple[list[Cell], list[Cell]]], config: RunConfig) -> int:
+    """Passes to run, controls not counted: a passkey cell is one pass, a ppl cell its quality pass and trials."""
+    return sum(len(todo) * (1 if todo[0].probe else 1 + config.repeats) for _, todo in groups)
+
+
+def report_failures(failures: int) -> None:
     if failures:
         print(f"{failures} cell(s) failed; their errors are in the results (status = 'failed')", file=sys.stderr)
+
+
+@dataclasses.dataclass
+class PassageResults:
+    """What measuring one passage (or one passkey prompt) gives, to be written to the run folder together."""
+
+    timings_name: str | None  # the timings file's name (None: a passkey prompt, which is not timed)
+    timings: list[dict[str, Any]]
+    cells: list[tuple[dict[str, Any], list[dict[str, Any]]]]  # each cell's row and curve
+
+
+def measure_group(
+    executor: Executor,
+    cells: list[Cell],
+    todo: list[Cell],
+    done: set[str],
+    context: RowContext,
+    session: int,
+    quality_batch: int | None,
+    tick: Callable[[str, bool], None],
+) -> PassageResults:
+    """Measure the ``todo`` cells of one passage (``cells`` are all of its cells, ``done`` those finished)."""
+    if todo[0].probe is not None:
+        records = measure_probes(executor, todo, tick)
+        return PassageResults(None, [], [result_row(record, context) for record in records])
+    baselines = [c for c in cells if not c.policy.bounded and c.id in done]
+    records, timings = measure_passage(
+        executor,
+        todo,
+        baselines,
+        run_id=context.run_id,
+        session=session,
+        quality_batch=quality_batch,
+        tick=tick,
+    )
+    rows = [result_row(record, context) for record in records]
+    return PassageResults(f"{passage_key(todo[0])}-s{session}", timings, rows)
+
+
+def write_results(folder: RunFolder, results: PassageResults) -> int:
+    """Write a passage's timings, then its cells; return how many of its cells failed."""
+    if results.timings_name is not None:
+        folder.write_timings(results.timings_name, results.timings)
+    for row, curve in results.cells:
+        folder.write_cell(row, curve)
+    return sum(row["status"] != "ok" for row, _ in results.cells)
 
 
 def passage_key(cell: Cell) -> str:
@@ -320,6 +400,8 @@ def result_row(record: CellRecord, context: RowContext) -> tuple[dict[str, Any],
         "max_positions": context.max_positions,
         "beyond_context": seq_len in context.beyond_context,
         "wall_s": record.wall_s,
+        "host": context.host,
+        "device_name": context.device_name,
         "finished_at": _timestamp(),
     }
     kv_bytes = kv_read_bytes(context.layout, cell.cache, seq_len)

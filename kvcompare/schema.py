@@ -31,6 +31,8 @@ RESULT_SCHEMA = pa.schema(
         ("layer_budget", pa.string()),  # how the limit is shared among compressed layers: uniform or pyramid:beta=B
         ("layer_budgets", pa.string()),  # JSON list: the slots each compressed layer may hold (null for `full`)
         ("device", pa.string()),
+        ("device_name", pa.string()),  # the device that measured the cell, e.g. the GPU's or the CPU's name
+        ("host", pa.string()),  # the machine that measured it (a Ray worker's, in a run with --ray)
         ("dtype", pa.string()),
         ("gen_tokens", pa.int64()),
         ("warmup", pa.int64()),

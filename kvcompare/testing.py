@@ -1,11 +1,17 @@
-"""Tiny randomly initialised models for tests and device checks: full rotary (Llama) and partial (GPT-NeoX)."""
+"""Tiny randomly initialised models for tests and device checks: full rotary (Llama) and partial (GPT-NeoX);
+and policies that misbehave, importable by any worker process, for tests of failure handling."""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from kvcompare.policy import ScoredPolicy
 
 TINY_VOCAB = 96
 _TINY_SHAPES: dict[str, Any] = {
@@ -28,3 +34,32 @@ def tiny_neox(**changes: Any) -> GPTNeoXForCausalLM:
     """Partial rotary: only a quarter of each head's channels are rotated."""
     torch.manual_seed(0)
     return GPTNeoXForCausalLM(GPTNeoXConfig(**{**_TINY_SHAPES, "rotary_pct": 0.25, **changes})).eval()
+
+
+@dataclasses.dataclass
+class DiesInWorker(ScoredPolicy):
+    """Scores like `recent`, but kills its process at its first eviction until ``tally`` (a file, one line per
+    death) counts ``times`` deaths: a worker that crashes, for tests of Ray's restarts and of --resume."""
+
+    name: ClassVar[str] = "dies"
+    tally: str = ""
+    times: int = 1
+
+    def score(self, keys: torch.Tensor, positions: torch.Tensor, signals: object = None) -> torch.Tensor:
+        tally = Path(self.tally)
+        deaths = len(tally.read_text().splitlines()) if tally.exists() else 0
+        if deaths < self.times:
+            with tally.open("a") as file:
+                file.write(f"{os.getpid()}\n")
+            os._exit(1)
+        return positions.float()
+
+
+@dataclasses.dataclass
+class RaisesAtEviction(ScoredPolicy):
+    """A policy with a bug: it raises at its first eviction, for tests that one cell's failure costs no other."""
+
+    name: ClassVar[str] = "raises"
+
+    def score(self, keys: torch.Tensor, positions: torch.Tensor, signals: object = None) -> torch.Tensor:
+        raise RuntimeError("bug in the policy")

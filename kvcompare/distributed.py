@@ -1,0 +1,260 @@
+"""Measuring a run's passages on Ray (``--ray``): one actor per device keeps the model loaded across passages.
+
+The unit of work is one passage: all of its cells (`full`, the A/A control, every policy and limit) run on
+one actor, in the same interleaved order as a serial run, so paired changes stay paired on one device. The
+driver gives each idle actor the next passage and writes what comes back at once, the same way a serial run
+does (``cells/<cell_id>.parquet``, atomically), so ``--resume`` treats serial and Ray cells alike. An actor
+that dies is restarted and its passage retried ``RETRIES`` times; after that its cells are recorded as
+failed (``--resume`` measures them again). Ctrl-C keeps every finished passage.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import logging
+import os
+import sys
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from kvcompare.config import ConfigError, RunConfig
+from kvcompare.environment import environment
+from kvcompare.executor import Executor
+from kvcompare.models import load_model
+from kvcompare.plan import Cell, Plan
+from kvcompare.results import RunFolder
+from kvcompare.runner import (
+    KEPT_ON_INTERRUPT,
+    PassageResults,
+    _load,
+    _warm_up,
+    check_layers,
+    count_passes,
+    finish,
+    measure_group,
+    passage_groups,
+    physical_cores,
+    report_failures,
+    row_context,
+    warn_beyond_context,
+    write_results,
+)
+
+#: How often an actor that dies is restarted, and its passage tried again, before its cells count as failed.
+RETRIES = 2
+INSTALL_HINT = "--ray needs Ray: pip install 'kvcompare[ray]'"
+
+
+class PassageWorker:
+    """A Ray actor: loads the model once on its device, then measures whole passages as they are given."""
+
+    def __init__(self, config: RunConfig, run_id: str, threads: int | None) -> None:
+        self.threads = threads or physical_cores()
+        torch.set_num_threads(self.threads)
+        self.config = config
+        self.loaded = load_model(config.model, config.device, config.dtype)
+        self.executor = Executor(self.loaded.model)
+        self.context = row_context(run_id, config, self.loaded, self.executor, self.threads)
+        self.warmed = False
+
+    def describe(self) -> dict[str, Any]:
+        """What run.json records of this worker; checks that the model fits the run first."""
+        return {
+            "host": self.context.host,
+            "device_name": self.context.device_name,
+            "threads": self.threads,
+            "memory_bandwidth_bytes_s": self.context.bandwidth,
+            "model_info": self.loaded.info,
+            "environment": environment(self.executor.device),
+        }
+
+    def check(self, policies: list[Any]) -> None:
+        check_layers(self.config, policies, self.loaded)
+
+    def measure(self, cells: list[Cell], todo: list[Cell], done: set[str], session: int) -> PassageResults:
+        if not self.warmed:  # the first passage's cells must not pay for first-call allocation
+            _warm_up(self.executor, todo[0])
+            self.warmed = True
+        return measure_group(
+            self.executor, cells, todo, done, self.context, session, self.config.quality_batch, lambda *_: None
+        )
+
+
+def start_ray(address: str) -> bool:
+    """Connect to the cluster at ``address`` (``auto``: the running one) or start one here (``local``);
+    returns whether this call started it (and so must stop it)."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(INSTALL_HINT) from None
+    if ray.is_initialized():
+        return False
+    if address == "local":
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        return True
+    try:
+        ray.init(address=address, logging_level=logging.WARNING)
+    except ConnectionError as err:
+        raise ConfigError(
+            f"--ray {address}: no Ray cluster found ({err}); start one with `ray start --head` (and "
+            "`ray start --address=HEAD:6379` on each other node), or use --ray local to start one on this machine"
+        ) from None
+    return False
+
+
+def worker_count(config: RunConfig) -> int:
+    """``--workers``, else one actor per GPU of the cluster (cuda), else one."""
+    import ray
+
+    if config.workers:
+        return config.workers
+    if config.device == "cuda":
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if not gpus:
+            raise ConfigError("--device cuda: the Ray cluster has no GPU; add GPU nodes, or use --device cpu")
+        return gpus
+    return 1
+
+
+def measure_on_ray(
+    grid: Plan, done: set[str], folder: RunFolder, meta: dict[str, Any], *, session: int, progress: bool
+) -> None:
+    """Measure the grid's unfinished passages on Ray actors, writing each passage as it comes back."""
+    config = grid.config
+    started_here = start_ray(config.ray or "auto")  # first: it says how to install Ray if it is missing
+    import ray
+    actors: list[Any] = []
+    try:
+        count = worker_count(config)
+        # Local CPU actors share this machine's cores; elsewhere each actor takes its own machine's.
+        local_cpu = config.ray == "local" and config.device == "cpu"
+        threads = config.threads or (max(1, physical_cores() // count) if local_cpu else None)
+        options = {"num_gpus": 1 if config.device == "cuda" else 0, "num_cpus": threads or 1}
+        worker = ray.remote(PassageWorker).options(max_restarts=RETRIES, max_task_retries=RETRIES, **options)
+        actors = [worker.remote(config, meta["run_id"], threads) for _ in range(count)]
+        described = _first_answer(ray, [actor.describe.remote() for actor in actors])
+        _first_answer(ray, [actors[0].check.remote(grid.policies)])
+        first = described[0]
+        meta.update(model_info=first["model_info"], environment=first["environment"])
+        meta["beyond_context_lengths"] = warn_beyond_context(config, first["model_info"].get("max_position_embeddings"))
+        meta["speed"] = {
+            "threads": first["threads"],
+            "cpu_count": os.cpu_count() if config.ray == "local" else None,  # the load averages are this machine's
+            "memory_bandwidth_bytes_s": first["memory_bandwidth_bytes_s"],
+            "load_average_start": _load(),
+            "ray": {"address": config.ray, "workers": [_worker_entry(d) for d in described]},
+        }
+        folder.open(meta)
+        try:
+            _schedule(ray, actors, grid, done, folder, meta["run_id"], session, progress)
+            finish(folder, meta)
+        finally:
+            meta["speed"]["load_average_end"] = _load()
+            folder.write_run_json(meta)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        if started_here:
+            ray.shutdown()
+
+
+def _worker_entry(described: dict[str, Any]) -> dict[str, Any]:
+    return {k: described[k] for k in ("host", "device_name", "threads", "memory_bandwidth_bytes_s")}
+
+
+def _first_answer(ray: Any, refs: list[Any]) -> list[Any]:
+    """``ray.get``, with an actor's own error (a bad model, a bad configuration) raised as itself."""
+    try:
+        return list(ray.get(refs))
+    except ray.exceptions.RayTaskError as err:
+        raise err.as_instanceof_cause() from None
+    except ray.exceptions.ActorDiedError as err:
+        cause = getattr(err, "base_exception", None) or getattr(err, "cause", None)
+        if isinstance(cause, BaseException):
+            raise cause from None
+        raise
+
+
+def _schedule(
+    ray: Any,
+    actors: list[Any],
+    grid: Plan,
+    done: set[str],
+    folder: RunFolder,
+    run_id: str,
+    session: int,
+    progress: bool,
+) -> None:
+    """Keep every actor busy with one passage at a time, writing each passage as it comes back."""
+    queue = collections.deque(passage_groups(grid, done))
+    total = count_passes(list(queue), grid.config)
+    bar = tqdm(total=total, desc="passes", unit="pass", disable=not progress, file=sys.stderr)
+    running: dict[Any, tuple[Any, tuple[list[Cell], list[Cell]]]] = {}
+    failures = 0
+
+    def give(actor: Any) -> None:
+        if queue:
+            group = queue.popleft()
+            running[actor.measure.remote(*group, done, session)] = (actor, group)
+
+    try:
+        for actor in actors:
+            give(actor)
+        while running:
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            actor, (cells, todo) = running.pop(ref)
+            try:
+                results = ray.get(ref)
+                give(actor)
+            except ray.exceptions.RayActorError as err:  # it died RETRIES + 1 times on this passage: it is gone
+                results = died(todo, run_id, err)
+            except ray.exceptions.RayTaskError as err:  # an error outside any one cell: this passage fails
+                results = died(todo, run_id, err)
+                give(actor)
+            failures += write_results(folder, results)
+            bar.update(count_passes([(cells, todo)], grid.config))
+        if queue:
+            print(
+                f"\nevery Ray worker died; {len(queue)} passage(s) not measured: add --resume to measure them",
+                file=sys.stderr,
+            )
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"\ninterrupted: {KEPT_ON_INTERRUPT.format(path=folder.path)}", file=sys.stderr)
+        raise
+    bar.close()
+    report_failures(failures)
+
+
+def died(todo: list[Cell], run_id: str, err: BaseException) -> PassageResults:
+    """The rows of a passage whose worker failed: every cell failed with the worker's error, none timed."""
+    error = f"Ray worker failed on this passage: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    print(f"\n{error}", file=sys.stderr)
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    rows: list[tuple[dict[str, Any], list[dict[str, Any]]]] = [
+        (
+            {
+                "run_id": run_id,
+                "cell_id": cell.id,
+                **cell.fields,
+                "status": "failed",
+                "error": error,
+                "finished_at": now,
+            },
+            [],
+        )
+        for cell in todo
+    ]
+    return PassageResults(None, [], rows)
+
+
+def ray_available() -> bool:
+    """Whether Ray can be imported here (the tests that need it are skipped otherwise)."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,121 @@
+"""Runs on Ray (a local cluster started by the run, 2 CPU workers, tiny models): the same rows as a serial run,
+workers that die, cells that fail, and --resume across them. Marked `ray` (each run starts a cluster)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import polars as pl
+import pytest
+from runs import tiny_run
+
+from kvcompare.config import ConfigError
+from kvcompare.hookspecs import hookimpl
+from kvcompare.runner import run
+from kvcompare.testing import DiesInWorker, RaisesAtEviction
+
+QUALITY = ["cell_id", "status", "ppl", "accuracy", "nll_sum", "tokens_scored", "peak_kv_bytes"]
+
+
+class MisbehavingPolicies:
+    @hookimpl
+    def register_policies(self, register: Callable[[type], None]) -> None:
+        register(DiesInWorker)
+        register(RaisesAtEviction)
+
+
+def grid(model_dir: Path, **changes: object):  # type: ignore[no-untyped-def]
+    """Three passages; one thread everywhere, so that serial and Ray rows can be compared bit for bit (two
+    threads may sum in another order than one)."""
+    values: dict[str, object] = {
+        "policies": ["streaming", "l2"],
+        "cache_sizes": [16],
+        "samples": [3],
+        "repeats": 1,
+        "threads": 1,
+    }
+    return tiny_run(model_dir, **{**values, **changes})
+
+
+def cells(folder: Path) -> pl.DataFrame:
+    return pl.read_parquet(folder / "cells" / "*.parquet").sort("cell_id")
+
+
+@pytest.fixture
+def misbehaving(register_plugin: Callable[[object, str], None]) -> None:
+    register_plugin(MisbehavingPolicies(), "misbehaving")
+
+
+@pytest.mark.ray
+def test_a_ray_run_gives_the_rows_of_a_serial_run(tiny_model_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    serial = cells(run(grid(tiny_model_dir), tmp_path / "serial", progress=False))
+    on_ray = cells(run(grid(tiny_model_dir, ray="local", workers=2), tmp_path / "ray", progress=False))
+    assert on_ray.height == serial.height == 9  # 3 passages x (full, streaming, l2)
+    assert on_ray.select(QUALITY).equals(serial.select(QUALITY))
+    assert on_ray["host"].drop_nulls().len() == 9 and on_ray["device_name"].str.starts_with("CPU").all()
+    assert len(list((tmp_path / "ray" / "timings").glob("*.parquet"))) == 3  # one per passage, as serial
+    import json
+
+    meta = json.loads((tmp_path / "ray" / "run.json").read_text())
+    assert len(meta["speed"]["ray"]["workers"]) == 2 and meta["finished_at"] and meta["config"]["ray"] == "local"
+
+
+@pytest.mark.ray
+def test_a_worker_that_dies_is_restarted_and_its_passage_measured_again(
+    tiny_model_dir: Path, tmp_path: Path, misbehaving: None
+) -> None:
+    pytest.importorskip("ray")
+    tally = tmp_path / "deaths"
+    spec = f"dies:tally={tally}:times=1"
+    on_ray = cells(run(grid(tiny_model_dir, policies=[spec], ray="local", workers=2), tmp_path / "ray", progress=False))
+    assert len(tally.read_text().splitlines()) == 1  # one process died, in the middle of a passage
+    assert on_ray["status"].to_list() == ["ok"] * 6
+    serial = cells(run(grid(tiny_model_dir, policies=[spec]), tmp_path / "serial", progress=False))
+    assert on_ray.select(QUALITY).equals(serial.select(QUALITY))
+
+
+@pytest.mark.ray
+def test_a_worker_that_keeps_dying_fails_its_passage_and_resume_measures_it(
+    tiny_model_dir: Path, tmp_path: Path, misbehaving: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("ray")
+    from kvcompare.distributed import RETRIES
+
+    tally = tmp_path / "deaths"
+    spec = f"dies:tally={tally}:times={RETRIES + 1}"  # every try of the first passage dies
+    out = tmp_path / "run"
+    first = cells(run(grid(tiny_model_dir, policies=[spec], ray="local", workers=1), out, progress=False))
+    assert len(tally.read_text().splitlines()) == RETRIES + 1
+    assert first["status"].to_list() == ["failed"] * 2  # the first passage's two cells; no worker was left
+    assert first["error"].str.contains("Ray worker failed").all()
+    assert "passage(s) not measured" in capsys.readouterr().err
+    resumed = cells(run(grid(tiny_model_dir, policies=[spec]), out, resume=True, progress=False))
+    assert resumed["status"].to_list() == ["ok"] * 6
+    serial = cells(run(grid(tiny_model_dir, policies=[spec]), tmp_path / "serial", progress=False))
+    assert resumed.select(QUALITY).equals(serial.select(QUALITY))
+
+
+@pytest.mark.ray
+def test_a_failing_cell_on_ray_is_recorded_and_the_others_kept(
+    tiny_model_dir: Path, tmp_path: Path, misbehaving: None
+) -> None:
+    pytest.importorskip("ray")
+    rows = cells(run(grid(tiny_model_dir, policies=["raises", "streaming"], ray="local"), tmp_path, progress=False))
+    failed = rows.filter(pl.col("status") == "failed")
+    assert failed["policy"].unique().to_list() == ["raises"] and failed.height == 3
+    assert failed["error"].str.contains("bug in the policy").all()
+    assert rows.filter(pl.col("status") == "ok").height == 6
+
+
+def test_ray_needs_its_extra_and_workers_need_ray(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ConfigError, match="--workers sets the Ray actors"):
+        run(grid(tiny_model_dir, workers=2), tmp_path / "a", progress=False)
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(ConfigError, match=r"pip install 'kvcompare\[ray\]'"):
+        run(grid(tiny_model_dir, ray="local"), tmp_path / "b", progress=False)
+    assert not (tmp_path / "b" / "cells").exists()
