@@ -119,3 +119,33 @@ def test_ray_needs_its_extra_and_workers_need_ray(
     with pytest.raises(ConfigError, match=r"pip install 'kvcompare\[ray\]'"):
         run(grid(tiny_model_dir, ray="local"), tmp_path / "b", progress=False)
     assert not (tmp_path / "b" / "cells").exists()
+
+
+@pytest.mark.ray
+def test_ctrl_c_on_a_ray_run_keeps_finished_passages_and_resume_completes_it(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("ray")
+    import kvcompare.distributed as distributed
+
+    real = distributed.write_results
+    written = {"passages": 0}
+
+    def interrupted_after_one(folder, results):  # type: ignore[no-untyped-def]
+        if written["passages"] == 1:
+            raise KeyboardInterrupt
+        written["passages"] += 1
+        return real(folder, results)
+
+    monkeypatch.setattr(distributed, "write_results", interrupted_after_one)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run(grid(tiny_model_dir, ray="local", workers=2), out, progress=False)
+    assert cells(out).height == 3  # the first passage back, whole
+    import ray
+
+    assert not ray.is_initialized()  # the cluster this run started is stopped
+    monkeypatch.setattr(distributed, "write_results", real)
+    resumed = cells(run(grid(tiny_model_dir, ray="local", workers=2), out, resume=True, progress=False))
+    serial = cells(run(grid(tiny_model_dir), tmp_path / "serial", progress=False))
+    assert resumed.select(QUALITY).equals(serial.select(QUALITY))
