@@ -18,7 +18,6 @@ import sys
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from kvcompare.config import ConfigError, RunConfig
 from kvcompare.environment import environment
@@ -27,7 +26,6 @@ from kvcompare.models import load_model
 from kvcompare.plan import Cell, Plan
 from kvcompare.results import RunFolder
 from kvcompare.runner import (
-    KEPT_ON_INTERRUPT,
     PassageResults,
     _load,
     _warm_up,
@@ -36,6 +34,7 @@ from kvcompare.runner import (
     finish,
     measure_group,
     passage_groups,
+    passes_bar,
     physical_cores,
     report_failures,
     row_context,
@@ -126,6 +125,7 @@ def measure_on_ray(
     config = grid.config
     started_here = start_ray(config.ray or "auto")  # first: it says how to install Ray if it is missing
     import ray
+
     actors: list[Any] = []
     try:
         count = worker_count(config)
@@ -190,8 +190,6 @@ def _schedule(
 ) -> None:
     """Keep every actor busy with one passage at a time, writing each passage as it comes back."""
     queue = collections.deque(passage_groups(grid, done))
-    total = count_passes(list(queue), grid.config)
-    bar = tqdm(total=total, desc="passes", unit="pass", disable=not progress, file=sys.stderr)
     running: dict[Any, tuple[Any, tuple[list[Cell], list[Cell]]]] = {}
     failures = 0
 
@@ -200,7 +198,7 @@ def _schedule(
             group = queue.popleft()
             running[actor.measure.remote(*group, done, session)] = (actor, group)
 
-    try:
+    with passes_bar(count_passes(list(queue), grid.config), progress, folder) as bar:
         for actor in actors:
             give(actor)
         while running:
@@ -221,11 +219,6 @@ def _schedule(
                 f"\nevery Ray worker died; {len(queue)} passage(s) not measured: add --resume to measure them",
                 file=sys.stderr,
             )
-    except KeyboardInterrupt:
-        bar.close()
-        print(f"\ninterrupted: {KEPT_ON_INTERRUPT.format(path=folder.path)}", file=sys.stderr)
-        raise
-    bar.close()
     report_failures(failures)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import itertools
@@ -9,7 +10,7 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -292,9 +293,6 @@ def _measure_all(
 ) -> None:
     """Measure passage by passage; write a passage's timings, then its cells, the moment it is done."""
     groups = passage_groups(grid, done)
-    bar = tqdm(
-        total=count_passes(groups, grid.config), desc="passes", unit="pass", disable=not progress, file=sys.stderr
-    )
 
     def tick(label: str, counted: bool) -> None:
         bar.set_postfix_str(label, refresh=not counted)
@@ -302,16 +300,24 @@ def _measure_all(
             bar.update(1)
 
     failures = 0
-    try:
+    with passes_bar(count_passes(groups, grid.config), progress, folder) as bar:
         for cells, todo in groups:
             results = measure_group(executor, cells, todo, done, context, session, grid.config.quality_batch, tick)
             failures += write_results(folder, results)
+    report_failures(failures)
+
+
+@contextlib.contextmanager
+def passes_bar(total: int, progress: bool, folder: RunFolder) -> Iterator[Any]:
+    """The run's progress bar over its passes; an interrupt closes it and says what is kept."""
+    bar = tqdm(total=total, desc="passes", unit="pass", disable=not progress, file=sys.stderr)
+    try:
+        yield bar
     except KeyboardInterrupt:
         bar.close()
         print(f"\ninterrupted: {KEPT_ON_INTERRUPT.format(path=folder.path)}", file=sys.stderr)
         raise
     bar.close()
-    report_failures(failures)
 
 
 #: What an interrupted run says (a serial one, or one on Ray).
