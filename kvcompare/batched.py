@@ -15,22 +15,16 @@ runs it, its results are dropped); the others go on.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
 
 from kvcompare.budgets import compressed_layer_budgets
-from kvcompare.cache import BoundedKVCache, CacheLayout, CacheStorage, prefix_mask
+from kvcompare.cache import BoundedKVCache, CacheLayout, CacheStorage, compressed_layers, prefix_mask, visible_slots
 from kvcompare.config import CacheConfig
 from kvcompare.policy import KVPolicy
 from kvcompare.rope import Rotary
-
-
-def compressed_layers(policy: KVPolicy, config: CacheConfig, num_layers: int) -> tuple[int, ...]:
-    """The layers a cell's cache bounds: none for an unbounded policy, else every layer but the skip layers."""
-    if not policy.bounded or config.limit is None:
-        return ()
-    return tuple(i for i in range(num_layers) if i not in config.skip_layers)
 
 
 class BatchedKVCache:
@@ -78,6 +72,7 @@ class BatchedKVCache:
         self.fed = 1  # rows the model runs: rows from fed - 1 on share that row's computation
         self.failed: dict[int, Exception] = {}  # rows whose policy raised, with what it raised
         self._kv = 0  # compressed slots the next chunk's attention spans, in the row that spans most
+        self._extents: list[int] = []  # compressed slots each fed row's attention spans this chunk
         self._spans: list[tuple[int, int, int]] | None = None  # see spans()
         self._reused = False  # some live row has reused slots: masks come from token indices
         self._mask: dict[int, torch.Tensor] = {}  # this chunk's masks, by compressed layer (-1: one for all)
@@ -119,11 +114,8 @@ class BatchedKVCache:
         alike = all(cache.alike for index, cache in enumerate(self.caches[: self.fed]) if index not in self.failed)
         key = -1 if alike else n
         if key not in self._mask:
-            tokens = self.storage.c_token[: self.fed, 0 if alike else n, 0, : 1 if alike else None, :kv_len].unsqueeze(
-                -2
-            )
-            query = torch.arange(self.seen, self.seen + q_len, device=self.device).unsqueeze(-1)
-            self._mask[key] = (tokens >= 0) & (tokens <= query)
+            tokens = self.storage.c_token[: self.fed, 0 if alike else n, 0, : 1 if alike else None, :kv_len]
+            self._mask[key] = visible_slots(tokens, self.seen, q_len)
         return self._mask[key], False
 
     def spans(self, layer_idx: int) -> list[tuple[int, int, int]] | None:
@@ -166,18 +158,15 @@ class BatchedKVCache:
             except Exception as err:  # one failing policy must not lose the other rows
                 self.failed[index] = err
         self._reused = any(cache.reused for index, cache in live if index not in self.failed)
-        slots = self.storage.c_token.shape[-1]
-        self._extents = [slots if i in self.failed else cache.attended(chunk) for i, cache in enumerate(self.caches)]
-        self._extents = self._extents[: self.fed]
+        slots = self.storage.c_token.shape[-1]  # a frozen row is given every slot: its results are dropped
+        self._extents = [slots if i in self.failed else self.caches[i].attended(chunk) for i in range(self.fed)]
         self._kv = max(self._extents)
-        runs = [(self._extents[0], 0)]
-        for row, extent in enumerate(self._extents[1:], start=1):
-            if extent != runs[-1][0]:
-                runs.append((extent, row))
-        ends = [start for _, start in runs[1:]] + [self.fed]
-        self._spans = [(start, end, extent) for (extent, start), end in zip(runs, ends, strict=True)]
-        if len(self._spans) == 1:
-            self._spans = None
+        spans, start = [], 0
+        for extent, run in itertools.groupby(self._extents):
+            end = start + len(list(run))
+            spans.append((start, end, extent))
+            start = end
+        self._spans = spans if len(spans) > 1 else None
         self._mask.clear()
         return evicted
 

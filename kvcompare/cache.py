@@ -38,6 +38,23 @@ def check_skip_layers(skip_layers: tuple[int, ...] | list[int], num_layers: int)
         raise ConfigError(f"--skip-layers {list(skip_layers)}: the model has layers 0..{num_layers - 1}, not {bad}")
 
 
+def compressed_layers(policy: KVPolicy, config: CacheConfig, num_layers: int) -> tuple[int, ...]:
+    """The layers a cell's cache bounds: none for an unbounded policy, else every layer but the skip layers."""
+    if not policy.bounded or config.limit is None:
+        return ()
+    return tuple(i for i in range(num_layers) if i not in config.skip_layers)
+
+
+def visible_slots(tokens: torch.Tensor, seen: int, q_len: int) -> torch.Tensor:
+    """Which slots each of a chunk's ``q_len`` queries may attend, from the slots' token indices ``[..., slots]``
+    (the chunk's first token is ``seen``): a held token no newer than the query. Returns ``[..., q_len, slots]``."""
+    tokens = tokens.unsqueeze(-2)
+    if q_len == 1:  # every held token is older than the one query
+        return tokens >= 0
+    query = torch.arange(seen, seen + q_len, device=tokens.device).unsqueeze(-1)
+    return (tokens >= 0) & (tokens <= query)
+
+
 @functools.lru_cache(maxsize=8)
 def _prefix_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
     return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(diagonal=kv_len - q_len)
@@ -112,18 +129,17 @@ class BoundedKVCache:
         if config.positions == "shift" and rotary is None:
             raise ValueError("shift mode needs the model's rotary embedding")
         check_skip_layers(config.skip_layers, layout.num_layers)
-        limit, skip_layers = config.limit, config.skip_layers
         self.layout = layout
         self.config = config
         self.policy = policy.fresh()  # no state carried over from another cell or pass
-        self.limit = limit if policy.bounded else None
+        self.limit = config.limit if policy.bounded else None
         self.positions = config.positions
         self.rotary = rotary
         self.evict_block = config.evict_block
         self.evictions = 0
         self.seen = 0  # tokens fed so far: the true position of the next token
 
-        compressed = [] if self.limit is None else [i for i in range(layout.num_layers) if i not in skip_layers]
+        compressed = compressed_layers(policy, config, layout.num_layers)
         full = [i for i in range(layout.num_layers) if i not in compressed]
         self._slot = {layer: ("c", n) for n, layer in enumerate(compressed)}
         self._slot.update({layer: ("f", n) for n, layer in enumerate(full)})
@@ -216,9 +232,9 @@ class BoundedKVCache:
         if q_len == 1 and self._spare.shape[-1] == 0 and not self.uneven:
             return None, False
         if not self.victims.uniform:
-            return self._visible(self.c_token[n, ..., :kv_len], q_len), False
+            return visible_slots(self.c_token[n, ..., :kv_len], self.seen, q_len), False
         if self._shared_mask is None:  # made once per chunk, for every layer
-            self._shared_mask = self._visible(self.c_token[0, :, :1], q_len)
+            self._shared_mask = visible_slots(self.c_token[0, :, :1], self.seen, q_len)
         return self._shared_mask, False
 
     def observe(
@@ -257,14 +273,6 @@ class BoundedKVCache:
     def alike(self) -> bool:
         """Whether every compressed layer and head holds the same tokens in the same slots (one mask serves all)."""
         return not self.uneven and (not self.reused or self.victims.uniform)
-
-    def _visible(self, tokens: torch.Tensor, q_len: int) -> torch.Tensor:
-        """Which slots (token indices ``[batch, heads, slots]``) each of the chunk's queries may attend."""
-        tokens = tokens.unsqueeze(-2)
-        if q_len == 1:
-            return tokens >= 0
-        query = torch.arange(self.seen, self.seen + q_len, device=tokens.device).unsqueeze(-1)
-        return (tokens >= 0) & (tokens <= query)
 
     # -- executor side ---------------------------------------------------------------------------
     def make_room(self, chunk: int) -> bool:

@@ -242,12 +242,3 @@ def died(todo: list[Cell], run_id: str, err: BaseException) -> PassageResults:
         for cell in todo
     ]
     return PassageResults(None, [], rows)
-
-
-def ray_available() -> bool:
-    """Whether Ray can be imported here (the tests that need it are skipped otherwise)."""
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -12,9 +12,8 @@ from collections.abc import Sequence
 import psutil
 import torch
 
-from kvcompare.batched import compressed_layers
 from kvcompare.budgets import compressed_layer_budgets
-from kvcompare.cache import CacheLayout
+from kvcompare.cache import CacheLayout, compressed_layers
 from kvcompare.config import CacheConfig
 from kvcompare.policy import KVPolicy
 
