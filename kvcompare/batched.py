@@ -21,7 +21,15 @@ from collections.abc import Sequence
 import torch
 
 from kvcompare.budgets import compressed_layer_budgets
-from kvcompare.cache import BoundedKVCache, CacheLayout, CacheStorage, compressed_layers, prefix_mask, visible_slots
+from kvcompare.cache import (
+    BoundedKVCache,
+    CacheLayout,
+    CacheStorage,
+    compressed_layers,
+    needs_keys_as_written,
+    prefix_mask,
+    visible_slots,
+)
 from kvcompare.config import CacheConfig
 from kvcompare.policy import KVPolicy
 from kvcompare.rope import Rotary
@@ -51,7 +59,10 @@ class BatchedKVCache:
         budgets = [compressed_layer_budgets(config, layout.num_layers) if compressed else [] for _, config in cells]
         slots = max((max(b) for b in budgets if b), default=0)
         full = layout.num_layers - len(compressed)
-        self.storage = CacheStorage.allocate(layout, len(compressed), slots, capacity, full, rows=(len(cells),))
+        keys_as_written = bool(compressed) and any(needs_keys_as_written(config, layout.dtype) for _, config in cells)
+        self.storage = CacheStorage.allocate(
+            layout, len(compressed), slots, capacity, full, rows=(len(cells),), keys_as_written=keys_as_written
+        )
         # Row order: the cells whose smallest layer budget fills first come first (stable among equals).
         order = sorted(range(len(cells)), key=lambda i: min(budgets[i], default=capacity))
         self.row_of = [order.index(cell) for cell in range(len(cells))]  # cell index -> batch row
@@ -174,11 +185,7 @@ class BatchedKVCache:
         """Run ``fed`` rows from now on; the rows that join start from the shared row, which held their tokens."""
         if fed <= self.fed:
             return
-        shared = self.fed - 1
-        self.storage.c_kv[self.fed : fed] = self.storage.c_kv[shared : shared + 1]
-        self.storage.f_kv[self.fed : fed, ..., : self.seen, :] = self.storage.f_kv[
-            shared : shared + 1, ..., : self.seen, :
-        ]
+        self.storage.copy_updated(self.fed - 1, slice(self.fed, fed), self.seen)
         self.fed = fed
 
     def advance(self, chunk: int) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -43,6 +44,12 @@ def compressed_layers(policy: KVPolicy, config: CacheConfig, num_layers: int) ->
     if not policy.bounded or config.limit is None:
         return ()
     return tuple(i for i in range(num_layers) if i not in config.skip_layers)
+
+
+def needs_keys_as_written(config: CacheConfig, dtype: torch.dtype) -> bool:
+    """Whether a cache keeps each key as written (``CacheStorage.c_key0``): shift mode in bfloat16/float16,
+    where re-rotating a key again and again would accumulate rounding."""
+    return config.positions == "shift" and dtype.itemsize < 4
 
 
 def visible_slots(tokens: torch.Tensor, seen: int, q_len: int) -> torch.Tensor:
@@ -84,27 +91,64 @@ class CacheLayout:
 
 @dataclasses.dataclass(frozen=True)
 class CacheStorage:
-    """The buffers a cache writes in place: one cache's own, or its row of a batch's (see kvcompare.batched)."""
+    """The buffers a cache writes in place: one cache's own, or its row of a batch's (see kvcompare.batched).
+
+    :meth:`BoundedKVCache.update` writes :data:`UPDATED` (what the model computes); the cache's own bookkeeping
+    in ``make_room`` writes the rest. A batch row that shares another row's computation is given only the
+    former, by :meth:`copy_updated`.
+    """
 
     c_kv: torch.Tensor  # [2, compressed layers, batch, kv_heads, slots, head_dim], zeros
     c_token: torch.Tensor  # [compressed layers, batch, kv_heads, slots] int64, all -1
     f_kv: torch.Tensor  # [2, full layers, batch, kv_heads, capacity, head_dim]
+    # Shift mode in bfloat16/float16 only (else None): each slot's key as written, [compressed layers, batch,
+    # kv_heads, slots, head_dim], and the rotation it has had since, [compressed layers, batch, kv_heads, slots].
+    c_key0: torch.Tensor | None = None
+    c_moved: torch.Tensor | None = None
+
+    #: The buffers the model's keys and values are written to (by ``update``); the others are bookkeeping.
+    UPDATED: ClassVar[tuple[str, ...]] = ("c_kv", "f_kv", "c_key0")
 
     @classmethod
     def allocate(
-        cls, layout: CacheLayout, compressed: int, slots: int, capacity: int, full: int, rows: tuple[int, ...] = ()
+        cls,
+        layout: CacheLayout,
+        compressed: int,
+        slots: int,
+        capacity: int,
+        full: int,
+        rows: tuple[int, ...] = (),
+        keys_as_written: bool = False,
     ) -> CacheStorage:
-        """Buffers for ``layout``; ``rows`` (e.g. ``(n,)``) puts that many independent caches in front."""
+        """Buffers for ``layout``; ``rows`` (e.g. ``(n,)``) puts that many independent caches in front;
+        ``keys_as_written`` adds ``c_key0`` and ``c_moved`` (shift mode in a low-precision dtype)."""
         b, h, d, device = layout.batch, layout.kv_heads, layout.head_dim, layout.device
+        c_kv = torch.zeros(*rows, 2, compressed, b, h, slots, d, dtype=layout.dtype, device=device)
+        c_token = torch.full((*rows, compressed, b, h, slots), -1, dtype=torch.long, device=device)
         return cls(
-            torch.zeros(*rows, 2, compressed, b, h, slots, d, dtype=layout.dtype, device=device),
-            torch.full((*rows, compressed, b, h, slots), -1, dtype=torch.long, device=device),
+            c_kv,
+            c_token,
             torch.empty(*rows, 2, full, b, h, capacity if full else 0, d, dtype=layout.dtype, device=device),
+            torch.zeros_like(c_kv[..., 0, :, :, :, :, :]) if keys_as_written else None,
+            torch.zeros_like(c_token) if keys_as_written else None,
         )
 
     def row(self, index: int) -> CacheStorage:
         """The buffers of row ``index`` of a batch's storage: contiguous views, written in place."""
-        return CacheStorage(self.c_kv[index], self.c_token[index], self.f_kv[index])
+        buffers = (getattr(self, field.name) for field in dataclasses.fields(self))
+        return CacheStorage(*(None if buffer is None else buffer[index] for buffer in buffers))
+
+    def copy_updated(self, source: int, rows: slice, f_len: int) -> None:
+        """Give batch ``rows`` everything ``update`` has written into row ``source`` (the first ``f_len`` tokens
+        of the full layers): the rows held the same tokens and were computed as that row."""
+        for name in self.UPDATED:
+            buffer = getattr(self, name)
+            if buffer is None:
+                continue
+            if name == "f_kv":
+                buffer[rows, ..., :f_len, :] = buffer[source : source + 1, ..., :f_len, :]
+            else:
+                buffer[rows] = buffer[source : source + 1]
 
 
 class BoundedKVCache:
@@ -149,8 +193,16 @@ class BoundedKVCache:
         self.smallest = min(self.budgets, default=0)  # the first layer to fill
         if self.budgets and self.smallest < config.budget_reserve():
             raise ConfigError(f"layer budgets {self.budgets} leave a layer less than a chunk of room")
+        # Shift mode in bfloat16/float16: each slot's key as written and its rotation since, so a key that moves
+        # again and again is rebuilt from the original instead of accumulating rounding (Rotary.rotate_rows_from_).
+        low_precision = needs_keys_as_written(config, layout.dtype) and bool(self.budgets)
         if storage is None:
-            storage = CacheStorage.allocate(layout, len(compressed), max(self.budgets, default=0), capacity, len(full))
+            slots = max(self.budgets, default=0)
+            storage = CacheStorage.allocate(
+                layout, len(compressed), slots, capacity, len(full), keys_as_written=low_precision
+            )
+        if low_precision and storage.c_key0 is None:
+            raise ValueError("shift mode in a low-precision dtype needs storage with the keys as written")
         # Zeros, not torch.empty: once slots are reused, a never-written slot is attended (masked) and handed
         # to policies, and uninitialised memory may hold NaN (0 x NaN in attention; NaN != NaN in the edit check).
         self.c_kv = storage.c_kv
@@ -171,11 +223,8 @@ class BoundedKVCache:
         self.recorder = (
             SignalRecorder(needs, self.c_token, layout.heads or h, d, layout.dtype) if needs and self.budgets else None
         )
-        # Shift mode in bfloat16/float16: each slot's key as written and its rotation since, so a key that moves
-        # again and again is rebuilt from the original instead of accumulating rounding (Rotary.rotate_rows_from_).
-        low_precision = self.positions == "shift" and layout.dtype.itemsize < 4 and bool(self.budgets)
-        self.c_key0 = torch.zeros_like(self.c_kv[0]) if low_precision else None
-        self.c_moved = torch.zeros_like(self.c_token) if low_precision else None
+        self.c_key0 = storage.c_key0 if low_precision else None
+        self.c_moved = storage.c_moved if low_precision else None
         self.held = np.zeros(len(compressed), dtype=np.int64)  # tokens each compressed layer holds
         self.f_len = 0
         self.reused = False  # once slots are reused, compressed keys are no longer in time order

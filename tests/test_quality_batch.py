@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -13,14 +14,14 @@ import torch
 from runs import tiny_run
 
 from kvcompare.batched import BatchedKVCache
-from kvcompare.cache import CacheLayout
+from kvcompare.cache import CacheLayout, CacheStorage
 from kvcompare.config import CacheConfig
 from kvcompare.executor import Executor, QualityResult
 from kvcompare.plugins import get_registry
 from kvcompare.policy import ScoredPolicy
 from kvcompare.quality_batch import quality_batches, row_bytes
 from kvcompare.runner import run
-from kvcompare.testing import tiny_llama
+from kvcompare.testing import tiny_llama, tiny_neox
 
 #: Every built-in policy, with limits and position modes mixed inside one batch.
 CELLS = [
@@ -86,6 +87,74 @@ def test_rows_under_layer_budgets_equal_their_cells_alone(tokens: torch.Tensor) 
     cells += cells_of([("recent", 20, "true")], 3, (0,))  # a uniform row beside pyramid rows
     for alone, row in zip(one_by_one(executor, tokens, cells), ok(executor.score_batch(tokens, cells)), strict=True):
         torch.testing.assert_close(torch.from_numpy(row.nll), torch.from_numpy(alone.nll), rtol=1e-9, atol=1e-9)
+
+
+def sharp(make: Callable[..., torch.nn.Module], dtype: torch.dtype) -> Executor:
+    """A tiny model with larger weights (sharper attention, so a wrongly rotated key changes the scores) in ``dtype``."""
+    return Executor(make(initializer_range=0.15).to(dtype))
+
+
+LOW_PRECISION = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_neox], ids=["llama", "neox"])
+@pytest.mark.parametrize("positions", ["shift", "true"])
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_rows_in_low_precision_equal_their_cells_alone(
+    tokens: torch.Tensor, make: Callable[..., torch.nn.Module], positions: str, dtype: torch.dtype
+) -> None:
+    # A row that shares the first row's computation until it evicts must also be given the keys as written,
+    # from which shift mode rebuilds moved keys in bfloat16/float16 (it once rebuilt them from zeros).
+    executor = sharp(make, dtype)
+    cells = cells_of([(spec, limit, positions) for spec, limit, _ in CELLS], 4, (0,))
+    for (policy, config), alone, row in zip(
+        cells, one_by_one(executor, tokens, cells), ok(executor.score_batch(tokens, cells)), strict=True
+    ):
+        where = f"{policy.label()} at {config.limit}, {positions}, {dtype}"
+        assert float(abs(row.nll - alone.nll).max()) < 1e-2, where  # rounding of batched kernels: ~1e-3 at most
+        assert math.exp(row.nll.mean()) == pytest.approx(math.exp(alone.nll.mean()), rel=1e-4), where
+        assert (row.correct == alone.correct).mean() > 0.97, where
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=str)
+def test_every_buffer_a_row_owns_ends_as_its_cell_alone(tokens: torch.Tensor, dtype: torch.dtype) -> None:
+    # Rows that join the batch late (the fork) must hold, buffer by buffer, what their cell alone holds.
+    executor = sharp(tiny_llama, dtype)
+    cells = cells_of([("streaming", 12, "shift"), ("recent", 16, "shift"), ("l2:mode=random", 24, "shift")], 4, (1,))
+    batch = executor.new_batch(cells, capacity=tokens.numel())
+    alone = [executor.new_cache(*cell, capacity=tokens.numel()) for cell in cells]
+    with executor.attached():
+        for start in range(0, tokens.numel(), 4):
+            for cache in (batch, *alone):
+                executor.forward(cache, tokens[start : start + 4].view(1, -1))
+    assert batch.fed == len(cells)
+    for cell, cache in enumerate(alone):
+        row = in_token_order(batch.storage.row(batch.row_of[cell]), cache.c_token.shape[-1])
+        mine = in_token_order(
+            CacheStorage(**{f.name: getattr(cache, f.name) for f in dataclasses.fields(CacheStorage)})
+        )
+        for field in dataclasses.fields(CacheStorage):
+            ours, theirs = getattr(row, field.name), getattr(mine, field.name)
+            assert (ours is None) == (theirs is None), field.name
+            if ours is not None:
+                what = f"{field.name} of {cells[cell][0].label()}"
+                torch.testing.assert_close(ours, theirs, msg=lambda m, what=what: f"{what}: {m}")
+
+
+def in_token_order(storage: CacheStorage, slots: int | None = None) -> CacheStorage:
+    """``storage`` with the first ``slots`` slots of each compressed layer and head sorted by token index: slots
+    of tokens written in one chunk may be taken in any order (ties among victims), which attention never sees."""
+    order = storage.c_token[..., :slots].argsort(dim=-1)
+
+    def sort(name: str, buffer: torch.Tensor | None) -> torch.Tensor | None:
+        if buffer is None or name == "f_kv":
+            return buffer
+        if buffer.dim() == order.dim():  # per slot: [layers, batch, kv_heads, slots]
+            return buffer[..., :slots].gather(-1, order)
+        index = order.unsqueeze(-1).expand(*order.shape, buffer.shape[-1])  # per slot and channel
+        return buffer[..., :slots, :].gather(-2, index.expand(*buffer.shape[:-2], *index.shape[-2:]))
+
+    return CacheStorage(**{f.name: sort(f.name, getattr(storage, f.name)) for f in dataclasses.fields(CacheStorage)})
 
 
 class RowWatcher:
