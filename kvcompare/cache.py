@@ -205,6 +205,7 @@ class BoundedKVCache:
             raise ValueError("shift mode in a low-precision dtype needs storage with the keys as written")
         # Zeros, not torch.empty: once slots are reused, a never-written slot is attended (masked) and handed
         # to policies, and uninitialised memory may hold NaN (0 x NaN in attention; NaN != NaN in the edit check).
+        self.storage = storage
         self.c_kv = storage.c_kv
         self.f_kv = storage.f_kv
         # Per slot: the original token index (-1 = empty, BLOCKED = beyond the layer's budget). In shift mode a

@@ -90,7 +90,7 @@ def test_rows_under_layer_budgets_equal_their_cells_alone(tokens: torch.Tensor) 
 
 
 def sharp(make: Callable[..., torch.nn.Module], dtype: torch.dtype) -> Executor:
-    """A tiny model with larger weights (sharper attention, so a wrongly rotated key changes the scores) in ``dtype``."""
+    """A tiny model in ``dtype`` with larger weights: sharper attention, so a wrongly rotated key shows in scores."""
     return Executor(make(initializer_range=0.15).to(dtype))
 
 
