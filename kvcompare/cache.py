@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import ClassVar
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 from kvcompare.budgets import compressed_layer_budgets
 from kvcompare.config import CacheConfig, ConfigError
 from kvcompare.eviction import BLOCKED, VictimChooser, rank_shift
+from kvcompare.memory import ensure_fits
 from kvcompare.policy import KVPolicy
 from kvcompare.rope import Rotary
 from kvcompare.signals import SignalRecorder
@@ -123,6 +125,13 @@ class CacheStorage:
         """Buffers for ``layout``; ``rows`` (e.g. ``(n,)``) puts that many independent caches in front;
         ``keys_as_written`` adds ``c_key0`` and ``c_moved`` (shift mode in a low-precision dtype)."""
         b, h, d, device = layout.batch, layout.kv_heads, layout.head_dim, layout.device
+        cells = math.prod(rows) * b * h
+        slot_bytes = (2 + keys_as_written) * d * layout.dtype.itemsize + 8 * (1 + keys_as_written)
+        ensure_fits(
+            cells * (compressed * slots * slot_bytes + 2 * full * capacity * d * layout.dtype.itemsize),
+            device,
+            "the KV cache",
+        )
         c_kv = torch.zeros(*rows, 2, compressed, b, h, slots, d, dtype=layout.dtype, device=device)
         c_token = torch.full((*rows, compressed, b, h, slots), -1, dtype=torch.long, device=device)
         return cls(
@@ -135,8 +144,14 @@ class CacheStorage:
 
     def row(self, index: int) -> CacheStorage:
         """The buffers of row ``index`` of a batch's storage: contiguous views, written in place."""
-        buffers = (getattr(self, field.name) for field in dataclasses.fields(self))
-        return CacheStorage(*(None if buffer is None else buffer[index] for buffer in buffers))
+        key0, moved = self.c_key0, self.c_moved
+        return CacheStorage(
+            self.c_kv[index],
+            self.c_token[index],
+            self.f_kv[index],
+            None if key0 is None else key0[index],
+            None if moved is None else moved[index],
+        )
 
     def copy_updated(self, source: int, rows: slice, f_len: int) -> None:
         """Give batch ``rows`` everything ``update`` has written into row ``source`` (the first ``f_len`` tokens

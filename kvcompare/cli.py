@@ -188,16 +188,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from kvcompare.estimate import dry_run
 
-        print(dry_run(config))
+        print(dry_run(config, args.out, resume=args.resume, force=args.force))
         return 0
     folder = run(config, args.out, resume=args.resume, force=args.force, progress=not args.quiet)
     from kvcompare.report import build_report, summary_table
+    from kvcompare.report.build import FAILED_HINT
+    from kvcompare.report.data import load_run, outcome
 
     print(summary_table(folder))
     print(f"\nresults: {folder}/cells/*.parquet (polars.read_parquet), run.json beside them")
     if not args.no_report:
         paths = build_report(folder)
         print(f"report:  {paths.html} and {paths.markdown}")
+    ended = outcome(load_run(folder))
+    if ended.nothing_succeeded:
+        print(f"kvcompare: no cell succeeded ({ended.failed} failed): {FAILED_HINT}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -14,6 +14,7 @@ import collections
 import datetime
 import logging
 import os
+import re
 import sys
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 
 from kvcompare.config import ConfigError, RunConfig
 from kvcompare.environment import environment
+from kvcompare.errors import KVCompareError
 from kvcompare.executor import Executor
 from kvcompare.models import load_model
 from kvcompare.plan import Cell, Plan
@@ -29,7 +31,6 @@ from kvcompare.runner import (
     PassageResults,
     _load,
     _warm_up,
-    check_layers,
     count_passes,
     finish,
     measure_group,
@@ -44,6 +45,8 @@ from kvcompare.runner import (
 
 #: How often an actor that dies is restarted, and its passage tried again, before its cells count as failed.
 RETRIES = 2
+#: Terminal colour codes, which Ray puts in the text of an actor's errors.
+ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")
 INSTALL_HINT = "--ray needs Ray: pip install 'kvcompare[ray]'"
 
 
@@ -54,13 +57,22 @@ class PassageWorker:
         self.threads = threads or physical_cores()
         torch.set_num_threads(self.threads)
         self.config = config
-        self.loaded = load_model(config.model, config.device, config.dtype)
+        self.warmed = False
+        # A user's error (a model that cannot be loaded) is kept for describe() to raise: Ray would neither
+        # hand the driver the error of a constructor nor stop restarting it.
+        self.refused: KVCompareError | None = None
+        try:
+            self.loaded = load_model(config.model, config.device, config.dtype)
+        except KVCompareError as err:
+            self.refused = err
+            return
         self.executor = Executor(self.loaded.model)
         self.context = row_context(run_id, config, self.loaded, self.executor, self.threads)
-        self.warmed = False
 
     def describe(self) -> dict[str, Any]:
-        """What run.json records of this worker; checks that the model fits the run first."""
+        """What run.json records of this worker; raises the error that kept it from loading the model."""
+        if self.refused is not None:
+            raise self.refused
         return {
             "host": self.context.host,
             "device_name": self.context.device_name,
@@ -69,9 +81,6 @@ class PassageWorker:
             "model_info": self.loaded.info,
             "environment": environment(self.executor.device),
         }
-
-    def check(self, policies: list[Any]) -> None:
-        check_layers(self.config, policies, self.loaded)
 
     def measure(self, cells: list[Cell], todo: list[Cell], done: set[str], session: int) -> PassageResults:
         if not self.warmed:  # the first passage's cells must not pay for first-call allocation
@@ -136,7 +145,6 @@ def measure_on_ray(
         worker = ray.remote(PassageWorker).options(max_restarts=RETRIES, max_task_retries=RETRIES, **options)
         actors = [worker.remote(config, meta["run_id"], threads) for _ in range(count)]
         described = _first_answer(ray, [actor.describe.remote() for actor in actors])
-        _first_answer(ray, [actors[0].check.remote(grid.policies)])
         first = described[0]
         meta.update(model_info=first["model_info"], environment=first["environment"])
         meta["beyond_context_lengths"] = warn_beyond_context(config, first["model_info"].get("max_position_embeddings"))
@@ -166,10 +174,13 @@ def _worker_entry(described: dict[str, Any]) -> dict[str, Any]:
 
 
 def _first_answer(ray: Any, refs: list[Any]) -> list[Any]:
-    """``ray.get``, with an actor's own error (a bad model, a bad configuration) raised as itself."""
+    """``ray.get``, with an actor's own error (a bad model, a bad configuration) raised as itself: a user's
+    error (KVCompareError) as its one-line message, anything else with the actor's traceback."""
     try:
         return list(ray.get(refs))
     except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, KVCompareError):  # a user's error: its own message, not the actor's traceback
+            raise err.cause from None
         raise err.as_instanceof_cause() from None
     except ray.exceptions.ActorDiedError as err:
         cause = getattr(err, "base_exception", None) or getattr(err, "cause", None)
@@ -224,7 +235,8 @@ def _schedule(
 
 def died(todo: list[Cell], run_id: str, err: BaseException) -> PassageResults:
     """The rows of a passage whose worker failed: every cell failed with the worker's error, none timed."""
-    error = f"Ray worker failed on this passage: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    text = ANSI_CODES.sub("", str(err))  # Ray colours the actor's name
+    error = f"Ray worker failed on this passage: {type(err).__name__}: {text.splitlines()[0] if text else ''}"
     print(f"\n{error}", file=sys.stderr)
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     rows: list[tuple[dict[str, Any], list[dict[str, Any]]]] = [
@@ -235,6 +247,7 @@ def died(todo: list[Cell], run_id: str, err: BaseException) -> PassageResults:
                 **cell.fields,
                 "status": "failed",
                 "error": error,
+                "traceback": text,
                 "finished_at": now,
             },
             [],

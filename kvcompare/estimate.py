@@ -11,9 +11,9 @@ machine is slower.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,8 +21,8 @@ import torch
 from kvcompare.config import RunConfig
 from kvcompare.executor import Executor
 from kvcompare.models import load_model
-from kvcompare.plan import Cell, Plan, plan, prepare
-from kvcompare.runner import physical_cores
+from kvcompare.plan import Cell
+from kvcompare.runner import check_start, passage_groups, physical_cores
 from kvcompare.schedule import ONESHOT_CHUNK, schedule
 from kvcompare.timing import now
 
@@ -87,8 +87,9 @@ def calibrate(executor: Executor, stride: int, vocab: int, context: int = CALIBR
     )
 
 
-def passage_seconds(cells: list[Cell], calibration: Calibration) -> float:
-    """One passage's passes, as a serial run (or one Ray actor) measures them."""
+def passage_seconds(cells: list[Cell], calibration: Calibration, baselines: list[Cell] | None = None) -> float:
+    """One passage's passes, as a serial run (or one Ray actor) measures them; ``baselines``: its `full` cells
+    finished in an earlier session, timed again beside the cells (see kvcompare.schedule.schedule)."""
     first = cells[0]
     length = len(first.passage.tokens)
     latency = first.context.latency
@@ -102,7 +103,7 @@ def passage_seconds(cells: list[Cell], calibration: Calibration) -> float:
         return calibration.chunks(length, chunk, held) + calibration.steps(latency.warmup + latency.gen, context)
 
     quality = sum(calibration.chunks(length - 1, c.cache.stride, c.cache.limit) for c in cells)
-    trials = sum(trial(t.cell) for t in schedule(cells, []))
+    trials = sum(trial(t.cell) for t in schedule(cells, baselines or []))
     oneshot = sum(calibration.chunks(length, min(length, ONESHOT_CHUNK), None) for c in cells if not c.policy.bounded)
     return quality + latency.repeats * (trials + oneshot)
 
@@ -125,10 +126,19 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
-def dry_run(config: RunConfig) -> str:
-    """The plan of ``config`` and its estimated time, as text; measures nothing and writes nothing."""
-    policies = prepare(config)
-    grid: Plan = plan(config, policies)
+def dry_run(config: RunConfig, out: Path | None = None, *, resume: bool = False, force: bool = False) -> str:
+    """The plan of ``config`` and its estimated time, as text; measures nothing and writes nothing.
+
+    It makes every check the real run makes (:func:`kvcompare.runner.check_start`: the folder in ``out``, ``resume``
+    and ``force`` included) and plans only what the real run would measure: a resumed run's unfinished cells.
+    """
+    begun = check_start(config, out, resume=resume, force=force)
+    grid, todo = begun.grid, begun.todo
+    where = f"results in {begun.folder.path}"
+    if resume and begun.done:
+        where = f"resuming {begun.folder.path}: {len(grid.cells) - len(todo)} of {len(grid.cells)} cells finished"
+    if not todo:
+        return f"plan: nothing to measure; {where}"
     loaded = load_model(config.model, config.device, config.dtype, tokenizer=grid.tokenizer)
     executor = Executor(loaded.model)
     threads = config.threads or physical_cores()
@@ -140,10 +150,15 @@ def dry_run(config: RunConfig) -> str:
         calibrated_s = time.perf_counter() - started
     finally:
         torch.set_num_threads(before)
-    groups = [list(cells) for _, cells in itertools.groupby(grid.cells, key=lambda cell: cell.passage)]
-    per_passage = [passage_seconds(cells, calibration) for cells in groups]
+    passages = passage_groups(grid, begun.done)
+    groups = [todo for _, todo in passages]
+    per_passage = [
+        passage_seconds(todo, calibration, [c for c in cells if not c.policy.bounded and c.id in begun.done])
+        for cells, todo in passages
+    ]
+    policies = grid.policies
     lines = [
-        f"plan: {len(grid.cells)} cells in {len(groups)} passages or prompts; policies "
+        f"plan: {len(todo)} cells to measure in {len(groups)} passages or prompts ({where}); policies "
         f"{', '.join(p.label() for p in policies)}; limits {', '.join(map(str, config.cache_sizes))}; "
         f"positions {', '.join(config.positions)}; tasks {', '.join(config.tasks)}",
         "",

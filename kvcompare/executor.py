@@ -151,7 +151,8 @@ class Executor:
 
         Row r runs cell r's policy and cache (see :class:`~kvcompare.batched.BatchedKVCache`); its scores equal
         a pass of that cell alone. The cells must share the stride. Returns each cell's result, or the
-        exception its policy raised (the other rows go on). One cell runs exactly as a pass of its own.
+        exception its policy raised (the other rows go on). One cell runs exactly as a pass of its own, and
+        returns whatever its pass raised (building its cache included); a batch raises what is not one row's.
         """
         strides = {config.stride for _, config in cells}
         if len(strides) != 1:
@@ -162,17 +163,17 @@ class Executor:
         ids = tokens.to(self.device).view(1, -1)
         count = len(cells)
         cache: BoundedKVCache | BatchedKVCache
-        if count == 1:
-            cache = self.new_cache(*cells[0], capacity=length)
-            rows, row_of, failed = [cache], [0], {}
-        else:
-            cache = self.new_batch(cells, capacity=length)
-            rows, row_of, failed = cache.caches, cache.row_of, cache.failed
-        memory = PeakMemory(self.device)
         nll = np.empty((count, length - 1), dtype=np.float64)  # by batch row
         correct = np.empty((count, length - 1), dtype=bool)
         max_cached = [0] * count
-        try:
+        try:  # building the cache runs the policy's code too (its constructor, needs()) and allocates
+            if count == 1:
+                cache = self.new_cache(*cells[0], capacity=length)
+                rows, row_of, failed = [cache], [0], {}
+            else:
+                cache = self.new_batch(cells, capacity=length)
+                rows, row_of, failed = cache.caches, cache.row_of, cache.failed
+            memory = PeakMemory(self.device)
             with self.attached():
                 for start in range(0, length - 1, stride):
                     end = min(start + stride, length - 1)
@@ -187,9 +188,7 @@ class Executor:
                     correct[shared + 1 :, start:end] = correct[shared, start:end]
                     max_cached = [max(most, row.c_len) for most, row in zip(max_cached, rows, strict=True)]
                     memory.sample()
-        except (KeyboardInterrupt, MemoryError):
-            raise
-        except Exception as err:
+        except Exception as err:  # one cell's failure, out of memory included, is that cell's
             if count > 1:
                 raise
             return [err]

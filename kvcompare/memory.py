@@ -1,4 +1,5 @@
-"""Peak memory of the process (CPU) or of the device allocator (cuda, mps) during one measurement."""
+"""Memory: the peak of the process (CPU) or of the device allocator (cuda, mps) during one measurement, what
+the device can still give, and a check that a cell's buffers fit in it before they are allocated."""
 
 from __future__ import annotations
 
@@ -24,3 +25,30 @@ class PeakMemory:
         else:
             current = self._process.memory_info().rss
         self.peak = max(self.peak, current)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes the device can still give: the allocator's free memory (cuda, mps) or the machine's available RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "mps":
+        return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
+    return int(psutil.virtual_memory().available)
+
+
+class AllocationError(RuntimeError):
+    """A cell's buffers would not fit in the device's free memory: that cell fails, the run goes on."""
+
+
+def ensure_fits(nbytes: int, device: torch.device, what: str) -> None:
+    """Raise AllocationError before ``what`` allocates ``nbytes`` that ``device`` does not have free.
+
+    On a CPU an allocation beyond the available memory may not fail at once (the kernel overcommits) but kill
+    the process when the pages are touched, losing every cell not yet written; so it is refused here.
+    """
+    free = free_memory(device)
+    if nbytes > free:
+        raise AllocationError(
+            f"{what} needs {nbytes / 2**30:.2f} GiB, more than the {free / 2**30:.2f} GiB free on {device}"
+        )

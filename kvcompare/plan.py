@@ -14,6 +14,7 @@ from typing import Any
 from kvcompare import corpus as corpora
 from kvcompare import models
 from kvcompare.budgets import parse_layer_budget, smallest_budget
+from kvcompare.cache import check_skip_layers
 from kvcompare.config import HAYSTACKS, TASKS, CacheConfig, ConfigError, LatencySettings, RunConfig, check_position_mode
 from kvcompare.corpus import Passage
 from kvcompare.passkey import PasskeyPrompt, build_prompt, passkey_keys
@@ -107,6 +108,7 @@ class Plan:
     corpus: dict[str, Any]  # the corpus description
     passages: list[Passage]
     cells: list[Cell]
+    num_layers: int | None  # the model's layers, from its configuration (None: known only once it loads)
 
     def metadata(self) -> dict[str, Any]:
         """The plan's part of run.json."""
@@ -218,6 +220,16 @@ def check_config(config: RunConfig, policies: list[KVPolicy]) -> None:
                 raise ConfigError(f"--cache {limit}: {err}") from None
 
 
+def check_layers(config: RunConfig, policies: list[KVPolicy], layers: int) -> None:
+    """Checks that need the model's layer count: skip layers exist and leave some layer to compress."""
+    check_skip_layers(config.skip_layers, layers)
+    if any(p.bounded for p in policies) and set(range(layers)) <= set(config.skip_layers):
+        raise ConfigError(
+            f"--skip-layers covers all {layers} layers of {config.model}: nothing would be compressed, so every "
+            "policy would equal full; skip fewer layers (e.g. --skip-layers 0,1)"
+        )
+
+
 def prepare(config: RunConfig) -> list[KVPolicy]:
     """Build the policies and run every check that needs neither tokenizer nor weights (milliseconds)."""
     policies = build_policies(config)
@@ -236,6 +248,9 @@ def plan(config: RunConfig, policies: list[KVPolicy] | None = None) -> Plan:
     """
     policies = prepare(config) if policies is None else policies
     tokenizer = models.load_tokenizer(config.model)
+    num_layers = models.layer_count(config.model)
+    if num_layers is not None:
+        check_layers(config, policies, num_layers)
     corpus = corpora.load_corpus(config.dataset, text_column=config.text_column, include_all=config.all_books)
     encode = functools.cache(functools.partial(models.encode, tokenizer))  # each document tokenized once
     passages = [
@@ -258,7 +273,7 @@ def plan(config: RunConfig, policies: list[KVPolicy] | None = None) -> Plan:
             for probe, sample in passkey_probes(config, encode, corpus)
             for policy, cache in configurations
         ]
-    return Plan(config, policies, tokenizer, corpus.describe(), passages, cells)
+    return Plan(config, policies, tokenizer, corpus.describe(), passages, cells, num_layers)
 
 
 def passkey_probes(config: RunConfig, encode: Any, corpus: Any) -> list[tuple[PasskeyPrompt, int]]:

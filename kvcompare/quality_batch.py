@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import psutil
 import torch
 
 from kvcompare.budgets import compressed_layer_budgets
@@ -19,16 +18,6 @@ from kvcompare.policy import KVPolicy
 
 #: The share of the device's free memory a batched quality pass may take.
 MEMORY_SHARE = 0.5
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes the device can still give: the allocator's free memory (cuda, mps) or the machine's available RAM."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    if device.type == "mps":
-        return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
-    return int(psutil.virtual_memory().available)
 
 
 def row_bytes(layout: CacheLayout, policy: KVPolicy, config: CacheConfig, length: int, slots: int, vocab: int) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from kvcompare.errors import did_you_mean
+from kvcompare.failure import policy_line
 from kvcompare.policy import KVPolicy, PolicyError, coerce_parameter, parameter_defaults
 
 
@@ -65,6 +66,16 @@ class PolicyRegistry:
                 listed = ", ".join(known) or "none"
                 raise PolicyError(f"{name} has no parameter {key!r}.{did_you_mean(key, known)} Parameters: {listed}")
             values[key] = coerce_parameter(cls, key, raw)
-        policy = cls(**values)
-        policy.validate()
-        return policy.bound_to(self.entry(name).plugin)
+        plugin = self.entry(name).plugin
+        try:
+            policy = cls(**values)
+            policy.validate()
+        except PolicyError:
+            raise
+        except Exception as err:  # a bug in the plugin's constructor or validate(): name it and where
+            where = policy_line(err, cls)
+            raise PolicyError(
+                f"policy {spec!r} (plugin {plugin!r}) could not be built: {type(err).__name__}: {err}"
+                + (f" (at {where})" if where else "")
+            ) from err
+        return policy.bound_to(plugin)

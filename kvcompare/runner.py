@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from kvcompare.budgets import compressed_layer_budgets
-from kvcompare.cache import CacheLayout, check_skip_layers
+from kvcompare.cache import CacheLayout
 from kvcompare.config import ConfigError, RunConfig
 from kvcompare.environment import device_name, environment
 from kvcompare.executor import Executor
@@ -27,7 +27,6 @@ from kvcompare.measure import latency_fields, position_buckets, quality_fields
 from kvcompare.models import LoadedModel, load_model
 from kvcompare.physics import kv_read_bytes, memory_bandwidth, tpot_floor, weight_bytes
 from kvcompare.plan import Cell, Plan, plan, prepare
-from kvcompare.policy import KVPolicy
 from kvcompare.protocol import PROTOCOL_VERSION
 from kvcompare.results import RunFolder, cell_id
 from kvcompare.schedule import CellRecord, measure_passage, measure_probes
@@ -106,17 +105,6 @@ def resume_additions(previous: dict[str, Any], config: RunConfig) -> dict[str, A
     return added
 
 
-def check_layers(config: RunConfig, policies: list[KVPolicy], loaded: LoadedModel) -> None:
-    """Checks that need the model's shape: skip layers exist and leave some layer to compress."""
-    layers = loaded.info["num_layers"]
-    check_skip_layers(config.skip_layers, layers)
-    if any(p.bounded for p in policies) and set(range(layers)) <= set(config.skip_layers):
-        raise ConfigError(
-            f"--skip-layers covers all {layers} layers of {config.model}: nothing would be compressed, so every "
-            "policy would equal full; skip fewer layers (e.g. --skip-layers 0,1)"
-        )
-
-
 def beyond_context_lengths(config: RunConfig, max_positions: int | None) -> list[int]:
     """Lengths whose latency pass reaches past the model's trained positions."""
     if not max_positions:
@@ -124,14 +112,27 @@ def beyond_context_lengths(config: RunConfig, max_positions: int | None) -> list
     return [n for n in config.lengths if config.latency_positions(n) > max_positions]
 
 
-def run(
-    config: RunConfig, out: Path | None = None, *, resume: bool = False, force: bool = False, progress: bool = True
-) -> Path:
-    """Measure every cell of the grid into ``out`` (default ``reports/runs/<run id>``); return the folder.
+@dataclasses.dataclass(frozen=True)
+class RunStart:
+    """A run that passed every check made before the weights load: its plan, folder and what is finished."""
 
-    Everything that can be checked without the weights is checked first, and nothing is written until the
-    first cell is about to be measured. With ``config.ray`` set, passages are measured by Ray actors
-    (kvcompare.distributed); the folder, its rows and ``--resume`` are the same.
+    grid: Plan
+    run_id: str  # the resumed run's, or a new one (also the default folder's name)
+    folder: RunFolder
+    previous: dict[str, Any]  # the run.json of the run resumed ({} for a new run)
+    additions: dict[str, Any]  # what a resume adds to it
+    done: set[str]  # ids of the cells already finished in the folder
+
+    @property
+    def todo(self) -> list[Cell]:
+        """The cells still to measure, in the plan's order."""
+        return [cell for cell in self.grid.cells if cell.id not in self.done]
+
+
+def check_start(config: RunConfig, out: Path | None = None, *, resume: bool = False, force: bool = False) -> RunStart:
+    """Every check of a run that needs no weights, in the order a run makes them; a dry run makes the same.
+
+    Raises the run's own errors (ConfigError, ResultsError, ModelError, CorpusError): nothing is written.
     """
     policies = prepare(config)
     run_id = new_run_id(config)
@@ -143,11 +144,25 @@ def run(
     additions = resume_additions(previous["config"], config) if previous.get("config") else {}
     done = folder.finished() if resume else set()
     grid = plan(config, policies)  # the tokenizer and the corpus: passages are drawn before the weights load
+    return RunStart(grid, previous.get("run_id") or run_id, folder, previous, additions, done)
+
+
+def run(
+    config: RunConfig, out: Path | None = None, *, resume: bool = False, force: bool = False, progress: bool = True
+) -> Path:
+    """Measure every cell of the grid into ``out`` (default ``reports/runs/<run id>``); return the folder.
+
+    Everything that can be checked without the weights is checked first (:func:`check_start`), and nothing is
+    written until the first cell is about to be measured. With ``config.ray`` set, passages are measured by Ray
+    actors (kvcompare.distributed); the folder, its rows and ``--resume`` are the same.
+    """
+    begun = check_start(config, out, resume=resume, force=force)
+    grid, folder, previous, done = begun.grid, begun.folder, begun.previous, begun.done
     resumes = list(previous.get("resumes", []))
     if previous:
-        resumes.append({"at": _timestamp(), "added": additions})
+        resumes.append({"at": _timestamp(), "added": begun.additions})
     meta: dict[str, Any] = {
-        "run_id": previous.get("run_id") or run_id,
+        "run_id": begun.run_id,
         "protocol_version": PROTOCOL_VERSION,
         "command": " ".join(["kvcompare", *sys.argv[1:]])
         if Path(sys.argv[0]).name == "kvcompare"
@@ -157,9 +172,11 @@ def run(
         "resumes": resumes,
         "finished_at": None,
     }
-    todo = [cell for cell in grid.cells if cell.id not in done]
-    if len(todo) < len(grid.cells):
-        print(f"resuming: {len(grid.cells) - len(todo)} of {len(grid.cells)} cells already finished", file=sys.stderr)
+    if len(begun.todo) < len(grid.cells):
+        print(
+            f"resuming: {len(grid.cells) - len(begun.todo)} of {len(grid.cells)} cells already finished",
+            file=sys.stderr,
+        )
     if config.ray is not None:
         from kvcompare.distributed import measure_on_ray
 
@@ -175,7 +192,6 @@ def _measure_here(
     """The serial run: load the model in this process and measure passage by passage."""
     config = grid.config
     loaded = load_model(config.model, config.device, config.dtype, tokenizer=grid.tokenizer)
-    check_layers(config, grid.policies, loaded)
     beyond = warn_beyond_context(config, loaded.info.get("max_position_embeddings"))
     meta.update(model_info=loaded.info, environment=environment(torch.device(config.device)))
     meta["beyond_context_lengths"] = beyond
@@ -431,7 +447,7 @@ def result_row(record: CellRecord, context: RowContext) -> tuple[dict[str, Any],
         )
         return row, []
     if record.error is not None or record.quality is None:
-        row.update(status="failed", error=record.error or "no quality pass")
+        row.update(status="failed", error=record.error or "no quality pass", traceback=record.traceback)
         return row, []
     quality = record.quality
     row.update(

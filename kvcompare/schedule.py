@@ -13,17 +13,18 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from kvcompare.executor import Executor, LatencyResult, QualityResult
+from kvcompare.failure import failure_of, report_failure
 from kvcompare.measure import round_order, timing_rows
+from kvcompare.memory import free_memory
 from kvcompare.passkey import Retrieval, retrieve
 from kvcompare.plan import Cell
-from kvcompare.quality_batch import MEMORY_SHARE, free_memory, quality_batches
+from kvcompare.quality_batch import MEMORY_SHARE, quality_batches
 
 #: A one-pass prefill of the `full` baseline goes in chunks of at most this many tokens (memory).
 ONESHOT_CHUNK = 8192
@@ -39,6 +40,7 @@ class CellRecord:
     oneshot_ttft: list[float] = dataclasses.field(default_factory=list)
     retrieval: Retrieval | None = None  # a passkey cell's one pass
     error: str | None = None
+    traceback: str | None = None  # the error's whole traceback
     wall_s: float = 0.0  # its own passes only: cells of a passage interleave
 
 
@@ -119,9 +121,7 @@ def measure_passage(
                         oneshot = _trial(executor, trial.cell, oneshot=True)
                         owner.oneshot_ttft.append(oneshot.ttft_s)
                         rows += timing_rows(oneshot, kind="ttft_oneshot", **keys)
-            except (KeyboardInterrupt, MemoryError):
-                raise
-            except Exception as err:  # one failing policy must not lose the other cells
+            except Exception as err:  # one failing policy (its memory included) must not lose the other cells
                 if owner is not None:
                     _fail(owner, err)
                 else:  # a control trial: its pairs are missing, no cell is lost
@@ -140,6 +140,7 @@ def measure_quality(
     A batch that fails as a whole (out of memory, or an error outside a policy) is run again one cell at a
     time, so one cell's failure never costs another cell its pass.
     """
+    records = [record for record in records if _sized(record)]
     if not records:
         return
     tokens = _tokens(records[0].cell)
@@ -152,9 +153,7 @@ def measure_quality(
         started = time.perf_counter()
         try:
             results = executor.score_batch(tokens, [cells[index] for index in batch])
-        except Exception as err:
-            if len(batch) == 1:  # only MemoryError escapes a single cell's pass (it returns its other errors)
-                raise
+        except Exception as err:  # a single cell's pass returns its errors: this is a batch's
             print(f"\nbatched quality pass failed ({err}); running its {len(batch)} cells one by one", file=sys.stderr)
             results = [executor.score_batch(tokens, [cells[index]])[0] for index in batch]
         share = (time.perf_counter() - started) / len(batch)
@@ -166,6 +165,16 @@ def measure_quality(
                 record.quality = result
                 record.wall_s += result.wall_s
             tick(f"quality {record.cell.describe()}", True)
+
+
+def _sized(record: CellRecord) -> bool:
+    """Whether a cell's batch row can be sized: asks its policy what it reads, and fails the cell if that raises."""
+    try:
+        record.cell.policy.needs()
+    except Exception as err:  # a policy's bug costs its own cell only
+        _fail(record, err)
+        return False
+    return True
 
 
 def _batch_label(records: list[CellRecord]) -> str:
@@ -204,9 +213,7 @@ def measure_probes(executor: Executor, cells: list[Cell], tick: Callable[[str, b
             chunk = cell.context.latency.prefill_chunk or cell.cache.stride
             record.retrieval = retrieve(executor, cell.probe, cell.policy, cell.cache, chunk)
             record.wall_s = record.retrieval.wall_s
-        except (KeyboardInterrupt, MemoryError):
-            raise
-        except Exception as err:  # one failing policy must not lose the other cells
+        except Exception as err:  # one failing policy (its memory included) must not lose the other cells
             _fail(record, err)
         tick(cell.describe(), True)
         records.append(record)
@@ -214,6 +221,7 @@ def measure_probes(executor: Executor, cells: list[Cell], tick: Callable[[str, b
 
 
 def _fail(record: CellRecord, err: Exception) -> None:
-    record.error = f"{type(err).__name__}: {err}"
-    print(f"\ncell failed: {record.cell.policy.who()}: {record.error}", file=sys.stderr)
-    traceback.print_exc(limit=3)
+    """Record ``err`` as the cell's failure (the error and its whole traceback) and show the policy's frames."""
+    failure = failure_of(err, type(record.cell.policy))
+    record.error, record.traceback = failure.error, failure.traceback
+    report_failure(record.cell.policy.who(), failure)

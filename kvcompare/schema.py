@@ -11,6 +11,7 @@ RESULT_SCHEMA = pa.schema(
         ("cell_id", pa.string()),  # stable hash of the cell's configuration; --resume keys on it
         ("status", pa.string()),  # "ok" or "failed"
         ("error", pa.string()),  # the failure, for status == "failed"
+        ("traceback", pa.string()),  # its whole traceback (a policy's bug: file and line of the plugin's code)
         ("task", pa.string()),  # "ppl" (quality and speed on a passage) or "passkey" (retrieval of one key)
         ("depth", pa.float64()),  # passkey: where the needle sits, 0 (start) to 1 (end); null for ppl
         ("model", pa.string()),

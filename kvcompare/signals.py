@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from kvcompare.memory import ensure_fits
 from kvcompare.timing import SpanTimer
 
 
@@ -66,10 +67,13 @@ class SignalRecorder:
         # Weights are computed at float32 at least (float64 models keep float64).
         self.dtype = torch.promote_types(dtype, torch.float32)
         shape = tokens.shape
+        w = needs.queries
+        per_slot = 3 * self.dtype.itemsize * tokens.numel() if needs.attention else 0
+        ring = dtype.itemsize * shape[0] * shape[1] * heads * w * head_dim
+        ensure_fits(per_slot + ring, device, f"the signals the policy reads (a ring of {w} queries per layer)")
         self.attention = torch.zeros(shape, dtype=self.dtype, device=device) if needs.attention else None
         self.last = torch.zeros(shape, dtype=self.dtype, device=device) if needs.attention else None
         self.accumulated = torch.zeros(shape, dtype=self.dtype, device=device) if needs.attention else None
-        w = needs.queries
         self.queries = torch.zeros(shape[0], shape[1], heads, w, head_dim, dtype=dtype, device=device) if w else None
         self.query_positions = torch.full((w,), -1, dtype=torch.long, device=device) if w else None
         self.scaling = 1 / math.sqrt(head_dim)

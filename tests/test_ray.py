@@ -9,7 +9,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from runs import tiny_run
+from runs import CORPUS, tiny_run
 
 from kvcompare.config import ConfigError
 from kvcompare.hookspecs import hookimpl
@@ -107,7 +107,29 @@ def test_a_failing_cell_on_ray_is_recorded_and_the_others_kept(
     failed = rows.filter(pl.col("status") == "failed")
     assert failed["policy"].unique().to_list() == ["raises"] and failed.height == 3
     assert failed["error"].str.contains("bug in the policy").all()
+    assert failed["traceback"].str.contains(r'testing.py", line \d+, in score').all()  # the policy's own frame
     assert rows.filter(pl.col("status") == "ok").height == 6
+
+
+@pytest.mark.ray
+def test_a_users_error_inside_an_actor_is_one_line_with_exit_status_2(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("ray")
+    import shutil
+
+    from kvcompare.cli import main
+
+    broken = tmp_path / "model"  # its config and tokenizer load (the plan passes), its weights do not
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    args = ["run", "--model", str(broken), "--dataset", str(CORPUS), "--policies", "recent", "--cache", "16"]
+    args += ["--lengths", "48", "--stride", "8", "--skip-layers", "0", "--ray", "local", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 2
+    ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("kvcompare")]
+    assert len(ours) == 1 and ours[0].startswith("kvcompare: error: could not load the model folder")
+    assert "\x1b[" not in ours[0] and "Traceback" not in ours[0]
 
 
 def test_ray_needs_its_extra_and_workers_need_ray(

@@ -11,6 +11,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
+from runs import CORPUS
 from runs import tiny_run as config
 
 import kvcompare.runner as runner
@@ -239,6 +240,8 @@ def test_lengths_beyond_the_trained_context_are_warned_and_recorded(
         ({"model": "/no/such/model"}, "no such file or folder"),
         ({"lengths": [100000]}, "longest"),  # needs only the tokenizer, not the weights
         ({"dtype": "float8"}, "unknown dtype"),
+        ({"skip_layers": [0, 99]}, r"has layers 0\.\.3, not \[99\]"),  # the layer count is in config.json
+        ({"skip_layers": [0, 1, 2, 3]}, "covers all 4 layers"),
     ],
 )
 def test_cheap_checks_run_before_the_model_loads(
@@ -252,10 +255,13 @@ def test_cheap_checks_run_before_the_model_loads(
     assert not (tmp_path / "run").exists()
 
 
-def test_skip_layers_covering_every_layer_are_refused_before_any_cell(tiny_model_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="covers all 4 layers"):
-        run(config(tiny_model_dir, skip_layers=[0, 1, 2, 3]), tmp_path / "run", progress=False)
-    assert not (tmp_path / "run").exists()
+def test_a_user_error_is_one_line_with_exit_status_2(
+    tiny_model_dir: Path, tmp_path: Path, no_measuring: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["run", "--model", str(tiny_model_dir), "--dataset", str(CORPUS), "--skip-layers", "0,99"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == ["kvcompare: error: --skip-layers [0, 99]: the model has layers 0..3, not [99]"]
 
 
 # -- 9. messages instead of tracebacks ----------------------------------------------------------------------

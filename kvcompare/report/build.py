@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvcompare.report.content import assemble, noise_line, relative_tables
-from kvcompare.report.data import analyse, load_run
+from kvcompare.report.data import analyse, load_run, outcome
 from kvcompare.report.render import render_html, render_markdown, table_md
 
 REPORT_DIR = "report"
@@ -46,6 +46,14 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> ReportPaths:
 
 def summary_table(run_dir: Path) -> str:
     """The noise floor, then the relative change against `full` for every length, as Markdown for the terminal."""
-    analysis = analyse(load_run(run_dir))
+    run = load_run(run_dir)
+    analysis = analyse(run)
     tables = [table_md(table) for table in relative_tables(analysis)]
+    ended = outcome(run)
+    if ended.nothing_succeeded and ended.failed:
+        tables = tables or [f"no successful cell: all {ended.failed} cells failed ({FAILED_HINT})"]
     return "\n".join([noise_line(analysis.noise) + "\n", *(tables or ["no finished cells"])])
+
+
+#: Where a failed cell's error is, for the terminal.
+FAILED_HINT = "their errors and tracebacks are in the `error` and `traceback` columns of cells/*.parquet"

@@ -536,7 +536,7 @@ def retrieval_section(retrieval: pl.DataFrame, charts: ChartSet, several_modes: 
     )
 
 
-def _probed(retrieval: pl.DataFrame) -> str:
+def _probed(retrieval: pl.DataFrame, config: dict[str, Any]) -> str:
     """What the passkey probes covered, for the summary: policies, limits, lengths, depths, keys per length and
     depth (the PPL cells' entries above may name others)."""
     evicting = retrieval.filter(pl.col("policy") != BASELINE_POLICY)
@@ -546,8 +546,9 @@ def _probed(retrieval: pl.DataFrame) -> str:
     depths = ", ".join(f"{d:g}" for d in sorted(retrieval["depth"].drop_nulls().unique().to_list()))
     keys = retrieval.group_by(["seq_len", "depth"]).agg(pl.col("sample_id").n_unique())["sample_id"]
     per = MISSING if keys.is_empty() else str(keys.max())
+    against = against_baseline(retrieval, config)
     return (
-        f"{policies} against `full` at cache limits {limits}; lengths {lengths or MISSING} tokens, needle depths "
+        f"{policies}{against} at cache limits {limits}; lengths {lengths or MISSING} tokens, needle depths "
         f"{depths or MISSING}, {per} keys per length and depth"
     )
 
@@ -626,6 +627,15 @@ def timing_notices(summary: pl.DataFrame) -> list[str]:
     ]
 
 
+def against_baseline(rows: pl.DataFrame, config: dict[str, Any]) -> str:
+    """What the policies in ``rows`` were compared with: `full`, when a `full` row of them succeeded."""
+    if not rows.filter((pl.col("policy") == BASELINE_POLICY) & (pl.col("status") == "ok")).is_empty():
+        return " against `full`"
+    if config.get("baseline") is False:
+        return ", with no `full` baseline (--no-baseline)"
+    return ", with no successful `full` baseline"
+
+
 def _distinct(cells: pl.DataFrame, column: str, fallback: Any = None) -> list[str]:
     """The distinct values of a cells column, sorted; else run.json's value (a list or one value)."""
     found = sorted(cells[column].drop_nulls().unique().to_list()) if column in cells.columns else []
@@ -662,14 +672,14 @@ def compared(run: RunData) -> dict[str, str]:
     return {
         "model": listed("model", "model"),
         "dataset": listed("dataset", "dataset"),
-        "policies": (", ".join(policies) or "none") + " against `full`",
+        "policies": (", ".join(policies) or "none") + against_baseline(cells, config),
         "cache limits (tokens)": listed("cache_size", "cache_sizes"),
         "position modes": listed("positions", "positions"),
         "lengths (tokens)": ", ".join(lengths) or listed("seq_len", "lengths"),
         "latency trials": f"{trials}; the prompt prefilled in chunks of {chunk} tokens, then {gen} tokens timed "
         f"after {warmup} warm-up steps",
         "device": device,
-        **({"passkey retrieval": _probed(run.retrieval)} if not run.retrieval.is_empty() else {}),
+        **({"passkey retrieval": _probed(run.retrieval, config)} if not run.retrieval.is_empty() else {}),
     }
 
 

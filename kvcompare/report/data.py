@@ -555,6 +555,10 @@ def noise_floor(cells: pl.DataFrame, timings: pl.DataFrame | None) -> NoiseFloor
     """The run's noise floor from its A/A control trials, or why it could not be measured."""
     nothing = change_estimates(pl.DataFrame(schema={"seq_len": pl.Int64}), ["seq_len"], NOISE_CHANGES)
     if timings is None or timings.is_empty():
+        if cells.is_empty():
+            return NoiseFloor({}, nothing, "the run measured no speed (it has no perplexity and speed cell)")
+        if not (cells["status"] == "ok").any():
+            return NoiseFloor({}, nothing, f"every one of its {cells.height} perplexity and speed cells failed")
         return NoiseFloor({}, nothing, "the run has no raw timings (`timings/`; it predates repeated latency trials)")
     if timings.filter(pl.col("role") == "aa_control").is_empty():
         return NoiseFloor({}, nothing, "the run recorded no A/A control trials")
@@ -792,6 +796,23 @@ class Analysis:
     several_modes: bool
     recommendations: list[Recommendation]
     rules: tuple[Rule, ...] = ALL_RULES  # the rules the recommendations followed, as the report states them
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a run's cells ended, passkey probes included."""
+
+    ok: int
+    failed: int
+
+    @property
+    def nothing_succeeded(self) -> bool:
+        return self.ok == 0
+
+
+def outcome(run: RunData) -> Outcome:
+    statuses = pl.concat([run.cells["status"], run.retrieval["status"]])
+    return Outcome(int((statuses == "ok").sum()), int((statuses != "ok").sum()))
 
 
 def analyse(run: RunData) -> Analysis:
