@@ -117,7 +117,8 @@ def _add_run_parser(commands: Any) -> None:
     run.add_argument(
         "--repeats",
         type=int,
-        help=f"latency trials per cell, interleaved in rounds with the other cells of a passage (default {d.repeats})",
+        help="latency trials per cell, interleaved in rounds with the other cells of a passage; 0: a quality-only "
+        f"run, speed not measured (default {d.repeats})",
     )
     run.add_argument(
         "--prefill-chunk",

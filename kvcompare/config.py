@@ -28,6 +28,16 @@ class ConfigError(KVCompareError, ValueError):
     """A run configuration that cannot work, found before any measurement starts."""
 
 
+def oversubscription(threads: int | None, cpus: int | None) -> str | None:
+    """What is wrong with timing ``threads`` torch threads on a machine of ``cpus`` logical CPUs, or None."""
+    if not threads or not cpus or threads <= cpus:
+        return None
+    return (
+        f"{threads} torch threads on {cpus} CPUs: threads beyond the CPUs wait for each other, so speed figures are "
+        "slower and noisier than this machine allows; use --threads at most the CPU count (default: the cores)"
+    )
+
+
 def check_position_mode(mode: str) -> PositionMode:
     """The one check of a position mode, shared by the command line and the cache."""
     if mode not in POSITION_MODES:

@@ -284,7 +284,7 @@ def _local_corpus(spec: str, text_column: str) -> Corpus:
 def _local_files(spec: str) -> tuple[str, list[tuple[str, Path]]]:
     """The kind (`.txt`, `.jsonl` or `.parquet`) and the (source name, path) of the files a local spec names."""
     path = Path(spec).expanduser()
-    if any(wildcard in spec for wildcard in "*?["):
+    if not path.exists() and any(wildcard in spec for wildcard in "*?["):  # an existing path is a path
         matches = sorted(Path(match) for match in glob.glob(spec, recursive=True))
         files = [(match.as_posix(), match) for match in matches if match.suffix == ".txt" and match.is_file()]
         if not files:

@@ -83,7 +83,7 @@ class PassageWorker:
         }
 
     def measure(self, cells: list[Cell], todo: list[Cell], done: set[str], session: int) -> PassageResults:
-        if not self.warmed:  # the first passage's cells must not pay for first-call allocation
+        if not self.warmed and self.config.repeats:  # the first timed cells must not pay for first calls
             _warm_up(self.executor, todo[0])
             self.warmed = True
         return measure_group(
@@ -127,6 +127,20 @@ def worker_count(config: RunConfig) -> int:
     return 1
 
 
+def check_cluster_fits(cluster: dict[str, float], count: int, options: dict[str, int]) -> None:
+    """Refuse actors that the cluster's resources (``ray.cluster_resources()``) could never all hold: Ray
+    would start those that fit and leave the others pending for ever."""
+    for resource, key in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
+        need, have = count * options[key], cluster.get(resource, 0)
+        if need > have:
+            raise ConfigError(
+                f"--workers {count} with {options[key]} {resource} each need {need:g} {resource}s, and the Ray "
+                f"cluster has {have:g}: ask for fewer --workers"
+                + (" or --threads" if resource == "CPU" else "")
+                + ", or add nodes to the cluster (one that autoscales: start its nodes first)"
+            )
+
+
 def measure_on_ray(
     grid: Plan, done: set[str], folder: RunFolder, meta: dict[str, Any], *, session: int, progress: bool
 ) -> None:
@@ -142,6 +156,7 @@ def measure_on_ray(
         local_cpu = config.ray == "local" and config.device == "cpu"
         threads = config.threads or (max(1, physical_cores() // count) if local_cpu else None)
         options = {"num_gpus": 1 if config.device == "cuda" else 0, "num_cpus": threads or 1}
+        check_cluster_fits(ray.cluster_resources(), count, options)
         worker = ray.remote(PassageWorker).options(max_restarts=RETRIES, max_task_retries=RETRIES, **options)
         actors = [worker.remote(config, meta["run_id"], threads) for _ in range(count)]
         described = _first_answer(ray, [actor.describe.remote() for actor in actors])
@@ -173,9 +188,23 @@ def _worker_entry(described: dict[str, Any]) -> dict[str, Any]:
     return {k: described[k] for k in ("host", "device_name", "threads", "memory_bandwidth_bytes_s")}
 
 
+#: Seconds between the notices of a run still waiting for its actors to start.
+WAIT_NOTICE_S = 30.0
+
+
 def _first_answer(ray: Any, refs: list[Any]) -> list[Any]:
-    """``ray.get``, with an actor's own error (a bad model, a bad configuration) raised as itself: a user's
-    error (KVCompareError) as its one-line message, anything else with the actor's traceback."""
+    """``ray.get`` of the actors' first answers, with an actor's own error (a bad model, a bad configuration)
+    raised as itself: a user's error (KVCompareError) as its one-line message, anything else with the actor's
+    traceback. While actors wait for resources that others hold, says so every WAIT_NOTICE_S seconds."""
+    while True:
+        ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=WAIT_NOTICE_S)
+        if not waiting:
+            break
+        print(
+            f"kvcompare: waiting for {len(waiting)} of {len(refs)} Ray actors to start; the cluster has "
+            f"{ray.available_resources()} free of {ray.cluster_resources()} (Ctrl-C stops)",
+            file=sys.stderr,
+        )
     try:
         return list(ray.get(refs))
     except ray.exceptions.RayTaskError as err:

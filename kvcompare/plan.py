@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import sys
 from typing import Any
 
 from kvcompare import corpus as corpora
@@ -139,6 +140,8 @@ def build_policies(config: RunConfig) -> list[KVPolicy]:
             raise ConfigError(f"{err}" + (f" (plugins that failed to load: {failed})" if failed else "")) from None
         if policy.label() not in {p.label() for p in policies}:
             policies.append(policy)
+        else:
+            print(f"kvcompare: --policies {spec} is {policy.label()}, listed before: measured once", file=sys.stderr)
     return policies
 
 
@@ -148,7 +151,6 @@ POSITIVE_SETTINGS = (
     "evict_block",
     "gen",
     "bucket",
-    "repeats",
     "prefill_chunk",
     "threads",
     "quality_batch",
@@ -171,6 +173,8 @@ def check_config(config: RunConfig, policies: list[KVPolicy]) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, not {getattr(config, name)}")
     if config.warmup < 0:
         raise ConfigError("--warmup must be 0 or more")
+    if config.repeats < 0:
+        raise ConfigError(f"--repeats must be 0 (a quality-only run: no speed measured) or more, not {config.repeats}")
     if config.workers is not None and config.ray is None:
         raise ConfigError("--workers sets the Ray actors: add --ray local (this machine) or --ray auto (a cluster)")
     for label, values in (
@@ -207,17 +211,57 @@ def check_config(config: RunConfig, policies: list[KVPolicy]) -> None:
         if min_keep < 1:
             raise ConfigError(f"--evict-block {config.evict_block} is too large for limit {limit} and {flag} {chunk}")
         reserve = chunk + config.evict_block - 1
-        min_keep = smallest_budget(config.layer_budget, limit, reserve) - reserve  # in the most squeezed layer
+        smallest = smallest_budget(config.layer_budget, limit, reserve)
+        min_keep = smallest - reserve  # in the most squeezed layer
         if min_keep < 1:
             raise ConfigError(
                 f"--layer-budget {config.layer_budget} leaves the top layer no token to keep at --cache {limit}; "
                 "lower beta or raise --cache"
             )
+        why = f"{flag} {chunk}, --evict-block {config.evict_block}"
+        if smallest < limit:
+            why = f"the smallest layer budget of --layer-budget {config.layer_budget}, {smallest} slots, {why}"
         for policy in bounded:
             try:
                 policy.check_limit(min_keep)
             except PolicyError as err:
-                raise ConfigError(f"--cache {limit}: {err}") from None
+                fixes = f"raise --cache, or lower {flag}"
+                if smallest < limit:
+                    fixes += ", or use --layer-budget uniform or a lower beta"
+                raise ConfigError(
+                    f"--cache {limit}: {err} (an eviction keeps {min_keep} tokens, from {why}): {fixes}"
+                ) from None
+
+
+def merge_repeated_values(config: RunConfig) -> RunConfig:
+    """``config`` with each value repeated in --cache, --lengths, --positions, --depths or --policies kept once
+    (each merge said on stderr), so that no cell is planned, measured or written twice.
+
+    A length repeated with different sample counts is refused: which count was meant cannot be guessed.
+    """
+    changes: dict[str, Any] = {}
+    for name, flag in (("cache_sizes", "--cache"), ("positions", "--positions"), ("depths", "--depths")):
+        changes[name] = _once(getattr(config, name), flag)
+    changes["policies"] = _once([spec.strip() for spec in config.policies], "--policies")
+    counts: dict[int, int] = {}
+    for length, samples in zip(config.lengths, config.samples, strict=False):
+        if counts.setdefault(length, samples) != samples:
+            raise ConfigError(
+                f"--lengths gives {length} twice, with {counts[length]} and {samples} samples: give it once"
+            )
+    if len(counts) < len(config.lengths) and len(config.samples) == len(config.lengths):
+        _once(config.lengths, "--lengths")
+        changes.update(lengths=list(counts), samples=list(counts.values()))
+    return dataclasses.replace(config, **changes)
+
+
+def _once(values: list[Any], flag: str) -> list[Any]:
+    """``values`` without repeats, in order; a notice on stderr if there were any."""
+    kept = list(dict.fromkeys(values))
+    if len(kept) < len(values):
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        print(f"kvcompare: {flag} repeats {', '.join(repeated)}: each is measured once", file=sys.stderr)
+    return kept
 
 
 def check_layers(config: RunConfig, policies: list[KVPolicy], layers: int) -> None:

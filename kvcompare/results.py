@@ -84,6 +84,11 @@ class RunFolder:
             raise ResultsError("--force and --resume contradict each other: --resume keeps, --force replaces")
         if path.exists() and not path.is_dir():
             raise ResultsError(f"--out {path} is a file, not a folder: choose a folder for the results")
+        if resume and not path.exists():
+            raise ResultsError(
+                f"--resume: {path} does not exist, so there is no run to continue: give the --out of that run, "
+                "or leave out --resume to start a new one"
+            )
         base = _writable_ancestor(path)
         if not os.access(base, os.W_OK | os.X_OK):
             raise ResultsError(f"cannot write to {base} (permission denied): choose another --out")

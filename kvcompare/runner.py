@@ -20,16 +20,16 @@ from tqdm import tqdm
 
 from kvcompare.budgets import compressed_layer_budgets
 from kvcompare.cache import CacheLayout
-from kvcompare.config import ConfigError, RunConfig
+from kvcompare.config import ConfigError, RunConfig, oversubscription
 from kvcompare.environment import device_name, environment
 from kvcompare.executor import Executor
 from kvcompare.measure import latency_fields, position_buckets, quality_fields
 from kvcompare.models import LoadedModel, load_model
 from kvcompare.physics import kv_read_bytes, memory_bandwidth, tpot_floor, weight_bytes
-from kvcompare.plan import Cell, Plan, plan, prepare
+from kvcompare.plan import Cell, Plan, merge_repeated_values, plan, prepare
 from kvcompare.protocol import PROTOCOL_VERSION
 from kvcompare.results import RunFolder, cell_id
-from kvcompare.schedule import CellRecord, measure_passage, measure_probes
+from kvcompare.schedule import CellRecord, measure_passage, measure_probes, schedule, trial_passes
 from kvcompare.schema import CURVE_CELL_COLUMNS
 
 DEFAULT_RUNS_DIR = Path("reports/runs")
@@ -49,6 +49,8 @@ def new_run_id(config: RunConfig) -> str:
 GROWABLE = ("policies", "cache_sizes", "positions", "tasks", "depths")
 #: Fields that change how cells are run, never what they measure: a resumed run may change them.
 EXECUTION_ONLY = ("quality_batch", "ray", "workers")
+#: Fields only the cells of one task depend on: they bind a resume only where the run measured that task.
+TASK_ONLY = {"depths": "passkey", "haystack": "passkey"}
 
 
 def check_protocol(previous: dict[str, Any]) -> None:
@@ -72,13 +74,16 @@ def resume_additions(previous: dict[str, Any], config: RunConfig) -> dict[str, A
             "cells cannot be mixed with cells measured now; use another --out (its results stay readable with "
             "`kvcompare report`)"
         )
+    unused = {key for key, task in TASK_ONLY.items() if task not in previous.get("tasks", [])}
     changed = []
     for key, old in previous.items():
         if key in GROWABLE or key in EXECUTION_ONLY or key in ("lengths", "samples") or key not in new:
             continue
-        if new[key] != old:
+        if new[key] != old and key not in unused:
             changed.append(f"{key}: {old!r} then, {new[key]!r} now")
     for key in GROWABLE:
+        if key in unused:  # no finished cell depends on it
+            continue
         missing = [v for v in previous.get(key, []) if v not in new[key]]
         if missing:
             changed.append(f"{key}: {missing!r} would be dropped")
@@ -90,7 +95,7 @@ def resume_additions(previous: dict[str, Any], config: RunConfig) -> dict[str, A
     if changed:
         raise ConfigError(
             "--resume would mix cells measured under different settings; it may only add policies, cache limits, "
-            "position modes, lengths or samples. Differences: "
+            "position modes, tasks, needle depths, lengths or samples. Differences: "
             + "; ".join(changed)
             + ". Rerun with the original settings, or use another --out"
         )
@@ -134,6 +139,7 @@ def check_start(config: RunConfig, out: Path | None = None, *, resume: bool = Fa
 
     Raises the run's own errors (ConfigError, ResultsError, ModelError, CorpusError): nothing is written.
     """
+    config = merge_repeated_values(config)
     policies = prepare(config)
     run_id = new_run_id(config)
     folder = RunFolder(out if out is not None else DEFAULT_RUNS_DIR / run_id)
@@ -144,6 +150,8 @@ def check_start(config: RunConfig, out: Path | None = None, *, resume: bool = Fa
     additions = resume_additions(previous["config"], config) if previous.get("config") else {}
     done = folder.finished() if resume else set()
     grid = plan(config, policies)  # the tokenizer and the corpus: passages are drawn before the weights load
+    if config.ray in (None, "local") and (warning := oversubscription(config.threads, os.cpu_count())):
+        print(f"kvcompare: warning: {warning}", file=sys.stderr)
     return RunStart(grid, previous.get("run_id") or run_id, folder, previous, additions, done)
 
 
@@ -208,7 +216,7 @@ def _measure_here(
             "load_average_start": _load(),
         }
         todo = [cell for cell in grid.cells if cell.id not in done]
-        if todo:
+        if todo and config.repeats:  # a quality-only run times nothing
             _warm_up(executor, todo[0])
         folder.open(meta)
         try:
@@ -258,10 +266,10 @@ def finish(folder: RunFolder, meta: dict[str, Any]) -> None:
 
 def measured_noise_floor(path: Path) -> dict[str, Any]:
     """The run's noise floor in % per speed metric (the A/A control; see kvcompare.report.data.noise_floor)."""
-    from kvcompare.report.data import NOISE_CHANGES, load_run, noise_floor
+    from kvcompare.report.data import NOISE_CHANGES, load_run, noise_floor, what_was_measured
 
     data = load_run(path)
-    floor = noise_floor(data.cells, data.timings)
+    floor = noise_floor(data.cells, data.timings, what_was_measured(data).no_speed)
     return {
         "pct": {change.title: floor.floor(change) for change in NOISE_CHANGES},
         "pairs": floor.pairs,
@@ -310,10 +318,10 @@ def _measure_all(
     """Measure passage by passage; write a passage's timings, then its cells, the moment it is done."""
     groups = passage_groups(grid, done)
 
-    def tick(label: str, counted: bool) -> None:
-        bar.set_postfix_str(label, refresh=not counted)
-        if counted:
-            bar.update(1)
+    def tick(label: str, passes: int) -> None:
+        bar.set_postfix_str(label, refresh=not passes)
+        if passes:
+            bar.update(passes)
 
     failures = 0
     with passes_bar(count_passes(groups, grid.config), progress, folder) as bar:
@@ -349,8 +357,16 @@ def passage_groups(grid: Plan, done: set[str]) -> list[tuple[list[Cell], list[Ce
 
 
 def count_passes(groups: list[tuple[list[Cell], list[Cell]]], config: RunConfig) -> int:
-    """Passes to run, controls not counted: a passkey cell is one pass, a ppl cell its quality pass and trials."""
-    return sum(len(todo) * (1 if todo[0].probe else 1 + config.repeats) for _, todo in groups)
+    """Every pass the run will make: a passkey cell's one pass; a passage's quality passes, then in each round
+    every scheduled trial (controls included) and the one-pass prefill of each `full` cell."""
+    total = 0
+    for cells, todo in groups:
+        if todo[0].probe is not None:
+            total += len(todo)
+            continue
+        baselines = [c for c in cells if not c.policy.bounded and c not in todo]
+        total += len(todo) + config.repeats * sum(trial_passes(t) for t in schedule(todo, baselines))
+    return total
 
 
 def report_failures(failures: int) -> None:
@@ -375,7 +391,7 @@ def measure_group(
     context: RowContext,
     session: int,
     quality_batch: int | None,
-    tick: Callable[[str, bool], None],
+    tick: Callable[[str, int], None],
 ) -> PassageResults:
     """Measure the ``todo`` cells of one passage (``cells`` are all of its cells, ``done`` those finished)."""
     if todo[0].probe is not None:
@@ -397,7 +413,7 @@ def measure_group(
 
 def write_results(folder: RunFolder, results: PassageResults) -> int:
     """Write a passage's timings, then its cells; return how many of its cells failed."""
-    if results.timings_name is not None:
+    if results.timings_name is not None and results.timings:  # a quality-only run times nothing
         folder.write_timings(results.timings_name, results.timings)
     for row, curve in results.cells:
         folder.write_cell(row, curve)

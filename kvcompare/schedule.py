@@ -78,15 +78,15 @@ def measure_passage(
     run_id: str,
     session: int,
     quality_batch: int | None = None,
-    tick: Callable[[str, bool], None] = lambda label, counted: None,
+    tick: Callable[[str, int], None] = lambda label, passes: None,
 ) -> tuple[list[CellRecord], list[dict[str, Any]]]:
     """Measure the ``todo`` cells of one passage; return their records and every trial's raw timing rows.
 
     Quality passes run in batches of up to ``quality_batch`` cells (None: as many as fit in memory; see
     :func:`measure_quality`); latency trials always run one sequence at a time. A cell whose quality pass or
     trial raises is recorded with its error and leaves the later rounds; the other cells go on.
-    ``tick(label, counted)`` is called for a progress bar; control trials (A/A, re-timed baselines) are not
-    counted.
+    ``tick(label, passes)`` is called for a progress bar: with 0 as a pass starts, with the passes it made
+    when it ends (every pass counts, controls included, as :func:`kvcompare.runner.count_passes` counts them).
     """
     records = {cell.id: CellRecord(cell) for cell in todo}
     measure_quality(executor, [records[cell.id] for cell in todo], quality_batch, tick)
@@ -96,10 +96,12 @@ def measure_passage(
     for round_index in range(repeats):
         for order, trial in enumerate(round_order(trials, round_index)):
             record = records.get(trial.cell.id)  # a finished baseline of an earlier session has none
+            label = f"round {round_index + 1} {trial.role} {trial.cell.describe()}"
             if record is not None and record.error is not None:
+                tick(f"{label} (skipped: the cell failed)", trial_passes(trial))
                 continue  # the cell failed: its own trials and its controls stop
             owner = record if trial.role == "cell" else None  # the record this trial's figures belong to
-            tick(f"round {round_index + 1} {trial.role} {trial.cell.describe()}", trial.role == "cell")
+            tick(label, 0)
             keys: dict[str, Any] = {
                 "run_id": run_id,
                 "cell_id": trial.cell.id,
@@ -128,11 +130,17 @@ def measure_passage(
                     print(f"\n{trial.role} trial of {trial.cell.describe()} failed: {err}", file=sys.stderr)
             if owner is not None:
                 owner.wall_s += time.perf_counter() - started
+            tick(label, trial_passes(trial))
     return list(records.values()), rows
 
 
+def trial_passes(trial: ScheduledTrial) -> int:
+    """The passes one scheduled trial makes: a latency pass, and for a `full` cell the one-pass prefill too."""
+    return 2 if trial.role == "cell" and not trial.cell.policy.bounded else 1
+
+
 def measure_quality(
-    executor: Executor, records: list[CellRecord], most: int | None, tick: Callable[[str, bool], None]
+    executor: Executor, records: list[CellRecord], most: int | None, tick: Callable[[str, int], None]
 ) -> None:
     """The quality passes of one passage's cells, as batch rows: up to ``most`` cells per batch (None: as many
     as fit in MEMORY_SHARE of the free memory). Each record gets its own result, or its policy's error.
@@ -140,7 +148,10 @@ def measure_quality(
     A batch that fails as a whole (out of memory, or an error outside a policy) is run again one cell at a
     time, so one cell's failure never costs another cell its pass.
     """
-    records = [record for record in records if _sized(record)]
+    unsized = [record for record in records if not _sized(record)]
+    for record in unsized:
+        tick(f"quality {record.cell.describe()} (failed)", 1)
+    records = [record for record in records if record not in unsized]
     if not records:
         return
     tokens = _tokens(records[0].cell)
@@ -149,7 +160,7 @@ def measure_quality(
     vocab = executor.vocab
     for batch in quality_batches(cells, executor.layout, length=len(tokens), vocab=vocab, budget=budget, most=most):
         members = [records[index] for index in batch]
-        tick(f"quality {_batch_label(members)}", False)
+        tick(f"quality {_batch_label(members)}", 0)
         started = time.perf_counter()
         try:
             results = executor.score_batch(tokens, [cells[index] for index in batch])
@@ -164,7 +175,7 @@ def measure_quality(
             else:
                 record.quality = result
                 record.wall_s += result.wall_s
-            tick(f"quality {record.cell.describe()}", True)
+            tick(f"quality {record.cell.describe()}", 1)
 
 
 def _sized(record: CellRecord) -> bool:
@@ -199,7 +210,7 @@ def _trial(executor: Executor, cell: Cell, oneshot: bool = False) -> LatencyResu
     )
 
 
-def measure_probes(executor: Executor, cells: list[Cell], tick: Callable[[str, bool], None]) -> list[CellRecord]:
+def measure_probes(executor: Executor, cells: list[Cell], tick: Callable[[str, int], None]) -> list[CellRecord]:
     """A passkey prompt's cells: one retrieval pass each (prefill under the policy, then the key's tokens).
 
     Retrieval is not timed for speed (the ppl task's latency trials are), so no rounds are needed.
@@ -208,14 +219,14 @@ def measure_probes(executor: Executor, cells: list[Cell], tick: Callable[[str, b
     for cell in cells:
         record = CellRecord(cell)
         assert cell.probe is not None
-        tick(cell.describe(), False)
+        tick(cell.describe(), 0)
         try:
             chunk = cell.context.latency.prefill_chunk or cell.cache.stride
             record.retrieval = retrieve(executor, cell.probe, cell.policy, cell.cache, chunk)
             record.wall_s = record.retrieval.wall_s
         except Exception as err:  # one failing policy (its memory included) must not lose the other cells
             _fail(record, err)
-        tick(cell.describe(), True)
+        tick(cell.describe(), 1)
         records.append(record)
     return records
 

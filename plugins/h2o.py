@@ -28,6 +28,8 @@ class HeavyHitters(ScoredPolicy):
     def validate(self) -> None:
         if not 0 <= self.recent_ratio <= 1:
             raise PolicyError(f"h2o: recent_ratio must be between 0 and 1, not {self.recent_ratio}")
+        if self.recent_ratio == 1:
+            raise PolicyError("h2o: recent_ratio=1 keeps no heavy hitter: that is `recent`; use recent, or below 1")
 
     def needs(self) -> Needs:
         return Needs(attention=True)

@@ -32,6 +32,13 @@ class SnapKV(ScoredPolicy):
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise PolicyError(f"snapkv: kernel must be a positive odd number, not {self.kernel}")
 
+    def check_limit(self, min_keep: int) -> None:
+        if self.window >= min_keep:
+            raise PolicyError(
+                f"snapkv: window={self.window} is not below the {min_keep} tokens an eviction keeps, so every kept "
+                "token would be in the window and snapkv would be `recent`; lower window"
+            )
+
     def needs(self) -> Needs:
         return Needs(queries=self.window)
 

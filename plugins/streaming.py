@@ -23,9 +23,8 @@ class StreamingLLM(ScoredPolicy):
     def check_limit(self, min_keep: int) -> None:
         if min_keep <= self.start_size:
             raise PolicyError(
-                f"streaming: an eviction would keep only {min_keep} tokens (limit - largest chunk - evict_block + 1), "
-                f"not more than its start_size={self.start_size} attention sinks; raise --cache, or lower --stride "
-                "or --prefill-chunk"
+                f"streaming: an eviction would keep only {min_keep} tokens, not more than its "
+                f"start_size={self.start_size} attention sinks"
             )
 
     def score(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

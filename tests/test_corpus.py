@@ -382,3 +382,15 @@ def test_unsupported_file_type(tmp_path: Path) -> None:
     (tmp_path / "data.csv").write_text("text\nhello\n")
     with pytest.raises(CorpusError, match=r"not a \.txt, \.jsonl or \.parquet file"):
         load_corpus(str(tmp_path / "data.csv"))
+
+
+@pytest.mark.parametrize("name", ["data [v2]", "what?", "all*"])
+def test_an_existing_path_with_glob_characters_is_a_path_not_a_pattern(tmp_path: Path, name: str) -> None:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "book.txt").write_text("A tale told once. " * 20)
+    for spec in (folder, folder / "book.txt"):
+        corpus = load_corpus(str(spec))
+        assert [document.source for document in corpus.documents()] == ["book.txt"]
+    pattern = load_corpus(str(tmp_path / "*" / "*.txt"))  # a pattern that names no existing path is one
+    assert len(list(pattern.documents())) == 1

@@ -121,6 +121,19 @@ class ChecksOnEveryBuild(ScoredPolicy):
 
 
 @dataclasses.dataclass
+class HugeRing(ScoredPolicy):
+    """Asks for a ring of queries far larger than any memory: its signal buffer cannot be allocated."""
+
+    name: ClassVar[str] = "huge-ring"
+
+    def needs(self) -> Needs:
+        return Needs(queries=10**9)
+
+    def score(self, keys: torch.Tensor, positions: torch.Tensor, signals: object = None) -> torch.Tensor:
+        return positions.float()
+
+
+@dataclasses.dataclass
 class BadConstructor(ScoredPolicy):
     name: ClassVar[str] = "bad-constructor"
 
@@ -134,6 +147,7 @@ class ThirdParty:
         register(NeedsRaises)
         register(ChecksOnEveryBuild)
         register(BadConstructor)
+        register(HugeRing)
 
 
 @pytest.fixture
@@ -148,7 +162,7 @@ def third_party(register_plugin: Callable[[object, str], None]) -> None:
     [
         ("needs-raises", "ValueError: bug in needs()"),
         ("checks-on-build", "RuntimeError: resource gone"),
-        ("snapkv:window=1000000000", "AllocationError: the signals the policy reads (a ring of 1000000000 queries"),
+        ("huge-ring", "AllocationError: the signals the policy reads (a ring of 1000000000 queries"),
     ],
 )
 def test_a_policy_that_fails_while_its_cache_is_built_costs_only_its_cells(

@@ -171,3 +171,29 @@ def test_ctrl_c_on_a_ray_run_keeps_finished_passages_and_resume_completes_it(
     resumed = cells(run(grid(tiny_model_dir, ray="local", workers=2), out, resume=True, progress=False))
     serial = cells(run(grid(tiny_model_dir), tmp_path / "serial", progress=False))
     assert resumed.select(QUALITY).equals(serial.select(QUALITY))
+
+
+def test_actors_that_the_cluster_cannot_hold_are_refused() -> None:
+    from kvcompare.distributed import check_cluster_fits
+
+    check_cluster_fits({"CPU": 2.0}, 2, {"num_cpus": 1, "num_gpus": 0})
+    with pytest.raises(ConfigError, match="--workers 3 with 1 CPU each need 3 CPUs, and the Ray cluster has 2"):
+        check_cluster_fits({"CPU": 2.0}, 3, {"num_cpus": 1, "num_gpus": 0})
+    with pytest.raises(ConfigError, match="need 2 GPUs, and the Ray cluster has 1: ask for fewer --workers, or add"):
+        check_cluster_fits({"CPU": 16.0, "GPU": 1.0}, 2, {"num_cpus": 1, "num_gpus": 1})
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("workers,threads", [(3, None), (2, 2)])
+def test_a_local_cluster_with_fewer_cpus_than_asked_is_refused_not_waited_on(
+    tiny_model_dir: Path, tmp_path: Path, workers: int, threads: int | None
+) -> None:
+    pytest.importorskip("ray")
+    import os
+
+    cpus = os.cpu_count() or 1
+    workers = max(workers, cpus + 1) if threads is None else workers
+    threads = None if threads is None else max(threads, cpus // workers + 1)
+    with pytest.raises(ConfigError, match=rf"--workers {workers} .* the Ray cluster has {cpus}:"):
+        run(grid(tiny_model_dir, ray="local", workers=workers, threads=threads), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

@@ -223,3 +223,19 @@ def test_title_shows_the_folder_and_a_differing_run_id(tmp_path: Path) -> None:
     assert paths.markdown.read_text().startswith(f"# {title}\n")
     same = write_run(tmp_path / "test-run", [cell("full", None, 256, 0)])
     assert build_report(same).markdown.read_text().startswith("# KV-cache eviction report: test-run\n")
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["a file", "inside a file"])
+def test_report_out_that_is_a_file_is_one_line_with_exit_status_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], inside: bool
+) -> None:
+    from kvcompare.cli import main
+
+    run_dir = synthetic_run(tmp_path / "run")
+    blocker = tmp_path / "report.html"
+    blocker.write_text("mine")
+    out = blocker / "report" if inside else blocker
+    assert main(["report", str(run_dir), "--out", str(out)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == [f"kvcompare: error: --out {out} is a file, or inside one: choose a folder for the report"]
+    assert blocker.read_text() == "mine"

@@ -339,8 +339,9 @@ def test_load_above_the_cores_is_warned(tmp_path: Path) -> None:
         "noisier than this machine allows."
     ]
     assert load_notices({"speed": {**busy, "cpu_count": 4}}) == []
-    both = load_notices({"speed": {**busy, "cpu_count": 1}})
-    assert both and "3.5 at the start and 1.5 at the end of the run, above the 1 CPU cores" in both[0]
+    both = load_notices({"speed": {**busy, "cpu_count": 1}})  # and 2 threads on 1 CPU: oversubscribed too
+    assert len(both) == 2 and "2 torch threads on 1 CPUs" in both[0]
+    assert "3.5 at the start and 1.5 at the end of the run, above the 1 CPU cores" in both[1]
     assert load_notices({}) == []
     paths = build_report(write_run(tmp_path, [FULL], speed=busy))
     assert "> **Note:** The 1-minute load average was 3.5" in paths.markdown.read_text()

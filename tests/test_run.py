@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import ClassVar
 
 import polars as pl
 import pytest
@@ -249,3 +250,40 @@ def test_cli_run_prints_the_table_and_writes_the_report(
     cells = pl.read_parquet(out / "cells" / "*.parquet")
     assert set(cells["skip_layers"]) == {"[]"}
     assert json.loads(cells.filter(pl.col("policy") == "l2")["policy_params"][0]) == {"mode": "random", "seed": 0}
+
+
+class RecordingBar:
+    """Stands in for tqdm: records the total and every update."""
+
+    bars: ClassVar[list[RecordingBar]] = []
+
+    def __init__(self, total: int, **kwargs: object) -> None:
+        self.total, self.done, self.at_end = total, 0, ""
+        self.bars.append(self)
+
+    def update(self, n: int) -> None:
+        self.done += n
+
+    def set_postfix_str(self, label: str, refresh: bool = True) -> None:
+        self.at_end = label
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_progress_bar_counts_every_pass_controls_included(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kvcompare.runner
+
+    monkeypatch.setattr(kvcompare.runner, "tqdm", RecordingBar)
+    RecordingBar.bars.clear()
+    grid = {"cache_sizes": [16], "samples": [1], "repeats": 2}
+    out = run(config(tiny_model_dir, policies=["recent", "l2"], **grid), tmp_path / "run", progress=False)
+    # 3 quality passes; per round 3 trials, the A/A control and full's one-pass prefill
+    run(config(tiny_model_dir, policies=["recent", "l2", "streaming"], **grid), out, resume=True, progress=False)
+    # 1 quality pass; per round streaming, full timed again as a baseline and its A/A control
+    first, resumed = RecordingBar.bars
+    assert (first.total, first.done) == (3 + 2 * 5, 3 + 2 * 5)
+    assert (resumed.total, resumed.done) == (1 + 2 * 3, 1 + 2 * 3)
+    assert "aa_control" in first.at_end or "cell" in first.at_end

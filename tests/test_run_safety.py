@@ -413,3 +413,102 @@ def test_the_default_folder_is_named_by_the_run_id(
     out = run(config(tiny_model_dir), progress=False)
     assert out.parent == Path("reports/runs")
     assert json.loads((out / "run.json").read_text())["run_id"] == out.name
+
+
+# -- 12. a grid counts each cell once -----------------------------------------------------------------------------
+def test_repeated_values_in_a_grid_are_measured_once_with_a_notice(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repeated = config(
+        tiny_model_dir,
+        policies=["recent", "recent", "l2", "l2:mode=keep_low"],
+        cache_sizes=[16, 16],
+        lengths=[48, 48],
+        positions=["shift", "shift"],
+        repeats=1,
+    )
+    out = run(repeated, tmp_path / "run", progress=False)
+    err = capsys.readouterr().err
+    for notice in (
+        "--cache repeats 16",
+        "--lengths repeats 48",
+        "--positions repeats shift",
+        "--policies repeats recent",
+    ):
+        assert f"kvcompare: {notice}: each is measured once" in err
+    assert "--policies l2:mode=keep_low is l2, listed before: measured once" in err
+    cells = pl.read_parquet(out / "cells" / "*.parquet")
+    assert cells.height == 3 and cells["cell_id"].n_unique() == 3  # full, recent and l2, once each
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["cells_planned"] == 3 and meta["config"]["cache_sizes"] == [16] and meta["config"]["lengths"] == [48]
+    from kvcompare.report.data import load_run
+
+    assert load_run(out).cells.height == 3
+
+
+def test_a_length_repeated_with_different_sample_counts_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--lengths gives 48 twice, with 1 and 2 samples: give it once"):
+        run(config(tiny_model_dir, lengths=[48, 48], samples=[1, 2]), tmp_path / "run", progress=False)
+
+
+# -- 13. refusals that say what is wrong (issue 20) ------------------------------------------------------------
+def test_resume_of_a_folder_that_does_not_exist_is_refused(
+    tiny_model_dir: Path, tmp_path: Path, no_measuring: None
+) -> None:
+    with pytest.raises(ResultsError, match=r"--resume: .*typo does not exist, so there is no run to continue"):
+        run(config(tiny_model_dir), tmp_path / "typo", resume=True, progress=False)
+    assert not (tmp_path / "typo").exists()
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (
+            {"policies": ["snapkv:window=8"], "cache_sizes": [16]},
+            r"--cache 16: snapkv: window=8 is not below the 8 tokens an eviction keeps, .* would be `recent`",
+        ),
+        ({"policies": ["h2o:recent_ratio=1"]}, "recent_ratio=1 keeps no heavy hitter: that is `recent`"),
+        (
+            {"policies": ["streaming"], "cache_sizes": [128], "stride": 64, "layer_budget": "pyramid"},
+            r"--cache 128: streaming: an eviction would keep only 3 tokens, not more than its start_size=4 "
+            r"attention sinks \(an eviction keeps 3 tokens, from the smallest layer budget of --layer-budget "
+            r"pyramid, 67 slots, --stride 64, --evict-block 1\): raise --cache, or lower --stride, or use "
+            r"--layer-budget uniform or a lower beta",
+        ),
+    ],
+)
+def test_degenerate_policies_and_their_causes_are_named_before_the_model_loads(
+    tiny_model_dir: Path, tmp_path: Path, no_measuring: None, changes: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        run(config(tiny_model_dir, lengths=[256], **changes), tmp_path / "run", progress=False)
+
+
+def test_resume_may_add_a_task_with_settings_no_finished_cell_depends_on(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = run(config(tiny_model_dir, lengths=[200], repeats=1), tmp_path / "run", progress=False)  # ppl only
+    more = config(tiny_model_dir, lengths=[200], repeats=1, tasks=["ppl", "passkey"], depths=[0.5], haystack="text")
+    run(more, out, resume=True, progress=False)
+    cells = pl.read_parquet(out / "cells" / "*.parquet")
+    assert sorted(cells["task"].to_list()) == ["passkey", "passkey", "ppl", "ppl"]
+    fewer = config(tiny_model_dir, lengths=[200], repeats=1, tasks=["ppl", "passkey"], depths=[0.7])
+    expected = (
+        r"add policies, cache limits, position modes, tasks, needle depths, lengths or samples. Differences: "
+        r"haystack: 'text' then, 'repeat' now; depths: \[0.5\] would be dropped"
+    )
+    with pytest.raises(ConfigError, match=expected):
+        run(fewer, out, resume=True, progress=False)  # now passkey cells depend on them
+
+
+def test_threads_beyond_the_cpus_are_warned_at_start_and_in_the_report(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvcompare.report.content import load_notices
+
+    cpus = os.cpu_count() or 1
+    out = run(config(tiny_model_dir, threads=cpus + 2, repeats=1), tmp_path / "run", progress=False)
+    warning = f"{cpus + 2} torch threads on {cpus} CPUs: threads beyond the CPUs wait for each other"
+    assert f"kvcompare: warning: {warning}" in capsys.readouterr().err
+    meta = json.loads((out / "run.json").read_text())
+    assert any(warning in notice for notice in load_notices(meta))
+    meta["speed"]["threads"] = cpus
+    assert not any("torch threads" in notice for notice in load_notices(meta))

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvcompare.report.content import assemble, noise_line, relative_tables
-from kvcompare.report.data import analyse, load_run, outcome
+from kvcompare.report.content import assemble, noise_line, relative_tables, retrieval_table
+from kvcompare.report.data import ReportError, analyse, load_run, outcome, several_position_modes
 from kvcompare.report.render import render_html, render_markdown, table_md
 
 REPORT_DIR = "report"
@@ -30,7 +30,12 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> ReportPaths:
     """
     out_dir = run_dir / REPORT_DIR if out_dir is None else out_dir
     run = load_run(run_dir)  # before anything is created: a mistyped folder must not become an empty report
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ReportError(f"--out {out_dir} is a file, or inside one: choose a folder for the report") from None
+    except PermissionError:
+        raise ReportError(f"--out {out_dir}: cannot create it (permission denied): choose another folder") from None
     report = assemble(run, out_dir / CHARTS_DIR)
     html_path, markdown_path = out_dir / "index.html", out_dir / "report.md"
     html_path.write_text(render_html(report, out_dir), encoding="utf-8")
@@ -45,14 +50,17 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> ReportPaths:
 
 
 def summary_table(run_dir: Path) -> str:
-    """The noise floor, then the relative change against `full` for every length, as Markdown for the terminal."""
+    """The noise floor (or that speed was not measured), then the relative change against `full` for every
+    length and the passkey retrieval table, as Markdown for the terminal."""
     run = load_run(run_dir)
     analysis = analyse(run)
     tables = [table_md(table) for table in relative_tables(analysis)]
+    if not run.retrieval.is_empty():
+        tables.append(table_md(retrieval_table(run.retrieval, several_position_modes(run.retrieval))))
     ended = outcome(run)
     if ended.nothing_succeeded and ended.failed:
         tables = tables or [f"no successful cell: all {ended.failed} cells failed ({FAILED_HINT})"]
-    return "\n".join([noise_line(analysis.noise) + "\n", *(tables or ["no finished cells"])])
+    return "\n".join([noise_line(analysis.noise, analysis.measured) + "\n", *(tables or ["no finished cells"])])
 
 
 #: Where a failed cell's error is, for the terminal.

@@ -22,6 +22,7 @@ import polars as pl
 from kvcompare.report.data import (
     ACCURACY_CHANGE,
     BASELINE_POLICY,
+    CHANGE_BY_COLUMN,
     METRIC_BY_COLUMN,
     METRICS,
     PPL_CHANGE,
@@ -122,6 +123,21 @@ def _zero_rule() -> alt.Chart:
     return alt.Chart().mark_rule(color=BASELINE_COLOR, strokeDash=[4, 2]).encode(y=alt.datum(0))
 
 
+#: Shares of decode time that are 0 for every policy that does no such work: all zeros compare nothing.
+SHARES = frozenset({"evict_share", "signal_share"})
+
+
+def nothing_to_compare(panel_data: pl.DataFrame, field: str) -> bool:
+    """A panel of figures with fewer than two values (the one-pass TTFT, which only `full` has; a change
+    against `full` compares by itself), or a share that is 0 for everything drawn (the signal share of
+    policies that read no signal)."""
+    if panel_data.is_empty():
+        return True
+    if field in SHARES and bool((panel_data[field] == 0).all()):
+        return True
+    return field not in CHANGE_BY_COLUMN and panel_data.height < 2
+
+
 def _panels(
     data: pl.DataFrame,
     fields: Sequence[tuple[str, str]],
@@ -131,11 +147,12 @@ def _panels(
     column: alt.Column | None = None,
     columns: int = 4,
 ) -> alt.ConcatChart:
-    """One panel per field (own y axis with its unit), each faceted alike; rows lacking the field dropped."""
+    """One panel per field (own y axis with its unit), each faceted alike; rows lacking the field dropped, and
+    panels with nothing to compare left out (see :func:`nothing_to_compare`)."""
     panels = []
     for field, axis_title in fields:
         panel_data = data.filter(pl.col(field).is_not_null())
-        if panel_data.is_empty():
+        if nothing_to_compare(panel_data, field):
             continue
         layered = alt.layer(*layers(field, axis_title), data=panel_data).properties(
             width=PANEL_WIDTH, height=PANEL_HEIGHT
@@ -145,7 +162,7 @@ def _panels(
         else:
             panels.append(layered.facet(row=row or alt.Undefined, column=column or alt.Undefined))
     if not panels:
-        raise SkipChart("none of its metrics has a value")
+        raise SkipChart("none of its metrics has two values to compare")
     return alt.concat(*panels, columns=columns, title=title).resolve_scale(color="shared", strokeDash="shared")
 
 

@@ -15,11 +15,13 @@ from typing import Any, TypeAlias
 
 import polars as pl
 
+from kvcompare.config import oversubscription
 from kvcompare.protocol import PROTOCOL_MD
 from kvcompare.report.charts import ChartFile, ChartSet, build_charts, build_retrieval_charts
 from kvcompare.report.data import (
     BASELINE_POLICY,
     CHANGES,
+    EVERYTHING,
     METRIC_BY_COLUMN,
     METRICS,
     NOISE_CHANGES,
@@ -27,6 +29,7 @@ from kvcompare.report.data import (
     PPL_CHANGE,
     Analysis,
     Change,
+    Measured,
     Metric,
     NoiseFloor,
     Recommendation,
@@ -43,6 +46,7 @@ from kvcompare.report.data import (
     retrieval_by_probe,
     retrieval_stats,
     several_position_modes,
+    what_was_measured,
 )
 from kvcompare.stats import Estimate
 
@@ -51,9 +55,12 @@ MISSING = "–"
 #: Marks a speed change whose 95% interval includes 0: not distinguishable from no change.
 NOT_SIGNIFICANT = "≈"
 
-RELATIVE_METHOD = (
+QUALITY_METHOD = (
     "Quality changes (PPL, accuracy) are paired per sample: each cell is compared with the same sample's `full` "
-    "cell, then the per-sample changes are averaged over samples. Speed changes (TTFT, TPOT, throughput) are "
+    "cell, then the per-sample changes are averaged over samples."
+)
+RELATIVE_METHOD = (
+    f"{QUALITY_METHOD} Speed changes (TTFT, TPOT, throughput) are "
     "paired per trial: each latency trial is compared with the `full` trial of the same passage, position mode, "
     "session and round, then averaged over those pairs (samples × rounds), with a 95% bootstrap interval."
 )
@@ -66,8 +73,14 @@ BASELINE_PER_MODE = (
     "This run has several position modes; `full` is measured once per mode, as the baseline that mode's "
     "policies are paired with, and named after it: `full (for positions=…)`."
 )
+RELATIVE_DEFINITION = "Relative change = 100 × (policy − full) / full."
+QUALITY_PAIRING = (
+    "Quality (PPL, accuracy): the mean over samples of the per-sample change against the same sample's `full` "
+    "cell, deterministic, so no interval (paired samples: samples with a `full` cell)."
+)
+QUALITY_SIGNS = "positive PPL = worse; accuracy is in % of the baseline accuracy (−2.8% = 2.8% lower, relative)."
 RELATIVE_NOTE = (
-    "Relative change = 100 × (policy − full) / full. Speed (TTFT, TPOT, throughput): the mean over trial pairs "
+    f"{RELATIVE_DEFINITION} Speed (TTFT, TPOT, throughput): the mean over trial pairs "
     "(speed pairs: samples × rounds) with its seeded bootstrap 95% interval over the pairs in brackets; "
     f"`{NOT_SIGNIFICANT}` marks a change whose interval includes 0 (not significant), and a change without an "
     "interval (one pair, or a run without raw timings) says so and is never significant. With few pairs the "
@@ -75,20 +88,24 @@ RELATIVE_NOTE = (
     "6 pairs, read significant as every pair agreed in sign, which chance alone gives 2 in 2^n (25% for 3 "
     "pairs); more --samples or --repeats make it a real 95% statement. TTFT is compared like "
     "for like, with `full` prefilled in the same chunks; TTFT vs one-pass full compares it with `full` prefilling "
-    "the prompt in one pass, what a user of full attention waits for. Quality (PPL, accuracy): the mean over "
-    "samples of the per-sample change against the same sample's `full` cell, deterministic, so no interval "
-    "(paired samples: samples with a `full` cell). Signs: negative TTFT/TPOT = faster; positive throughput = "
-    "faster; positive PPL = worse; accuracy is in % of the baseline accuracy (−2.8% = 2.8% lower, relative)."
+    "the prompt in one pass, what a user of full attention waits for. "
+    + QUALITY_PAIRING
+    + " Signs: negative TTFT/TPOT = faster; positive throughput = faster; "
+    + QUALITY_SIGNS
 )
+#: The relative-change note of a run that measured no speed.
+RELATIVE_NOTE_QUALITY = f"{RELATIVE_DEFINITION} {QUALITY_PAIRING} Signs: {QUALITY_SIGNS}"
+SAMPLE_COLUMNS = "mean ± standard deviation over samples. n = samples (successful cells only)."
 ABSOLUTE_NOTE = (
     "Speed (TTFT, TTFT one pass, TPOT, throughput): a cell's figure is the median over its latency trials. With "
     "one sample: that median and, in brackets, its 95% bootstrap interval over trials. With several samples: the "
     "mean of the samples' medians and, in brackets, the range the samples' intervals cover (lowest low to "
     "highest high), which also spans passage-to-passage differences. TTFT: the prompt prefilled in chunks of "
     "`prefill_chunk` tokens, as every policy prefills it; TTFT one pass (`full` only): the prompt prefilled in "
-    "one pass (chunks of at most 8192 tokens). Other columns: mean ± standard deviation over samples. n = "
-    "samples (successful cells only)."
+    "one pass (chunks of at most 8192 tokens). Other columns: " + SAMPLE_COLUMNS
 )
+#: The absolute-values note of a run that measured no speed.
+ABSOLUTE_NOTE_QUALITY = "Columns: " + SAMPLE_COLUMNS
 PHYSICS_NOTE = (
     "What one decode step at the end of the prompt must read: the model's weights and the keys and values it "
     "attends, summed over layers (skip layers keep every token). TPOT floor = (weights + KV read) / the memory "
@@ -102,11 +119,16 @@ NOISE_NOTE = (
     "drift apart on this machine. Noise floor of a metric = the larger of |low| and |high| of its interval over "
     "all lengths."
 )
+RULES_LEAD_QUALITY = "Rules (quality: mean change over samples):"
 RULES_LEAD = (
-    "Rules (quality: mean change over samples; speed: mean change over paired trials, with its 95% interval "
+    f"{RULES_LEAD_QUALITY[:-2]}; speed: mean change over paired trials, with its 95% interval "
     "and the run's noise floor):"
 )
 NO_RESULTS = "No successful cell: nothing to tabulate."
+NO_PERPLEXITY = (
+    "This run measured passkey retrieval only (no perplexity cell), so the recommendations, which rest on "
+    "perplexity, are not made: see the retrieval section."
+)
 RETRIEVAL_HEADING = "Retrieval (passkey)"
 RETRIEVAL_DEFINITIONS = (
     "A probe is one prompt of exactly the given length with a random 5-digit pass key hidden at a depth (0: "
@@ -238,43 +260,58 @@ def _limit(row: dict[str, Any]) -> str:
     return MISSING if row["cache_size"] is None else str(row["cache_size"])
 
 
-def absolute_table(summary: pl.DataFrame, seq_len: int, several_modes: bool = False) -> Table:
+def absolute_table(
+    summary: pl.DataFrame, seq_len: int, several_modes: bool = False, measured: Measured = EVERYTHING
+) -> Table:
+    """Each configuration's figures; speed columns only where the run measured speed."""
+    metrics = [m for m in METRICS if measured.speaks_of(m)]
     return Table(
         title=f"Absolute values, length {seq_len} tokens",
-        headers=["Policy", "Cache limit (tokens)", "n", *(m.label for m in METRICS)],
+        headers=["Policy", "Cache limit (tokens)", "n", *(m.label for m in metrics)],
         rows=[
-            [policy_name(r, several_modes), _limit(r), str(r["n"]), *(_absolute(r, m) for m in METRICS)]
+            [policy_name(r, several_modes), _limit(r), str(r["n"]), *(_absolute(r, m) for m in metrics)]
             for r in _at(summary, seq_len)
         ],
-        note=ABSOLUTE_NOTE,
+        note=ABSOLUTE_NOTE if measured.speed else ABSOLUTE_NOTE_QUALITY,
     )
 
 
-def relative_table(summary: pl.DataFrame, seq_len: int, has_baseline: bool) -> Table:
-    """Changes vs `full`; a configuration whose samples never met a baseline says so in its row."""
+def relative_table(summary: pl.DataFrame, seq_len: int, has_baseline: bool, measured: Measured = EVERYTHING) -> Table:
+    """Changes vs `full`; a configuration whose samples never met a baseline says so in its row. Speed changes
+    only where the run measured speed."""
     title = f"Relative change vs full, length {seq_len} tokens"
+    changes = [c for c in CHANGES if measured.speaks_of(c)]
     headers = [
         "Policy",
         "Cache limit (tokens)",
         "paired samples",
-        "speed pairs",
-        *(f"Δ {c.title} (%)" for c in CHANGES),
+        *(["speed pairs"] if measured.speed else []),
+        *(f"Δ {c.title} (%)" for c in changes),
     ]
+    note = RELATIVE_NOTE if measured.speed else RELATIVE_NOTE_QUALITY
     if not has_baseline:
         return Table(
             title,
             headers,
             [],
-            RELATIVE_NOTE,
+            note,
             empty=f"no baseline: no successful `full` cell at length {seq_len}, so no relative change",
         )
     rows = []
     for r in _at(summary, seq_len, evicting_only=True):
         paired = r["n_paired"] is not None
-        changes = [format_row_change(r, c) if paired else "no baseline" for c in CHANGES]
+        shown = [format_row_change(r, c) if paired else "no baseline" for c in changes]
         pairs = str(r[NOISE_CHANGES[0].n] or 0) if paired and r["speed_from_trials"] else MISSING
-        rows.append([policy_name(r), str(r["cache_size"]), str(r["n_paired"] or 0), pairs, *changes])
-    return Table(title, headers, rows, RELATIVE_NOTE, empty="no evicting configuration at this length")
+        rows.append(
+            [
+                policy_name(r),
+                str(r["cache_size"]),
+                str(r["n_paired"] or 0),
+                *([pairs] if measured.speed else []),
+                *shown,
+            ]
+        )
+    return Table(title, headers, rows, note, empty="no evicting configuration at this length")
 
 
 #: The measured TPOT beside its floor, in the floor's unit.
@@ -326,11 +363,14 @@ def physics_table(summary: pl.DataFrame, seq_len: int, meta: dict[str, Any], sev
 def relative_tables(analysis: Analysis) -> list[Table]:
     """The relative-change table of every length, as `kvcompare run` prints them."""
     stats = analysis.summary
-    return [relative_table(stats, n, n in analysis.baseline_lengths) for n in lengths_in(stats)]
+    return [relative_table(stats, n, n in analysis.baseline_lengths, analysis.measured) for n in lengths_in(stats)]
 
 
-def noise_line(noise: NoiseFloor) -> str:
-    """The noise floor in one sentence: said at the top of every report and of the terminal summary."""
+def noise_line(noise: NoiseFloor, measured: Measured = EVERYTHING) -> str:
+    """The noise floor in one sentence, or that speed was not measured: said at the top of every report and of
+    the terminal summary."""
+    if not measured.speed:
+        return f"**Speed:** not measured in this run ({measured.no_speed}); no speed figure is reported."
     if not noise.measured:
         return (
             f"**Noise floor:** could not be measured in this run, because {noise.reason}; speed changes are judged "
@@ -588,9 +628,15 @@ def beyond_context_notices(cells: pl.DataFrame) -> list[str]:
 
 
 def load_notices(meta: dict[str, Any]) -> list[str]:
-    """A warning when the 1-minute load average at the start or end of the run exceeded the machine's cores
-    (run.json's speed.cpu_count; without it, the threads the run used)."""
+    """A warning when the run used more threads than the machine's CPUs, and when the 1-minute load average at
+    the start or end of the run exceeded them (run.json's speed.cpu_count; without it, the threads it used)."""
     speed = meta.get("speed") or {}
+    threads, cpus = speed.get("threads"), speed.get("cpu_count")
+    warning = oversubscription(threads, cpus) if isinstance(threads, int) and isinstance(cpus, int) else None
+    return ([f"{warning[0].upper()}{warning[1:]}."] if warning else []) + _load_notices(speed)
+
+
+def _load_notices(speed: dict[str, Any]) -> list[str]:
     cores, what = speed.get("cpu_count"), "CPU cores"
     if not isinstance(cores, int | float) or cores <= 0:
         cores, what = speed.get("threads"), "threads the run used (run.json records no core count)"
@@ -644,8 +690,9 @@ def _distinct(cells: pl.DataFrame, column: str, fallback: Any = None) -> list[st
     return [str(value) for value in found]
 
 
-def compared(run: RunData) -> dict[str, str]:
+def compared(run: RunData, measured: Measured | None = None) -> dict[str, str]:
     """What the run compared, for the reader in a hurry: from the cells where they say it, else run.json."""
+    measured = measured or what_was_measured(run)
     cells, config = run.cells, run.meta.get("config") or {}
     speed, environment = run.meta.get("speed") or {}, run.meta.get("environment") or {}
     unknown = "not recorded"
@@ -653,7 +700,8 @@ def compared(run: RunData) -> dict[str, str]:
     def listed(column: str, key: str) -> str:
         return ", ".join(_distinct(cells, column, config.get(key))) or unknown
 
-    evicting = cells.filter(pl.col("policy") != BASELINE_POLICY)
+    every_row = pl.concat([cells, run.retrieval], how="diagonal_relaxed")
+    evicting = every_row.filter(pl.col("policy") != BASELINE_POLICY)
     policies = _distinct(evicting, "policy_label") or [p for p in config.get("policies", []) if p != BASELINE_POLICY]
     lengths = []
     for seq_len in lengths_in(cells):
@@ -672,12 +720,14 @@ def compared(run: RunData) -> dict[str, str]:
     return {
         "model": listed("model", "model"),
         "dataset": listed("dataset", "dataset"),
-        "policies": (", ".join(policies) or "none") + against_baseline(cells, config),
+        "policies": (", ".join(policies) or "none") + against_baseline(every_row, config),
         "cache limits (tokens)": listed("cache_size", "cache_sizes"),
         "position modes": listed("positions", "positions"),
         "lengths (tokens)": ", ".join(lengths) or listed("seq_len", "lengths"),
         "latency trials": f"{trials}; the prompt prefilled in chunks of {chunk} tokens, then {gen} tokens timed "
-        f"after {warmup} warm-up steps",
+        f"after {warmup} warm-up steps"
+        if measured.speed
+        else f"none ({measured.no_speed})",
         "device": device,
         **({"passkey retrieval": _probed(run.retrieval, config)} if not run.retrieval.is_empty() else {}),
     }
@@ -696,36 +746,46 @@ def assemble(run: RunData, charts_dir: Path) -> Report:
         heat_maps = build_retrieval_charts(retrieval_by_probe(run.retrieval), charts_dir, probe_modes)
         retrieval = [retrieval_section(run.retrieval, heat_maps, probe_modes)]
         charts = ChartSet([*ppl_charts.charts, *heat_maps.charts], [*ppl_charts.skipped, *heat_maps.skipped])
+    measured = analysis.measured
     results = [
         table
         for n in lengths_in(stats)
         for table in (
-            relative_table(stats, n, n in analysis.baseline_lengths),
-            absolute_table(stats, n, several_modes),
-            physics_table(stats, n, run.meta, several_modes),
+            relative_table(stats, n, n in analysis.baseline_lengths, measured),
+            absolute_table(stats, n, several_modes, measured),
+            *([physics_table(stats, n, run.meta, several_modes)] if measured.speed else []),
         )
     ]
     baseline_note = f"{BASELINE_POSITIONS} {BASELINE_PER_MODE}" if several_modes else BASELINE_POSITIONS
+    perplexity_measured = not run.cells.is_empty() or run.retrieval.is_empty()  # a passkey-only run has none
+    method = RELATIVE_METHOD if measured.speed else QUALITY_METHOD
     sections = [
         Section(
             "Summary",
             [
-                Definitions("What was compared:", compared(run)),
-                Markdown(noise_line(analysis.noise)),
-                recommendation_table(analysis.recommendations),
-                Definitions(RULES_LEAD, {rule.scenario: rule.text for rule in analysis.rules}),
-                noise_table(analysis.noise),
+                Definitions("What was compared:", compared(run, measured)),
+                Markdown(noise_line(analysis.noise, measured)),
+                *(
+                    [
+                        recommendation_table(analysis.recommendations),
+                        Definitions(
+                            RULES_LEAD if measured.speed else RULES_LEAD_QUALITY,
+                            {rule.scenario: rule.text for rule in analysis.rules},
+                        ),
+                    ]
+                    if perplexity_measured
+                    else [Markdown(NO_PERPLEXITY)]
+                ),
+                *([noise_table(analysis.noise)] if measured.speed else []),
             ],
         ),
-        Section("Results by length", results, intro=f"{RELATIVE_METHOD} {baseline_note}", empty=NO_RESULTS),
+        *(
+            [Section("Results by length", results, intro=f"{method} {baseline_note}", empty=NO_RESULTS)]
+            if perplexity_measured
+            else []
+        ),
         *retrieval,
-        Section(
-            "Charts",
-            [
-                *ppl_charts.charts,
-                not_drawn(ppl_charts),
-            ],
-        ),
+        *([Section("Charts", [*ppl_charts.charts, not_drawn(ppl_charts)])] if perplexity_measured else []),
         Section(
             "Missing / failed cells",
             [
@@ -737,5 +797,6 @@ def assemble(run: RunData, charts_dir: Path) -> Report:
         Section("Run", [metadata_table(run.meta)]),
         Section("Protocol", [Markdown(PROTOCOL_MD)], collapsed=True),
     ]
-    notices = [*beyond_context_notices(run.cells), *load_notices(run.meta), *timing_notices(stats)]
+    notices = [*beyond_context_notices(run.cells), *load_notices(run.meta)]
+    notices += timing_notices(stats) if measured.speed else []
     return Report(report_title(run.run_dir, run.meta), sections, charts, notices)

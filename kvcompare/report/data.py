@@ -551,14 +551,13 @@ class NoiseFloor:
         return any(self.floor(change) is not None for change in NOISE_CHANGES)
 
 
-def noise_floor(cells: pl.DataFrame, timings: pl.DataFrame | None) -> NoiseFloor:
-    """The run's noise floor from its A/A control trials, or why it could not be measured."""
+def noise_floor(cells: pl.DataFrame, timings: pl.DataFrame | None, no_speed: str = "") -> NoiseFloor:
+    """The run's noise floor from its A/A control trials, or why it could not be measured (``no_speed``: why
+    the run measured no speed at all, Measured.no_speed)."""
     nothing = change_estimates(pl.DataFrame(schema={"seq_len": pl.Int64}), ["seq_len"], NOISE_CHANGES)
+    if no_speed:
+        return NoiseFloor({}, nothing, f"no speed was measured: {no_speed}")
     if timings is None or timings.is_empty():
-        if cells.is_empty():
-            return NoiseFloor({}, nothing, "the run measured no speed (it has no perplexity and speed cell)")
-        if not (cells["status"] == "ok").any():
-            return NoiseFloor({}, nothing, f"every one of its {cells.height} perplexity and speed cells failed")
         return NoiseFloor({}, nothing, "the run has no raw timings (`timings/`; it predates repeated latency trials)")
     if timings.filter(pl.col("role") == "aa_control").is_empty():
         return NoiseFloor({}, nothing, "the run recorded no A/A control trials")
@@ -730,12 +729,14 @@ QUALITY_FIRST_WITH_RETRIEVAL = Rule(
 )
 
 
-def rules_for(with_retrieval: bool) -> tuple[Rule, ...]:
+def rules_for(with_retrieval: bool, with_speed: bool = True) -> tuple[Rule, ...]:
     """The rules a run is judged by, in the order the report states them: ALL_RULES, with quality first
-    also asking for retrieval when the run answered passkey probes (with_retrieval)."""
+    also asking for retrieval when the run answered passkey probes (with_retrieval), and without the speed
+    rules when the run measured no speed (with_speed false)."""
+    rules = ALL_RULES if with_speed else tuple(rule for rule in ALL_RULES if rule not in (SPEED_FIRST, LONG_TEXT))
     if not with_retrieval:
-        return ALL_RULES
-    return tuple(QUALITY_FIRST_WITH_RETRIEVAL if rule is QUALITY_FIRST else rule for rule in ALL_RULES)
+        return rules
+    return tuple(QUALITY_FIRST_WITH_RETRIEVAL if rule is QUALITY_FIRST else rule for rule in rules)
 
 
 @dataclass(frozen=True)
@@ -764,6 +765,7 @@ def recommend(
     baseline_lengths: set[int],
     noise: NoiseFloor | None = None,
     retrieval: pl.DataFrame | None = None,
+    with_speed: bool = True,
 ) -> list[Recommendation]:
     """Apply the rules to summary(): the per-length rules at every length, LONG_TEXT at the longest.
 
@@ -778,11 +780,35 @@ def recommend(
     if measured and retrieval is not None:
         gaps = retrieval_gaps(retrieval)
         evicting = evicting.join(gaps, on=RETRIEVAL_KEYS, how="left", nulls_equal=True, maintain_order="left")
-    per_length = [rule for rule in rules_for(measured) if rule is not LONG_TEXT]
+    rules = rules_for(measured, with_speed)
+    per_length = [rule for rule in rules if rule is not LONG_TEXT]
     lengths = lengths_in(evicting)
     plan = [(rule, seq_len) for seq_len in lengths for rule in per_length]
-    plan += [(LONG_TEXT, lengths[-1])] if lengths else []
+    plan += [(LONG_TEXT, lengths[-1])] if lengths and LONG_TEXT in rules else []
     return [apply_rule(rule, evicting, seq_len, seq_len in baseline_lengths) for rule, seq_len in plan]
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What a run measured, so that every line and section of its report speaks only of that."""
+
+    perplexity: bool  # some perplexity cell succeeded
+    speed: bool  # some successful perplexity cell has speed figures (latency trials)
+    retrieval: bool  # some passkey probe was answered
+    no_speed: str = ""  # why no speed figure is reported; "" when speed was measured
+
+    def speaks_of(self, change: Change | Metric) -> bool:
+        """Whether a table or chart should show ``change`` (speed figures only where speed was measured)."""
+        return self.speed or not is_speed(change)
+
+
+def is_speed(figure: Change | Metric) -> bool:
+    """Speed figures, and the shares of decode time spent evicting or collecting signals."""
+    return figure.speed or figure.column in ("evict_share", "signal_share")
+
+
+#: What a run that measured perplexity and speed (and no retrieval) is described as: the tables' default.
+EVERYTHING = Measured(True, True, False)
 
 
 # --- Everything a report says about one run, computed once --------------------------------------------------
@@ -796,6 +822,24 @@ class Analysis:
     several_modes: bool
     recommendations: list[Recommendation]
     rules: tuple[Rule, ...] = ALL_RULES  # the rules the recommendations followed, as the report states them
+    measured: Measured = EVERYTHING  # what the run measured
+
+
+def what_was_measured(run: RunData) -> Measured:
+    ok = run.cells.filter(pl.col("status") == "ok")
+    speed = not ok.filter(pl.col("ttft_s").is_not_null() | pl.col("tpot_s").is_not_null()).is_empty()
+    retrieval = retrieval_measured(run.retrieval)
+    if speed:
+        reason = ""
+    elif run.cells.is_empty():
+        reason = "the run measured passkey retrieval only" if not run.retrieval.is_empty() else "the run has no cell"
+    elif ok.is_empty():
+        reason = f"every one of its {run.cells.height} perplexity and speed cells failed"
+    elif (ok["repeats"].fill_null(-1) == 0).all():
+        reason = "--repeats 0: a quality-only run, with no latency trial"
+    else:
+        reason = "its cells recorded no latency trial"
+    return Measured(not ok.is_empty(), speed, retrieval, reason)
 
 
 @dataclass(frozen=True)
@@ -818,12 +862,14 @@ def outcome(run: RunData) -> Outcome:
 def analyse(run: RunData) -> Analysis:
     stats = summary(run.cells, run.timings)
     with_baseline = baseline_lengths(run.cells)
-    noise = noise_floor(run.cells, run.timings)
+    measured = what_was_measured(run)
+    noise = noise_floor(run.cells, run.timings, measured.no_speed)
     return Analysis(
         stats,
         with_baseline,
         noise,
         several_position_modes(run.cells),
-        recommend(stats, with_baseline, noise, run.retrieval),
-        rules_for(retrieval_measured(run.retrieval)),
+        recommend(stats, with_baseline, noise, run.retrieval, measured.speed),
+        rules_for(measured.retrieval, measured.speed),
+        measured,
     )
