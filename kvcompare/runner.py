@@ -23,6 +23,7 @@ from kvcompare.cache import CacheLayout
 from kvcompare.config import ConfigError, RunConfig, oversubscription
 from kvcompare.environment import device_name, environment
 from kvcompare.executor import Executor
+from kvcompare.fidelity import check_fidelity
 from kvcompare.measure import latency_fields, position_buckets, quality_fields
 from kvcompare.models import LoadedModel, load_model
 from kvcompare.physics import kv_read_bytes, memory_bandwidth, tpot_floor, weight_bytes
@@ -199,11 +200,10 @@ def _measure_here(
 ) -> None:
     """The serial run: load the model in this process and measure passage by passage."""
     config = grid.config
-    loaded = load_model(config.model, config.device, config.dtype, tokenizer=grid.tokenizer)
+    loaded, executor = load_checked(config, grid.tokenizer)
     beyond = warn_beyond_context(config, loaded.info.get("max_position_embeddings"))
     meta.update(model_info=loaded.info, environment=environment(torch.device(config.device)))
     meta["beyond_context_lengths"] = beyond
-    executor = Executor(loaded.model)
     threads = config.threads or physical_cores()
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -227,6 +227,15 @@ def _measure_here(
             folder.write_run_json(meta)
     finally:
         torch.set_num_threads(threads_before)
+
+
+def load_checked(config: RunConfig, tokenizer: Any = None) -> tuple[LoadedModel, Executor]:
+    """Load the run's model and check that kvcompare reproduces it (kvcompare.fidelity) before any cell; the
+    probe's errors go to its info (run.json's model_info.fidelity). Raises UnsupportedModelError if not."""
+    loaded = load_model(config.model, config.device, config.dtype, tokenizer=tokenizer)
+    executor = Executor(loaded.model)
+    loaded.info["fidelity"] = check_fidelity(executor, shift="shift" in config.positions).as_dict()
+    return loaded, executor
 
 
 def warn_beyond_context(config: RunConfig, max_positions: int | None) -> list[int]:

@@ -208,3 +208,28 @@ def test_generate_is_greedy_and_counts_after_warmup(tokens: torch.Tensor) -> Non
     for token in timed.generated:  # each generated token is the plain model's arg-max after the sequence so far
         assert token == int(plain_forward(model, sequence)[-1].argmax())
         sequence = torch.cat([sequence, torch.tensor([token])])
+
+
+def test_an_evicting_decode_step_synchronises_as_often_as_fulls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eviction is timed with device events: a timed step of any policy synchronises at the same points."""
+    import kvcompare.timing
+    from kvcompare.plugins import get_registry
+
+    executor = Executor(tiny_llama())
+    prompt = torch.randint(0, 90, (24,), generator=torch.Generator().manual_seed(0))
+    counts: dict[str, int] = {}
+    real = kvcompare.timing.synchronize
+
+    for spec, limit in (("full", None), ("recent", 12), ("h2o", 12)):
+        calls = [0]
+
+        def counting(device: torch.device, calls: list[int] = calls) -> None:
+            calls[0] += 1
+            real(device)
+
+        monkeypatch.setattr(kvcompare.timing, "synchronize", counting)
+        result = executor.generate(prompt, get_registry().build(spec), CacheConfig(limit, 4, "shift", (0,)), 6, 0)
+        counts[spec] = calls[0]
+        if limit is not None:
+            assert sum(result.evict_s) > 0  # it evicted in the counted steps, and that time was measured
+    assert counts["recent"] == counts["full"] == counts["h2o"], counts

@@ -170,8 +170,8 @@ class RowWatcher:
             self.fed.append(cache.rows)
             return evicted
 
-        def watched_mask(layer_idx: int, q_len: int, kv_len: int):  # type: ignore[no-untyped-def]
-            mask, is_causal = mask_of(layer_idx, q_len, kv_len)
+        def watched_mask(layer_idx: int, q_len: int, kv_len: int, window: float | None = None):  # type: ignore[no-untyped-def]
+            mask, is_causal = mask_of(layer_idx, q_len, kv_len, window)
             if cache._slot[layer_idx][0] == "c":
                 spans = cache.spans(layer_idx) or [(0, cache.rows, kv_len)]
                 for first, end, slots in spans:

@@ -59,5 +59,34 @@ def test_model_without_rope_is_refused() -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.raises(UnsupportedModelError, match="no rotary position embedding"):
+    with pytest.raises(UnsupportedModelError, match="no rotary embedding module"):
         Executor(model)
+
+
+def test_a_cache_moves_each_layers_keys_with_that_layers_rotary() -> None:
+    """Local and global frequencies (Gemma-3) and layers without RoPE (SmolLM3) in one cache: each compressed
+    layer's keys move by its own rotary, and a NoPE layer's never move."""
+    from kvcompare.cache import BoundedKVCache, CacheLayout
+    from kvcompare.config import CacheConfig
+    from kvcompare.plugins import get_registry
+    from kvcompare.rope import Rotary
+
+    local = Rotary(1.0 / (10.0 ** (torch.arange(0, 8, 2) / 8)), 8)
+    global_ = Rotary(1.0 / (1e4 ** (torch.arange(0, 8, 2) / 8)), 8, interleaved=True)
+    per_layer = (local, None, global_, local, None)  # layer 0 is a skip layer
+    layout = CacheLayout(num_layers=5, kv_heads=2, head_dim=8, dtype=torch.float32, device=torch.device("cpu"))
+    cache = BoundedKVCache(
+        layout, get_registry().build("recent"), CacheConfig(8, 2, "shift", (0,)), capacity=16, rotary=per_layer
+    )
+    cache.c_kv.normal_(generator=torch.Generator().manual_seed(0))
+    before = cache.c_kv[0].clone()
+    per = cache.c_token[0].numel()
+    rows = torch.arange(4 * per)  # every row of the four compressed layers
+    moves = torch.arange(4 * per) % 3
+    cache._rerotate(rows, moves)
+    for n, rotary in enumerate(per_layer[1:]):
+        expected = before[n].clone()
+        if rotary is not None:
+            flat = expected.view(-1, 8)
+            rotary.rotate_rows_(flat, torch.arange(per), moves[n * per : (n + 1) * per])
+        torch.testing.assert_close(cache.c_kv[0, n], expected, msg=lambda m, n=n: f"compressed layer {n}: {m}")

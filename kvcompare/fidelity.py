@@ -1,0 +1,161 @@
+"""Before any cell: does kvcompare compute exactly what the model computes? A model it cannot reproduce is
+refused, never measured wrongly.
+
+Two probes on a few random tokens, run once the weights are loaded:
+
+1. **Logits.** kvcompare's `full` cache, fed in chunks through kvcompare's attention function, against the
+   model's own forward pass (its own attention implementation, one pass, no cache). A feature of the model's
+   attention that kvcompare did not give a layer (a soft-cap, learned sinks, a window, another scaling) shows
+   here.
+2. **Moved keys** (what shift mode relies on). The keys each layer writes when the tokens sit ``SHIFT``
+   positions later, against kvcompare's re-rotation of the keys written at their own positions, layer by
+   layer. Another rotary layout, other frequencies for a layer, or a layer without RoPE shows here.
+
+Each error is the largest absolute difference relative to the largest magnitude of the reference; the limit
+depends on the dtype (rounding, and chunked against one-pass summation). Both errors go to run.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from kvcompare.attention import CACHE_KEYWORD, CALLS, forward_cache
+from kvcompare.config import CacheConfig
+from kvcompare.executor import Executor
+from kvcompare.policy import KVPolicy
+from kvcompare.rope import Rotary, UnsupportedModelError
+
+#: Tokens of the probe, fed to kvcompare in chunks of PROBE_CHUNK (so the chunked path is exercised).
+PROBE_TOKENS = 24
+PROBE_CHUNK = 8
+#: Positions the keys are moved by in the second probe.
+SHIFT = 5
+#: The largest relative error accepted, by dtype.
+TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Fidelity:
+    """How closely kvcompare reproduced the model (relative errors; see the module docstring)."""
+
+    logit_error: float
+    key_error: float
+    tokens: int = PROBE_TOKENS
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class _Full(KVPolicy):
+    """The unbounded cache, without going through the plugin registry (the probe must not depend on plugins)."""
+
+    name = "full"
+    bounded = False
+
+
+def _relative(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    scale = float(theirs.abs().max())
+    return float((ours.float() - theirs.float()).abs().max()) / (scale or 1.0)
+
+
+@torch.inference_mode()
+def _keys_written(executor: Executor, ids: torch.Tensor, offset: int) -> torch.Tensor:
+    """The keys every layer writes for ``ids`` placed at positions ``offset``.. (``[layers, heads, T, d]``)."""
+    cache = executor.new_cache(_Full(), CacheConfig(None, ids.shape[1], "true", ()), capacity=ids.shape[1])
+    positions = torch.arange(offset, offset + ids.shape[1], device=executor.device).view(1, -1)
+    with executor.attached(), forward_cache(cache):
+        executor.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, **{CACHE_KEYWORD: cache})
+    cache.advance(ids.shape[1])
+    return cache.f_kv[0, :, 0, :, : ids.shape[1]].clone()
+
+
+@torch.inference_mode()
+def check_fidelity(executor: Executor, shift: bool = True) -> Fidelity:
+    """Run both probes; raise UnsupportedModelError naming what differs when the logits' error is over
+    TOLERANCE, or the moved keys' error when the run uses shift mode (``shift``; else it is only recorded).
+
+    Where a layer's keys do not move as its rotary was read (:func:`kvcompare.rope.layer_rotaries`), the other
+    layouts are tried against the model's own keys (adjacent pairs instead of halves, or no RoPE at all), and
+    one that reproduces them exactly is adopted in ``executor.rotary``: what the model computes decides.
+    """
+    model, dtype = executor.model, executor.layout.dtype
+    limit = TOLERANCE.get(dtype, TOLERANCE[torch.float32])
+    name = type(model).__name__
+    ids = torch.randint(0, executor.vocab, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(executor.device)
+    calls = CALLS[0]
+    try:
+        own = model(input_ids=ids, use_cache=False).logits
+        cache = executor.new_cache(_Full(), CacheConfig(None, PROBE_CHUNK, "true", ()), capacity=PROBE_TOKENS)
+        with executor.attached():
+            chunks = [ids[:, start : start + PROBE_CHUNK] for start in range(0, PROBE_TOKENS, PROBE_CHUNK)]
+            ours = torch.cat([executor.forward(cache, chunk)[0] for chunk in chunks], dim=1)
+        at_zero, shifted = _keys_written(executor, ids, 0), _keys_written(executor, ids, SHIFT)
+    except UnsupportedModelError:
+        raise
+    except Exception as err:  # the model's code does not run with kvcompare's cache and attention
+        raise UnsupportedModelError(_failed_to_run(name, err, CALLS[0] == calls)) from err
+    if CALLS[0] == calls:
+        raise UnsupportedModelError(_failed_to_run(name, None, True))
+    logit_error = _relative(ours, own)
+    if not logit_error <= limit:
+        raise UnsupportedModelError(
+            f"kvcompare does not reproduce {name}'s own forward pass: its logits differ by {logit_error:.2e} "
+            f"(relative) on a {PROBE_TOKENS}-token probe, over the {limit:g} allowed in {str(dtype)[6:]}. Its "
+            "attention has a feature kvcompare does not model, so it is refused rather than measured wrongly"
+        )
+    rotaries, errors = [], []
+    others: dict[int, Rotary] = {}  # each rotary's other layout, made once: layers that share one keep sharing
+    for layer, rotary in enumerate(executor.rotary):
+        error, chosen = min(
+            ((_moved_error(at_zero[layer], shifted[layer], option), option) for option in _layouts(rotary, others)),
+            key=lambda found: found[0],
+        )
+        if error > limit:  # none reproduces the model: keep what was read, and say so below if it matters
+            error, chosen = _moved_error(at_zero[layer], shifted[layer], rotary), rotary
+        rotaries.append(chosen)
+        errors.append(error)
+    executor.rotary = tuple(rotaries)
+    key_error = max(errors, default=0.0)
+    if shift and not key_error <= limit:
+        worst = errors.index(key_error)
+        raise UnsupportedModelError(
+            f"kvcompare cannot move {name}'s cached keys as shift mode needs: re-rotating layer {worst}'s keys "
+            f"by {SHIFT} positions differs by {key_error:.2e} (relative) from the keys the model writes there in "
+            f"every layout kvcompare knows (halves, adjacent pairs, no RoPE), over the {limit:g} allowed; use "
+            "--positions true, which never moves a key"
+        )
+    return Fidelity(logit_error, key_error)
+
+
+def _layouts(rotary: Rotary | None, others: dict[int, Rotary]) -> list[Rotary | None]:
+    """The rotary as read first, then the other layout of the same frequencies (kept in ``others``), then no
+    RoPE."""
+    if rotary is None:
+        return [None]
+    if id(rotary) not in others:
+        others[id(rotary)] = dataclasses.replace(rotary, interleaved=not rotary.interleaved, _tables={})
+    return [rotary, others[id(rotary)], None]
+
+
+def _moved_error(at_zero: torch.Tensor, shifted: torch.Tensor, rotary: Rotary | None) -> float:
+    """How far ``at_zero`` keys re-rotated by SHIFT with ``rotary`` are from the keys written at SHIFT."""
+    moved = at_zero.clone()
+    if rotary is not None:
+        rows = moved.view(-1, moved.shape[-1])
+        rotary.rotate_rows_(rows, torch.arange(rows.shape[0], device=rows.device), SHIFT)
+    return _relative(moved, shifted)
+
+
+def _failed_to_run(name: str, err: Exception | None, never_called: bool) -> str:
+    if never_called:
+        return (
+            f"{name} computes attention in its own code instead of through transformers' attention interface, "
+            "so kvcompare cannot give its layers their masks over an evicted cache; it is refused before any cell"
+        )
+    assert err is not None
+    return f"{name} does not run under kvcompare's cache and attention ({type(err).__name__}: {err}); it is refused"

@@ -1,0 +1,121 @@
+"""Every model a user brings is measured exactly as the model computes it, or refused before any cell (issue 21).
+
+A matrix over tiny config-built models of many families (tests/families.py): (a) `full` and a bounded policy
+that never evicts give the model's own logits; (b) keys moved by shift mode equal the keys the model writes at
+the new positions, in every layer; (c) evicting runs in both position modes finish finite within their limit.
+Refused families are refused for the feature that cannot be reproduced, before the weights load where the
+configuration shows it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from families import REFUSED, SUPPORTED, WINDOW, Family
+from runs import tiny_run
+
+from kvcompare.config import CacheConfig
+from kvcompare.executor import Executor
+from kvcompare.fidelity import check_fidelity
+from kvcompare.models import refuse_by_config
+from kvcompare.plugins import get_registry
+from kvcompare.rope import UnsupportedModelError
+
+TOKENS = 4 * WINDOW  # longer than every sliding window, so windows are exercised
+
+
+@pytest.fixture(scope="module", params=SUPPORTED, ids=lambda family: family.name)
+def checked(request: pytest.FixtureRequest) -> tuple[Family, Executor]:
+    family: Family = request.param
+    executor = Executor(family.build())
+    check_fidelity(executor)  # adopts the rotary layout the model's own keys show
+    return family, executor
+
+
+def tokens_for(executor: Executor) -> torch.Tensor:
+    return torch.randint(0, executor.vocab, (TOKENS,), generator=torch.Generator().manual_seed(3))
+
+
+def chunked_logits(executor: Executor, spec: str, config: CacheConfig, ids: torch.Tensor) -> torch.Tensor:
+    cache = executor.new_cache(get_registry().build(spec), config, capacity=ids.numel())
+    with executor.attached():
+        chunks = [ids[s : s + config.stride].view(1, -1) for s in range(0, ids.numel(), config.stride)]
+        return torch.cat([executor.forward(cache, chunk)[0] for chunk in chunks], dim=1)
+
+
+@pytest.mark.parametrize("positions", ["true", "shift"])
+def test_full_and_a_policy_that_never_evicts_give_the_models_own_logits(
+    checked: tuple[Family, Executor], positions: str
+) -> None:
+    family, executor = checked
+    ids = tokens_for(executor)
+    with torch.inference_mode():
+        own = executor.model(input_ids=ids.view(1, -1), use_cache=False).logits
+    for spec, limit in (("full", None), ("recent", TOKENS + 8)):
+        ours = chunked_logits(executor, spec, CacheConfig(limit, 4, positions, (0,)), ids)  # type: ignore[arg-type]
+        torch.testing.assert_close(
+            ours, own, atol=2e-5, rtol=1e-4, msg=lambda m, spec=spec: f"{family.name} {spec}: {m}"
+        )
+
+
+def test_moved_keys_equal_the_keys_the_model_writes_at_the_new_positions(checked: tuple[Family, Executor]) -> None:
+    family, executor = checked
+    assert check_fidelity(executor).key_error < 1e-5, family.name
+
+
+@pytest.mark.parametrize("positions", ["true", "shift"])
+def test_evicting_runs_finish_finite_within_their_limit(checked: tuple[Family, Executor], positions: str) -> None:
+    family, executor = checked
+    ids = tokens_for(executor)
+    for spec in ("streaming", "l2", "h2o"):
+        result = executor.score(ids, get_registry().build(spec), CacheConfig(12, 4, positions, (0,)))  # type: ignore[arg-type]
+        assert bool(torch.isfinite(torch.from_numpy(result.nll)).all()), (family.name, spec)
+        assert result.max_cached <= 12, (family.name, spec)
+
+
+@pytest.mark.parametrize("family", REFUSED, ids=lambda family: family.name)
+def test_what_cannot_be_reproduced_is_refused_naming_the_feature(family: Family) -> None:
+    if family.before_load:  # the configuration alone shows it: nothing needs to load
+        with pytest.raises(UnsupportedModelError, match=family.refused):
+            refuse_by_config(family.configuration(), family.name)
+        return
+    with pytest.raises(UnsupportedModelError, match=family.refused):
+        check_fidelity(Executor(family.build()))
+
+
+def saved(family: Family, tokenizer_dir: Path, folder: Path) -> Path:
+    """``family`` as a local model folder with the tiny tokenizer (its vocabulary fits the tiny models')."""
+    family.build().save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, folder / name)
+    return folder
+
+
+def test_a_run_refuses_length_dependent_rope_before_the_weights_load(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kvcompare.runner
+    from kvcompare.runner import run
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(kvcompare.runner, "load_model", never)
+    dynamic = next(family for family in REFUSED if family.name == "llama-dynamic")
+    model = saved(dynamic, tiny_model_dir, tmp_path / "model")
+    with pytest.raises(UnsupportedModelError, match="dynamic RoPE"):
+        run(tiny_run(model), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_refuses_a_model_it_cannot_reproduce_before_any_cell(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from kvcompare.runner import run
+
+    gptj = next(family for family in REFUSED if family.name == "gpt-j")
+    model = saved(gptj, tiny_model_dir, tmp_path / "model")
+    with pytest.raises(UnsupportedModelError, match="no rotary embedding module"):
+        run(tiny_run(model), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
