@@ -36,6 +36,11 @@ FORWARD_CACHE: contextvars.ContextVar[BoundedKVCache | BatchedKVCache | None] = 
 
 #: How often kvcompare's attention ran: a model that computes attention in its own code never calls it.
 CALLS = [0]
+#: Where set (kvcompare.fidelity's probe), each layer's attention features as the model passed them:
+#: ``{layer: (sliding window or None, soft-cap or None, has learned sinks)}``.
+LAYER_FEATURES: contextvars.ContextVar[dict[int, tuple[float | None, float | None, bool]] | None] = (
+    contextvars.ContextVar("kvcompare_layer_features", default=None)
+)
 
 
 @contextlib.contextmanager
@@ -70,6 +75,8 @@ def chunk_causal_attention(
     # What the model's own attention does beyond plain causal attention, as its attention module passes it.
     window = _positive(kwargs.get("sliding_window"))  # a local layer: a query sees its last `window` tokens
     extra = Extras(_positive(kwargs.get("softcap")), kwargs.get("s_aux"))  # type: ignore[arg-type]
+    if (seen := LAYER_FEATURES.get()) is not None:
+        seen[module.layer_idx] = (window, extra.softcap, extra.sinks is not None)  # type: ignore[index]
     mask, is_causal = cache.attention_mask(module.layer_idx, q_len, kv_len, window)  # type: ignore[arg-type]
     cache.observe(module.layer_idx, query, key, mask, is_causal, scaling)  # type: ignore[arg-type]
     spans = cache.spans(module.layer_idx)  # type: ignore[arg-type]

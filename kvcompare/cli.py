@@ -98,6 +98,12 @@ def _add_run_parser(commands: Any) -> None:
         choices=["repeat", "text"],
         help="passkey filler: the classic repeated sentence (repeat, default) or passages of --dataset (text)",
     )
+    run.add_argument(
+        "--bos",
+        choices=["auto", "always", "never"],
+        help="passages and prompts start with the tokenizer's BOS token: as it starts a document (auto, default), "
+        "always, or never",
+    )
     run.add_argument("--positions", type=_str_list, help=f"true and/or shift (default {listed(d.positions)})")
     run.add_argument(
         "--skip-layers",

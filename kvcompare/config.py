@@ -15,6 +15,9 @@ DEFAULT_DATASET = "gutenberg"
 #: default `kvcompare run` stays within about 6 minutes on a 2-core CPU.
 DEFAULT_REPEATS = 3
 TASKS = ("ppl", "passkey")
+#: Whether a passage or prompt starts with the tokenizer's BOS token: as the tokenizer starts a document (auto),
+#: always, or never.
+BOS_MODES = ("auto", "always", "never")
 #: The passkey prompt's filler: the classic repeated sentence, or passages of the run's --dataset.
 HAYSTACKS = ("repeat", "text")
 #: Where the passkey's needle sits, as a share of the prompt's filler (0: start, 1: end).
@@ -83,6 +86,7 @@ class RunConfig:
     tasks: list[str] = dataclasses.field(default_factory=lambda: ["ppl"])  # ppl and/or passkey
     depths: list[float] = dataclasses.field(default_factory=lambda: list(DEFAULT_DEPTHS))  # passkey needle depths
     haystack: str = "repeat"  # passkey filler: repeat (the classic sentence) or text (passages of --dataset)
+    bos: str = "auto"  # a passage starts with the tokenizer's BOS: auto (as it starts a document), always, never
     # The default grid is a demonstration sized for a 2-core CPU: with DEFAULT_REPEATS interleaved trials per cell,
     # the A/A control and the one-pass TTFT, `kvcompare run` takes about 5 minutes there. Two lengths, so that
     # the report can show the effect of length; both limits evict at both lengths.

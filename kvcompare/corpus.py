@@ -6,6 +6,7 @@ back to the exact text it was measured on and rebuilt with `rebuild_passage`.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import itertools
 import json
@@ -56,7 +57,8 @@ class Passage:
     source: str
     token_offset: int  # into `encode(document.text)` of the whole document
     sample_id: int
-    tokens: tuple[int, ...]
+    tokens: tuple[int, ...]  # the BOS (when `bos`), then the window of the document's tokens at `token_offset`
+    bos: bool = False  # the passage starts with the tokenizer's BOS token, as a document does
 
 
 class CorpusError(KVCompareError, ValueError):
@@ -154,14 +156,20 @@ def read_descriptor(name: str) -> dict[str, Any]:
     )
 
 
-def sample_passages(corpus: Corpus, encode: Encode, length: int, samples: int, seed: int) -> list[Passage]:
-    """Pick `samples` passages of exactly `length` tokens, the same ones for the same seed.
+def sample_passages(
+    corpus: Corpus, encode: Encode, length: int, samples: int, seed: int, bos: int | None = None
+) -> list[Passage]:
+    """Pick `samples` passages of exactly `length` tokens, the same ones for the same seed; with a ``bos``
+    token id, each is that token and a window of ``length - 1`` document tokens.
 
     Documents long enough are shuffled by the seed and visited round-robin, so passages come from
     different documents while there are enough; further rounds take further non-overlapping windows.
     """
-    if length < 2:
+    if length < 2 + (bos is not None):
         raise CorpusError(f"passage length must be at least 2 tokens (one to predict from), not {length}")
+    if bos is not None:
+        windows = sample_passages(corpus, encode, length - 1, samples, seed)
+        return [dataclasses.replace(p, tokens=(bos, *p.tokens), bos=True) for p in windows]
     if samples < 1:
         raise CorpusError(f"the number of samples must be at least 1, not {samples}")
     tokenized = _tokenize(corpus, encode)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from kvcompare.attention import CACHE_KEYWORD, CALLS, forward_cache
+from kvcompare.attention import CACHE_KEYWORD, CALLS, LAYER_FEATURES, forward_cache
 from kvcompare.config import CacheConfig
 from kvcompare.executor import Executor
 from kvcompare.policy import KVPolicy
@@ -43,6 +43,7 @@ class Fidelity:
 
     logit_error: float
     key_error: float
+    layer_kinds: list[str] = dataclasses.field(default_factory=list)  # each layer's attention and RoPE
     tokens: int = PROBE_TOKENS
 
     def as_dict(self) -> dict[str, Any]:
@@ -87,10 +88,11 @@ def check_fidelity(executor: Executor, shift: bool = True) -> Fidelity:
     name = type(model).__name__
     ids = torch.randint(0, executor.vocab, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
     ids = ids.to(executor.device)
-    calls = CALLS[0]
+    own = model(input_ids=ids, use_cache=False).logits  # the model alone: its own errors are its own
+    cache = executor.new_cache(_Full(), CacheConfig(None, PROBE_CHUNK, "true", ()), capacity=PROBE_TOKENS)
+    features: dict[int, tuple[float | None, float | None, bool]] = {}
+    calls, token = CALLS[0], LAYER_FEATURES.set(features)
     try:
-        own = model(input_ids=ids, use_cache=False).logits
-        cache = executor.new_cache(_Full(), CacheConfig(None, PROBE_CHUNK, "true", ()), capacity=PROBE_TOKENS)
         with executor.attached():
             chunks = [ids[:, start : start + PROBE_CHUNK] for start in range(0, PROBE_TOKENS, PROBE_CHUNK)]
             ours = torch.cat([executor.forward(cache, chunk)[0] for chunk in chunks], dim=1)
@@ -99,6 +101,8 @@ def check_fidelity(executor: Executor, shift: bool = True) -> Fidelity:
         raise
     except Exception as err:  # the model's code does not run with kvcompare's cache and attention
         raise UnsupportedModelError(_failed_to_run(name, err, CALLS[0] == calls)) from err
+    finally:
+        LAYER_FEATURES.reset(token)
     if CALLS[0] == calls:
         raise UnsupportedModelError(_failed_to_run(name, None, True))
     logit_error = _relative(ours, own)
@@ -129,7 +133,25 @@ def check_fidelity(executor: Executor, shift: bool = True) -> Fidelity:
             f"every layout kvcompare knows (halves, adjacent pairs, no RoPE), over the {limit:g} allowed; use "
             "--positions true, which never moves a key"
         )
-    return Fidelity(logit_error, key_error)
+    return Fidelity(logit_error, key_error, [layer_kind(features.get(n), r) for n, r in enumerate(rotaries)])
+
+
+def layer_kind(features: tuple[float | None, float | None, bool] | None, rotary: Rotary | None) -> str:
+    """One layer in words, e.g. 'sliding window 4096, soft-cap 50, RoPE (base 10000, halves)'."""
+    window, softcap, sinks = features or (None, None, False)
+    parts = [f"sliding window {window:g}" if window else "full attention"]
+    parts += [f"soft-cap {softcap:g}"] if softcap else []
+    parts += ["learned sinks"] if sinks else []
+    if rotary is None:
+        parts.append("no RoPE")
+    else:
+        layout = "adjacent pairs" if rotary.interleaved else "halves"
+        parts.append(f"RoPE ({rotary.rotary_dim} channels, {layout}, slowest period {_period(rotary):.3g})")
+    return ", ".join(parts)
+
+
+def _period(rotary: Rotary) -> float:
+    return float(2 * torch.pi / rotary.inv_freq.min())
 
 
 def _layouts(rotary: Rotary | None, others: dict[int, Rotary]) -> list[Rotary | None]:

@@ -77,6 +77,20 @@ def encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def document_start(tokenizer: Any, mode: str) -> int | None:
+    """The token a passage starts with: the tokenizer's BOS where it starts a document with one (``auto``),
+    or always (``always``; an error if it has none), or None (``never``, or no BOS)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if mode == "never":
+        return None
+    if mode == "always":
+        if bos is None:
+            raise ModelError("--bos always: the tokenizer has no BOS token; use --bos auto or never")
+        return int(bos)
+    started = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    return int(bos) if bos is not None and started[:1] == [bos] else None
+
+
 def resolve_device(name: str) -> torch.device:
     """The torch device for ``cpu``, ``cuda`` or ``mps``, or a clear error if it is not available here."""
     kind = name.split(":")[0]

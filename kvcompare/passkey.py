@@ -39,6 +39,7 @@ class PasskeyPrompt:
     haystack: str  # "repeat", or where the filler text came from (a book of the dataset)
     needle_start: int  # token index of the needle's first token
     needle_end: int  # one past its last
+    bos: bool = False  # the prompt starts with the tokenizer's BOS token
 
 
 def passkey_keys(seed: int, length: int, depth: float, samples: int) -> list[str]:
@@ -54,16 +55,21 @@ def build_prompt(
     key: str,
     filler: Sequence[int] | None = None,
     haystack: str = "repeat",
+    bos: int | None = None,
 ) -> PasskeyPrompt:
     """The prompt for ``key`` with the needle at ``depth`` (0: right after the instruction, 1: before the
-    question), assembled from separately tokenized pieces so that its length is exact.
+    question), assembled from separately tokenized pieces so that its length is exact; with a ``bos`` token
+    id it starts with it, as a document does.
 
     ``filler``: the tokens of a text to hide the needle in (``haystack`` names it), repeated if short;
-    default the classic sentence.
+    default the classic sentence. The answer is what the model should produce after the question: the
+    tokens " K" takes in the question's context (:func:`answer_tokens`), not " K" tokenized alone.
     """
     if not 0 <= depth <= 1:
         raise ConfigError(f"--depths takes numbers from 0 to 1, not {depth}")
     instruction, needle, question = encode(INSTRUCTION), encode(NEEDLE.format(key=key)), encode(QUESTION)
+    if bos is not None:
+        instruction = [bos, *instruction]
     budget = length - len(instruction) - len(needle) - len(question)
     if budget < 0:
         fixed = length - budget
@@ -73,7 +79,19 @@ def build_prompt(
     before = round(depth * budget)
     start = len(instruction) + before
     tokens = (*instruction, *stream[:before], *needle, *stream[before:], *question)
-    return PasskeyPrompt(tuple(tokens), tuple(encode(f" {key}")), key, depth, haystack, start, start + len(needle))
+    answer = answer_tokens(encode, question, key)
+    return PasskeyPrompt(tuple(tokens), answer, key, depth, haystack, start, start + len(needle), bos is not None)
+
+
+def answer_tokens(encode: Callable[[str], list[int]], question: Sequence[int], key: str) -> tuple[int, ...]:
+    """The tokens of " {key}" as they follow the question: the question and the answer tokenized together,
+    less the question's tokens. A SentencePiece tokenizer gives " 12345" alone other tokens (a lone "▁" piece,
+    say) than after "is", which the model would never emit. Where joining changes the question's own tokens,
+    the answer alone is used."""
+    joined = encode(QUESTION + f" {key}")
+    if len(joined) > len(question) and joined[: len(question)] == list(question):
+        return tuple(joined[len(question) :])
+    return tuple(encode(f" {key}"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,16 @@ from kvcompare import corpus as corpora
 from kvcompare import models
 from kvcompare.budgets import parse_layer_budget, smallest_budget
 from kvcompare.cache import check_skip_layers
-from kvcompare.config import HAYSTACKS, TASKS, CacheConfig, ConfigError, LatencySettings, RunConfig, check_position_mode
+from kvcompare.config import (
+    BOS_MODES,
+    HAYSTACKS,
+    TASKS,
+    CacheConfig,
+    ConfigError,
+    LatencySettings,
+    RunConfig,
+    check_position_mode,
+)
 from kvcompare.corpus import Passage
 from kvcompare.passkey import PasskeyPrompt, build_prompt, passkey_keys
 from kvcompare.plugins import get_host
@@ -75,6 +84,7 @@ class Cell:
             "plugin": self.policy.plugin,
             "cache_size": self.cache.limit,
             "seq_len": len(self.passage.tokens),
+            "bos": self.passage.bos,
             "stride": self.cache.stride,
             "evict_block": self.cache.evict_block,
             "positions": self.cache.positions,
@@ -194,6 +204,8 @@ def check_config(config: RunConfig, policies: list[KVPolicy]) -> None:
     unknown = [t for t in config.tasks if t not in TASKS]
     if not config.tasks or unknown:
         raise ConfigError(f"--task takes {' and/or '.join(TASKS)}, not {config.tasks}")
+    if config.bos not in BOS_MODES:
+        raise ConfigError(f"--bos takes {', '.join(BOS_MODES)}, not {config.bos!r}")
     if config.haystack not in HAYSTACKS:
         raise ConfigError(f"--haystack takes {' or '.join(HAYSTACKS)}, not {config.haystack!r}")
     if "passkey" in config.tasks and (not config.depths or not all(0 <= d <= 1 for d in config.depths)):
@@ -297,10 +309,11 @@ def plan(config: RunConfig, policies: list[KVPolicy] | None = None) -> Plan:
         check_layers(config, policies, num_layers)
     corpus = corpora.load_corpus(config.dataset, text_column=config.text_column, include_all=config.all_books)
     encode = functools.cache(functools.partial(models.encode, tokenizer))  # each document tokenized once
+    bos = models.document_start(tokenizer, config.bos)
     passages = [
         passage
         for length, samples in zip(config.lengths, config.samples, strict=True)
-        for passage in corpora.sample_passages(corpus, encode, length, samples, config.seed)
+        for passage in corpora.sample_passages(corpus, encode, length, samples, config.seed, bos)
         if "ppl" in config.tasks
     ]
     context = CellContext.of(config)
@@ -314,13 +327,15 @@ def plan(config: RunConfig, policies: list[KVPolicy] | None = None) -> Plan:
     if "passkey" in config.tasks:
         cells += [
             Cell(probe_passage(probe, sample), policy, cache, context, probe)
-            for probe, sample in passkey_probes(config, encode, corpus)
+            for probe, sample in passkey_probes(config, encode, corpus, bos)
             for policy, cache in configurations
         ]
     return Plan(config, policies, tokenizer, corpus.describe(), passages, cells, num_layers)
 
 
-def passkey_probes(config: RunConfig, encode: Any, corpus: Any) -> list[tuple[PasskeyPrompt, int]]:
+def passkey_probes(
+    config: RunConfig, encode: Any, corpus: Any, bos: int | None = None
+) -> list[tuple[PasskeyPrompt, int]]:
     """Every passkey prompt of the run with its sample index: ``samples`` seeded keys per (length, depth).
 
     With ``--haystack text`` sample s of a length hides its keys in the s-th passage drawn from the dataset
@@ -338,10 +353,11 @@ def passkey_probes(config: RunConfig, encode: Any, corpus: Any) -> list[tuple[Pa
                 text = texts[sample] if texts else None
                 filler = None if text is None else text.tokens
                 haystack = "repeat" if text is None else f"{text.source}@{text.token_offset}"
-                probes.append((build_prompt(encode, length, depth, key, filler, haystack), sample))
+                probes.append((build_prompt(encode, length, depth, key, filler, haystack, bos), sample))
     return probes
 
 
 def probe_passage(probe: PasskeyPrompt, sample: int) -> Passage:
     """A passkey prompt as a passage, so that it is grouped, described and keyed like one."""
-    return Passage("passkey", f"passkey:{probe.key}:{probe.haystack}", probe.needle_start, sample, probe.tokens)
+    source = f"passkey:{probe.key}:{probe.haystack}"
+    return Passage("passkey", source, probe.needle_start, sample, probe.tokens, probe.bos)

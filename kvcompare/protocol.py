@@ -6,7 +6,7 @@ README (a test keeps the README in step). The code that carries it out is ``kvco
 #: 3: per-layer budgets; with uneven budgets every layer frees the same number of slots, empty ones first (issue 11).
 #: 4: a task in every cell's identity (ppl, passkey) (issue 12).
 #: 5: shift mode in bfloat16/float16 re-rotates moved keys from the written key, rounding once (issue 14).
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 
 #: How the numbers are measured; shown verbatim in every report and in the README.
 PROTOCOL_MD = """\
@@ -35,6 +35,18 @@ PROTOCOL_MD = """\
   key is rebuilt from the key the model wrote, rotated once in float32 by its total move (a copy of the
   compressed keys is kept for it): rotating a rotated key at every eviction would add a rounding each time,
   and a bfloat16 sink key is off by more than 100% after a thousand moves.
+- **Passages.** A passage of `L` tokens is a window of a document's tokens, drawn by the seed; it starts as
+  the tokenizer starts a document (`--bos auto`: with its BOS token when it adds one, then `L - 1` document
+  tokens), or `--bos always` / `never`. The BOS is never scored (the first token is not predicted); `bos`
+  says in every row whether it is there. Passkey prompts start the same way.
+- **Models.** Before any cell, a probe checks that kvcompare computes what the model computes: `full`'s
+  logits through kvcompare's cache and attention against the model's own forward pass, and the keys shift
+  mode moves against the keys the model writes at the new positions, layer by layer; a model that fails is
+  refused. Each layer gets what the model's own attention gives it: its sliding window (in the mask, on
+  true token indices), soft-cap and learned sinks, and its own rotary (frequencies, channel layout) or none.
+  A layer with a sliding window is compressed like any other (the policy keeps at most the limit) and, as
+  in the model, attends only the held tokens inside its window. `layer_kinds` in every row lists each
+  layer's attention and RoPE.
 - **Quality pass.** The passage is fed teacher-forced in chunks of `stride` tokens under the policy and the
   limit; every token after the first is scored. `ppl = exp(mean NLL)`; `accuracy` is the share of tokens
   whose arg-max prediction is the next token. NLL is also kept per bucket of positions for the

@@ -264,6 +264,7 @@ def row_context(run_id: str, config: RunConfig, loaded: LoadedModel, executor: E
         executor.layout,
         socket.gethostname(),
         device_name(executor.device),
+        json.dumps((loaded.info.get("fidelity") or {}).get("layer_kinds") or None),
     )
 
 
@@ -312,6 +313,7 @@ class RowContext:
     layout: CacheLayout
     host: str  # the machine that measured the rows
     device_name: str  # the device that measured them (e.g. the GPU's name)
+    layer_kinds: str = "null"  # JSON: each layer's attention and RoPE, as the fidelity probe found them
 
 
 def _measure_all(
@@ -449,6 +451,7 @@ def result_row(record: CellRecord, context: RowContext) -> tuple[dict[str, Any],
         "wall_s": record.wall_s,
         "host": context.host,
         "device_name": context.device_name,
+        "layer_kinds": None if context.layer_kinds == "null" else context.layer_kinds,
         "finished_at": _timestamp(),
     }
     kv_bytes = kv_read_bytes(context.layout, cell.cache, seq_len)

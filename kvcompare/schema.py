@@ -25,12 +25,14 @@ RESULT_SCHEMA = pa.schema(
         ("plugin", pa.string()),  # plugin that provides the policy
         ("cache_size", pa.int64()),  # limit enforced on compressed layers; null for `full` (no limit)
         ("seq_len", pa.int64()),
+        ("bos", pa.bool_()),  # the passage (or prompt) starts with the tokenizer's BOS token (never scored)
         ("stride", pa.int64()),
         ("evict_block", pa.int64()),
         ("positions", pa.string()),  # "true" or "shift"
         ("skip_layers", pa.string()),  # JSON list of layer indices that keep the full cache
         ("layer_budget", pa.string()),  # how the limit is shared among compressed layers: uniform or pyramid:beta=B
         ("layer_budgets", pa.string()),  # JSON list: the slots each compressed layer may hold (null for `full`)
+        ("layer_kinds", pa.string()),  # JSON list: each layer's attention (full, sliding window...) and RoPE
         ("device", pa.string()),
         ("device_name", pa.string()),  # the device that measured the cell, e.g. the GPU's or the CPU's name
         ("host", pa.string()),  # the machine that measured it (a Ray worker's, in a run with --ray)

@@ -87,8 +87,13 @@ def test_what_cannot_be_reproduced_is_refused_naming_the_feature(family: Family)
 
 
 def saved(family: Family, tokenizer_dir: Path, folder: Path) -> Path:
-    """``family`` as a local model folder with the tiny tokenizer (its vocabulary fits the tiny models')."""
-    family.build().save_pretrained(folder)
+    """``family`` as a local model folder with the tiny tokenizer, its vocabulary sized to the tokenizer's."""
+    import dataclasses
+    import json
+
+    vocab = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
+    key = "vocab_size"
+    dataclasses.replace(family, changes={**family.changes, key: vocab}).build().save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_dir / name, folder / name)
     return folder
@@ -119,3 +124,22 @@ def test_a_run_refuses_a_model_it_cannot_reproduce_before_any_cell(tiny_model_di
     with pytest.raises(UnsupportedModelError, match="no rotary embedding module"):
         run(tiny_run(model), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_rows_record_each_layers_kind(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import json
+
+    import polars as pl
+
+    from kvcompare.runner import run
+
+    gemma2 = next(family for family in SUPPORTED if family.name == "gemma2")
+    model = saved(gemma2, tiny_model_dir, tmp_path / "model")
+    out = run(tiny_run(model, repeats=1), tmp_path / "run", progress=False)
+    kinds = json.loads(pl.read_parquet(out / "cells" / "*.parquet")["layer_kinds"][0])
+    assert len(kinds) == 4 and kinds[0].startswith(f"sliding window {WINDOW}, soft-cap 1, RoPE")
+    assert kinds[1].startswith("full attention, soft-cap 1, RoPE")
+    meta = json.loads((out / "run.json").read_text())
+    assert (
+        meta["model_info"]["fidelity"]["logit_error"] < 1e-5 and meta["model_info"]["fidelity"]["layer_kinds"] == kinds
+    )

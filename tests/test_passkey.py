@@ -128,3 +128,91 @@ def test_a_run_with_a_text_haystack_names_the_text_of_each_probe(tiny_model_dir:
     assert set(rows["task"]) == {"passkey"} and rows.height == 2 * 2  # full and recent, two keys
     sources = set(rows["source"])
     assert len(sources) == 2 and all("tiny_corpus" in source and "@" in source for source in sources)
+
+
+def sentencepiece_like_tokenizer() -> object:
+    """A tokenizer that behaves as Llama-2's SentencePiece one: a dummy "▁" prefix on every text encoded, so
+    " 12345" alone starts with two "▁" pieces, but after "is" with one; digits one by one."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = (Path(__file__).parent / "data" / "tiny_corpus.txt").read_text() + " The pass key is 12345." * 3
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split("▁", behavior="merged_with_next"), pre_tokenizers.Digits(individual_digits=True)]
+    )
+    tokenizer.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
+def test_the_answer_is_the_tokens_the_model_would_produce_after_the_question() -> None:
+    from kvcompare.passkey import QUESTION
+
+    tokenizer = sentencepiece_like_tokenizer()
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])  # type: ignore[operator]
+
+    prompt = build_prompt(encode, 200, 0.5, "12345")
+    in_context = encode(QUESTION + " 12345")[len(encode(QUESTION)) :]
+    assert prompt.answer == tuple(in_context)
+    pieces = tokenizer.convert_ids_to_tokens(list(prompt.answer))  # type: ignore[attr-defined]
+    assert pieces == ["▁", "1", "2", "3", "4", "5"]
+    assert tuple(encode(" 12345")) != prompt.answer  # alone: an extra "▁", which the model would never emit
+
+
+def bos_tokenizer(adds: bool) -> object:
+    """The tiny BPE tokenizer with a BOS token, added to every encoded document or not."""
+    from tokenizers import ByteLevelBPETokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    text = (Path(__file__).parent / "data" / "tiny_corpus.txt").read_text()
+    bpe.train_from_iterator([text], vocab_size=300, min_frequency=1, special_tokens=["<s>"], show_progress=False)
+    if adds:
+        bpe._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>")
+
+
+def test_passages_and_prompts_start_as_the_tokenizer_starts_a_document() -> None:
+    from kvcompare.corpus import load_corpus, sample_passages
+    from kvcompare.models import ModelError, document_start
+
+    adds, plain = bos_tokenizer(True), bos_tokenizer(False)
+    assert document_start(adds, "auto") == 0 and document_start(plain, "auto") is None
+    assert document_start(plain, "always") == 0 and document_start(adds, "never") is None
+    with pytest.raises(ModelError, match="has no BOS token"):
+        document_start(object(), "always")  # a tokenizer without a BOS token
+
+    def encode(text: str) -> list[int]:
+        return list(plain(text, add_special_tokens=False)["input_ids"])  # type: ignore[operator]
+
+    corpus = load_corpus(str(Path(__file__).parent / "data" / "tiny_corpus.txt"))
+    without = sample_passages(corpus, encode, 48, 2, 0)
+    with_bos = sample_passages(corpus, encode, 48, 2, 0, bos=0)
+    for bare, started in zip(without, with_bos, strict=True):
+        assert len(started.tokens) == 48 and started.tokens[0] == 0 and started.bos and not bare.bos
+        assert (
+            started.tokens[1:]
+            == tuple(encode_all(corpus, encode, started.source))[started.token_offset : started.token_offset + 47]
+        )
+    prompt = build_prompt(encode, 200, 0.5, "12345", bos=0)
+    assert len(prompt.tokens) == 200 and prompt.tokens[0] == 0 and prompt.bos
+    assert prompt.tokens[prompt.needle_start : prompt.needle_end] == tuple(
+        encode(" The pass key is 12345. Remember it. 12345 is the pass key.")
+    )
+
+
+def encode_all(corpus: object, encode: object, source: str) -> list[int]:
+    document = next(d for d in corpus.documents() if d.source == source)  # type: ignore[attr-defined]
+    return encode(document.text)  # type: ignore[operator,no-any-return]
+
+
+def test_rows_say_whether_a_passage_starts_with_bos(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from kvcompare.runner import run
+
+    out = run(tiny_run(tiny_model_dir, repeats=1), tmp_path / "run", progress=False)
+    assert pl.read_parquet(out / "cells" / "*.parquet")["bos"].to_list() == [False, False]  # it adds none
+    with pytest.raises(models.ModelError, match="--bos always: the tokenizer has no BOS token"):
+        run(tiny_run(tiny_model_dir, bos="always"), tmp_path / "always", progress=False)
