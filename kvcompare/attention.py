@@ -140,9 +140,6 @@ def _attend(
     )
 
 
-AttentionInterface.register(ATTN_IMPLEMENTATION, chunk_causal_attention)
-
-
 def _attend_eager(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -173,3 +170,6 @@ def _attend_eager(
     else:
         weights = logits.softmax(dim=-1)
     return weights.to(value.dtype) @ value
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, chunk_causal_attention)

@@ -179,3 +179,4 @@ FAMILIES = [
 ]
 SUPPORTED = [f for f in FAMILIES if not f.refused]
 REFUSED = [f for f in FAMILIES if f.refused]
+BY_NAME = {f.name: f for f in FAMILIES}

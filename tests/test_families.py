@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from families import REFUSED, SUPPORTED, WINDOW, Family
+from families import BY_NAME, REFUSED, SUPPORTED, WINDOW, Family
 from runs import tiny_run
 
 from kvcompare.config import CacheConfig
@@ -109,8 +109,7 @@ def test_a_run_refuses_length_dependent_rope_before_the_weights_load(
         raise AssertionError("the weights were loaded")
 
     monkeypatch.setattr(kvcompare.runner, "load_model", never)
-    dynamic = next(family for family in REFUSED if family.name == "llama-dynamic")
-    model = saved(dynamic, tiny_model_dir, tmp_path / "model")
+    model = saved(BY_NAME["llama-dynamic"], tiny_model_dir, tmp_path / "model")
     with pytest.raises(UnsupportedModelError, match="dynamic RoPE"):
         run(tiny_run(model), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
@@ -119,8 +118,7 @@ def test_a_run_refuses_length_dependent_rope_before_the_weights_load(
 def test_a_run_refuses_a_model_it_cannot_reproduce_before_any_cell(tiny_model_dir: Path, tmp_path: Path) -> None:
     from kvcompare.runner import run
 
-    gptj = next(family for family in REFUSED if family.name == "gpt-j")
-    model = saved(gptj, tiny_model_dir, tmp_path / "model")
+    model = saved(BY_NAME["gpt-j"], tiny_model_dir, tmp_path / "model")
     with pytest.raises(UnsupportedModelError, match="no rotary embedding module"):
         run(tiny_run(model), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
@@ -133,8 +131,7 @@ def test_rows_record_each_layers_kind(tmp_path: Path, tiny_model_dir: Path) -> N
 
     from kvcompare.runner import run
 
-    gemma2 = next(family for family in SUPPORTED if family.name == "gemma2")
-    model = saved(gemma2, tiny_model_dir, tmp_path / "model")
+    model = saved(BY_NAME["gemma2"], tiny_model_dir, tmp_path / "model")
     out = run(tiny_run(model, repeats=1), tmp_path / "run", progress=False)
     kinds = json.loads(pl.read_parquet(out / "cells" / "*.parquet")["layer_kinds"][0])
     assert len(kinds) == 4 and kinds[0].startswith(f"sliding window {WINDOW}, soft-cap 1, RoPE")
