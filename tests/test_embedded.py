@@ -64,3 +64,13 @@ def test_embedded_model_retrieves_the_passkey_with_a_full_cache_and_loses_it_und
     assert full.correct and full.logprob > -3  # the key, with high probability
     recent = retrieve(executor, probe, registry.build("recent"), CacheConfig(128, 64), 64)
     assert not recent.correct  # the needle left a 128-token window long before the question
+
+
+def test_kvcompare_reproduces_the_embedded_model(smollm) -> None:  # type: ignore[no-untyped-def]
+    from kvcompare.fidelity import check_fidelity
+
+    executor = Executor(smollm.model)
+    fidelity = check_fidelity(executor)
+    assert fidelity.logit_error < 1e-4 and fidelity.key_error < 1e-4, fidelity
+    assert all(kind.startswith("full attention, RoPE (64 channels, halves") for kind in fidelity.layer_kinds)
+    assert len(fidelity.layer_kinds) == 30
