@@ -128,4 +128,5 @@ def retrieve(
             if index + 1 < len(prompt.answer):
                 logits, _ = executor.forward(cache, torch.tensor([[token]], device=executor.device), last_only=True)
                 last = logits[:, -1]
+    executor.evict_timer.take_seconds()  # retrieval is not timed for speed: drop its eviction spans
     return Retrieval(matched == len(prompt.answer), matched, logprob, time.perf_counter() - begin)
