@@ -11,36 +11,30 @@ failed (``--resume`` measures them again). Ctrl-C keeps every finished passage.
 from __future__ import annotations
 
 import collections
-import datetime
 import logging
 import os
 import re
 import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from kvcompare.config import ConfigError, RunConfig
-from kvcompare.environment import environment
+from kvcompare.environment import environment, load_average, physical_cores
 from kvcompare.errors import KVCompareError
-from kvcompare.plan import Cell, Plan
-from kvcompare.results import RunFolder
-from kvcompare.runner import (
+from kvcompare.passages import (
+    Group,
     PassageResults,
-    _load,
-    _warm_up,
     count_passes,
-    finish,
     load_checked,
     measure_group,
-    passage_groups,
-    passes_bar,
-    physical_cores,
-    report_failures,
+    now_iso,
     row_context,
+    warm_up,
     warn_beyond_context,
-    write_results,
 )
+from kvcompare.plan import Cell, Plan
 
 #: How often an actor that dies is restarted, and its passage tried again, before its cells count as failed.
 RETRIES = 2
@@ -82,7 +76,7 @@ class PassageWorker:
 
     def measure(self, cells: list[Cell], todo: list[Cell], done: set[str], session: int) -> PassageResults:
         if not self.warmed and self.config.repeats:  # the first timed cells must not pay for first calls
-            _warm_up(self.executor, todo[0])
+            warm_up(self.executor, todo[0])
             self.warmed = True
         return measure_group(
             self.executor, cells, todo, done, self.context, session, self.config.quality_batch, lambda *_: None
@@ -139,47 +133,92 @@ def check_cluster_fits(cluster: dict[str, float], count: int, options: dict[str,
             )
 
 
-def measure_on_ray(
-    grid: Plan, done: set[str], folder: RunFolder, meta: dict[str, Any], *, session: int, progress: bool
-) -> None:
-    """Measure the grid's unfinished passages on Ray actors, writing each passage as it comes back."""
-    config = grid.config
-    started_here = start_ray(config.ray or "auto")  # first: it says how to install Ray if it is missing
-    import ray
+class RayBackend:
+    """Passages measured by Ray actors, one per device, each keeping the model loaded (see the module docstring).
 
-    actors: list[Any] = []
-    try:
-        count = worker_count(config)
-        # Local CPU actors share this machine's cores; elsewhere each actor takes its own machine's.
-        local_cpu = config.ray == "local" and config.device == "cpu"
-        threads = config.threads or (max(1, physical_cores() // count) if local_cpu else None)
-        options = {"num_gpus": 1 if config.device == "cuda" else 0, "num_cpus": threads or 1}
-        check_cluster_fits(ray.cluster_resources(), count, options)
-        worker = ray.remote(PassageWorker).options(max_restarts=RETRIES, max_task_retries=RETRIES, **options)
-        actors = [worker.remote(config, meta["run_id"], threads) for _ in range(count)]
-        described = _first_answer(ray, [actor.describe.remote() for actor in actors])
-        first = described[0]
-        meta.update(model_info=first["model_info"], environment=first["environment"])
-        meta["beyond_context_lengths"] = warn_beyond_context(config, first["model_info"].get("max_position_embeddings"))
-        meta["speed"] = {
-            "threads": first["threads"],
-            "cpu_count": os.cpu_count() if config.ray == "local" else None,  # the load averages are this machine's
-            "memory_bandwidth_bytes_s": first["memory_bandwidth_bytes_s"],
-            "load_average_start": _load(),
-            "ray": {"address": config.ray, "workers": [_worker_entry(d) for d in described]},
-        }
-        folder.open(meta)
+    Built, it has started (or joined) the cluster, refused actors the cluster cannot hold, and heard from every
+    actor that its model loaded and passed the fidelity probe; :meth:`close` stops what it started.
+    """
+
+    def __init__(self, grid: Plan, run_id: str) -> None:
+        self.config = config = grid.config
+        self.started_here = start_ray(config.ray or "auto")  # first: it says how to install Ray if it is missing
+        import ray
+
+        self.ray = ray
+        self.actors: list[Any] = []
         try:
-            _schedule(ray, actors, grid, done, folder, meta["run_id"], session, progress)
-            finish(folder, meta)
-        finally:
-            meta["speed"]["load_average_end"] = _load()
-            folder.write_run_json(meta)
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-        if started_here:
-            ray.shutdown()
+            count = worker_count(config)
+            # Local CPU actors share this machine's cores; elsewhere each actor takes its own machine's.
+            local_cpu = config.ray == "local" and config.device == "cpu"
+            threads = config.threads or (max(1, physical_cores() // count) if local_cpu else None)
+            options = {"num_gpus": 1 if config.device == "cuda" else 0, "num_cpus": threads or 1}
+            check_cluster_fits(ray.cluster_resources(), count, options)
+            worker = ray.remote(PassageWorker).options(max_restarts=RETRIES, max_task_retries=RETRIES, **options)
+            self.actors = [worker.remote(config, run_id, threads) for _ in range(count)]
+            self.described = _first_answer(ray, [actor.describe.remote() for actor in self.actors])
+        except BaseException:
+            self.close()
+            raise
+        self.run_id = run_id
+
+    def describe(self) -> dict[str, Any]:
+        config, first = self.config, self.described[0]
+        return {
+            "model_info": first["model_info"],
+            "environment": first["environment"],
+            "beyond_context_lengths": warn_beyond_context(config, first["model_info"].get("max_position_embeddings")),
+            "speed": {
+                "threads": first["threads"],
+                "cpu_count": os.cpu_count() if config.ray == "local" else None,  # the load averages are this machine's
+                "memory_bandwidth_bytes_s": first["memory_bandwidth_bytes_s"],
+                "load_average_start": load_average(),
+                "ray": {"address": config.ray, "workers": [_worker_entry(d) for d in self.described]},
+            },
+        }
+
+    def measure(
+        self, groups: list[Group], done: set[str], session: int, tick: Callable[[str, int], None]
+    ) -> Iterator[PassageResults]:
+        """Keep every actor busy with one passage at a time; yield each passage's results as it comes back (a
+        passage whose actor died RETRIES + 1 times, or failed outside any cell, as failed rows)."""
+        ray = self.ray
+        queue = collections.deque(groups)
+        running: dict[Any, tuple[Any, Group]] = {}
+
+        def give(actor: Any) -> None:
+            if queue:
+                group = queue.popleft()
+                running[actor.measure.remote(*group, done, session)] = (actor, group)
+
+        for actor in self.actors:
+            give(actor)
+        while running:
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            actor, (cells, todo) = running.pop(ref)
+            try:
+                results = ray.get(ref)
+                give(actor)
+            except ray.exceptions.RayActorError as err:  # it died RETRIES + 1 times on this passage: it is gone
+                results = died(todo, self.run_id, err)
+            except ray.exceptions.RayTaskError as err:  # an error outside any one cell: this passage fails
+                results = died(todo, self.run_id, err)
+                give(actor)
+            yield results
+            tick(todo[0].describe(), count_passes([(cells, todo)], self.config))
+        if queue:
+            print(
+                f"\nevery Ray worker died; {len(queue)} passage(s) not measured: add --resume to measure them",
+                file=sys.stderr,
+            )
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+        self.actors = []
+        if self.started_here:
+            self.ray.shutdown()
+            self.started_here = False
 
 
 def _worker_entry(described: dict[str, Any]) -> dict[str, Any]:
@@ -216,56 +255,12 @@ def _first_answer(ray: Any, refs: list[Any]) -> list[Any]:
         raise
 
 
-def _schedule(
-    ray: Any,
-    actors: list[Any],
-    grid: Plan,
-    done: set[str],
-    folder: RunFolder,
-    run_id: str,
-    session: int,
-    progress: bool,
-) -> None:
-    """Keep every actor busy with one passage at a time, writing each passage as it comes back."""
-    queue = collections.deque(passage_groups(grid, done))
-    running: dict[Any, tuple[Any, tuple[list[Cell], list[Cell]]]] = {}
-    failures = 0
-
-    def give(actor: Any) -> None:
-        if queue:
-            group = queue.popleft()
-            running[actor.measure.remote(*group, done, session)] = (actor, group)
-
-    with passes_bar(count_passes(list(queue), grid.config), progress, folder) as bar:
-        for actor in actors:
-            give(actor)
-        while running:
-            (ref,), _ = ray.wait(list(running), num_returns=1)
-            actor, (cells, todo) = running.pop(ref)
-            try:
-                results = ray.get(ref)
-                give(actor)
-            except ray.exceptions.RayActorError as err:  # it died RETRIES + 1 times on this passage: it is gone
-                results = died(todo, run_id, err)
-            except ray.exceptions.RayTaskError as err:  # an error outside any one cell: this passage fails
-                results = died(todo, run_id, err)
-                give(actor)
-            failures += write_results(folder, results)
-            bar.update(count_passes([(cells, todo)], grid.config))
-        if queue:
-            print(
-                f"\nevery Ray worker died; {len(queue)} passage(s) not measured: add --resume to measure them",
-                file=sys.stderr,
-            )
-    report_failures(failures)
-
-
 def died(todo: list[Cell], run_id: str, err: BaseException) -> PassageResults:
     """The rows of a passage whose worker failed: every cell failed with the worker's error, none timed."""
     text = ANSI_CODES.sub("", str(err))  # Ray colours the actor's name
     error = f"Ray worker failed on this passage: {type(err).__name__}: {text.splitlines()[0] if text else ''}"
     print(f"\n{error}", file=sys.stderr)
-    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    now = now_iso()
     rows: list[tuple[dict[str, Any], list[dict[str, Any]]]] = [
         (
             {

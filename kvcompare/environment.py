@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 LIBRARIES = (
@@ -67,3 +69,16 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device_name": device_name(device),
         "platform": platform.platform(),
     }
+
+
+def physical_cores() -> int:
+    """The default --threads: one per physical core (hyper-threads share a core's arithmetic units)."""
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages, where the platform has them."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None

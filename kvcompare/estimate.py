@@ -19,9 +19,11 @@ from typing import Any
 import torch
 
 from kvcompare.config import RunConfig
+from kvcompare.environment import physical_cores
 from kvcompare.executor import Executor
+from kvcompare.passages import load_checked, passage_groups
 from kvcompare.plan import Cell
-from kvcompare.runner import check_start, load_checked, passage_groups, physical_cores
+from kvcompare.runner import check_start
 from kvcompare.schedule import ONESHOT_CHUNK, schedule
 from kvcompare.timing import now
 

@@ -46,10 +46,12 @@ class DiesInWorker(ScoredPolicy):
     times: int = 1
 
     def score(self, keys: torch.Tensor, positions: torch.Tensor, signals: object = None) -> torch.Tensor:
-        tally = Path(self.tally)
-        deaths = len(tally.read_text().splitlines()) if tally.exists() else 0
-        if deaths < self.times:
-            with tally.open("a") as file:
+        for death in range(self.times):  # each death is claimed atomically: two workers never both take one
+            try:
+                os.close(os.open(f"{self.tally}.{death}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue
+            with Path(self.tally).open("a") as file:
                 file.write(f"{os.getpid()}\n")
             os._exit(1)
         return positions.float()

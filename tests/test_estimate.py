@@ -59,12 +59,12 @@ def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
 def test_a_dry_run_refuses_what_the_run_refuses_before_any_weights_load(
     tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kvcompare.runner
+    import kvcompare.passages
 
     def never(*args: object, **kwargs: object) -> None:
         raise AssertionError("the weights were loaded for a plan that is refused")
 
-    monkeypatch.setattr(kvcompare.runner, "load_model", never)
+    monkeypatch.setattr(kvcompare.passages, "load_model", never)
     out = tmp_path / "run"
     assert main([*dry(tiny_model_dir, out, "--dry-run"), "--skip-layers", "0,99"]) == 2
     assert "has layers 0..3, not [99]" in one_error_line(capsys)

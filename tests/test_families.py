@@ -102,13 +102,13 @@ def saved(family: Family, tokenizer_dir: Path, folder: Path) -> Path:
 def test_a_run_refuses_length_dependent_rope_before_the_weights_load(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kvcompare.runner
+    import kvcompare.passages
     from kvcompare.runner import run
 
     def never(*args: object, **kwargs: object) -> None:
         raise AssertionError("the weights were loaded")
 
-    monkeypatch.setattr(kvcompare.runner, "load_model", never)
+    monkeypatch.setattr(kvcompare.passages, "load_model", never)
     model = saved(BY_NAME["llama-dynamic"], tiny_model_dir, tmp_path / "model")
     with pytest.raises(UnsupportedModelError, match="dynamic RoPE"):
         run(tiny_run(model), tmp_path / "run", progress=False)

@@ -148,9 +148,9 @@ def test_ctrl_c_on_a_ray_run_keeps_finished_passages_and_resume_completes_it(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pytest.importorskip("ray")
-    import kvcompare.distributed as distributed
+    import kvcompare.runner as runner
 
-    real = distributed.write_results
+    real = runner.write_results
     written = {"passages": 0}
 
     def interrupted_after_one(folder, results):  # type: ignore[no-untyped-def]
@@ -159,7 +159,7 @@ def test_ctrl_c_on_a_ray_run_keeps_finished_passages_and_resume_completes_it(
         written["passages"] += 1
         return real(folder, results)
 
-    monkeypatch.setattr(distributed, "write_results", interrupted_after_one)
+    monkeypatch.setattr(runner, "write_results", interrupted_after_one)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         run(grid(tiny_model_dir, ray="local", workers=2), out, progress=False)
@@ -167,7 +167,7 @@ def test_ctrl_c_on_a_ray_run_keeps_finished_passages_and_resume_completes_it(
     import ray
 
     assert not ray.is_initialized()  # the cluster this run started is stopped
-    monkeypatch.setattr(distributed, "write_results", real)
+    monkeypatch.setattr(runner, "write_results", real)
     resumed = cells(run(grid(tiny_model_dir, ray="local", workers=2), out, resume=True, progress=False))
     serial = cells(run(grid(tiny_model_dir), tmp_path / "serial", progress=False))
     assert resumed.select(QUALITY).equals(serial.select(QUALITY))

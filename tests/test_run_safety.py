@@ -14,11 +14,13 @@ import torch
 from runs import CORPUS
 from runs import tiny_run as config
 
+import kvcompare.passages as passages
 import kvcompare.runner as runner
 from kvcompare.cli import main
+from kvcompare.config import ConfigError, RunConfig
 from kvcompare.protocol import PROTOCOL_VERSION
 from kvcompare.results import ResultsError, RunFolder
-from kvcompare.runner import ConfigError, RunConfig, run
+from kvcompare.runner import run
 
 
 @pytest.fixture
@@ -28,7 +30,7 @@ def no_measuring(monkeypatch: pytest.MonkeyPatch) -> None:
     def never(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded despite input that could be refused before")
 
-    monkeypatch.setattr(runner, "load_model", never)
+    monkeypatch.setattr(passages, "load_model", never)
 
 
 def tree(path: Path) -> set[str]:
@@ -214,14 +216,14 @@ def test_lengths_beyond_the_trained_context_are_warned_and_recorded(
     tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # the tiny model has 4096 positions; shrink what the loader reports rather than build a long corpus
-    real = runner.load_model
+    real = passages.load_model
 
     def short_context(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
         loaded = real(*args, **kwargs)  # type: ignore[arg-type]
         loaded.info["max_position_embeddings"] = 40
         return loaded
 
-    monkeypatch.setattr(runner, "load_model", short_context)
+    monkeypatch.setattr(passages, "load_model", short_context)
     out = run(config(tiny_model_dir, lengths=[32, 48], samples=[1]), tmp_path / "run", progress=False)
     assert "lengths [48]" in capsys.readouterr().err
     cells = pl.read_parquet(out / "cells" / "*.parquet")

@@ -125,3 +125,23 @@ def test_cache_config_checks_positions_in_one_place() -> None:
         CacheConfig(8, 4, "absolute")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="true and/or shift"):
         RunConfig().cache_config(8, "absolute")
+
+
+def test_backends_never_import_the_runner() -> None:
+    """The runner drives the backends (serial, Ray) and alone owns the results folder; the backends and the
+    passage code they share import neither it nor each other, so no import circle passes through them."""
+    import ast
+
+    package = Path(kvcompare.__file__).parent
+
+    def imports(module: str) -> set[str]:
+        tree = ast.parse((package / f"{module}.py").read_text())
+        found = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        found |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        return {name for name in found if name.startswith("kvcompare")}
+
+    for module in ("backends", "distributed", "passages", "schedule", "resume"):
+        assert "kvcompare.runner" not in imports(module), module
+    for module in ("passages", "backends"):
+        assert "kvcompare.distributed" not in imports(module), module
+    assert "kvcompare.backends" not in imports("distributed") | imports("passages")

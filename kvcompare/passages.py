@@ -1,0 +1,239 @@
+"""Measuring passages on a loaded model: what the serial and the Ray backends share (kvcompare.backends,
+kvcompare.distributed). A passage's cells are measured together (kvcompare.schedule) and turned into result rows."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import itertools
+import json
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from kvcompare.budgets import compressed_layer_budgets
+from kvcompare.cache import CacheLayout
+from kvcompare.config import RunConfig
+from kvcompare.environment import device_name
+from kvcompare.executor import Executor
+from kvcompare.fidelity import check_fidelity
+from kvcompare.measure import latency_fields, position_buckets, quality_fields
+from kvcompare.models import LoadedModel, load_model
+from kvcompare.physics import kv_read_bytes, memory_bandwidth, tpot_floor, weight_bytes
+from kvcompare.plan import Cell, Plan
+from kvcompare.results import cell_id
+from kvcompare.schedule import CellRecord, measure_passage, measure_probes, schedule, trial_passes
+from kvcompare.schema import CURVE_CELL_COLUMNS
+
+#: One passage's cells: all of them, and those still to measure.
+Group = tuple[list[Cell], list[Cell]]
+
+
+def now_iso() -> str:
+    """The current UTC time, to the second, as run.json and the rows record times."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def load_checked(config: RunConfig, tokenizer: Any = None) -> tuple[LoadedModel, Executor]:
+    """Load the run's model and check that kvcompare reproduces it (kvcompare.fidelity) before any cell; the
+    probe's errors go to its info (run.json's model_info.fidelity). Raises UnsupportedModelError if not."""
+    loaded = load_model(config.model, config.device, config.dtype, tokenizer=tokenizer)
+    executor = Executor(loaded.model)
+    loaded.info["fidelity"] = check_fidelity(executor, shift="shift" in config.positions).as_dict()
+    return loaded, executor
+
+
+def beyond_context_lengths(config: RunConfig, max_positions: int | None) -> list[int]:
+    """Lengths whose latency pass reaches past the model's trained positions."""
+    if not max_positions:
+        return []
+    return [n for n in config.lengths if config.latency_positions(n) > max_positions]
+
+
+def warn_beyond_context(config: RunConfig, max_positions: int | None) -> list[int]:
+    """The lengths whose latency pass goes past the model's trained positions, with a warning if any."""
+    beyond = beyond_context_lengths(config, max_positions)
+    if beyond:
+        print(
+            f"kvcompare: warning: lengths {beyond} (plus {config.warmup + config.gen} decoded tokens) go beyond "
+            f"{config.model}'s {max_positions} trained positions; the full cache is then outside what the model "
+            "was trained for. Measured anyway and marked beyond_context in every row.",
+            file=sys.stderr,
+        )
+    return beyond
+
+
+@dataclasses.dataclass(frozen=True)
+class RowContext:
+    """What every row of this run shares beyond the cell's own identity."""
+
+    run_id: str
+    max_positions: int | None
+    beyond_context: frozenset[int]  # lengths whose latency pass goes past max_positions (beyond_context_lengths)
+    threads: int
+    weight_bytes: int
+    bandwidth: float
+    layout: CacheLayout
+    host: str  # the machine that measured the rows
+    device_name: str  # the device that measured them (e.g. the GPU's name)
+    layer_kinds: str = "null"  # JSON: each layer's attention and RoPE, as the fidelity probe found them
+
+
+def row_context(run_id: str, config: RunConfig, loaded: LoadedModel, executor: Executor, threads: int) -> RowContext:
+    """What this process's rows share: the model's limits, the threads, the weights and the measured bandwidth."""
+    max_positions = loaded.info.get("max_position_embeddings")
+    return RowContext(
+        run_id,
+        max_positions,
+        frozenset(beyond_context_lengths(config, max_positions)),
+        threads,
+        weight_bytes(loaded.model),
+        memory_bandwidth(executor.device),
+        executor.layout,
+        socket.gethostname(),
+        device_name(executor.device),
+        json.dumps((loaded.info.get("fidelity") or {}).get("layer_kinds") or None),
+    )
+
+
+def passage_groups(grid: Plan, done: set[str]) -> list[Group]:
+    """Each passage's cells with those still to measure, in the plan's order; finished passages are left out."""
+    groups = [list(cells) for _, cells in itertools.groupby(grid.cells, key=lambda cell: cell.passage)]
+    return [(cells, todo) for cells in groups if (todo := [c for c in cells if c.id not in done])]
+
+
+def count_passes(groups: list[Group], config: RunConfig) -> int:
+    """Every pass the run will make: a passkey cell's one pass; a passage's quality passes, then in each round
+    every scheduled trial (controls included) and the one-pass prefill of each `full` cell."""
+    total = 0
+    for cells, todo in groups:
+        if todo[0].probe is not None:
+            total += len(todo)
+            continue
+        baselines = [c for c in cells if not c.policy.bounded and c not in todo]
+        total += len(todo) + config.repeats * sum(trial_passes(t) for t in schedule(todo, baselines))
+    return total
+
+
+@dataclasses.dataclass
+class PassageResults:
+    """What measuring one passage (or one passkey prompt) gives, to be written to the run folder together."""
+
+    timings_name: str | None  # the timings file's name (None: a passkey prompt, which is not timed)
+    timings: list[dict[str, Any]]
+    cells: list[tuple[dict[str, Any], list[dict[str, Any]]]]  # each cell's row and curve
+
+
+def measure_group(
+    executor: Executor,
+    cells: list[Cell],
+    todo: list[Cell],
+    done: set[str],
+    context: RowContext,
+    session: int,
+    quality_batch: int | None,
+    tick: Callable[[str, int], None],
+) -> PassageResults:
+    """Measure the ``todo`` cells of one passage (``cells`` are all of its cells, ``done`` those finished)."""
+    if todo[0].probe is not None:
+        records = measure_probes(executor, todo, tick)
+        return PassageResults(None, [], [result_row(record, context) for record in records])
+    baselines = [c for c in cells if not c.policy.bounded and c.id in done]
+    records, timings = measure_passage(
+        executor,
+        todo,
+        baselines,
+        run_id=context.run_id,
+        session=session,
+        quality_batch=quality_batch,
+        tick=tick,
+    )
+    rows = [result_row(record, context) for record in records]
+    return PassageResults(f"{passage_key(todo[0])}-s{session}", timings, rows)
+
+
+def passage_key(cell: Cell) -> str:
+    """A short stable name of a cell's passage, for the timings file of that passage."""
+    passage = cell.passage
+    return cell_id({"source": passage.source, "token_offset": passage.token_offset, "seq_len": len(passage.tokens)})
+
+
+def result_row(record: CellRecord, context: RowContext) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A cell's result row and its perplexity curve, from what its passage's measurement gathered."""
+    cell = record.cell
+    seq_len = len(cell.passage.tokens)
+    row: dict[str, Any] = {
+        "run_id": context.run_id,
+        "cell_id": cell.id,
+        **cell.fields,
+        "threads": context.threads,
+        "max_positions": context.max_positions,
+        "beyond_context": seq_len in context.beyond_context,
+        "wall_s": record.wall_s,
+        "host": context.host,
+        "device_name": context.device_name,
+        "layer_kinds": None if context.layer_kinds == "null" else context.layer_kinds,
+        "finished_at": now_iso(),
+    }
+    kv_bytes = kv_read_bytes(context.layout, cell.cache, seq_len)
+    budgets = compressed_layer_budgets(cell.cache, context.layout.num_layers) if cell.policy.bounded else []
+    row.update(
+        layer_budgets=json.dumps(budgets) if budgets else None,
+        kv_read_bytes=kv_bytes,
+        weight_bytes=context.weight_bytes,
+        tpot_floor_s=tpot_floor(context.weight_bytes, kv_bytes, context.bandwidth),
+    )
+    if record.retrieval is not None:
+        probe, retrieval = cell.probe, record.retrieval
+        assert probe is not None
+        row.update(
+            needle_start=probe.needle_start,
+            passkey_correct=retrieval.correct,
+            passkey_matched=retrieval.matched,
+            passkey_tokens=len(probe.answer),
+            passkey_logprob=retrieval.logprob,
+            status="ok",
+        )
+        return row, []
+    if record.error is not None or record.quality is None:
+        row.update(status="failed", error=record.error or "no quality pass", traceback=record.traceback)
+        return row, []
+    quality = record.quality
+    row.update(
+        quality_fields(quality.nll, quality.correct),
+        **latency_fields(record.trials, record.oneshot_ttft),
+        peak_kv_bytes=max([quality.peak_kv_bytes, *(t.peak_kv_bytes for t in record.trials)]),
+        peak_mem_bytes=max(  # a batched quality pass's memory is no one cell's: only single passes count
+            [t.peak_mem_bytes for t in record.trials]
+            + ([] if quality.peak_mem_bytes is None else [quality.peak_mem_bytes]),
+            default=None,
+        ),
+        quality_s=quality.wall_s,
+        quality_batch=quality.batch,
+        status="ok",
+    )
+    curve = position_buckets(quality.nll, cell.context.bucket)
+    for point in curve:
+        point.update({k: row[k] for k in CURVE_CELL_COLUMNS})
+    return row, curve
+
+
+#: The warm-up prefills at most this many tokens: enough to touch the shapes and memory a cell uses.
+WARM_UP_TOKENS = 4096
+
+
+def warm_up(executor: Executor, cell: Cell) -> None:
+    """One untimed latency pass of the full cache on the first cell's passage (up to WARM_UP_TOKENS).
+
+    It runs what the first timed cell runs (the same chunk shapes, a cache of the same size, the same number
+    of decode steps), so that cell does not pay for first-call allocation and first-touch page faults.
+    """
+    tokens = torch.tensor(cell.passage.tokens[:WARM_UP_TOKENS], dtype=torch.long)
+    full = dataclasses.replace(cell.cache, limit=None)
+    latency = cell.context.latency
+    executor.generate(
+        tokens, cell.policy, full, gen=latency.gen, warmup=latency.warmup, prefill_chunk=latency.prefill_chunk
+    )

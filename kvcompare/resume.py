@@ -1,0 +1,74 @@
+"""Resuming a run: what a resumed run may add to the one in its folder, and what it must leave as it was."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from kvcompare.config import ConfigError, RunConfig
+from kvcompare.protocol import PROTOCOL_VERSION
+
+#: Grid fields a resumed run may extend (new cells) but never shrink; every other field must stay the same,
+#: since it changes what a finished cell means (except EXECUTION_ONLY).
+GROWABLE = ("policies", "cache_sizes", "positions", "tasks", "depths")
+#: Fields that change how cells are run, never what they measure: a resumed run may change them.
+EXECUTION_ONLY = ("quality_batch", "ray", "workers")
+#: Fields only the cells of one task depend on: they bind a resume only where the run measured that task.
+TASK_ONLY = {"depths": "passkey", "haystack": "passkey"}
+
+
+def check_protocol(previous: dict[str, Any]) -> None:
+    """Refuse to resume a run whose cells were measured under another protocol version."""
+    version = previous.get("protocol_version", 1)
+    if version != PROTOCOL_VERSION:
+        raise ConfigError(
+            f"the run in --out was measured under protocol {version}, this kvcompare measures under protocol "
+            f"{PROTOCOL_VERSION} (see kvcompare/protocol.py): its cells cannot be mixed with cells measured now; "
+            "use another --out (its results stay readable with `kvcompare report`)"
+        )
+
+
+def resume_additions(previous: dict[str, Any], config: RunConfig) -> dict[str, Any]:
+    """What ``config`` adds to the run recorded in ``previous``; refuse any change to what finished cells mean."""
+    new = dataclasses.asdict(config)
+    unknown = sorted(set(new) - set(previous))
+    if unknown:
+        raise ConfigError(
+            f"the run in --out was made by an older kvcompare, whose protocol had no {', '.join(unknown)}: its "
+            "cells cannot be mixed with cells measured now; use another --out (its results stay readable with "
+            "`kvcompare report`)"
+        )
+    unused = {key for key, task in TASK_ONLY.items() if task not in previous.get("tasks", [])}
+    changed = []
+    for key, old in previous.items():
+        if key in GROWABLE or key in EXECUTION_ONLY or key in ("lengths", "samples") or key not in new:
+            continue
+        if new[key] != old and key not in unused:
+            changed.append(f"{key}: {old!r} then, {new[key]!r} now")
+    for key in GROWABLE:
+        if key in unused:  # no finished cell depends on it
+            continue
+        missing = [v for v in previous.get(key, []) if v not in new[key]]
+        if missing:
+            changed.append(f"{key}: {missing!r} would be dropped")
+    old_samples = dict(zip(previous.get("lengths", []), previous.get("samples", []), strict=False))
+    new_samples = dict(zip(config.lengths, config.samples, strict=True))
+    for length, count in old_samples.items():
+        if new_samples.get(length, 0) < count:
+            changed.append(f"length {length}: {count} samples then, {new_samples.get(length, 0)} now")
+    if changed:
+        raise ConfigError(
+            "--resume would mix cells measured under different settings; it may only add policies, cache limits, "
+            "position modes, tasks, needle depths, lengths or samples. Differences: "
+            + "; ".join(changed)
+            + ". Rerun with the original settings, or use another --out"
+        )
+    added: dict[str, Any] = {}
+    for key in GROWABLE:
+        extra = [v for v in new[key] if v not in previous.get(key, [])]
+        if extra:
+            added[key] = extra
+    more = {n: c for n, c in new_samples.items() if c > old_samples.get(n, 0)}
+    if more:
+        added["samples_by_length"] = more
+    return added
