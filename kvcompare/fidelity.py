@@ -11,8 +11,10 @@ Two probes on a few random tokens, run once the weights are loaded:
    positions later, against kvcompare's re-rotation of the keys written at their own positions, layer by
    layer. Another rotary layout, other frequencies for a layer, or a layer without RoPE shows here.
 
-Each error is the largest absolute difference relative to the largest magnitude of the reference; the limit
-depends on the dtype (rounding, and chunked against one-pass summation). Both errors go to run.json.
+Each error is the largest absolute difference relative to the largest magnitude of the reference. The logits
+may differ by TOLERANCE for the dtype, or by ROUNDING_FACTOR times what the model's own forward pass differs
+from itself when fed in the same chunks through transformers' cache (rounding grows with a model's depth in
+bfloat16), whichever is larger. The errors go to run.json.
 """
 
 from __future__ import annotations
@@ -33,8 +35,11 @@ PROBE_TOKENS = 24
 PROBE_CHUNK = 8
 #: Positions the keys are moved by in the second probe.
 SHIFT = 5
-#: The largest relative error accepted, by dtype.
+#: The largest relative error always accepted, by dtype.
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+#: Beyond it, kvcompare may differ from the model's one pass by this many times the model's own chunked
+#: forward does (bfloat16 rounding grows with the depth of a model; a feature kvcompare misses does not).
+ROUNDING_FACTOR = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +49,7 @@ class Fidelity:
     logit_error: float
     key_error: float
     layer_kinds: list[str] = dataclasses.field(default_factory=list)  # each layer's attention and RoPE
+    own_chunked_error: float = 0.0  # the model's own chunked forward against its one pass (its rounding)
     tokens: int = PROBE_TOKENS
 
     def as_dict(self) -> dict[str, Any]:
@@ -106,10 +112,12 @@ def check_fidelity(executor: Executor, shift: bool = True) -> Fidelity:
     if CALLS[0] == calls:
         raise UnsupportedModelError(_failed_to_run(name, None, True))
     logit_error = _relative(ours, own)
-    if not logit_error <= limit:
+    own_error = _own_chunked_error(executor, ids, own)
+    allowed = max(limit, ROUNDING_FACTOR * own_error)  # the model's own rounding, chunked against one pass
+    if not logit_error <= allowed:
         raise UnsupportedModelError(
             f"kvcompare does not reproduce {name}'s own forward pass: its logits differ by {logit_error:.2e} "
-            f"(relative) on a {PROBE_TOKENS}-token probe, over the {limit:g} allowed in {str(dtype)[6:]}. Its "
+            f"(relative) on a {PROBE_TOKENS}-token probe, over the {allowed:.2g} allowed in {str(dtype)[6:]}. Its "
             "attention has a feature kvcompare does not model, so it is refused rather than measured wrongly"
         )
     rotaries, errors = [], []
@@ -133,7 +141,27 @@ def check_fidelity(executor: Executor, shift: bool = True) -> Fidelity:
             f"every layout kvcompare knows (halves, adjacent pairs, no RoPE), over the {limit:g} allowed; use "
             "--positions true, which never moves a key"
         )
-    return Fidelity(logit_error, key_error, [layer_kind(features.get(n), r) for n, r in enumerate(rotaries)])
+    kinds = [layer_kind(features.get(n), r) for n, r in enumerate(rotaries)]
+    return Fidelity(logit_error, key_error, kinds, own_error)
+
+
+def _own_chunked_error(executor: Executor, ids: torch.Tensor, own: torch.Tensor) -> float:
+    """How far the model's own forward pass, fed in PROBE_CHUNK chunks through transformers' own cache, is from
+    its one pass: the rounding the model itself shows, which kvcompare (also chunked) may not be held below.
+    0 where the model cannot be run so (then only TOLERANCE applies)."""
+    from transformers import DynamicCache
+
+    try:
+        config: Any = executor.model.config
+        cache = DynamicCache(config=config)
+        chunks = []
+        for start in range(0, ids.shape[1], PROBE_CHUNK):
+            positions = torch.arange(start, start + PROBE_CHUNK, device=ids.device).view(1, -1)
+            chunk = ids[:, start : start + PROBE_CHUNK]
+            chunks.append(executor.model(input_ids=chunk, position_ids=positions, cache=cache, use_cache=True).logits)
+        return _relative(torch.cat(chunks, dim=1), own)
+    except Exception:  # noqa: BLE001 - a model whose own cache does not run chunked: the fixed tolerance decides
+        return 0.0
 
 
 def layer_kind(features: tuple[float | None, float | None, bool] | None, rotary: Rotary | None) -> str:
@@ -165,8 +193,9 @@ def _layouts(rotary: Rotary | None, others: dict[int, Rotary]) -> list[Rotary | 
 
 
 def _moved_error(at_zero: torch.Tensor, shifted: torch.Tensor, rotary: Rotary | None) -> float:
-    """How far ``at_zero`` keys re-rotated by SHIFT with ``rotary`` are from the keys written at SHIFT."""
-    moved = at_zero.clone()
+    """How far ``at_zero`` keys re-rotated by SHIFT with ``rotary`` are from the keys written at SHIFT (rotated
+    in float32, as shift mode rebuilds low-precision keys)."""
+    moved = at_zero.to(torch.float32, copy=True)  # rotated in place: never the probe's own keys
     if rotary is not None:
         rows = moved.view(-1, moved.shape[-1])
         rotary.rotate_rows_(rows, torch.arange(rows.shape[0], device=rows.device), SHIFT)

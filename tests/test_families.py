@@ -140,3 +140,14 @@ def test_rows_record_each_layers_kind(tmp_path: Path, tiny_model_dir: Path) -> N
     assert (
         meta["model_info"]["fidelity"]["logit_error"] < 1e-5 and meta["model_info"]["fidelity"]["layer_kinds"] == kinds
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt-oss", "cohere", "smollm3", "qwen2-window"])
+def test_supported_families_pass_the_probe_in_low_precision(name: str, dtype: torch.dtype) -> None:
+    """Rounding in bfloat16/float16 (kvcompare's eager path computes in float32) stays inside the dtype's
+    tolerance, so no supported family is refused for its dtype; what the probe records says how close."""
+    from kvcompare.fidelity import TOLERANCE
+
+    fidelity = check_fidelity(Executor(BY_NAME[name].build().to(dtype)))
+    assert fidelity.logit_error <= TOLERANCE[dtype] and fidelity.key_error <= TOLERANCE[dtype], fidelity
