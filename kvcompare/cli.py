@@ -198,9 +198,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(dry_run(config, args.out, resume=args.resume, force=args.force))
         return 0
     folder = run(config, args.out, resume=args.resume, force=args.force, progress=not args.quiet)
+    from kvcompare.analysis import load_run, outcome
     from kvcompare.report import build_report, summary_table
     from kvcompare.report.build import FAILED_HINT
-    from kvcompare.report.data import load_run, outcome
 
     print(summary_table(folder))
     print(f"\nresults: {folder}/cells/*.parquet (polars.read_parquet), run.json beside them")

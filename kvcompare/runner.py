@@ -149,8 +149,8 @@ def finish(folder: RunFolder, meta: dict[str, Any]) -> None:
 
 
 def measured_noise_floor(path: Path) -> dict[str, Any]:
-    """The run's noise floor in % per speed metric (the A/A control; see kvcompare.report.data.noise_floor)."""
-    from kvcompare.report.data import NOISE_CHANGES, load_run, noise_floor, what_was_measured
+    """The run's noise floor in % per speed metric (the A/A control; see kvcompare.analysis.noise_floor)."""
+    from kvcompare.analysis import NOISE_CHANGES, load_run, noise_floor, what_was_measured
 
     data = load_run(path)
     floor = noise_floor(data.cells, data.timings, what_was_measured(data).no_speed)

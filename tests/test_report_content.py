@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from report_fixtures import cell, channels, curve_rows, failed_cell, spec_rows, write_run
 
+from kvcompare.analysis import config_name, load_run, policy_name
 from kvcompare.report import ReportPaths, build_report
 from kvcompare.report.content import BASELINE_PER_MODE, BASELINE_POSITIONS, NO_RESULTS, assemble
-from kvcompare.report.data import config_name, load_run, policy_name
 
 SECTIONS = ["Summary", "Results by length", "Charts", "Missing / failed cells", "Run", "Protocol"]
 

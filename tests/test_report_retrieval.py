@@ -12,16 +12,7 @@ import polars as pl
 import pytest
 from report_fixtures import cell, channels, failed_cell, probe, spec_rows, write_run
 
-from kvcompare.report import ReportPaths, build_report
-from kvcompare.report.content import (
-    RETRIEVAL_HEADING,
-    Definitions,
-    Table,
-    assemble,
-    relative_table,
-    retrieval_table,
-)
-from kvcompare.report.data import (
+from kvcompare.analysis import (
     ALL_RULES,
     QUALITY_FIRST,
     QUALITY_FIRST_WITH_RETRIEVAL,
@@ -32,6 +23,15 @@ from kvcompare.report.data import (
     retrieval_by_probe,
     retrieval_gaps,
     summary,
+)
+from kvcompare.report import ReportPaths, build_report
+from kvcompare.report.content import (
+    RETRIEVAL_HEADING,
+    Definitions,
+    Table,
+    assemble,
+    relative_table,
+    retrieval_table,
 )
 from kvcompare.schema import RESULT_SCHEMA
 

@@ -11,16 +11,7 @@ import polars as pl
 import pytest
 from report_fixtures import cell, synthetic_run, timed, trial_rows, write_run
 
-from kvcompare.report import build_report, summary_table
-from kvcompare.report.content import (
-    absolute_table,
-    format_estimate,
-    load_notices,
-    noise_line,
-    physics_table,
-    relative_table,
-)
-from kvcompare.report.data import (
+from kvcompare.analysis import (
     NOISE_CHANGES,
     THROUGHPUT_CHANGE,
     TPOT_CHANGE,
@@ -33,6 +24,15 @@ from kvcompare.report.data import (
     noise_floor,
     relative_changes,
     trial_figures,
+)
+from kvcompare.report import build_report, summary_table
+from kvcompare.report.content import (
+    absolute_table,
+    format_estimate,
+    load_notices,
+    noise_line,
+    physics_table,
+    relative_table,
 )
 from kvcompare.stats import Estimate, mean_estimate
 

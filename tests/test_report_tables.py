@@ -10,10 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from report_fixtures import cell, failed_cell, timed, write_run
 
-from kvcompare.cli import main
-from kvcompare.report import ReportError, build_report
-from kvcompare.report.content import recommendation_table, relative_table
-from kvcompare.report.data import (
+from kvcompare.analysis import (
     ALL_RULES,
     Recommendation,
     aggregate,
@@ -24,6 +21,9 @@ from kvcompare.report.data import (
     relative_changes,
     summary,
 )
+from kvcompare.cli import main
+from kvcompare.report import ReportError, build_report
+from kvcompare.report.content import recommendation_table, relative_table
 
 
 def _frame(run_dir: Path, rows: list[dict]) -> pl.DataFrame:

@@ -443,7 +443,7 @@ def test_repeated_values_in_a_grid_are_measured_once_with_a_notice(
     assert cells.height == 3 and cells["cell_id"].n_unique() == 3  # full, recent and l2, once each
     meta = json.loads((out / "run.json").read_text())
     assert meta["cells_planned"] == 3 and meta["config"]["cache_sizes"] == [16] and meta["config"]["lengths"] == [48]
-    from kvcompare.report.data import load_run
+    from kvcompare.analysis import load_run
 
     assert load_run(out).cells.height == 3
 

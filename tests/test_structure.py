@@ -145,3 +145,22 @@ def test_backends_never_import_the_runner() -> None:
     for module in ("passages", "backends"):
         assert "kvcompare.distributed" not in imports(module), module
     assert "kvcompare.backends" not in imports("distributed") | imports("passages")
+
+
+def test_the_analysis_imports_neither_the_report_nor_the_run() -> None:
+    """kvcompare.analysis computes the numbers; the report formats them and the runner records the noise
+    floor from them, never the other way round."""
+    import ast
+
+    folder = Path(kvcompare.__file__).parent / "analysis"
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        found = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        found |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        wrong = {name for name in found if name.startswith(("kvcompare.report", "kvcompare.runner"))}
+        assert not wrong, (path.name, wrong)
+    runner = ast.parse((folder.parent / "runner.py").read_text())
+    assert not any(
+        isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kvcompare.report")
+        for node in ast.walk(runner)
+    )

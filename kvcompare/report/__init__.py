@@ -3,7 +3,7 @@
 data (numbers) -> content (sections, tables) and charts -> render (HTML, Markdown); build is what the CLI calls.
 """
 
+from kvcompare.analysis import ReportError
 from kvcompare.report.build import ReportPaths, build_report, summary_table
-from kvcompare.report.data import ReportError
 
 __all__ = ["ReportError", "ReportPaths", "build_report", "summary_table"]

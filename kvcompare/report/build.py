@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvcompare.analysis import ReportError, analyse, load_run, outcome, several_position_modes
 from kvcompare.report.content import assemble, noise_line, relative_tables, retrieval_table
-from kvcompare.report.data import ReportError, analyse, load_run, outcome, several_position_modes
 from kvcompare.report.render import render_html, render_markdown, table_md
 
 REPORT_DIR = "report"

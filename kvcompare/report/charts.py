@@ -19,7 +19,7 @@ from typing import Any
 import altair as alt
 import polars as pl
 
-from kvcompare.report.data import (
+from kvcompare.analysis import (
     ACCURACY_CHANGE,
     BASELINE_POLICY,
     CHANGE_BY_COLUMN,

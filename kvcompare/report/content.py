@@ -15,10 +15,7 @@ from typing import Any, TypeAlias
 
 import polars as pl
 
-from kvcompare.config import oversubscription
-from kvcompare.protocol import PROTOCOL_MD
-from kvcompare.report.charts import ChartFile, ChartSet, build_charts, build_retrieval_charts
-from kvcompare.report.data import (
+from kvcompare.analysis import (
     BASELINE_POLICY,
     CHANGES,
     EVERYTHING,
@@ -48,6 +45,9 @@ from kvcompare.report.data import (
     several_position_modes,
     what_was_measured,
 )
+from kvcompare.config import oversubscription
+from kvcompare.protocol import PROTOCOL_MD
+from kvcompare.report.charts import ChartFile, ChartSet, build_charts, build_retrieval_charts
 from kvcompare.stats import Estimate
 
 TITLE = "KV-cache eviction report"

@@ -1,0 +1,244 @@
+"""The numbers of a run, apart from how a report shows them: a results folder read into frames (load), the
+figures and changes (metrics), means and paired changes against `full` (pairing), passkey retrieval
+(retrieval), the noise floor (noise), names of configurations (names), the recommendation rules (rules), and
+the whole analysis of one run (:func:`analyse`). Nothing here formats a table or writes a file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from kvcompare.analysis.load import IS_PASSKEY, PASSKEY_TASK, ReportError, RunData, check_run_dir, empty_frame, load_run
+from kvcompare.analysis.metrics import (
+    ACCURACY_CHANGE,
+    CHANGE_BY_COLUMN,
+    CHANGES,
+    EVERYTHING,
+    METRIC_BY_COLUMN,
+    METRICS,
+    NOISE_CHANGES,
+    PHYSICS_COLUMNS,
+    PPL_CHANGE,
+    SPEED_CHANGES,
+    THROUGHPUT_CHANGE,
+    TPOT_CHANGE,
+    TTFT_CHANGE,
+    TTFT_ONESHOT_CHANGE,
+    Bounded,
+    Change,
+    Measured,
+    Metric,
+    is_speed,
+)
+from kvcompare.analysis.names import config_name, policy_name, several_position_modes
+from kvcompare.analysis.noise import NoiseFloor, noise_floor
+from kvcompare.analysis.pairing import (
+    BASELINE_POLICY,
+    BASELINE_ROLES,
+    CONFIG_KEYS,
+    IS_BASELINE,
+    IS_OK,
+    PAIR_KEYS,
+    ROUND_KEYS,
+    TRIAL_KEYS,
+    TrialPairs,
+    aggregate,
+    baseline_lengths,
+    change_estimates,
+    estimate,
+    failed_cells,
+    lengths_in,
+    ok_cells,
+    paired_changes,
+    position_perplexity,
+    relative_changes,
+    sort_configs,
+    summary,
+    trial_figures,
+    trial_pairs,
+)
+from kvcompare.analysis.retrieval import (
+    IS_ANSWERED,
+    PROBE_KEYS,
+    RETRIEVAL_KEYS,
+    retrieval_by_config,
+    retrieval_by_probe,
+    retrieval_gaps,
+    retrieval_measured,
+    retrieval_stats,
+)
+from kvcompare.analysis.rules import (
+    ALL_RULES,
+    LONG_TEXT,
+    MEMORY_BOUND,
+    PER_LENGTH_RULES,
+    PPL_DELTA,
+    QUALITY_FIRST,
+    QUALITY_FIRST_WITH_RETRIEVAL,
+    QUALITY_PPL_MAX_PCT,
+    QUALITY_RETRIEVAL_MAX_PTS,
+    SPEED_FIRST,
+    SPEED_PPL_MAX_PCT,
+    SPEED_PPL_OK,
+    Recommendation,
+    Rule,
+    Step,
+    apply_rule,
+    recommend,
+    rules_for,
+    significant_gain,
+)
+
+# --- Everything a report says about one run, computed once --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Analysis:
+    summary: pl.DataFrame  # summary(): one row per configuration and length
+    baseline_lengths: set[int]
+    noise: NoiseFloor
+    several_modes: bool
+    recommendations: list[Recommendation]
+    rules: tuple[Rule, ...] = ALL_RULES  # the rules the recommendations followed, as the report states them
+    measured: Measured = EVERYTHING  # what the run measured
+
+
+def what_was_measured(run: RunData) -> Measured:
+    ok = run.cells.filter(pl.col("status") == "ok")
+    speed = not ok.filter(pl.col("ttft_s").is_not_null() | pl.col("tpot_s").is_not_null()).is_empty()
+    retrieval = retrieval_measured(run.retrieval)
+    if speed:
+        reason = ""
+    elif run.cells.is_empty():
+        reason = "the run measured passkey retrieval only" if not run.retrieval.is_empty() else "the run has no cell"
+    elif ok.is_empty():
+        reason = f"every one of its {run.cells.height} perplexity and speed cells failed"
+    elif (ok["repeats"].fill_null(-1) == 0).all():
+        reason = "--repeats 0: a quality-only run, with no latency trial"
+    else:
+        reason = "its cells recorded no latency trial"
+    return Measured(not ok.is_empty(), speed, retrieval, reason)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a run's cells ended, passkey probes included."""
+
+    ok: int
+    failed: int
+
+    @property
+    def nothing_succeeded(self) -> bool:
+        return self.ok == 0
+
+
+def outcome(run: RunData) -> Outcome:
+    statuses = pl.concat([run.cells["status"], run.retrieval["status"]])
+    return Outcome(int((statuses == "ok").sum()), int((statuses != "ok").sum()))
+
+
+def analyse(run: RunData) -> Analysis:
+    stats = summary(run.cells, run.timings)
+    with_baseline = baseline_lengths(run.cells)
+    measured = what_was_measured(run)
+    noise = noise_floor(run.cells, run.timings, measured.no_speed)
+    return Analysis(
+        stats,
+        with_baseline,
+        noise,
+        several_position_modes(run.cells),
+        recommend(stats, with_baseline, noise, run.retrieval, measured.speed),
+        rules_for(measured.retrieval, measured.speed),
+        measured,
+    )
+
+
+__all__ = [
+    "ACCURACY_CHANGE",
+    "ALL_RULES",
+    "Analysis",
+    "BASELINE_POLICY",
+    "BASELINE_ROLES",
+    "Bounded",
+    "CHANGES",
+    "CHANGE_BY_COLUMN",
+    "CONFIG_KEYS",
+    "Change",
+    "EVERYTHING",
+    "IS_ANSWERED",
+    "IS_BASELINE",
+    "IS_OK",
+    "IS_PASSKEY",
+    "LONG_TEXT",
+    "MEMORY_BOUND",
+    "METRICS",
+    "METRIC_BY_COLUMN",
+    "Measured",
+    "Metric",
+    "NOISE_CHANGES",
+    "NoiseFloor",
+    "Outcome",
+    "PAIR_KEYS",
+    "PASSKEY_TASK",
+    "PER_LENGTH_RULES",
+    "PHYSICS_COLUMNS",
+    "PPL_CHANGE",
+    "PPL_DELTA",
+    "PROBE_KEYS",
+    "QUALITY_FIRST",
+    "QUALITY_FIRST_WITH_RETRIEVAL",
+    "QUALITY_PPL_MAX_PCT",
+    "QUALITY_RETRIEVAL_MAX_PTS",
+    "RETRIEVAL_KEYS",
+    "ROUND_KEYS",
+    "Recommendation",
+    "ReportError",
+    "Rule",
+    "RunData",
+    "SPEED_CHANGES",
+    "SPEED_FIRST",
+    "SPEED_PPL_MAX_PCT",
+    "SPEED_PPL_OK",
+    "Step",
+    "THROUGHPUT_CHANGE",
+    "TPOT_CHANGE",
+    "TRIAL_KEYS",
+    "TTFT_CHANGE",
+    "TTFT_ONESHOT_CHANGE",
+    "TrialPairs",
+    "aggregate",
+    "analyse",
+    "apply_rule",
+    "baseline_lengths",
+    "change_estimates",
+    "check_run_dir",
+    "config_name",
+    "empty_frame",
+    "estimate",
+    "failed_cells",
+    "is_speed",
+    "lengths_in",
+    "load_run",
+    "noise_floor",
+    "ok_cells",
+    "outcome",
+    "paired_changes",
+    "policy_name",
+    "position_perplexity",
+    "recommend",
+    "relative_changes",
+    "retrieval_by_config",
+    "retrieval_by_probe",
+    "retrieval_gaps",
+    "retrieval_measured",
+    "retrieval_stats",
+    "rules_for",
+    "several_position_modes",
+    "significant_gain",
+    "sort_configs",
+    "summary",
+    "trial_figures",
+    "trial_pairs",
+    "what_was_measured",
+]

@@ -1,0 +1,80 @@
+"""Passkey retrieval: whether greedy decoding still gives the key under eviction, by configuration and probe."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import polars as pl
+
+from kvcompare.analysis.pairing import BASELINE_POLICY, IS_BASELINE, IS_OK
+
+# --- Retrieval: passkey probes, whether greedy decoding still gives the key under eviction -------------------
+
+#: A retrieval configuration: a policy at a cache limit in a position mode; `policy` rides along for names.
+RETRIEVAL_KEYS: list[str] = ["policy", "policy_label", "cache_size", "positions"]
+#: Where a probe was placed: the prompt's length and the needle's depth in it.
+PROBE_KEYS: list[str] = ["seq_len", "depth"]
+#: A probe that counts towards accuracy: it succeeded and recorded whether the key came out.
+IS_ANSWERED = IS_OK.fill_null(False) & pl.col("passkey_correct").is_not_null()
+
+
+def retrieval_stats(retrieval: pl.DataFrame, by: Sequence[str] = ()) -> pl.DataFrame:
+    """Per configuration and group of `by`: accuracy_pct = 100 × the share of answered probes whose greedy
+    decoding gave the key exactly, logprob_mean = their mean teacher-forced log-probability of the key, n =
+    answered probes; failed = probes that failed, left out of both. Baseline first, as in every table."""
+    return (
+        retrieval.group_by([*RETRIEVAL_KEYS, *by])
+        .agg(
+            (pl.col("passkey_correct").filter(IS_ANSWERED).cast(pl.Float64).mean() * 100).alias("accuracy_pct"),
+            pl.col("passkey_logprob").filter(IS_ANSWERED).mean().alias("logprob_mean"),
+            IS_ANSWERED.sum().cast(pl.Int64).alias("n"),
+            (~IS_OK.fill_null(False)).sum().cast(pl.Int64).alias("failed"),
+        )
+        .sort(
+            [pl.col("policy") != BASELINE_POLICY, "policy_label", "cache_size", "positions", *by],
+            nulls_last=False,
+        )
+    )
+
+
+def retrieval_by_probe(retrieval: pl.DataFrame) -> pl.DataFrame:
+    """retrieval_stats() per configuration, length and depth: one cell of a heat map each."""
+    return retrieval_stats(retrieval, PROBE_KEYS)
+
+
+def retrieval_by_config(retrieval: pl.DataFrame) -> pl.DataFrame:
+    """retrieval_stats() per configuration, over every length and depth it was probed at."""
+    return retrieval_stats(retrieval)
+
+
+def retrieval_measured(retrieval: pl.DataFrame | None) -> bool:
+    """Whether any probe was answered: only then do the recommendations weigh retrieval."""
+    return retrieval is not None and not retrieval.filter(IS_ANSWERED).is_empty()
+
+
+def retrieval_gaps(retrieval: pl.DataFrame) -> pl.DataFrame:
+    """Per evicting configuration (RETRIEVAL_KEYS): retrieval_pct, its accuracy, retrieval_full_pct, the
+    accuracy of `full` in its position mode, and retrieval_gap_pts = full's − its, in percentage points; both
+    pooled over the answered probes at the lengths where both it and that `full` have answered probes, so that
+    neither is judged on lengths the other was not. A configuration sharing no length with `full` is absent."""
+    answered = retrieval.filter(IS_ANSWERED).with_columns(pl.col("passkey_correct").cast(pl.Float64) * 100)
+    baseline = answered.filter(IS_BASELINE).select("positions", "seq_len", "passkey_correct")
+    evicting = answered.filter(~IS_BASELINE)
+    shared = (
+        evicting.select(*RETRIEVAL_KEYS, "seq_len")
+        .unique()
+        .join(baseline.select("positions", "seq_len").unique(), on=["positions", "seq_len"], nulls_equal=True)
+    )
+    own = (
+        evicting.join(shared, on=[*RETRIEVAL_KEYS, "seq_len"], nulls_equal=True)
+        .group_by(RETRIEVAL_KEYS)
+        .agg(pl.col("passkey_correct").mean().alias("retrieval_pct"))
+    )
+    full = (
+        shared.join(baseline, on=["positions", "seq_len"], nulls_equal=True)
+        .group_by(RETRIEVAL_KEYS)
+        .agg(pl.col("passkey_correct").mean().alias("retrieval_full_pct"))
+    )
+    return own.join(full, on=RETRIEVAL_KEYS, nulls_equal=True).with_columns(
+        (pl.col("retrieval_full_pct") - pl.col("retrieval_pct")).alias("retrieval_gap_pts")
+    )
