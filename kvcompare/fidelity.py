@@ -56,12 +56,11 @@ class Fidelity:
         return dataclasses.asdict(self)
 
 
-@dataclasses.dataclass
-class _Full(KVPolicy):
-    """The unbounded cache, without going through the plugin registry (the probe must not depend on plugins)."""
+def full_cache() -> KVPolicy:
+    """The `full` baseline, as every run builds it (the built-in plugin)."""
+    from kvcompare.plugins import get_registry
 
-    name = "full"
-    bounded = False
+    return get_registry().build("full")
 
 
 def _relative(ours: torch.Tensor, theirs: torch.Tensor) -> float:
@@ -72,7 +71,7 @@ def _relative(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 @torch.inference_mode()
 def _keys_written(executor: Executor, ids: torch.Tensor, offset: int) -> torch.Tensor:
     """The keys every layer writes for ``ids`` placed at positions ``offset``.. (``[layers, heads, T, d]``)."""
-    cache = executor.new_cache(_Full(), CacheConfig(None, ids.shape[1], "true", ()), capacity=ids.shape[1])
+    cache = executor.new_cache(full_cache(), CacheConfig(None, ids.shape[1], "true", ()), capacity=ids.shape[1])
     positions = torch.arange(offset, offset + ids.shape[1], device=executor.device).view(1, -1)
     with executor.attached(), forward_cache(cache):
         executor.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, **{CACHE_KEYWORD: cache})
@@ -95,7 +94,7 @@ def check_fidelity(executor: Executor, shift: bool = True) -> Fidelity:
     ids = torch.randint(0, executor.vocab, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
     ids = ids.to(executor.device)
     own = model(input_ids=ids, use_cache=False).logits  # the model alone: its own errors are its own
-    cache = executor.new_cache(_Full(), CacheConfig(None, PROBE_CHUNK, "true", ()), capacity=PROBE_TOKENS)
+    cache = executor.new_cache(full_cache(), CacheConfig(None, PROBE_CHUNK, "true", ()), capacity=PROBE_TOKENS)
     features: dict[int, tuple[float | None, float | None, bool]] = {}
     calls, token = CALLS[0], LAYER_FEATURES.set(features)
     try:
