@@ -61,6 +61,7 @@ class SerialBackend:
         self.warmed = False
 
     def describe(self) -> dict[str, Any]:
+        """The model, environment and notices of this process, for run.json."""
         return {
             "model_info": self.loaded.info,
             "environment": environment(torch.device(self.config.device)),
@@ -74,6 +75,7 @@ class SerialBackend:
         }
 
     def measure(self, groups: list[Group], done: set[str], session: int, tick: Tick) -> Iterator[PassageResults]:
+        """Measure each passage group in this process (warming up before the first timed one), yielding its results."""
         for cells, todo in groups:
             if not self.warmed and self.config.repeats:  # the first timed cell must not pay for first calls
                 warm_up(self.executor, todo[0])
@@ -83,4 +85,5 @@ class SerialBackend:
             )
 
     def close(self) -> None:
+        """Give back the caller's torch thread count."""
         torch.set_num_threads(self.threads_before)  # the caller's thread setting comes back whatever happened

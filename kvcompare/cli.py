@@ -166,7 +166,10 @@ def _add_run_parser(commands: Any) -> None:
         "--force", action="store_true", help="replace the results in --out (only a folder kvcompare wrote)"
     )
     run.add_argument("--no-report", action="store_true", help="do not build the report at the end")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--quiet", action="store_true", help="no progress bars, no notices: warnings and errors only")
+    run.add_argument(
+        "-v", "--verbose", action="count", default=0, help="debugging detail too (e.g. a plugin's import traceback)"
+    )
 
 
 def _run_config(args: argparse.Namespace) -> Any:
@@ -189,6 +192,8 @@ def _run_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """``kvcompare run``: measure the grid (or with ``--dry-run`` print its plan), then print the summary and build the
+    report; exit status 1 when no cell succeeded."""
     from kvcompare.runner import run
 
     config = _run_config(args)
@@ -229,6 +234,7 @@ def _silence_library_progress_bars() -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """``kvcompare report``: build the report of a results folder."""
     from kvcompare.report import build_report
 
     paths = build_report(args.run_dir, args.out)
@@ -237,6 +243,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_policies(args: argparse.Namespace) -> int:
+    """``kvcompare policies``: each registered policy with its plugin, parameters and defaults."""
     from kvcompare.plugins import get_registry
     from kvcompare.policy import parameter_defaults, parameter_help, parameter_types
 
@@ -260,6 +267,7 @@ def cmd_policies(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
+    """``kvcompare plugins``: each loaded plugin and its version; exit status 1 if one failed to load."""
     from kvcompare.plugins import get_host
 
     host = get_host()
@@ -273,6 +281,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: parse ``argv`` (default ``sys.argv``), set the message level and run the command; a user's
+    error is one line and exit status 2."""
     parser = argparse.ArgumentParser(prog="kvcompare", description=__doc__)
     commands = parser.add_subparsers(dest="command")
     _add_run_parser(commands)
@@ -284,8 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["run", *(argv or [])])
-    if getattr(args, "quiet", False):
+    quiet = getattr(args, "quiet", False)
+    if quiet:
         _silence_library_progress_bars()
+    from kvcompare.logs import configure, level_for
+
+    configure(level_for(quiet, getattr(args, "verbose", 0)))
     handlers = {"run": cmd_run, "report": cmd_report, "policies": cmd_policies, "plugins": cmd_plugins}
     from kvcompare.errors import KVCompareError
 

@@ -64,6 +64,7 @@ class CacheConfig:
         check_position_mode(self.positions)
 
     def budget_reserve(self) -> int:
+        """Slots kept free for the tokens one forward pass adds (default: stride + evict_block - 1)."""
         return self.reserve if self.reserve is not None else self.stride + self.evict_block - 1
 
 
@@ -129,6 +130,7 @@ class RunConfig:
         )
 
     def latency(self) -> LatencySettings:
+        """The latency pass's settings (decoded tokens, warm-up, repeats, prefill chunk)."""
         return LatencySettings(self.gen, self.warmup, self.repeats, self.prefill_chunk or self.stride)
 
     def largest_chunk(self) -> int:

@@ -47,12 +47,17 @@ MAX_CONTROL_SHARE = 0.05
 
 @dataclass(frozen=True)
 class Document:
+    """One text of a corpus (a book), named by a source unique within the corpus."""
+
     source: str  # unique within its corpus: passages are rebuilt by it
     text: str
 
 
 @dataclass(frozen=True)
 class Passage:
+    """A run's sample: ``seq_len`` tokens of one document from ``token_offset``; its tokens are rebuilt from the
+    document."""
+
     dataset: str
     source: str
     token_offset: int  # into `encode(document.text)` of the whole document
@@ -74,6 +79,7 @@ class Corpus:
     read_documents: Callable[[], Iterable[Document]] = field(repr=False, compare=False)
 
     def documents(self) -> Iterator[Document]:
+        """The corpus's documents, in a fixed order."""
         return iter(self.read_documents())
 
     def describe(self) -> dict[str, Any]:

@@ -14,7 +14,6 @@ import collections
 import logging
 import os
 import re
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 from kvcompare.config import ConfigError, RunConfig
 from kvcompare.environment import environment, load_average, physical_cores
 from kvcompare.errors import KVCompareError
+from kvcompare.logs import configure, configured_level
 from kvcompare.passages import (
     Group,
     PassageResults,
@@ -36,6 +36,8 @@ from kvcompare.passages import (
 )
 from kvcompare.plan import Cell, Plan
 
+log = logging.getLogger(__name__)
+
 #: How often an actor that dies is restarted, and its passage tried again, before its cells count as failed.
 RETRIES = 2
 #: Terminal colour codes, which Ray puts in the text of an actor's errors.
@@ -46,7 +48,9 @@ INSTALL_HINT = "--ray needs Ray: pip install 'kvcompare[ray]'"
 class PassageWorker:
     """A Ray actor: loads the model once on its device, then measures whole passages as they are given."""
 
-    def __init__(self, config: RunConfig, run_id: str, threads: int | None) -> None:
+    def __init__(self, config: RunConfig, run_id: str, threads: int | None, log_level: int | None = None) -> None:
+        if log_level is not None:  # the driver's --quiet / -v: a worker is another process
+            configure(log_level)
         self.threads = threads or physical_cores()
         torch.set_num_threads(self.threads)
         self.config = config
@@ -75,6 +79,7 @@ class PassageWorker:
         }
 
     def measure(self, cells: list[Cell], todo: list[Cell], done: set[str], session: int) -> PassageResults:
+        """Measure one passage's ``todo`` cells (of the passage's ``cells``) on this actor's device."""
         if not self.warmed and self.config.repeats:  # the first timed cells must not pay for first calls
             warm_up(self.executor, todo[0])
             self.warmed = True
@@ -155,7 +160,7 @@ class RayBackend:
             options = {"num_gpus": 1 if config.device == "cuda" else 0, "num_cpus": threads or 1}
             check_cluster_fits(ray.cluster_resources(), count, options)
             worker = ray.remote(PassageWorker).options(max_restarts=RETRIES, max_task_retries=RETRIES, **options)
-            self.actors = [worker.remote(config, run_id, threads) for _ in range(count)]
+            self.actors = [worker.remote(config, run_id, threads, configured_level()) for _ in range(count)]
             self.described = _first_answer(ray, [actor.describe.remote() for actor in self.actors])
         except BaseException:
             self.close()
@@ -163,6 +168,7 @@ class RayBackend:
         self.run_id = run_id
 
     def describe(self) -> dict[str, Any]:
+        """The model, the first worker's environment and every worker's host and device, for run.json."""
         config, first = self.config, self.described[0]
         return {
             "model_info": first["model_info"],
@@ -207,12 +213,10 @@ class RayBackend:
             yield results
             tick(todo[0].describe(), count_passes([(cells, todo)], self.config))
         if queue:
-            print(
-                f"\nevery Ray worker died; {len(queue)} passage(s) not measured: add --resume to measure them",
-                file=sys.stderr,
-            )
+            log.error(f"every Ray worker died; {len(queue)} passage(s) not measured: add --resume to measure them")
 
     def close(self) -> None:
+        """Stop the actors, and Ray itself if this run started it."""
         for actor in self.actors:
             self.ray.kill(actor)
         self.actors = []
@@ -237,10 +241,9 @@ def _first_answer(ray: Any, refs: list[Any]) -> list[Any]:
         ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=WAIT_NOTICE_S)
         if not waiting:
             break
-        print(
-            f"kvcompare: waiting for {len(waiting)} of {len(refs)} Ray actors to start; the cluster has "
-            f"{ray.available_resources()} free of {ray.cluster_resources()} (Ctrl-C stops)",
-            file=sys.stderr,
+        log.info(
+            f"waiting for {len(waiting)} of {len(refs)} Ray actors to start; the cluster has "
+            f"{ray.available_resources()} free of {ray.cluster_resources()} (Ctrl-C stops)"
         )
     try:
         return list(ray.get(refs))
@@ -259,7 +262,7 @@ def died(todo: list[Cell], run_id: str, err: BaseException) -> PassageResults:
     """The rows of a passage whose worker failed: every cell failed with the worker's error, none timed."""
     text = ANSI_CODES.sub("", str(err))  # Ray colours the actor's name
     error = f"Ray worker failed on this passage: {type(err).__name__}: {text.splitlines()[0] if text else ''}"
-    print(f"\n{error}", file=sys.stderr)
+    log.error(error)
     now = now_iso()
     rows: list[tuple[dict[str, Any], list[dict[str, Any]]]] = [
         (

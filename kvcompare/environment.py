@@ -39,6 +39,7 @@ def git_sha() -> str:
 
 
 def versions() -> dict[str, str]:
+    """Python's and each measured library's version (``not installed`` when absent)."""
     found = {"python": platform.python_version()}
     for name in LIBRARIES:
         try:
@@ -49,6 +50,7 @@ def versions() -> dict[str, str]:
 
 
 def device_name(device: torch.device) -> str:
+    """The device's human name (the GPU's model, or the CPU's)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "mps":
@@ -63,6 +65,8 @@ def device_name(device: torch.device) -> str:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
+    """What a row's measurements depend on besides the configuration: git sha, versions, device, threads, memory
+    bandwidth."""
     return {
         "git_sha": git_sha(),
         "versions": versions(),

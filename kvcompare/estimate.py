@@ -50,6 +50,7 @@ class Calibration:
         return total
 
     def steps(self, count: int, context: int) -> float:
+        """Seconds for ``count`` forward steps at ``context`` tokens of context."""
         return count * (self.step + self.step_context * context)
 
 

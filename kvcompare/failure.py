@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import sys
+import logging
 import traceback
 from pathlib import Path
 
 from kvcompare.policy import KVPolicy
+
+log = logging.getLogger(__name__)
 
 #: Frames shown when none is in the policy's own file: the innermost ones, where the error was raised.
 INNERMOST_FRAMES = 3
@@ -66,6 +68,5 @@ def _frames(err: BaseException, cls: type[KVPolicy]) -> tuple[traceback.StackSum
 
 def report_failure(who: str, failure: Failure) -> None:
     """Print a failed cell's line and the frames worth showing to stderr."""
-    print(f"\ncell failed: {who}: {failure.error}", file=sys.stderr)
-    if failure.frames:
-        print(failure.frames.rstrip("\n"), file=sys.stderr)
+    frames = f"\n{failure.frames.rstrip()}" if failure.frames else ""
+    log.error(f"cell failed: {who}: {failure.error}{frames}")

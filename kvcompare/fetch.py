@@ -7,6 +7,7 @@ network this project may rely on; pinning each file by sha256 keeps every run on
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import IO
 
 from kvcompare.errors import KVCompareError
+
+log = logging.getLogger(__name__)
 
 CACHE_ENV = "KVCOMPARE_CACHE"
 
@@ -128,6 +131,7 @@ def _run_command(argv: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 def sha256_file(path: Path) -> str:
+    """The SHA-256 hex digest of ``path``'s bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):
@@ -166,7 +170,7 @@ def _fetch_verified(
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as scratch:
         argv = command(Path(scratch))
         size = f"{describe_size(size_bytes)}, " if size_bytes else ""
-        print(f"kvcompare: fetching {announce} ({size}once; cached in {cache_dir()})", file=sys.stderr, flush=True)
+        log.info(f"fetching {announce} ({size}once; cached in {cache_dir()})")
         result = _run_command(argv)
         downloaded = [path for path in Path(scratch).iterdir() if path.is_file()]
         if result.returncode != 0 or len(downloaded) != 1:

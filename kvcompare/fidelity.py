@@ -53,6 +53,7 @@ class Fidelity:
     tokens: int = PROBE_TOKENS
 
     def as_dict(self) -> dict[str, Any]:
+        """The probe's findings for run.json."""
         return dataclasses.asdict(self)
 
 

@@ -35,6 +35,7 @@ def position_buckets(nll: np.ndarray, width: int) -> list[dict[str, Any]]:
 
 
 def quality_fields(nll: np.ndarray, correct: np.ndarray) -> dict[str, Any]:
+    """The quality columns of a row from per-token negative log-likelihoods (nats) and hits, both ``[tokens]``."""
     return {
         "ppl": math.exp(float(nll.mean())),
         "accuracy": float(correct.mean()),
@@ -53,6 +54,7 @@ class TrialFigures:
 
 
 def trial_figures(trial: LatencyResult) -> TrialFigures:
+    """One latency trial's figures: TTFT, median TPOT, throughput and eviction/signal shares (seconds)."""
     decode_s = float(sum(trial.step_s))
     return TrialFigures(
         trial.ttft_s,

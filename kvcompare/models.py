@@ -63,12 +63,15 @@ EMBEDDED_MODELS = {
 
 @dataclasses.dataclass
 class LoadedModel:
+    """A loaded model with its tokenizer, name and the facts recorded in run.json (``info``)."""
+
     model: Any
     tokenizer: Any
     name: str
     info: dict[str, Any]
 
     def encode(self, text: str) -> list[int]:
+        """``text``'s token ids, without special tokens."""
         return encode(self.tokenizer, text)
 
 

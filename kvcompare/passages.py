@@ -7,8 +7,8 @@ import dataclasses
 import datetime
 import itertools
 import json
+import logging
 import socket
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +27,8 @@ from kvcompare.plan import Cell, Plan
 from kvcompare.results import cell_id
 from kvcompare.schedule import CellRecord, measure_passage, measure_probes, schedule, trial_passes
 from kvcompare.schema import CURVE_CELL_COLUMNS
+
+log = logging.getLogger(__name__)
 
 #: One passage's cells: all of them, and those still to measure.
 Group = tuple[list[Cell], list[Cell]]
@@ -57,11 +59,10 @@ def warn_beyond_context(config: RunConfig, max_positions: int | None) -> list[in
     """The lengths whose latency pass goes past the model's trained positions, with a warning if any."""
     beyond = beyond_context_lengths(config, max_positions)
     if beyond:
-        print(
-            f"kvcompare: warning: lengths {beyond} (plus {config.warmup + config.gen} decoded tokens) go beyond "
+        log.warning(
+            f"lengths {beyond} (plus {config.warmup + config.gen} decoded tokens) go beyond "
             f"{config.model}'s {max_positions} trained positions; the full cache is then outside what the model "
-            "was trained for. Measured anyway and marked beyond_context in every row.",
-            file=sys.stderr,
+            "was trained for. Measured anyway and marked beyond_context in every row."
         )
     return beyond
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import sys
+import logging
 from typing import Any
 
 from kvcompare import corpus as corpora
@@ -32,6 +32,8 @@ from kvcompare.plugins import get_host
 from kvcompare.policy import KVPolicy, PolicyError
 from kvcompare.results import cell_id
 
+log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass(frozen=True)
 class CellContext:
@@ -46,6 +48,7 @@ class CellContext:
 
     @classmethod
     def of(cls, config: RunConfig) -> CellContext:
+        """The context every cell of ``config``'s grid shares."""
         return cls(config.model, config.dataset, config.device, config.dtype, config.latency(), config.bucket)
 
 
@@ -65,6 +68,7 @@ class Cell:
 
     @property
     def task(self) -> str:
+        """``ppl`` for a perplexity cell, ``passkey`` for a retrieval probe."""
         return "ppl" if self.probe is None else "passkey"
 
     @functools.cached_property
@@ -151,7 +155,7 @@ def build_policies(config: RunConfig) -> list[KVPolicy]:
         if policy.label() not in {p.label() for p in policies}:
             policies.append(policy)
         else:
-            print(f"kvcompare: --policies {spec} is {policy.label()}, listed before: measured once", file=sys.stderr)
+            log.warning(f"--policies {spec} is {policy.label()}, listed before: measured once")
     return policies
 
 
@@ -272,7 +276,7 @@ def _once(values: list[Any], flag: str) -> list[Any]:
     kept = list(dict.fromkeys(values))
     if len(kept) < len(values):
         repeated = sorted({str(v) for v in values if values.count(v) > 1})
-        print(f"kvcompare: {flag} repeats {', '.join(repeated)}: each is measured once", file=sys.stderr)
+        log.warning(f"{flag} repeats {', '.join(repeated)}: each is measured once")
     return kept
 
 

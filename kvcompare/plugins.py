@@ -5,9 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.metadata
-import os
-import sys
-import traceback
+import logging
 from types import ModuleType
 
 import pluggy
@@ -16,9 +14,13 @@ from kvcompare import hookspecs
 from kvcompare.policy import KVPolicy
 from kvcompare.registry import PolicyRegistry
 
+log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass(frozen=True)
 class PluginInfo:
+    """A loaded plugin: its name, module and the distribution (package) and version it came from."""
+
     name: str
     module: str
     distribution: str
@@ -27,6 +29,8 @@ class PluginInfo:
 
 @dataclasses.dataclass(frozen=True)
 class PluginFailure:
+    """A plugin that failed to load, with the error."""
+
     name: str
     error: str
 
@@ -53,6 +57,8 @@ class PluginHost:
         self.infos[name] = PluginInfo(name, module, distribution, version)
 
     def load_entry_points(self) -> None:
+        """Register every plugin of the ``kvcompare`` entry-point group not registered yet; one that fails to import is
+        recorded, not raised."""
         for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT):
             if self.pm.has_plugin(ep.name):
                 continue
@@ -92,9 +98,8 @@ class PluginHost:
         if any(f.name == name and f.error == error for f in self.failures):
             return
         self.failures.append(PluginFailure(name, error))
-        print(f"kvcompare: plugin {name!r} not loaded: {error}", file=sys.stderr)
-        if "KVCOMPARE_DEBUG" in os.environ:
-            traceback.print_exc()
+        log.warning(f"plugin {name!r} not loaded: {error}")
+        log.debug(f"plugin {name!r}: the import's traceback", exc_info=True)
 
 
 @functools.cache
@@ -106,4 +111,5 @@ def get_host() -> PluginHost:
 
 
 def get_registry() -> PolicyRegistry:
+    """The process-wide policy registry (every plugin's policies)."""
     return get_host().registry()

@@ -101,6 +101,7 @@ class KVPolicy:
         return ":".join([self.name, *changed])
 
     def params_json(self) -> str:
+        """The parameters as canonical JSON (sorted keys), as stored in rows."""
         return json.dumps(self.params(), sort_keys=True)
 
 

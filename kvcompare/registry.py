@@ -11,6 +11,8 @@ from kvcompare.policy import KVPolicy, PolicyError, coerce_parameter, parameter_
 
 @dataclasses.dataclass(frozen=True)
 class PolicyEntry:
+    """A registered policy class and the plugin that registered it."""
+
     cls: type[KVPolicy]
     plugin: str
 
@@ -22,6 +24,8 @@ class PolicyRegistry:
         self._entries: dict[str, PolicyEntry] = {}
 
     def add(self, cls: type[KVPolicy], plugin: str) -> None:
+        """Register ``cls`` for ``plugin``. Raises PolicyError if it is not a named KVPolicy dataclass, its name is
+        registered already, or it cannot be built with its defaults."""
         if not (isinstance(cls, type) and issubclass(cls, KVPolicy) and dataclasses.is_dataclass(cls)):
             raise PolicyError(f"plugin {plugin!r} registered {cls!r}, which is not a KVPolicy dataclass")
         if not cls.name:
@@ -37,9 +41,11 @@ class PolicyRegistry:
         self._entries[cls.name] = PolicyEntry(cls, plugin)
 
     def names(self) -> list[str]:
+        """The registered policy names, sorted."""
         return sorted(self._entries)
 
     def entry(self, name: str) -> PolicyEntry:
+        """The entry of policy ``name``. Raises PolicyError with a "did you mean" when there is none."""
         if name not in self._entries:
             raise PolicyError(
                 f"unknown policy {name!r}.{did_you_mean(name, self.names())} "

@@ -11,9 +11,9 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,8 @@ import pyarrow.parquet as pq
 
 from kvcompare.errors import KVCompareError
 from kvcompare.schema import CURVE_SCHEMA, RESULT_SCHEMA, RUN_JSON, TIMINGS_SCHEMA
+
+log = logging.getLogger(__name__)
 
 CELLS, CURVES, TIMINGS, REPORT, QUARANTINE = "cells", "curves", "timings", "report", "quarantine"
 #: Everything kvcompare writes at the top of a results folder; anything else makes the folder foreign.
@@ -113,6 +115,8 @@ class RunFolder:
             )
 
     def read_run_json(self) -> dict[str, Any]:
+        """The folder's run.json, or {} when there is none (or it is being replaced). Raises ResultsError if it is
+        unreadable."""
         file = self.path / RUN_JSON
         if self._replace or not file.exists():
             return {}
@@ -132,10 +136,8 @@ class RunFolder:
                 table = pq.read_table(file, columns=["cell_id", "status"])
             except Exception as err:  # noqa: BLE001 - a truncated or foreign file costs only its own cell
                 moved = self._quarantine(file)
-                print(
-                    f"kvcompare: {file} cannot be read ({type(err).__name__}); kept as {moved}, its cell is measured "
-                    "again",
-                    file=sys.stderr,
+                log.warning(
+                    f"{file} cannot be read ({type(err).__name__}); kept as {moved}, its cell is measured again"
                 )
                 continue
             statuses = zip(table["cell_id"].to_pylist(), table["status"].to_pylist(), strict=True)
@@ -169,6 +171,7 @@ class RunFolder:
         self.write_run_json(meta)
 
     def write_cell(self, row: dict[str, Any], curve: list[dict[str, Any]]) -> None:
+        """Write one cell's row (and its perplexity curve) atomically to cells/ (and curves/)."""
         row = {name: row.get(name) for name in RESULT_SCHEMA.names}
         _write_atomic(
             pa.Table.from_pylist([row], schema=RESULT_SCHEMA), self.path / CELLS / f"{row['cell_id']}.parquet"
@@ -185,6 +188,7 @@ class RunFolder:
         _write_atomic(table, self.path / TIMINGS / f"{name}.parquet")
 
     def write_run_json(self, data: dict[str, Any]) -> None:
+        """Write run.json atomically."""
         tmp = self.path / f".{RUN_JSON}.tmp"
         tmp.write_text(json.dumps(data, indent=2, default=str))
         os.replace(tmp, self.path / RUN_JSON)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from kvcompare.plan import Cell, Plan, merge_repeated_values, plan, prepare
 from kvcompare.protocol import PROTOCOL_VERSION
 from kvcompare.results import RunFolder, cell_id
 from kvcompare.resume import check_protocol, resume_additions
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RUNS_DIR = Path("reports/runs")
 
@@ -65,7 +68,7 @@ def check_start(config: RunConfig, out: Path | None = None, *, resume: bool = Fa
     done = folder.finished() if resume else set()
     grid = plan(config, policies)  # the tokenizer and the corpus: passages are drawn before the weights load
     if config.ray in (None, "local") and (warning := oversubscription(config.threads, os.cpu_count())):
-        print(f"kvcompare: warning: {warning}", file=sys.stderr)
+        log.warning(warning)
     return RunStart(grid, previous.get("run_id") or run_id, folder, previous, additions, done)
 
 
@@ -95,10 +98,7 @@ def run(
         "finished_at": None,
     }
     if len(begun.todo) < len(grid.cells):
-        print(
-            f"resuming: {len(grid.cells) - len(begun.todo)} of {len(grid.cells)} cells already finished",
-            file=sys.stderr,
-        )
+        log.info(f"resuming: {len(grid.cells) - len(begun.todo)} of {len(grid.cells)} cells already finished")
     backend = open_backend(grid, begun.run_id)
     try:
         meta.update(backend.describe())
@@ -169,7 +169,7 @@ def passes_bar(total: int, progress: bool, folder: RunFolder) -> Iterator[Any]:
         yield bar
     except KeyboardInterrupt:
         bar.close()
-        print(f"\ninterrupted: {KEPT_ON_INTERRUPT.format(path=folder.path)}", file=sys.stderr)
+        log.warning(f"interrupted: {KEPT_ON_INTERRUPT.format(path=folder.path)}")
         raise
     bar.close()
 
@@ -181,8 +181,9 @@ KEPT_ON_INTERRUPT = (
 
 
 def report_failures(failures: int) -> None:
+    """Say how many cells failed, if any."""
     if failures:
-        print(f"{failures} cell(s) failed; their errors are in the results (status = 'failed')", file=sys.stderr)
+        log.warning(f"{failures} cell(s) failed; their errors are in the results (status = 'failed')")
 
 
 def write_results(folder: RunFolder, results: PassageResults) -> int:

@@ -11,7 +11,7 @@ adds cells to a passage whose `full` cell is already finished, `full` is timed a
 from __future__ import annotations
 
 import dataclasses
-import sys
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +25,8 @@ from kvcompare.memory import free_memory
 from kvcompare.passkey import Retrieval, retrieve
 from kvcompare.plan import Cell
 from kvcompare.quality_batch import MEMORY_SHARE, quality_batches
+
+log = logging.getLogger(__name__)
 
 #: A one-pass prefill of the `full` baseline goes in chunks of at most this many tokens (memory).
 ONESHOT_CHUNK = 8192
@@ -46,6 +48,8 @@ class CellRecord:
 
 @dataclasses.dataclass(frozen=True)
 class ScheduledTrial:
+    """One latency trial of a round: a cell's own, the baseline's, or the A/A control's."""
+
     cell: Cell
     role: str  # "cell", "aa_control" or "baseline" (see kvcompare.schema.TIMINGS_SCHEMA)
 
@@ -127,7 +131,7 @@ def measure_passage(
                 if owner is not None:
                     _fail(owner, err)
                 else:  # a control trial: its pairs are missing, no cell is lost
-                    print(f"\n{trial.role} trial of {trial.cell.describe()} failed: {err}", file=sys.stderr)
+                    log.warning(f"{trial.role} trial of {trial.cell.describe()} failed: {err}")
             if owner is not None:
                 owner.wall_s += time.perf_counter() - started
             tick(label, trial_passes(trial))
@@ -165,7 +169,7 @@ def measure_quality(
         try:
             results = executor.score_batch(tokens, [cells[index] for index in batch])
         except Exception as err:  # a single cell's pass returns its errors: this is a batch's
-            print(f"\nbatched quality pass failed ({err}); running its {len(batch)} cells one by one", file=sys.stderr)
+            log.warning(f"batched quality pass failed ({err}); running its {len(batch)} cells one by one")
             results = [executor.score_batch(tokens, [cells[index]])[0] for index in batch]
         share = (time.perf_counter() - started) / len(batch)
         for record, result in zip(members, results, strict=True):

@@ -46,6 +46,7 @@ class DiesInWorker(ScoredPolicy):
     times: int = 1
 
     def score(self, keys: torch.Tensor, positions: torch.Tensor, signals: object = None) -> torch.Tensor:
+        """Kill the worker process the first ``times`` calls (across processes), then score as l2."""
         for death in range(self.times):  # each death is claimed atomically: two workers never both take one
             try:
                 os.close(os.open(f"{self.tally}.{death}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
@@ -64,4 +65,5 @@ class RaisesAtEviction(ScoredPolicy):
     name: ClassVar[str] = "raises"
 
     def score(self, keys: torch.Tensor, positions: torch.Tensor, signals: object = None) -> torch.Tensor:
+        """Raise, as a buggy policy would."""
         raise RuntimeError("bug in the policy")

@@ -9,8 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvcompare.logs import NORMAL, configure
 from kvcompare.plugins import PluginHost, get_host
 from kvcompare.testing import TINY_VOCAB, tiny_llama, tiny_neox
+
+
+@pytest.fixture(autouse=True)
+def messages_as_the_cli_shows_them() -> None:
+    """Every test sees kvcompare's messages as `kvcompare run` shows them by default, whatever ran before."""
+    configure(NORMAL)
 
 
 @pytest.fixture(params=["llama", "neox"])

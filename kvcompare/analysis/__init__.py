@@ -95,6 +95,9 @@ from kvcompare.analysis.rules import (
 
 @dataclass(frozen=True)
 class Analysis:
+    """Everything a report shows, computed once from a results folder: the summary, the noise floor, the recommendations
+    and the retrieval figures."""
+
     summary: pl.DataFrame  # summary(): one row per configuration and length
     baseline_lengths: set[int]
     noise: NoiseFloor
@@ -105,6 +108,8 @@ class Analysis:
 
 
 def what_was_measured(run: RunData) -> Measured:
+    """What the run's successful cells measured: speed (latency trials) or not, retrieval (passkey) or not, and why a
+    missing one is missing."""
     ok = run.cells.filter(pl.col("status") == "ok")
     speed = not ok.filter(pl.col("ttft_s").is_not_null() | pl.col("tpot_s").is_not_null()).is_empty()
     retrieval = retrieval_measured(run.retrieval)
@@ -130,15 +135,18 @@ class Outcome:
 
     @property
     def nothing_succeeded(self) -> bool:
+        """No cell or probe of the run succeeded (the CLI then exits with status 1)."""
         return self.ok == 0
 
 
 def outcome(run: RunData) -> Outcome:
+    """How many cells and probes of ``run`` succeeded and failed."""
     statuses = pl.concat([run.cells["status"], run.retrieval["status"]])
     return Outcome(int((statuses == "ok").sum()), int((statuses != "ok").sum()))
 
 
 def analyse(run: RunData) -> Analysis:
+    """The analysis of a loaded run (:func:`load_run`): summary, noise floor, relative changes and recommendations."""
     stats = summary(run.cells, run.timings)
     with_baseline = baseline_lengths(run.cells)
     measured = what_was_measured(run)

@@ -59,6 +59,7 @@ class RunData:
 
 
 def empty_frame(schema: pa.Schema) -> pl.DataFrame:
+    """A DataFrame with ``schema``'s columns and no rows (a run with no timings or no probes)."""
     frame = pl.from_arrow(schema.empty_table())
     assert isinstance(frame, pl.DataFrame)
     return frame

@@ -16,10 +16,12 @@ class Bounded:
 
     @property
     def low(self) -> str:
+        """The column of the interval's lower bound."""
         return f"{self.column}_low"
 
     @property
     def high(self) -> str:
+        """The column of the interval's upper bound."""
         return f"{self.column}_high"
 
 
@@ -37,10 +39,12 @@ class Metric(Bounded):
 
     @property
     def label(self) -> str:
+        """The metric's title with its unit, for table headers and chart axes."""
         return f"{self.title} ({self.unit})" if self.unit else self.title
 
     @property
     def speed(self) -> bool:
+        """Whether this is a speed metric (it has an interval, from the latency trials)."""
         return self.interval is not None
 
 
@@ -76,6 +80,7 @@ class Change(Bounded):
 
     @property
     def n(self) -> str:
+        """The column holding how many pairs the change's interval is computed from."""
         return f"{self.column}_n"
 
     @property

@@ -26,6 +26,7 @@ class NoiseFloor:
     reason: str = ""
 
     def floor(self, change: Change) -> float | None:
+        """The largest absolute bound of the A/A interval for ``change`` (in %), or None if not measured."""
         found = self.changes.get(change.column)
         if found is None or found.low is None or found.high is None:
             return None
@@ -33,10 +34,12 @@ class NoiseFloor:
 
     @property
     def pairs(self) -> int:
+        """How many A/A pairs the floor rests on (the most of any change)."""
         return max((e.n for e in self.changes.values()), default=0)
 
     @property
     def measured(self) -> bool:
+        """Whether any speed change has a floor (a quality-only run has none)."""
         return any(self.floor(change) is not None for change in NOISE_CHANGES)
 
 

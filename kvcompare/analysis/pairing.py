@@ -35,10 +35,12 @@ IS_OK = pl.col("status") == "ok"
 
 
 def ok_cells(cells: pl.DataFrame) -> pl.DataFrame:
+    """The successful cells of ``cells``."""
     return cells.filter(IS_OK)
 
 
 def failed_cells(cells: pl.DataFrame) -> pl.DataFrame:
+    """The cells of ``cells`` that failed (their ``error`` and ``traceback`` say why)."""
     return cells.filter(~IS_OK)
 
 

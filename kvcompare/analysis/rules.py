@@ -145,6 +145,8 @@ def rules_for(with_retrieval: bool, with_speed: bool = True) -> tuple[Rule, ...]
 
 @dataclass(frozen=True)
 class Recommendation:
+    """The configuration a scenario's rule picks at one length, or why none qualifies."""
+
     scenario: str
     seq_len: int
     choice: dict[str, Any] | None  # a row of summary(); None when nothing qualifies
