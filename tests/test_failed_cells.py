@@ -82,7 +82,7 @@ def test_a_run_in_which_every_cell_failed_exits_non_zero_and_says_so(
 
 def test_a_report_without_a_baseline_does_not_claim_one(tiny_model_dir: Path, tmp_path: Path) -> None:
     from kvcompare.analysis import load_run
-    from kvcompare.report.content import compared
+    from kvcompare.report.sections import compared
 
     out = run(tiny_run(tiny_model_dir, baseline=False, repeats=1), tmp_path / "run", progress=False)
     assert compared(load_run(out))["policies"] == "recent, with no `full` baseline (--no-baseline)"

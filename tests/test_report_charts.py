@@ -12,7 +12,7 @@ import pytest
 from report_fixtures import cell, channels, curve_rows, failed_cell, marks, spec_rows, synthetic_run, walk, write_run
 
 from kvcompare.report import ReportPaths, build_report
-from kvcompare.report.charts import BASELINE_COLOR
+from kvcompare.report.charting import BASELINE_COLOR
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ALL_CHARTS = {
@@ -165,12 +165,12 @@ def test_curves_of_failed_cells_are_ignored(tmp_path: Path) -> None:
 def test_baseline_is_black_in_every_position_mode() -> None:
     import polars as pl
 
-    from kvcompare.report.charts import _color
+    from kvcompare.report.charting import series_color
 
     series = pl.DataFrame(
         {"series": ["streaming, positions=shift", "full, positions=shift"], "role": ["policy", "baseline"]}
     )
-    scale = _color(series).to_dict()["scale"]
+    scale = series_color(series).to_dict()["scale"]
     assert scale["domain"] == ["full, positions=shift", "streaming, positions=shift"]
     assert scale["range"][0] == BASELINE_COLOR and scale["range"][1] != BASELINE_COLOR
 

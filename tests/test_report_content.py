@@ -12,7 +12,8 @@ from report_fixtures import cell, channels, curve_rows, failed_cell, spec_rows, 
 
 from kvcompare.analysis import config_name, load_run, policy_name
 from kvcompare.report import ReportPaths, build_report
-from kvcompare.report.content import BASELINE_PER_MODE, BASELINE_POSITIONS, NO_RESULTS, assemble
+from kvcompare.report.sections import assemble
+from kvcompare.report.wording import BASELINE_PER_MODE, BASELINE_POSITIONS, NO_RESULTS
 
 SECTIONS = ["Summary", "Results by length", "Charts", "Missing / failed cells", "Run", "Protocol"]
 
@@ -136,7 +137,7 @@ def test_evicting_names_do_not_depend_on_the_run(several_modes: bool) -> None:
 
 
 def test_prose_cells_wrap_and_figures_do_not() -> None:
-    from kvcompare.report.content import Table
+    from kvcompare.report.document import Table
     from kvcompare.report.render import PROSE_CHARS, table_html
 
     reason = "nothing beat full significantly on TPOT at this length (no configuration qualifies)"

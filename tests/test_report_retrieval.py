@@ -25,14 +25,10 @@ from kvcompare.analysis import (
     summary,
 )
 from kvcompare.report import ReportPaths, build_report
-from kvcompare.report.content import (
-    RETRIEVAL_HEADING,
-    Definitions,
-    Table,
-    assemble,
-    relative_table,
-    retrieval_table,
-)
+from kvcompare.report.document import Definitions, Table
+from kvcompare.report.sections import assemble
+from kvcompare.report.tables import relative_table, retrieval_table
+from kvcompare.report.wording import RETRIEVAL_HEADING
 from kvcompare.schema import RESULT_SCHEMA
 
 DEPTHS = (0.0, 0.5, 1.0)

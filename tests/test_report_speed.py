@@ -26,14 +26,9 @@ from kvcompare.analysis import (
     trial_figures,
 )
 from kvcompare.report import build_report, summary_table
-from kvcompare.report.content import (
-    absolute_table,
-    format_estimate,
-    load_notices,
-    noise_line,
-    physics_table,
-    relative_table,
-)
+from kvcompare.report.formatting import format_estimate
+from kvcompare.report.notices import load_notices, noise_line
+from kvcompare.report.tables import absolute_table, physics_table, relative_table
 from kvcompare.stats import Estimate, mean_estimate
 
 FULL = cell("full", None, 256, 0)

@@ -23,7 +23,7 @@ from kvcompare.analysis import (
 )
 from kvcompare.cli import main
 from kvcompare.report import ReportError, build_report
-from kvcompare.report.content import recommendation_table, relative_table
+from kvcompare.report.tables import recommendation_table, relative_table
 
 
 def _frame(run_dir: Path, rows: list[dict]) -> pl.DataFrame:
@@ -349,7 +349,7 @@ def test_old_cell_files_without_context_columns_load(tmp_path: Path) -> None:
 
 
 def test_beyond_context_notice_names_each_length_once(tmp_path: Path) -> None:
-    from kvcompare.report.content import beyond_context_notices
+    from kvcompare.report.notices import beyond_context_notices
 
     cells = _frame(
         tmp_path,

@@ -504,7 +504,7 @@ def test_resume_may_add_a_task_with_settings_no_finished_cell_depends_on(tiny_mo
 def test_threads_beyond_the_cpus_are_warned_at_start_and_in_the_report(
     tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from kvcompare.report.content import load_notices
+    from kvcompare.report.notices import load_notices
 
     cpus = os.cpu_count() or 1
     out = run(config(tiny_model_dir, threads=cpus + 2, repeats=1), tmp_path / "run", progress=False)

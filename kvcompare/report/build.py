@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvcompare.analysis import ReportError, analyse, load_run, outcome, several_position_modes
-from kvcompare.report.content import assemble, noise_line, relative_tables, retrieval_table
+from kvcompare.report.notices import noise_line
 from kvcompare.report.render import render_html, render_markdown, table_md
+from kvcompare.report.sections import assemble
+from kvcompare.report.tables import relative_tables, retrieval_table
 
 REPORT_DIR = "report"
 CHARTS_DIR = "charts"

@@ -1,20 +1,16 @@
 """Altair charts of the results, saved as PNG (for Markdown) and as Vega-Lite spec (for the HTML page).
 
-Every chart is drawn from data.summary(), data.position_perplexity() or (passkey heat maps)
-data.retrieval_by_probe(), labelled once with the names the tables use.
+Every chart is drawn from analysis.summary() or analysis.position_perplexity(), labelled once with the names
+the tables use (charting.py holds what the charts share; heatmaps.py draws the passkey heat maps).
 Wherever a speed figure is drawn, its 95% interval is drawn with it, as error bars from `<field>_low` to
 `<field>_high`; quality figures have no interval (they are deterministic) and stay points, lines or bars.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import altair as alt
 import polars as pl
@@ -32,70 +28,28 @@ from kvcompare.analysis import (
     TTFT_CHANGE,
     Change,
     Metric,
-    config_name,
     lengths_in,
-    policy_name,
+)
+from kvcompare.report.charting import (
+    BASELINE_COLOR,
+    FLAT_LABELS,
+    ChartFile,
+    ChartSet,
+    SkipChart,
+    SkippedChart,
+    labelled,
+    save_chart,
+    series_color,
 )
 
+#: Pixels of one panel's plot area; a chart is a grid of such panels.
 PANEL_WIDTH = 220
 PANEL_HEIGHT = 160
-PNG_SCALE = 2
-BASELINE_COLOR = "black"
-POLICY_COLORS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6", "#9d755d"]
 CHANGE_TITLE = "change vs full (%)"
 
+#: Facets: one row of panels per length, one column per cache limit.
 ROW_LENGTH = alt.Row("seq_len:O", title="Length (tokens)")
 COLUMN_CACHE = alt.Column("cache_size:O", title="Cache limit (tokens)")
-
-
-class SkipChart(Exception):
-    """Raised by a chart builder when the data cannot support the chart; the message says why."""
-
-
-@dataclass(frozen=True)
-class ChartFile:
-    name: str
-    title: str
-    png: Path
-    spec_path: Path
-    spec: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class SkippedChart:
-    name: str
-    title: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class ChartSet:
-    charts: list[ChartFile]
-    skipped: list[SkippedChart]
-
-
-def _labelled(frame: pl.DataFrame, several_modes: bool) -> pl.DataFrame:
-    """Add `config` (policy @ cache), `series` (policy without cache) and `role` (baseline or policy).
-
-    build_charts labels each frame once; every chart builder below takes frames labelled so.
-    """
-    rows = list(frame.iter_rows(named=True))
-    return frame.with_columns(
-        pl.Series("config", [config_name(r, several_modes) for r in rows], dtype=pl.String),
-        pl.Series("series", [policy_name(r, several_modes) for r in rows], dtype=pl.String),
-        pl.when(pl.col("policy") == BASELINE_POLICY).then(pl.lit("baseline")).otherwise(pl.lit("policy")).alias("role"),
-    )
-
-
-def _color(series: pl.DataFrame) -> alt.Color:
-    """Baseline series (e.g. "full (for positions=shift)") in black, every policy in the same colour on every chart."""
-    baselines = sorted(series.filter(pl.col("role") == "baseline")["series"].unique().to_list())
-    others = sorted(set(series["series"].to_list()) - set(baselines))
-    domain = [*baselines, *others]
-    palette = [BASELINE_COLOR] * len(baselines)
-    palette += [POLICY_COLORS[i % len(POLICY_COLORS)] for i in range(len(others))]
-    return alt.Color("series:N", title="Policy", scale=alt.Scale(domain=domain, range=palette))
-
 
 #: Dashed baseline; the colour legend already names it, so this encoding has none.
 BASELINE_DASH = alt.StrokeDash(
@@ -103,7 +57,6 @@ BASELINE_DASH = alt.StrokeDash(
     legend=None,
     scale=alt.Scale(domain=["baseline", "policy"], range=[[6, 3], [1, 0]]),
 )
-FLAT_LABELS = alt.Axis(labelAngle=0)
 
 
 #: Fields drawn with an interval: speed changes and speed figures (their bounds: `<field>_low`, `<field>_high`).
@@ -190,7 +143,7 @@ def _relative_rows(summary: pl.DataFrame) -> pl.DataFrame:
 
 def _display_units(summary: pl.DataFrame, metrics: Sequence[Metric]) -> pl.DataFrame:
     """Means in the units the axes state, with `<column>_low`/`_high`: the interval of a speed figure (see
-    data.aggregate()), mean ± std over samples for the others."""
+    analysis.aggregate()), mean ± std over samples for the others."""
     columns = []
     for m in metrics:
         mean = pl.col(f"{m.column}_mean") * m.scale
@@ -204,6 +157,7 @@ def _display_units(summary: pl.DataFrame, metrics: Sequence[Metric]) -> pl.DataF
 
 
 def metrics_by_config(summary: pl.DataFrame, seq_len: int, color: alt.Color) -> alt.ConcatChart:
+    """Every metric at one length, a bar per configuration with its interval (speed) or ± std (others)."""
     data = _display_units(summary.filter(pl.col("seq_len") == seq_len), METRICS)
     if data.is_empty():
         raise SkipChart(f"no successful cell at length {seq_len}")
@@ -238,6 +192,8 @@ def metrics_by_config(summary: pl.DataFrame, seq_len: int, color: alt.Color) -> 
 
 
 def cache_tradeoff(summary: pl.DataFrame, color: alt.Color) -> alt.ConcatChart:
+    """PPL, TTFT, TPOT and throughput change vs `full` against the cache limit, a line per policy, a row per
+    length."""
     data = _relative_rows(summary)
 
     def layers(field: str, axis_title: str) -> list[alt.Chart]:
@@ -273,6 +229,7 @@ def _interval_tooltip(field: str) -> list[str]:
 
 
 def length_effect(summary: pl.DataFrame, color: alt.Color) -> alt.ConcatChart:
+    """PPL and throughput against the length, `full` dashed beside the policies, a column per cache limit."""
     if summary["seq_len"].n_unique() < 2:
         raise SkipChart("only one length in the results")
     metrics = [METRIC_BY_COLUMN["ppl"], METRIC_BY_COLUMN["throughput_tok_s"]]
@@ -305,6 +262,7 @@ def length_effect(summary: pl.DataFrame, color: alt.Color) -> alt.ConcatChart:
 
 
 def policies_at_cache(summary: pl.DataFrame, color: alt.Color) -> alt.ConcatChart:
+    """PPL and accuracy change vs `full`, a bar per policy, a panel per length and cache limit."""
     data = _relative_rows(summary)
 
     def layers(field: str, axis_title: str) -> list[alt.Chart]:
@@ -332,6 +290,8 @@ def policies_at_cache(summary: pl.DataFrame, color: alt.Color) -> alt.ConcatChar
 
 
 def ppl_by_position(position_ppl: pl.DataFrame, color: alt.Color) -> alt.ConcatChart:
+    """Perplexity per bucket of positions in the passage (analysis.position_perplexity()), a line per
+    configuration, a panel per length and cache limit."""
     if position_ppl.is_empty():
         raise SkipChart("no perplexity-by-position curves in the results")
     data = _with_baseline_per_cache(position_ppl)
@@ -361,94 +321,6 @@ def ppl_by_position(position_ppl: pl.DataFrame, color: alt.Color) -> alt.ConcatC
     )
 
 
-#: Accuracy on a fixed 0–100% scale, so that every heat map reads alike; text dark on the light (high) end.
-ACCURACY_SCALE = alt.Scale(domain=[0, 100], scheme="viridis")
-ACCURACY_TITLE = "Accuracy (%)"
-CELL_STEP = 34  # pixels per depth or length in a heat map
-
-
-def _limit_label(cache_size: int | None) -> str:
-    """A heat map panel: the cache limit, or `full` for the baseline (no limit)."""
-    return BASELINE_POLICY if cache_size is None else str(cache_size)
-
-
-def retrieval_heatmap(probes: pl.DataFrame, title: str) -> alt.FacetChart:
-    """One policy's passkey accuracy by needle depth (x) and length (y), labelled in every cell, one panel per
-    cache limit, `full` (of its position mode) first as the reference. `probes`: labelled retrieval_by_probe()
-    rows with answered probes."""
-    data = probes.with_columns(
-        pl.Series("limit", [_limit_label(c) for c in probes["cache_size"].to_list()], dtype=pl.String)
-    )
-    limits = sorted(data["cache_size"].unique().to_list(), key=lambda c: (c is not None, c or 0))
-    base = alt.Chart().encode(
-        x=alt.X("depth:O", title="Needle depth (0 = start, 1 = end)", axis=FLAT_LABELS),
-        y=alt.Y("seq_len:O", title="Length (tokens)", sort="descending"),
-    )
-    cells = base.mark_rect().encode(
-        color=alt.Color("accuracy_pct:Q", title=ACCURACY_TITLE, scale=ACCURACY_SCALE),
-        tooltip=["config:N", "seq_len:O", "depth:O", "accuracy_pct:Q", "n:Q", "logprob_mean:Q"],
-    )
-    labels = base.mark_text(baseline="middle", fontSize=10).encode(
-        text=alt.Text("accuracy_pct:Q", format=".0f"),
-        color=alt.condition("datum.accuracy_pct >= 50", alt.value("black"), alt.value("white")),
-    )
-    return (
-        alt.layer(cells, labels, data=data)
-        .properties(width=alt.Step(CELL_STEP), height=alt.Step(CELL_STEP))
-        .facet(
-            column=alt.Column("limit:N", title="Cache limit (tokens)", sort=[_limit_label(c) for c in limits]),
-            title=title,
-        )
-    )
-
-
-def _chart_name(prefix: str, label: str, taken: set[str]) -> str:
-    """A file and element name from a label: letters, digits and underscores only, unique among `taken`."""
-    name = f"{prefix}_{re.sub(r'[^A-Za-z0-9]+', '_', label).strip('_')}"
-    unique, i = name, 2
-    while unique in taken:
-        unique, i = f"{name}_{i}", i + 1
-    taken.add(unique)
-    return unique
-
-
-RETRIEVAL_CHART_TITLE = "Passkey retrieval"
-
-
-def build_retrieval_charts(by_probe: pl.DataFrame, out_dir: Path, several_modes: bool = False) -> ChartSet:
-    """One heat map per policy (with its position mode) from data.retrieval_by_probe(), each beside the `full`
-    of the same position mode; `full` alone when the run probed no evicting policy."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    answered = by_probe.filter(pl.col("n") > 0)
-    if answered.is_empty():
-        return ChartSet([], [SkippedChart("passkey", RETRIEVAL_CHART_TITLE, "no passkey probe was answered")])
-    probes = _labelled(answered, several_modes)
-    baseline = probes.filter(pl.col("role") == "baseline")
-    evicting = probes.filter(pl.col("role") == "policy")
-    groups: list[tuple[str, pl.DataFrame]] = []
-    for (series, positions), rows in evicting.group_by(["series", "positions"], maintain_order=True):
-        reference = baseline.filter(pl.col("positions").eq_missing(positions))
-        groups.append((str(series), pl.concat([reference, rows])))
-    if not groups:
-        groups = [(str(series), rows) for (series,), rows in baseline.group_by(["series"], maintain_order=True)]
-    charts: list[ChartFile] = []
-    taken: set[str] = set()
-    with alt.data_transformers.disable_max_rows():
-        for series, rows in groups:
-            title = f"{RETRIEVAL_CHART_TITLE}: {series}"
-            chart = retrieval_heatmap(rows, f"{title} (accuracy in % of probes, by depth and length)")
-            charts.append(_save(chart, out_dir, _chart_name("passkey", series, taken), title))
-    return ChartSet(charts, [])
-
-
-def _save(chart: alt.TopLevelMixin, out_dir: Path, name: str, title: str) -> ChartFile:
-    png, spec_path = out_dir / f"{name}.png", out_dir / f"{name}.vl.json"
-    chart.save(png, format="png", scale_factor=PNG_SCALE)
-    spec = chart.to_dict()
-    spec_path.write_text(json.dumps(spec, indent=1))
-    return ChartFile(name, title, png, spec_path, spec)
-
-
 def build_charts(
     summary: pl.DataFrame, position_ppl: pl.DataFrame, out_dir: Path, several_modes: bool = False
 ) -> ChartSet:
@@ -457,8 +329,8 @@ def build_charts(
     several_modes: the run has several position modes, so each `full` baseline names its mode (config_name).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary, position_ppl = _labelled(summary, several_modes), _labelled(position_ppl, several_modes)
-    color = _color(pl.concat([frame.select("series", "role") for frame in (summary, position_ppl)]))
+    summary, position_ppl = labelled(summary, several_modes), labelled(position_ppl, several_modes)
+    color = series_color(pl.concat([frame.select("series", "role") for frame in (summary, position_ppl)]))
     lengths = lengths_in(summary)
     plan: list[tuple[str, str, Callable[[], alt.TopLevelMixin]]] = [
         (
@@ -487,7 +359,7 @@ def build_charts(
     with alt.data_transformers.disable_max_rows():
         for name, title, build in plan:
             try:
-                charts.append(_save(build(), out_dir, name, title))
+                charts.append(save_chart(build(), out_dir, name, title))
             except SkipChart as reason:
                 skipped.append(SkippedChart(name, title, str(reason)))
     return ChartSet(charts, skipped)

@@ -1,8 +1,8 @@
-"""Rendering: a content.Report as Markdown (report.md, and tables for the terminal) or as one self-contained HTML
+"""Rendering: a document.Report as Markdown (report.md, and tables for the terminal) or as one self-contained HTML
 page (Vega libraries and specs inlined) that renders offline.
 
 Both renderers walk the same Report.sections and only decide how a block looks; what is said, and in which
-order, is content.py's.
+order, is settled before they see it (sections.py assembles it).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 import altair as alt
 import vl_convert
 
-from kvcompare.report.charts import ChartFile
-from kvcompare.report.content import Block, Definitions, Markdown, Remarks, Report, Table
+from kvcompare.report.charting import ChartFile
+from kvcompare.report.document import Block, Definitions, Markdown, Remarks, Report, Table
 
 
 def _link(path: Path, out_dir: Path) -> str:

@@ -1,0 +1,91 @@
+"""The passkey retrieval charts: one heat map per policy of its accuracy by needle depth and length, one panel
+per cache limit beside the `full` of the same position mode, drawn from analysis.retrieval_by_probe()."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import altair as alt
+import polars as pl
+
+from kvcompare.analysis import BASELINE_POLICY
+from kvcompare.report.charting import FLAT_LABELS, ChartFile, ChartSet, SkippedChart, labelled, save_chart
+
+#: Accuracy on a fixed 0–100% scale, so that every heat map reads alike; text dark on the light (high) end.
+ACCURACY_SCALE = alt.Scale(domain=[0, 100], scheme="viridis")
+ACCURACY_TITLE = "Accuracy (%)"
+CELL_STEP = 34  # pixels per depth or length in a heat map
+#: The title of every heat map, followed by its policy.
+RETRIEVAL_CHART_TITLE = "Passkey retrieval"
+
+
+def _limit_label(cache_size: int | None) -> str:
+    """A heat map panel: the cache limit, or `full` for the baseline (no limit)."""
+    return BASELINE_POLICY if cache_size is None else str(cache_size)
+
+
+def retrieval_heatmap(probes: pl.DataFrame, title: str) -> alt.FacetChart:
+    """One policy's passkey accuracy by needle depth (x) and length (y), labelled in every cell, one panel per
+    cache limit, `full` (of its position mode) first as the reference. `probes`: labelled retrieval_by_probe()
+    rows with answered probes."""
+    data = probes.with_columns(
+        pl.Series("limit", [_limit_label(c) for c in probes["cache_size"].to_list()], dtype=pl.String)
+    )
+    limits = sorted(data["cache_size"].unique().to_list(), key=lambda c: (c is not None, c or 0))
+    base = alt.Chart().encode(
+        x=alt.X("depth:O", title="Needle depth (0 = start, 1 = end)", axis=FLAT_LABELS),
+        y=alt.Y("seq_len:O", title="Length (tokens)", sort="descending"),
+    )
+    cells = base.mark_rect().encode(
+        color=alt.Color("accuracy_pct:Q", title=ACCURACY_TITLE, scale=ACCURACY_SCALE),
+        tooltip=["config:N", "seq_len:O", "depth:O", "accuracy_pct:Q", "n:Q", "logprob_mean:Q"],
+    )
+    labels = base.mark_text(baseline="middle", fontSize=10).encode(
+        text=alt.Text("accuracy_pct:Q", format=".0f"),
+        color=alt.condition("datum.accuracy_pct >= 50", alt.value("black"), alt.value("white")),
+    )
+    return (
+        alt.layer(cells, labels, data=data)
+        .properties(width=alt.Step(CELL_STEP), height=alt.Step(CELL_STEP))
+        .facet(
+            column=alt.Column("limit:N", title="Cache limit (tokens)", sort=[_limit_label(c) for c in limits]),
+            title=title,
+        )
+    )
+
+
+def _chart_name(prefix: str, label: str, taken: set[str]) -> str:
+    """A file and element name from a label: letters, digits and underscores only, unique among `taken`."""
+    name = f"{prefix}_{re.sub(r'[^A-Za-z0-9]+', '_', label).strip('_')}"
+    unique, i = name, 2
+    while unique in taken:
+        unique, i = f"{name}_{i}", i + 1
+    taken.add(unique)
+    return unique
+
+
+def build_retrieval_charts(by_probe: pl.DataFrame, out_dir: Path, several_modes: bool = False) -> ChartSet:
+    """One heat map per policy (with its position mode) from analysis.retrieval_by_probe(), each beside the `full`
+    of the same position mode; `full` alone when the run probed no evicting policy."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    answered = by_probe.filter(pl.col("n") > 0)
+    if answered.is_empty():
+        return ChartSet([], [SkippedChart("passkey", RETRIEVAL_CHART_TITLE, "no passkey probe was answered")])
+    probes = labelled(answered, several_modes)
+    baseline = probes.filter(pl.col("role") == "baseline")
+    evicting = probes.filter(pl.col("role") == "policy")
+    groups: list[tuple[str, pl.DataFrame]] = []
+    for (series, positions), rows in evicting.group_by(["series", "positions"], maintain_order=True):
+        reference = baseline.filter(pl.col("positions").eq_missing(positions))
+        groups.append((str(series), pl.concat([reference, rows])))
+    if not groups:
+        groups = [(str(series), rows) for (series,), rows in baseline.group_by(["series"], maintain_order=True)]
+    charts: list[ChartFile] = []
+    taken: set[str] = set()
+    with alt.data_transformers.disable_max_rows():
+        for series, rows in groups:
+            title = f"{RETRIEVAL_CHART_TITLE}: {series}"
+            chart = retrieval_heatmap(rows, f"{title} (accuracy in % of probes, by depth and length)")
+            charts.append(save_chart(chart, out_dir, _chart_name("passkey", series, taken), title))
+    return ChartSet(charts, [])

@@ -1,0 +1,231 @@
+"""What a report says, in order: assemble computes one run's analysis and charts and lays them out as sections,
+the headline first (what was compared, the noise floor, the recommendations) and the protocol last."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from kvcompare.analysis import (
+    BASELINE_POLICY,
+    Measured,
+    RunData,
+    analyse,
+    lengths_in,
+    position_perplexity,
+    retrieval_by_probe,
+    several_position_modes,
+    what_was_measured,
+)
+from kvcompare.protocol import PROTOCOL_MD
+from kvcompare.report.charting import ChartSet
+from kvcompare.report.charts import build_charts
+from kvcompare.report.document import Definitions, Markdown, Remarks, Report, Section
+from kvcompare.report.formatting import MISSING, format_bandwidth
+from kvcompare.report.heatmaps import build_retrieval_charts
+from kvcompare.report.notices import beyond_context_notices, load_notices, noise_line, timing_notices
+from kvcompare.report.tables import (
+    absolute_table,
+    cell_counts,
+    counts_table,
+    failed_table,
+    metadata_table,
+    noise_table,
+    physics_table,
+    recommendation_table,
+    relative_table,
+    retrieval_table,
+)
+from kvcompare.report.wording import (
+    BASELINE_PER_MODE,
+    BASELINE_POSITIONS,
+    NO_PERPLEXITY,
+    NO_RESULTS,
+    QUALITY_METHOD,
+    RELATIVE_METHOD,
+    RETRIEVAL_DEFINITIONS,
+    RETRIEVAL_HEADING,
+    RULES_LEAD,
+    RULES_LEAD_QUALITY,
+    TITLE,
+)
+
+# --- What was compared, for the reader in a hurry ------------------------------------------------------------
+
+
+def against_baseline(rows: pl.DataFrame, config: dict[str, Any]) -> str:
+    """What the policies in ``rows`` were compared with: `full`, when a `full` row of them succeeded."""
+    if not rows.filter((pl.col("policy") == BASELINE_POLICY) & (pl.col("status") == "ok")).is_empty():
+        return " against `full`"
+    if config.get("baseline") is False:
+        return ", with no `full` baseline (--no-baseline)"
+    return ", with no successful `full` baseline"
+
+
+def _distinct(cells: pl.DataFrame, column: str, fallback: Any = None) -> list[str]:
+    """The distinct values of a cells column, sorted; else run.json's value (a list or one value)."""
+    found = sorted(cells[column].drop_nulls().unique().to_list()) if column in cells.columns else []
+    if not found and fallback is not None:
+        found = fallback if isinstance(fallback, list) else [fallback]
+    return [str(value) for value in found]
+
+
+def _probed(retrieval: pl.DataFrame, config: dict[str, Any]) -> str:
+    """What the passkey probes covered, for the summary: policies, limits, lengths, depths, keys per length and
+    depth (the PPL cells' entries above may name others)."""
+    evicting = retrieval.filter(pl.col("policy") != BASELINE_POLICY)
+    policies = ", ".join(_distinct(evicting, "policy_label")) or "none"
+    limits = ", ".join(_distinct(evicting, "cache_size")) or MISSING
+    lengths = ", ".join(str(n) for n in lengths_in(retrieval))
+    depths = ", ".join(f"{d:g}" for d in sorted(retrieval["depth"].drop_nulls().unique().to_list()))
+    keys = retrieval.group_by(["seq_len", "depth"]).agg(pl.col("sample_id").n_unique())["sample_id"]
+    per = MISSING if keys.is_empty() else str(keys.max())
+    against = against_baseline(retrieval, config)
+    return (
+        f"{policies}{against} at cache limits {limits}; lengths {lengths or MISSING} tokens, needle depths "
+        f"{depths or MISSING}, {per} keys per length and depth"
+    )
+
+
+def compared(run: RunData, measured: Measured | None = None) -> dict[str, str]:
+    """What the run compared, for the reader in a hurry: from the cells where they say it, else run.json."""
+    measured = measured or what_was_measured(run)
+    cells, config = run.cells, run.meta.get("config") or {}
+    speed, environment = run.meta.get("speed") or {}, run.meta.get("environment") or {}
+    unknown = "not recorded"
+
+    def listed(column: str, key: str) -> str:
+        return ", ".join(_distinct(cells, column, config.get(key))) or unknown
+
+    every_row = pl.concat([cells, run.retrieval], how="diagonal_relaxed")
+    evicting = every_row.filter(pl.col("policy") != BASELINE_POLICY)
+    policies = _distinct(evicting, "policy_label") or [p for p in config.get("policies", []) if p != BASELINE_POLICY]
+    lengths = []
+    for seq_len in lengths_in(cells):
+        samples = cells.filter(pl.col("seq_len") == seq_len)["sample_id"].n_unique()
+        lengths.append(f"{seq_len} ({samples} sample{'s' if samples != 1 else ''})")
+    repeats = _distinct(cells, "repeats", config.get("repeats"))
+    trials = f"{', '.join(repeats)} per cell, in interleaved rounds" if repeats else "repeats not recorded"
+    chunk, gen, warmup = (
+        listed(*keys) for keys in (("prefill_chunk", "prefill_chunk"), ("gen_tokens", "gen"), ("warmup", "warmup"))
+    )
+    device = environment.get("device_name") or listed("device", "device")
+    if speed.get("threads"):  # what the run set; a CPU's name says the threads torch had before
+        device += f"; timed with {speed['threads']} threads"
+    if speed.get("memory_bandwidth_bytes_s"):
+        device += f", memory bandwidth {format_bandwidth(run.meta)} (measured at the start of the run)"
+    return {
+        "model": listed("model", "model"),
+        "dataset": listed("dataset", "dataset"),
+        "policies": (", ".join(policies) or "none") + against_baseline(every_row, config),
+        "cache limits (tokens)": listed("cache_size", "cache_sizes"),
+        "position modes": listed("positions", "positions"),
+        "lengths (tokens)": ", ".join(lengths) or listed("seq_len", "lengths"),
+        "latency trials": f"{trials}; the prompt prefilled in chunks of {chunk} tokens, then {gen} tokens timed "
+        f"after {warmup} warm-up steps"
+        if measured.speed
+        else f"none ({measured.no_speed})",
+        "device": device,
+        **({"passkey retrieval": _probed(run.retrieval, config)} if not run.retrieval.is_empty() else {}),
+    }
+
+
+# --- The report, section by section --------------------------------------------------------------------------
+
+
+def report_title(run_dir: Path, meta: dict[str, Any]) -> str:
+    """The results folder's name, which a reader can find; run.json's run id only when it differs."""
+    folder = run_dir.name or run_dir.resolve().name
+    run_id = meta.get("run_id")
+    if run_id is None or str(run_id) == folder:
+        return f"{TITLE}: {folder}"
+    return f"{TITLE}: {folder} (run id {run_id})"
+
+
+def not_drawn(charts: ChartSet) -> Remarks:
+    """The charts of a set that could not be drawn, each with its reason."""
+    return Remarks([f"{s.title} (`{s.name}`) not drawn: {s.reason}" for s in charts.skipped])
+
+
+def retrieval_section(retrieval: pl.DataFrame, charts: ChartSet, several_modes: bool) -> Section:
+    """The passkey probes: the table, a heat map per policy, and the charts that could not be drawn."""
+    return Section(
+        RETRIEVAL_HEADING,
+        [
+            retrieval_table(retrieval, several_modes),
+            *charts.charts,
+            not_drawn(charts),
+        ],
+        intro=RETRIEVAL_DEFINITIONS,
+    )
+
+
+def assemble(run: RunData, charts_dir: Path) -> Report:
+    """Compute tables, recommendations and charts (written to charts_dir) for one run, in reading order:
+    the headline first (what was compared, the noise floor, the recommendations), the protocol last."""
+    analysis = analyse(run)
+    stats, several_modes = analysis.summary, analysis.several_modes
+    ppl_charts = build_charts(stats, position_perplexity(run.curves, run.cells), charts_dir, several_modes)
+    charts, every_row, retrieval = ppl_charts, run.cells, []
+    if not run.retrieval.is_empty():  # a run with passkey probes: their section, heat maps, failures and counts
+        every_row = pl.concat([run.cells, run.retrieval], how="diagonal_relaxed")
+        probe_modes = several_position_modes(every_row)
+        heat_maps = build_retrieval_charts(retrieval_by_probe(run.retrieval), charts_dir, probe_modes)
+        retrieval = [retrieval_section(run.retrieval, heat_maps, probe_modes)]
+        charts = ChartSet([*ppl_charts.charts, *heat_maps.charts], [*ppl_charts.skipped, *heat_maps.skipped])
+    measured = analysis.measured
+    results = [
+        table
+        for n in lengths_in(stats)
+        for table in (
+            relative_table(stats, n, n in analysis.baseline_lengths, measured),
+            absolute_table(stats, n, several_modes, measured),
+            *([physics_table(stats, n, run.meta, several_modes)] if measured.speed else []),
+        )
+    ]
+    baseline_note = f"{BASELINE_POSITIONS} {BASELINE_PER_MODE}" if several_modes else BASELINE_POSITIONS
+    perplexity_measured = not run.cells.is_empty() or run.retrieval.is_empty()  # a passkey-only run has none
+    method = RELATIVE_METHOD if measured.speed else QUALITY_METHOD
+    sections = [
+        Section(
+            "Summary",
+            [
+                Definitions("What was compared:", compared(run, measured)),
+                Markdown(noise_line(analysis.noise, measured)),
+                *(
+                    [
+                        recommendation_table(analysis.recommendations),
+                        Definitions(
+                            RULES_LEAD if measured.speed else RULES_LEAD_QUALITY,
+                            {rule.scenario: rule.text for rule in analysis.rules},
+                        ),
+                    ]
+                    if perplexity_measured
+                    else [Markdown(NO_PERPLEXITY)]
+                ),
+                *([noise_table(analysis.noise)] if measured.speed else []),
+            ],
+        ),
+        *(
+            [Section("Results by length", results, intro=f"{method} {baseline_note}", empty=NO_RESULTS)]
+            if perplexity_measured
+            else []
+        ),
+        *retrieval,
+        *([Section("Charts", [*ppl_charts.charts, not_drawn(ppl_charts)])] if perplexity_measured else []),
+        Section(
+            "Missing / failed cells",
+            [
+                counts_table(cell_counts(every_row, run.meta)),
+                failed_table(every_row, several_modes),
+                Remarks([f"unreadable: {problem}" for problem in run.problems]),
+            ],
+        ),
+        Section("Run", [metadata_table(run.meta)]),
+        Section("Protocol", [Markdown(PROTOCOL_MD)], collapsed=True),
+    ]
+    notices = [*beyond_context_notices(run.cells), *load_notices(run.meta)]
+    notices += timing_notices(stats) if measured.speed else []
+    return Report(report_title(run.run_dir, run.meta), sections, charts, notices)
