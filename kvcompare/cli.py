@@ -172,7 +172,8 @@ def _add_run_parser(commands: Any) -> None:
     )
 
 
-def _run_config(args: argparse.Namespace) -> Any:
+def run_config(args: argparse.Namespace) -> Any:
+    """The RunConfig of `kvcompare run`'s arguments: the preset's values, then the flags given. Raises ConfigError."""
     from kvcompare.config import ConfigError, RunConfig
 
     preset = PRESETS.get(args.preset or "", {})
@@ -196,7 +197,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     report; exit status 1 when no cell succeeded."""
     from kvcompare.runner import run
 
-    config = _run_config(args)
+    config = run_config(args)
     if args.dry_run:
         from kvcompare.estimate import dry_run
 

@@ -357,7 +357,7 @@ def test_cli_refuses_an_empty_policy_list(
 def test_a_preset_with_other_lengths_needs_no_samples() -> None:
     import argparse
 
-    from kvcompare.cli import _run_config
+    from kvcompare.cli import run_config
 
     args = argparse.Namespace(
         **{f.name: None for f in dataclasses.fields(RunConfig)},
@@ -365,7 +365,7 @@ def test_a_preset_with_other_lengths_needs_no_samples() -> None:
         no_baseline=False,
     )
     args.lengths, args.all_books = [512, 5000], False
-    assert _run_config(args).samples == [10, 5]
+    assert run_config(args).samples == [10, 5]
 
 
 def test_help_shows_the_default_grid(capsys: pytest.CaptureFixture[str]) -> None:
