@@ -22,14 +22,13 @@ from transformers import AttentionInterface
 from kvcompare.rope import UnsupportedModelError
 
 if TYPE_CHECKING:
-    from kvcompare.batched import BatchedKVCache
-    from kvcompare.cache import BoundedKVCache
+    from kvcompare.cache_protocol import KVCacheLike
 
 ATTN_IMPLEMENTATION = "kvcompare"
 CACHE_KEYWORD = "kvcompare_cache"
 #: The cache of the forward pass under way, for models whose layers do not pass keyword arguments down to their
 #: attention (StableLM): set by :func:`forward_cache` around each forward pass.
-FORWARD_CACHE: contextvars.ContextVar[BoundedKVCache | BatchedKVCache | None] = contextvars.ContextVar(
+FORWARD_CACHE: contextvars.ContextVar[KVCacheLike | None] = contextvars.ContextVar(
     "kvcompare_forward_cache", default=None
 )
 
@@ -44,7 +43,7 @@ LAYER_FEATURES: contextvars.ContextVar[dict[int, tuple[float | None, float | Non
 
 
 @contextlib.contextmanager
-def forward_cache(cache: BoundedKVCache | BatchedKVCache) -> Iterator[None]:
+def forward_cache(cache: KVCacheLike) -> Iterator[None]:
     """Make ``cache`` the one kvcompare's attention uses during the block (one forward pass)."""
     token = FORWARD_CACHE.set(cache)
     try:
@@ -63,9 +62,14 @@ def chunk_causal_attention(
     scaling: float | None = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
+    """The attention of one layer's chunk, as Hugging Face calls an attention function: ``query``
+    ``[batch, heads, q_len, head_dim]`` over ``key`` and ``value`` ``[batch, kv_heads, kv_len, head_dim]`` (what
+    the cache's ``update`` returned), under the cache's own mask for the layer (the model's ``attention_mask`` is
+    ignored). Returns ``([batch, q_len, heads, head_dim], None)``. Raises UnsupportedModelError when run outside
+    :meth:`~kvcompare.executor.Executor.forward` (no kvcompare cache to ask)."""
     CALLS[0] += 1
     # The keyword, where the model passes its keyword arguments down to its attention; else the forward pass's.
-    cache: BoundedKVCache | BatchedKVCache | None = kwargs.get(CACHE_KEYWORD) or FORWARD_CACHE.get()  # type: ignore[assignment]
+    cache: KVCacheLike | None = kwargs.get(CACHE_KEYWORD) or FORWARD_CACHE.get()  # type: ignore[assignment]
     if cache is None:
         raise UnsupportedModelError(
             f"{type(module).__name__} ran kvcompare's attention outside kvcompare's forward pass: call the model "

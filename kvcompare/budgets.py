@@ -39,7 +39,8 @@ def parse_layer_budget(spec: str) -> tuple[str, float]:
 
 
 def layer_budgets(spec: str, limit: int, layers: int, reserve: int) -> list[int]:
-    """Slots for each of ``layers`` compressed layers, lowest first; they sum to ``limit * layers``."""
+    """Slots for each of ``layers`` compressed layers, lowest first; they sum to ``limit * layers``. Raises
+    ConfigError for a bad ``spec`` or a pyramid whose ``reserve`` leaves no room under ``limit``."""
     kind, beta = parse_layer_budget(spec)
     if kind == "uniform" or layers == 1:
         return [limit] * layers
@@ -59,7 +60,8 @@ def layer_budgets(spec: str, limit: int, layers: int, reserve: int) -> list[int]
 
 def compressed_layer_budgets(cache: CacheConfig, num_layers: int) -> list[int]:
     """The budget of each compressed layer of a ``num_layers``-layer model under ``cache`` (none without a
-    limit): the one place the cache, the physics and the result rows take them from."""
+    limit): the one place the cache, the physics and the result rows take them from. Raises ConfigError as
+    :func:`layer_budgets`."""
     if cache.limit is None:
         return []
     compressed = num_layers - len(set(cache.skip_layers))
@@ -67,6 +69,7 @@ def compressed_layer_budgets(cache: CacheConfig, num_layers: int) -> list[int]:
 
 
 def smallest_budget(spec: str, limit: int, reserve: int) -> int:
-    """The budget of the most squeezed layer (the top one under a pyramid), for checks before the model loads."""
+    """The budget of the most squeezed layer (the top one under a pyramid), for checks before the model loads.
+    Raises ConfigError for a bad ``spec``."""
     kind, beta = parse_layer_budget(spec)
     return limit if kind == "uniform" else reserve + int((limit - reserve) / beta)

@@ -5,10 +5,10 @@ many slots as the largest layer budget (the limit, unless ``--layer-budget`` sha
 slots beyond its budget are blocked and never attended). Until the first eviction they fill in time order.
 An eviction only chooses victim slots; the next tokens are written straight into them, so nothing that stays
 is moved (shift mode re-rotates, in place, just the keys whose rank changed). Each slot records its token
-index, from which the attention masks are built. Skip layers keep their full history in a buffer of their
-own, in time order. Nothing is concatenated per step, unlike transformers' ``DynamicLayer``, which copies
-the whole cache on every token. A batched quality pass (kvcompare.batched) gives each cell's cache its row of
-buffers shared by the batch (:class:`CacheStorage`), written in place the same way.
+index (``slot_tokens``), from which the attention masks are built. Skip layers keep their full history in a
+buffer of their own, in time order. Nothing is concatenated per step, unlike transformers' ``DynamicLayer``,
+which copies the whole cache on every token. A batched quality pass (kvcompare.batched) gives each cell's
+cache its row of buffers shared by the batch (:class:`CacheStorage`), written in place the same way.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
 
 from kvcompare.budgets import compressed_layer_budgets
+from kvcompare.cache_protocol import LayerGroup, LayerSlot, Room
 from kvcompare.config import CacheConfig, ConfigError
 from kvcompare.eviction import BLOCKED, VictimChooser, rank_shift
 from kvcompare.memory import ensure_fits
@@ -30,13 +31,16 @@ from kvcompare.policy import KVPolicy
 from kvcompare.rope import Rotary
 from kvcompare.signals import SignalRecorder
 
+if TYPE_CHECKING:
+    from kvcompare.cache_protocol import CellCacheLike
+
 
 class CacheLimitError(RuntimeError):
     """The cache would exceed its limit: a bug in the executor, never expected in a run."""
 
 
 def check_skip_layers(skip_layers: tuple[int, ...] | list[int], num_layers: int) -> None:
-    """Skip layers must exist in the model."""
+    """Skip layers must exist in the model: raises ConfigError for one outside ``0..num_layers - 1``."""
     bad = [i for i in skip_layers if not 0 <= i < num_layers]
     if bad:
         raise ConfigError(f"--skip-layers {list(skip_layers)}: the model has layers 0..{num_layers - 1}, not {bad}")
@@ -50,8 +54,8 @@ def compressed_layers(policy: KVPolicy, config: CacheConfig, num_layers: int) ->
 
 
 def needs_keys_as_written(config: CacheConfig, dtype: torch.dtype) -> bool:
-    """Whether a cache keeps each key as written (``CacheStorage.c_key0``): shift mode in bfloat16/float16,
-    where re-rotating a key again and again would accumulate rounding."""
+    """Whether a cache keeps each key as written (``CacheStorage.keys_as_written``): shift mode in
+    bfloat16/float16, where re-rotating a key again and again would accumulate rounding."""
     return config.positions == "shift" and dtype.itemsize < 4
 
 
@@ -80,7 +84,8 @@ def prefix_mask(
     q_len: int, kv_len: int, device: torch.device, window: float | None = None
 ) -> tuple[torch.Tensor | None, bool]:
     """``(mask, is_causal)`` for keys in time order from the first token to the chunk's last: every earlier key,
-    the chunk causally; on a layer with a sliding ``window``, only each query's last ``window`` tokens."""
+    the chunk causally; on a layer with a sliding ``window``, only each query's last ``window`` tokens. The mask
+    is boolean ``[q_len, kv_len]`` (True: attend), or None where ``is_causal`` or no mask says it all."""
     if window is not None and kv_len <= window:
         window = None  # every query sees every earlier token anyway
     if window is None and q_len == 1:
@@ -92,7 +97,7 @@ def prefix_mask(
 
 @dataclasses.dataclass(frozen=True)
 class CacheLayout:
-    """Shapes the cache is built for."""
+    """Shapes the cache is built for: keys and values are ``[batch, kv_heads, tokens, head_dim]`` per layer."""
 
     num_layers: int
     kv_heads: int
@@ -112,16 +117,23 @@ class CacheStorage:
     former, by :meth:`copy_updated`.
     """
 
-    c_kv: torch.Tensor  # [2, compressed layers, batch, kv_heads, slots, head_dim], zeros
-    c_token: torch.Tensor  # [compressed layers, batch, kv_heads, slots] int64, all -1
-    f_kv: torch.Tensor  # [2, full layers, batch, kv_heads, capacity, head_dim]
-    # Shift mode in bfloat16/float16 only (else None): each slot's key as written, [compressed layers, batch,
-    # kv_heads, slots, head_dim], and the rotation it has had since, [compressed layers, batch, kv_heads, slots].
-    c_key0: torch.Tensor | None = None
-    c_moved: torch.Tensor | None = None
+    #: Keys and values of the compressed layers, ``[2 (key, value), compressed layers, batch, kv_heads, slots,
+    #: head_dim]``, zeros until written.
+    compressed_kv: torch.Tensor
+    #: The token index each compressed slot holds, ``[compressed layers, batch, kv_heads, slots]`` int64: -1 when
+    #: free, :data:`~kvcompare.eviction.BLOCKED` beyond its layer's budget.
+    slot_tokens: torch.Tensor
+    #: Keys and values of the full layers in time order, ``[2, full layers, batch, kv_heads, capacity, head_dim]``.
+    full_kv: torch.Tensor
+    #: Shift mode in bfloat16/float16 only (else None): each compressed slot's key as the model wrote it,
+    #: ``[compressed layers, batch, kv_heads, slots, head_dim]``.
+    keys_as_written: torch.Tensor | None = None
+    #: Shift mode in bfloat16/float16 only (else None): the positions each compressed slot's key has been moved
+    #: since it was written, ``[compressed layers, batch, kv_heads, slots]`` int64.
+    rotation_since_written: torch.Tensor | None = None
 
     #: The buffers the model's keys and values are written to (by ``update``); the others are bookkeeping.
-    UPDATED: ClassVar[tuple[str, ...]] = ("c_kv", "f_kv", "c_key0")
+    UPDATED: ClassVar[tuple[str, ...]] = ("compressed_kv", "full_kv", "keys_as_written")
 
     @classmethod
     def allocate(
@@ -132,58 +144,69 @@ class CacheStorage:
         capacity: int,
         full: int,
         rows: tuple[int, ...] = (),
-        keys_as_written: bool = False,
+        with_keys_as_written: bool = False,
     ) -> CacheStorage:
-        """Buffers for ``layout``; ``rows`` (e.g. ``(n,)``) puts that many independent caches in front;
-        ``keys_as_written`` adds ``c_key0`` and ``c_moved`` (shift mode in a low-precision dtype)."""
+        """Buffers for ``layout``: ``compressed`` layers of ``slots`` slots and ``full`` layers of ``capacity``
+        tokens; ``rows`` (e.g. ``(n,)``) puts that many independent caches in front of every shape;
+        ``with_keys_as_written`` adds :attr:`keys_as_written` and :attr:`rotation_since_written` (shift mode in
+        a low-precision dtype). Raises :class:`~kvcompare.memory.AllocationError` if they would not fit in the
+        device's free memory."""
         b, h, d, device = layout.batch, layout.kv_heads, layout.head_dim, layout.device
         cells = math.prod(rows) * b * h
-        slot_bytes = (2 + keys_as_written) * d * layout.dtype.itemsize + 8 * (1 + keys_as_written)
+        slot_bytes = (2 + with_keys_as_written) * d * layout.dtype.itemsize + 8 * (1 + with_keys_as_written)
         ensure_fits(
             cells * (compressed * slots * slot_bytes + 2 * full * capacity * d * layout.dtype.itemsize),
             device,
             "the KV cache",
         )
-        c_kv = torch.zeros(*rows, 2, compressed, b, h, slots, d, dtype=layout.dtype, device=device)
-        c_token = torch.full((*rows, compressed, b, h, slots), -1, dtype=torch.long, device=device)
+        compressed_kv = torch.zeros(*rows, 2, compressed, b, h, slots, d, dtype=layout.dtype, device=device)
+        slot_tokens = torch.full((*rows, compressed, b, h, slots), -1, dtype=torch.long, device=device)
         return cls(
-            c_kv,
-            c_token,
+            compressed_kv,
+            slot_tokens,
             torch.empty(*rows, 2, full, b, h, capacity if full else 0, d, dtype=layout.dtype, device=device),
-            torch.zeros_like(c_kv[..., 0, :, :, :, :, :]) if keys_as_written else None,
-            torch.zeros_like(c_token) if keys_as_written else None,
+            torch.zeros_like(compressed_kv[..., 0, :, :, :, :, :]) if with_keys_as_written else None,
+            torch.zeros_like(slot_tokens) if with_keys_as_written else None,
         )
 
     def row(self, index: int) -> CacheStorage:
-        """The buffers of row ``index`` of a batch's storage: contiguous views, written in place."""
-        key0, moved = self.c_key0, self.c_moved
+        """The buffers of row ``index`` of a batch's storage (allocated with ``rows=(n,)``): contiguous views,
+        written in place, shaped as one cache's. Raises IndexError for a row beyond the batch."""
+        written, rotation = self.keys_as_written, self.rotation_since_written
         return CacheStorage(
-            self.c_kv[index],
-            self.c_token[index],
-            self.f_kv[index],
-            None if key0 is None else key0[index],
-            None if moved is None else moved[index],
+            self.compressed_kv[index],
+            self.slot_tokens[index],
+            self.full_kv[index],
+            None if written is None else written[index],
+            None if rotation is None else rotation[index],
         )
 
-    def copy_updated(self, source: int, rows: slice, f_len: int) -> None:
-        """Give batch ``rows`` everything ``update`` has written into row ``source`` (the first ``f_len`` tokens
+    def copy_updated(self, source: int, rows: slice, full_len: int) -> None:
+        """Give batch ``rows`` everything ``update`` has written into row ``source`` (the first ``full_len`` tokens
         of the full layers): the rows held the same tokens and were computed as that row."""
         for name in self.UPDATED:
             buffer = getattr(self, name)
             if buffer is None:
                 continue
-            if name == "f_kv":
-                buffer[rows, ..., :f_len, :] = buffer[source : source + 1, ..., :f_len, :]
+            if name == "full_kv":
+                buffer[rows, ..., :full_len, :] = buffer[source : source + 1, ..., :full_len, :]
             else:
                 buffer[rows] = buffer[source : source + 1]
 
 
 class BoundedKVCache:
-    """A KV cache whose compressed layers never hold more than ``config.limit`` tokens.
+    """A KV cache whose compressed layers never hold more than ``config.limit`` tokens (:class:`CellCacheLike`).
 
     The model calls :meth:`update` once per layer per forward pass (the Hugging Face cache protocol), and
     kvcompare's attention function asks :meth:`attention_mask` for each layer's mask; the executor calls
-    :meth:`make_room` before and :meth:`advance` after each chunk.
+    :meth:`make_room` before and :meth:`advance` after each chunk. Its state is the cache's own: other modules
+    read it through read-only properties.
+
+    Raises ValueError for shift mode without a rotary embedding, or ``storage`` that cannot hold the layer
+    budgets (or lacks the keys as written that shift mode in a low-precision dtype needs); ConfigError for skip
+    layers the model lacks or budgets that leave a layer less than a chunk of room; the policy's
+    :class:`~kvcompare.policy.PolicyError` for a policy that asks for signals but scores at write time;
+    :class:`~kvcompare.memory.AllocationError` if its buffers would not fit.
     """
 
     def __init__(
@@ -201,14 +224,13 @@ class BoundedKVCache:
             raise ValueError("shift mode needs the model's rotary embedding")
         per_layer = list(rotary) if isinstance(rotary, Sequence) else [rotary] * layout.num_layers
         check_skip_layers(config.skip_layers, layout.num_layers)
-        self.layout = layout
-        self.config = config
-        self.policy = policy.fresh()  # no state carried over from another cell or pass
-        self.limit = config.limit if policy.bounded else None
-        self.positions = config.positions
-        self.evict_block = config.evict_block
-        self.evictions = 0
-        self.seen = 0  # tokens fed so far: the true position of the next token
+        self._layout = layout
+        self._policy = policy.fresh()  # no state carried over from another cell or pass
+        self._limit = config.limit if policy.bounded else None
+        self._positions = config.positions
+        self._evict_block = config.evict_block
+        self._evictions = 0
+        self._seen = 0  # tokens fed so far: the true position of the next token
 
         compressed = compressed_layers(policy, config, layout.num_layers)
         full = [i for i in range(layout.num_layers) if i not in compressed]
@@ -222,87 +244,176 @@ class BoundedKVCache:
             (own, None if len(members) == len(compressed) else torch.tensor(members, device=layout.device))
             for own, members in groups.values()
         ]
-        self._slot = {layer: ("c", n) for n, layer in enumerate(compressed)}
-        self._slot.update({layer: ("f", n) for n, layer in enumerate(full)})
+        self._layer_slots = {layer: LayerSlot(LayerGroup.COMPRESSED, n) for n, layer in enumerate(compressed)}
+        self._layer_slots.update({layer: LayerSlot(LayerGroup.FULL, n) for n, layer in enumerate(full)})
         h, d = layout.kv_heads, layout.head_dim
-        self.budgets = compressed_layer_budgets(config, layout.num_layers) if self.limit is not None else []
-        self._budget_array = np.asarray(self.budgets, dtype=np.int64)  # for the per-chunk arithmetic on `held`
-        self.smallest = min(self.budgets, default=0)  # the first layer to fill
-        if self.budgets and self.smallest < config.budget_reserve():
-            raise ConfigError(f"layer budgets {self.budgets} leave a layer less than a chunk of room")
+        self._budgets = compressed_layer_budgets(config, layout.num_layers) if self._limit is not None else []
+        self._budget_array = np.asarray(self._budgets, dtype=np.int64)  # for the per-chunk arithmetic on `held`
+        self._smallest_budget = min(self._budgets, default=0)  # the first layer to fill
+        if self._budgets and self._smallest_budget < config.budget_reserve():
+            raise ConfigError(f"layer budgets {self._budgets} leave a layer less than a chunk of room")
         # Shift mode in bfloat16/float16: each slot's key as written and its rotation since, so a key that moves
         # again and again is rebuilt from the original instead of accumulating rounding (Rotary.rotate_rows_from_).
-        low_precision = needs_keys_as_written(config, layout.dtype) and bool(self.budgets)
+        low_precision = needs_keys_as_written(config, layout.dtype) and bool(self._budgets)
         if storage is None:
-            slots = max(self.budgets, default=0)
+            slots = max(self._budgets, default=0)
             storage = CacheStorage.allocate(
-                layout, len(compressed), slots, capacity, len(full), keys_as_written=low_precision
+                layout, len(compressed), slots, capacity, len(full), with_keys_as_written=low_precision
             )
-        if low_precision and storage.c_key0 is None:
+        if low_precision and storage.keys_as_written is None:
             raise ValueError("shift mode in a low-precision dtype needs storage with the keys as written")
         # Zeros, not torch.empty: once slots are reused, a never-written slot is attended (masked) and handed
         # to policies, and uninitialised memory may hold NaN (0 x NaN in attention; NaN != NaN in the edit check).
-        self.storage = storage
-        self.c_kv = storage.c_kv
-        self.f_kv = storage.f_kv
+        self._storage = storage
+        self._compressed_kv = storage.compressed_kv
+        self._full_kv = storage.full_kv
         # Per slot: the original token index (-1 = empty, BLOCKED = beyond the layer's budget). In shift mode a
         # held key is rotated at its rank among the held tokens, counted to end just before the next token:
         # derived, so not stored.
-        self.c_token = storage.c_token
-        slots = self.c_token.shape[-1]
-        if self.budgets and slots < max(self.budgets):
-            raise ValueError(f"{slots} slots cannot hold layer budgets up to {max(self.budgets)}")
+        self._slot_tokens = storage.slot_tokens
+        slots = self._slot_tokens.shape[-1]
+        if self._budgets and slots < max(self._budgets):
+            raise ValueError(f"{slots} slots cannot hold layer budgets up to {max(self._budgets)}")
         # Some layer has slots beyond its budget (blocked): per-layer budgets, or a batch row in a wider buffer.
-        self.uneven = any(budget < slots for budget in self.budgets)
-        for n, budget in enumerate(self.budgets):
-            self.c_token[n, ..., budget:] = BLOCKED
-        self.victims = VictimChooser(self.policy, self.c_token, self.budgets, check_every_eviction)
-        needs = self.policy.needs()
-        self.recorder = (
-            SignalRecorder(needs, self.c_token, layout.heads or h, d, layout.dtype) if needs and self.budgets else None
+        self._uneven = any(budget < slots for budget in self._budgets)
+        for n, budget in enumerate(self._budgets):
+            self._slot_tokens[n, ..., budget:] = BLOCKED
+        self._victims = VictimChooser(self._policy, self._slot_tokens, self._budgets, check_every_eviction)
+        needs = self._policy.needs()
+        self._recorder = (
+            SignalRecorder(needs, self._slot_tokens, layout.heads or h, d, layout.dtype)
+            if needs and self._budgets
+            else None
         )
-        self.c_key0 = storage.c_key0 if low_precision else None
-        self.c_moved = storage.c_moved if low_precision else None
-        self.held = np.zeros(len(compressed), dtype=np.int64)  # tokens each compressed layer holds
-        self.f_len = 0
-        self.reused = False  # once slots are reused, compressed keys are no longer in time order
+        self._keys_as_written = storage.keys_as_written if low_precision else None
+        self._rotation_since_written = storage.rotation_since_written if low_precision else None
+        self._held = np.zeros(len(compressed), dtype=np.int64)  # tokens each compressed layer holds
+        self._full_len = 0  # tokens each full layer holds
+        self._slots_reused = False  # once slots are reused, compressed keys are no longer in time order
         self._write_index: torch.Tensor | None = None  # slots the current chunk goes to, expanded over head_dim
-        self._spare = self.c_token[..., :0]  # freed slots the last chunk did not fill
+        self._spare = self._slot_tokens[..., :0]  # freed slots the last chunk did not fill
         self._shared_masks: dict[float | None, torch.Tensor] = {}  # this chunk's mask by window, victims uniform
-        self.peak_bytes = 0
+        self._peak_kv_bytes = 0
+
+    # -- read-only state ----------------------------------------------------------------------------
+    @property
+    def policy(self) -> KVPolicy:
+        """The cell's policy: a fresh copy of the one the cache was given, owned by this cache."""
+        return self._policy
+
+    @property
+    def limit(self) -> int | None:
+        """The cell's cache limit in tokens, None for an unbounded policy."""
+        return self._limit
+
+    @property
+    def budgets(self) -> list[int]:
+        """Slots each compressed layer may hold, lowest layer first (empty without a limit)."""
+        return self._budgets
+
+    @property
+    def evictions(self) -> int:
+        """How many evictions :meth:`make_room` has made."""
+        return self._evictions
+
+    @property
+    def seen(self) -> int:
+        """Tokens fed so far: the true position of the next token."""
+        return self._seen
+
+    @property
+    def storage(self) -> CacheStorage:
+        """The buffers the cache writes in place (its own, or its row of a batch's)."""
+        return self._storage
+
+    @property
+    def compressed_kv(self) -> torch.Tensor:
+        """Keys and values of the compressed layers, ``[2, compressed layers, batch, kv_heads, slots,
+        head_dim]``: a view of :attr:`storage`, to read, never to edit."""
+        return self._compressed_kv
+
+    @property
+    def full_kv(self) -> torch.Tensor:
+        """Keys and values of the full layers in time order, ``[2, full layers, batch, kv_heads, capacity,
+        head_dim]`` (the first :attr:`full_len` tokens written): to read, never to edit."""
+        return self._full_kv
+
+    @property
+    def slot_tokens(self) -> torch.Tensor:
+        """The token index each compressed slot holds, ``[compressed layers, batch, kv_heads, slots]`` int64
+        (-1 free, :data:`~kvcompare.eviction.BLOCKED` beyond its layer's budget): to read, never to edit."""
+        return self._slot_tokens
+
+    @property
+    def victims(self) -> VictimChooser:
+        """What turns the policy's scores or selection into the slots to free."""
+        return self._victims
+
+    @property
+    def recorder(self) -> SignalRecorder | None:
+        """The signals the policy reads, collected as the model runs; None for a policy that reads none."""
+        return self._recorder
+
+    @property
+    def slots_reused(self) -> bool:
+        """Whether slots have been reused (after the first eviction): compressed keys are then out of time order."""
+        return self._slots_reused
+
+    @property
+    def full_len(self) -> int:
+        """Tokens each full layer holds (0 without full layers)."""
+        return self._full_len
+
+    @property
+    def peak_kv_bytes(self) -> int:
+        """The most key and value bytes held after any chunk (see :meth:`live_bytes`)."""
+        return self._peak_kv_bytes
+
+    def layer_slot(self, layer_idx: int) -> LayerSlot:
+        """Where model layer ``layer_idx`` sits: its group and index within it. Raises KeyError for a layer
+        the model lacks."""
+        return self._layer_slots[layer_idx]
 
     # -- the Hugging Face cache protocol ---------------------------------------------------------
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this chunk's keys and values in place; return the layer's whole cache as views."""
-        group, n = self._slot[layer_idx]
+        """Write this chunk's keys and values (each ``[batch, kv_heads, chunk, head_dim]``) in place; return the
+        layer's whole cache as views ``[batch, kv_heads, kv, head_dim]``: the held tokens and the chunk in time
+        order, or once slots are reused the layer's budget of slots.
+
+        Raises :class:`CacheLimitError` if the layer would exceed its limit (or a full layer its capacity), or
+        once slots are reused is given a chunk :meth:`make_room` did not make room for.
+        """
+        group, n = self._layer_slots[layer_idx]
         chunk = key_states.shape[2]
-        if group == "c" and self.reused:
+        compressed = group is LayerGroup.COMPRESSED
+        if compressed and self._slots_reused:
             if self._write_index is None or self._write_index.shape[-2] != chunk:
                 raise CacheLimitError(f"layer {layer_idx} was given {chunk} tokens without make_room() for them")
             index = self._write_index[n]
-            self.c_kv[0, n].scatter_(2, index, key_states)
-            self.c_kv[1, n].scatter_(2, index, value_states)
-            if self.c_key0 is not None:
-                self.c_key0[n].scatter_(2, index, key_states)
-            if self.uneven:  # a layer attends its own budget of slots, never the blocked ones beyond it
-                budget = self.budgets[n]
-                return self.c_kv[0, n, :, :, :budget], self.c_kv[1, n, :, :, :budget]
-            return self.c_kv[0, n], self.c_kv[1, n]
-        buf, start = (self.c_kv, self.c_len) if group == "c" else (self.f_kv, self.f_len)
+            self._compressed_kv[0, n].scatter_(2, index, key_states)
+            self._compressed_kv[1, n].scatter_(2, index, value_states)
+            if self._keys_as_written is not None:
+                self._keys_as_written[n].scatter_(2, index, key_states)
+            if self._uneven:  # a layer attends its own budget of slots, never the blocked ones beyond it
+                budget = self._budgets[n]
+                return self._compressed_kv[0, n, :, :, :budget], self._compressed_kv[1, n, :, :, :budget]
+            return self._compressed_kv[0, n], self._compressed_kv[1, n]
+        buf, start = (self._compressed_kv, self.compressed_len) if compressed else (self._full_kv, self._full_len)
         end = start + chunk
-        if end > (self.smallest if group == "c" else buf.shape[4]):
-            what = "limit" if group == "c" else "capacity"
+        if end > (self._smallest_budget if compressed else buf.shape[4]):
+            what = "limit" if compressed else "capacity"
             raise CacheLimitError(f"layer {layer_idx} would hold {end} tokens, over its {what} of {buf.shape[4]}")
         buf[0, n, :, :, start:end] = key_states
         buf[1, n, :, :, start:end] = value_states
-        if group == "c" and self.c_key0 is not None:
-            self.c_key0[n, :, :, start:end] = key_states
+        if compressed and self._keys_as_written is not None:
+            self._keys_as_written[n, :, :, start:end] = key_states
         return buf[0, n, :, :, :end], buf[1, n, :, :, :end]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.seen
+        """Tokens fed so far, every layer alike (the Hugging Face protocol): :attr:`seen`."""
+        return self._seen
 
     def attention_mask(
         self, layer_idx: int, q_len: int, kv_len: int, window: float | None = None
@@ -314,17 +425,17 @@ class BoundedKVCache:
         ``[batch, kv_heads, q_len, slots]`` mask made from the slots' token indices. While every layer and
         head has evicted alike (``victims.uniform``: StreamingLLM, recent), they hold the same tokens in the
         same slots and one ``[batch, 1, q_len, slots]`` mask serves them all (one per window). A decode step
-        over a full buffer of a layer without a window needs none.
+        over a full buffer of a layer without a window needs none. Raises nothing.
         """
-        group, n = self._slot[layer_idx]
-        if group == "f" or not self.reused:
-            return prefix_mask(q_len, kv_len, self.c_kv.device, window)
-        if q_len == 1 and self._spare.shape[-1] == 0 and not self.uneven and window is None:
+        group, n = self._layer_slots[layer_idx]
+        if group is LayerGroup.FULL or not self._slots_reused:
+            return prefix_mask(q_len, kv_len, self._compressed_kv.device, window)
+        if q_len == 1 and self._spare.shape[-1] == 0 and not self._uneven and window is None:
             return None, False
-        if not self.victims.uniform:
-            return visible_slots(self.c_token[n, ..., :kv_len], self.seen, q_len, window), False
+        if not self._victims.uniform:
+            return visible_slots(self._slot_tokens[n, ..., :kv_len], self._seen, q_len, window), False
         if window not in self._shared_masks:  # made once per chunk, for every layer with this window
-            self._shared_masks[window] = visible_slots(self.c_token[0, :, :1], self.seen, q_len, window)
+            self._shared_masks[window] = visible_slots(self._slot_tokens[0, :, :1], self._seen, q_len, window)
         return self._shared_masks[window], False
 
     def observe(
@@ -336,15 +447,16 @@ class BoundedKVCache:
         is_causal: bool,
         scaling: float | None,
     ) -> None:
-        """Show the signal recorder a compressed layer's chunk (nothing happens for a policy that reads none)."""
-        group, n = self._slot[layer_idx]
-        if self.recorder is not None and group == "c":
-            self.recorder.observe(n, self.seen, query, key, mask, is_causal, scaling)
+        """Show the signal recorder a compressed layer's chunk, ``query`` ``[batch, heads, q_len, head_dim]``
+        over ``key`` ``[batch, kv_heads, kv_len, head_dim]`` (nothing happens for a policy that reads none)."""
+        group, n = self._layer_slots[layer_idx]
+        if self._recorder is not None and group is LayerGroup.COMPRESSED:
+            self._recorder.observe(n, self._seen, query, key, mask, is_causal, scaling)
 
     @property
     def rows(self) -> int:
-        """How many sequences the model is fed per chunk."""
-        return self.layout.batch
+        """How many sequences the model is fed per chunk: the layout's batch."""
+        return self._layout.batch
 
     def spans(self, layer_idx: int) -> list[tuple[int, int, int]] | None:
         """Rows attended separately (see :meth:`kvcompare.batched.BatchedKVCache.spans`); one cache: all at once."""
@@ -353,105 +465,127 @@ class BoundedKVCache:
     def attended(self, chunk: int) -> int:
         """Slots of the compressed layers the next ``chunk``'s attention spans: the held tokens in time order
         and the chunk, or once slots are reused every slot a layer may use."""
-        return self.c_len + chunk if not self.reused else max(self.budgets)
+        return self.compressed_len + chunk if not self._slots_reused else max(self._budgets)
 
     def filling(self, chunk: int) -> bool:
         """Whether the next ``chunk`` tokens just extend the held tokens in time order (no eviction)."""
-        return self.limit is None or (not self.reused and self.c_len + chunk <= self.smallest)
+        return self._limit is None or (not self._slots_reused and self.compressed_len + chunk <= self._smallest_budget)
 
     @property
     def alike(self) -> bool:
         """Whether every compressed layer and head holds the same tokens in the same slots (one mask serves all)."""
-        return not self.uneven and (not self.reused or self.victims.uniform)
+        return not self._uneven and (not self._slots_reused or self._victims.uniform)
 
     # -- executor side ---------------------------------------------------------------------------
-    def make_room(self, chunk: int) -> bool:
+    def make_room(self, chunk: int) -> Room:
         """Choose the slots the next ``chunk`` tokens go to, evicting if the compressed layers are full.
 
         An eviction frees slots down to ``limit - chunk`` held tokens, or further to free at least
         ``evict_block`` at once (amortised eviction); the chunk fills freed slots and the rest stay spare
-        for the chunks after it. Returns whether any slot work was done (it is timed as eviction).
+        for the chunks after it. Returns :attr:`Room.SLOTS_REUSED` when slot work was done (an eviction, or
+        spare slots taken; it is timed as eviction), :attr:`Room.IN_ORDER` when the chunk just extends the held
+        tokens (or there is no limit).
+
+        Raises whatever the policy raises: :class:`~kvcompare.policy.PolicyError` for scores or a selection of
+        the wrong shape, or for a policy that edits what it is given (checked at the first eviction, or every one
+        with ``check_every_eviction``).
         """
-        if self.limit is None:
-            return False
-        new = torch.arange(self.seen, self.seen + chunk, device=self.c_token.device)
+        if self._limit is None:
+            return Room.IN_ORDER
+        new = torch.arange(self._seen, self._seen + chunk, device=self._slot_tokens.device)
         if self.filling(chunk):  # still filling in time order
-            self.c_token[..., self.c_len : self.c_len + chunk] = new
-            return False
-        if self.reused and chunk <= self._spare.shape[-1]:
+            held = self.compressed_len
+            self._slot_tokens[..., held : held + chunk] = new
+            return Room.IN_ORDER
+        if self._slots_reused and chunk <= self._spare.shape[-1]:
             slots, self._spare = self._spare[..., :chunk], self._spare[..., chunk:]
             self._assign(slots, new)
-            return True
+            return Room.SLOTS_REUSED
         # Every layer frees the same number of slots, its empty ones first: with uneven budgets a layer with
         # room to spare evicts fewer tokens, or none.
-        empty = self._budget_array - self.held
-        count = min(self.smallest, max(chunk, int(empty.min()) + self.evict_block))
-        signals = None if self.recorder is None else self.recorder.snapshot(self.seen, chunk, self.victims.budgets)
-        freed = self.victims.choose(self.c_kv[0], self.c_token, self.c_len, count, signals)
-        if self.recorder is not None:
-            self.recorder.forget(freed)
-        if self.positions == "shift":
-            self._rerotate(*rank_shift(self.c_token, freed, self.victims.uniform))
+        empty = self._budget_array - self._held
+        count = min(self._smallest_budget, max(chunk, int(empty.min()) + self._evict_block))
+        signals = None if self._recorder is None else self._recorder.snapshot(self._seen, chunk, self._victims.budgets)
+        freed = self._victims.choose(self._compressed_kv[0], self._slot_tokens, self.compressed_len, count, signals)
+        if self._recorder is not None:
+            self._recorder.forget(freed)
+        if self._positions == "shift":
+            self._rerotate(*rank_shift(self._slot_tokens, freed, self._victims.uniform))
         if freed.shape[-1] > chunk:  # the freed slots the chunk does not fill are left empty
-            self.c_token.scatter_(-1, freed[..., chunk:], -1)
-        self.held = np.minimum(self.held, self._budget_array - count)
-        self.reused = True
-        self.evictions += 1
+            self._slot_tokens.scatter_(-1, freed[..., chunk:], -1)
+        self._held = np.minimum(self._held, self._budget_array - count)
+        self._slots_reused = True
+        self._evictions += 1
         self._assign(freed[..., :chunk], new)
         self._spare = freed[..., chunk:]
-        return True
+        return Room.SLOTS_REUSED
 
     def _rerotate(self, rows: torch.Tensor, moves: torch.Tensor | int) -> None:
         """Move the keys of ``rows`` (flat indices into the compressed keys) by ``moves`` positions, each with
         its layer's rotary; the keys of layers without RoPE stay as they are."""
-        d = self.layout.head_dim
-        keys = self.c_kv[0].view(-1, d)
-        per_layer = self.c_token[0].numel()  # flat rows of one compressed layer
+        d = self._layout.head_dim
+        keys = self._compressed_kv[0].view(-1, d)
+        per_layer = self._slot_tokens[0].numel()  # flat rows of one compressed layer
+        written, rotation = self._keys_as_written, self._rotation_since_written
         for rotary, members in self._rotary_groups:
             picked, moved = rows, moves
             if members is not None:  # layers with other frequencies, or none, share the buffer
                 keep = torch.isin(rows.div(per_layer, rounding_mode="floor"), members)
                 picked, moved = rows[keep], moves[keep] if isinstance(moves, torch.Tensor) else moves
-            if self.c_key0 is not None and self.c_moved is not None:
-                rotary.rotate_rows_from_(keys, self.c_key0.view(-1, d), self.c_moved.view(-1), picked, moved)
+            if written is not None and rotation is not None:
+                rotary.rotate_rows_from_(keys, written.view(-1, d), rotation.view(-1), picked, moved)
             else:
                 rotary.rotate_rows_(keys, picked, moved)
 
     def _assign(self, slots: torch.Tensor, new: torch.Tensor) -> None:
         """Give the next chunk's tokens ``slots`` (``[layers, batch, kv_heads, chunk]``), metadata first."""
-        self.c_token.scatter_(-1, slots, new.expand(slots.shape))
-        if self.c_moved is not None:
-            self.c_moved.scatter_(-1, slots, 0)
-        self.victims.written(slots)
-        self._write_index = slots.unsqueeze(-1).expand(*slots.shape, self.layout.head_dim)
+        self._slot_tokens.scatter_(-1, slots, new.expand(slots.shape))
+        if self._rotation_since_written is not None:
+            self._rotation_since_written.scatter_(-1, slots, 0)
+        self._victims.written(slots)
+        self._write_index = slots.unsqueeze(-1).expand(*slots.shape, self._layout.head_dim)
 
     def advance(self, chunk: int) -> None:
-        """Account for a chunk the model has just written into every layer."""
+        """Account for a chunk the model has just written into every layer.
+
+        Raises :class:`CacheLimitError` if a compressed layer now holds more than its budget.
+        """
         self._shared_masks.clear()
         self._write_index = None  # the next chunk needs make_room() first
-        if self.limit is not None:
-            self.held += chunk
-            if (self.held > self._budget_array).any():
-                raise CacheLimitError(f"compressed layers hold {self.held.tolist()} tokens, over {self.budgets}")
-        if self.f_kv.shape[1]:
-            self.f_len += chunk
-        self.seen += chunk
-        self.peak_bytes = max(self.peak_bytes, self.live_bytes())
+        if self._limit is not None:
+            self._held += chunk
+            if (self._held > self._budget_array).any():
+                raise CacheLimitError(f"compressed layers hold {self._held.tolist()} tokens, over {self._budgets}")
+        if self._full_kv.shape[1]:
+            self._full_len += chunk
+        self._seen += chunk
+        self._peak_kv_bytes = max(self._peak_kv_bytes, self.live_bytes())
 
     @property
-    def c_len(self) -> int:
-        """The most tokens any compressed layer holds (all hold alike until the first eviction)."""
-        return int(self.held.max()) if self.held.size else 0
+    def compressed_len(self) -> int:
+        """The most tokens any compressed layer holds (all hold alike until the first eviction; 0 without
+        compressed layers)."""
+        return int(self._held.max()) if self._held.size else 0
 
     def lengths(self) -> dict[int, int]:
-        """Tokens held by each layer."""
-        return {layer: int(self.held[n] if g == "c" else self.f_len) for layer, (g, n) in self._slot.items()}
+        """Tokens held by each model layer: ``{layer index: tokens}``."""
+        return {
+            layer: int(self._held[n] if group is LayerGroup.COMPRESSED else self._full_len)
+            for layer, (group, n) in self._layer_slots.items()
+        }
 
     def live_bytes(self) -> int:
         """Bytes of keys and values currently held, over all layers (true bytes held, not slots allocated)."""
-        per_token = 2 * self.layout.batch * self.layout.kv_heads * self.layout.head_dim * self.c_kv.element_size()
-        return per_token * (int(self.held.sum()) + self.f_kv.shape[1] * self.f_len)
+        layout = self._layout
+        per_token = 2 * layout.batch * layout.kv_heads * layout.head_dim * self._compressed_kv.element_size()
+        return per_token * (int(self._held.sum()) + self._full_kv.shape[1] * self._full_len)
 
     def take_signal_seconds(self) -> float:
-        """Time spent collecting signals since the last call (0 for a policy that reads none)."""
-        return 0.0 if self.recorder is None else self.recorder.take_seconds()
+        """Seconds spent collecting signals since the last call (0.0 for a policy that reads none)."""
+        return 0.0 if self._recorder is None else self._recorder.take_seconds()
+
+
+if TYPE_CHECKING:
+
+    def _implements_the_protocol(cache: BoundedKVCache) -> CellCacheLike:
+        return cache  # mypy checks that a BoundedKVCache is a CellCacheLike

@@ -29,7 +29,11 @@ BLOCKED = -2
 
 
 class VictimChooser:
-    """Holds a cache's policy and, for scores made at write time, each slot's eviction rank between evictions."""
+    """Holds a cache's policy and, for scores made at write time, each slot's eviction rank between evictions.
+
+    ``slots`` is the cache's slot tokens (``[layers, batch, kv_heads, slots]``), ``budgets`` each layer's. Raises
+    :class:`~kvcompare.policy.PolicyError` for a policy that asks for signals but scores at write time.
+    """
 
     def __init__(
         self, policy: KVPolicy, slots: torch.Tensor, budgets: list[int], check_every_eviction: bool = False
@@ -70,6 +74,10 @@ class VictimChooser:
         ``keys`` is ``[layers, batch, kv_heads, slots, head_dim]``, ``tokens`` the token index of each slot
         (-1 when empty, :data:`BLOCKED` beyond the layer's budget), ``held`` the tokens each head held when the
         slots were last in time order (the first eviction). Returns ``[layers, batch, kv_heads, count]``.
+
+        Raises whatever the policy raises; when checking (the first eviction, or every one with
+        ``check_every_eviction``), :class:`~kvcompare.policy.PolicyError` for scores or a selection of the wrong
+        shape or dtype, or for a policy that edited the keys or positions it was given.
         """
         first = self.calls == 0
         check = first or self.check_every_eviction

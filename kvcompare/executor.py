@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ from torch import nn
 from kvcompare.attention import ATTN_IMPLEMENTATION, CACHE_KEYWORD, forward_cache
 from kvcompare.batched import BatchedKVCache
 from kvcompare.cache import BoundedKVCache, CacheLayout
+from kvcompare.cache_protocol import CellCacheLike, KVCacheLike, Room
 from kvcompare.config import CacheConfig
 from kvcompare.memory import PeakMemory
 from kvcompare.policy import KVPolicy
@@ -28,30 +29,36 @@ from kvcompare.timing import SpanTimer, now
 
 @dataclasses.dataclass
 class QualityResult:
-    """Teacher-forced scores: ``nll[i]`` and ``correct[i]`` are for predicting token ``i + 1``."""
+    """Teacher-forced scores of a passage of ``n`` tokens: ``nll[i]`` and ``correct[i]`` (each ``[n - 1]``,
+    float64 nats and bool) are for predicting token ``i + 1``."""
 
     nll: np.ndarray
     correct: np.ndarray
-    peak_kv_bytes: int
-    peak_mem_bytes: int | None  # None when the pass was batched: the batch's memory is no one cell's
+    peak_kv_bytes: int  # the most key and value bytes the cell's cache held
+    peak_mem_bytes: int | None  # bytes; None when the pass was batched: the batch's memory is no one cell's
     max_cached: int  # most tokens any compressed layer held while a chunk was attended
-    wall_s: float  # the pass's wall time; in a batch, the batch's divided by its rows
+    wall_s: float  # the pass's wall time in seconds; in a batch, the batch's divided by its rows
     batch: int = 1  # how many cells shared the pass as rows of one batch
 
 
 @dataclasses.dataclass
 class LatencyResult:
-    ttft_s: float
-    step_s: list[float]  # counted decode steps (after warm-up)
-    evict_s: list[float]  # eviction time inside each counted step
+    """One latency pass (:meth:`Executor.generate`): times in seconds, one entry per counted decode step (``gen``
+    of them, after the warm-up), memory in bytes. Built by the executor; raises nothing."""
+
+    ttft_s: float  # from the start of the prefill to the first generated token
+    step_s: list[float]  # counted decode steps (after warm-up), each from before its eviction to its token
+    evict_s: list[float]  # eviction (slot work) time inside each counted step, 0.0 where none was done
     signal_s: list[float]  # signal collection (attention a policy reads) inside each counted step
-    generated: list[int]
-    peak_kv_bytes: int
-    peak_mem_bytes: int
+    generated: list[int]  # the token ids generated: the first after the prefill, then one per decode step
+    peak_kv_bytes: int  # the most key and value bytes the cache held
+    peak_mem_bytes: int  # the process's (CPU) or the device allocator's peak bytes during the pass
 
 
 @dataclasses.dataclass
 class DecodeSteps:
+    """What :meth:`Executor.decode` measured, one entry per step: times in seconds."""
+
     step_s: list[float]  # each step, from before its eviction to its next token
     evict_s: list[float]  # slot work (eviction) inside each step
     signal_s: list[float]  # collecting what the policy reads (attention, queries) inside each step
@@ -96,6 +103,15 @@ class Executor:
     def new_cache(
         self, policy: KVPolicy, config: CacheConfig, capacity: int, check_every_eviction: bool = False
     ) -> BoundedKVCache:
+        """A cache for one cell on this model: its compressed layers' keys and values in a ``[2, layers, 1,
+        kv_heads, slots, head_dim]`` buffer (slots: the largest layer budget, ``config.limit`` unless a pyramid
+        shares it), its full layers' in a ``[2, layers, 1, kv_heads, capacity, head_dim]`` one (``capacity``
+        tokens); ``check_every_eviction`` checks the policy's output at every eviction, not just the first.
+
+        Raises ConfigError for skip layers the model lacks or budgets that leave a layer less than a chunk;
+        :class:`~kvcompare.policy.PolicyError` for a policy that asks for signals but scores at write time;
+        :class:`~kvcompare.memory.AllocationError` if the buffers would not fit in free memory.
+        """
         return BoundedKVCache(
             self.layout,
             policy,
@@ -106,20 +122,20 @@ class Executor:
         )
 
     @torch.inference_mode()
-    def forward(
-        self, cache: BoundedKVCache | BatchedKVCache, ids: torch.Tensor, last_only: bool = False
-    ) -> tuple[torch.Tensor, bool]:
+    def forward(self, cache: KVCacheLike, ids: torch.Tensor, last_only: bool = False) -> tuple[torch.Tensor, Room]:
         """Evict as needed, then run one chunk ``ids`` (``[batch, chunk]``, or ``[1, chunk]`` for every row of
-        a batched cache); return logits and whether slot work (an eviction) was done.
+        a batched cache); return the logits (``[rows, chunk or 1 with last_only, vocab]``) and what
+        ``cache.make_room`` did: :attr:`Room.SLOTS_REUSED` when slot work (an eviction) was done.
 
         The slot work is timed by :attr:`evict_timer` with device events, never a synchronisation, so that an
         evicting step has the same synchronisation points as `full`'s; read it with ``take_seconds()`` after
         the step's own timer has synchronised. Call it inside :meth:`attached`, as :meth:`score` and
-        :meth:`generate` do.
+        :meth:`generate` do. Raises what the policy raises while making room, and
+        :class:`~kvcompare.cache.CacheLimitError` (a bug) if a layer would exceed its limit.
         """
         chunk = ids.shape[1]
         self.evict_timer.start()
-        evicted = cache.make_room(chunk)
+        room = cache.make_room(chunk)
         self.evict_timer.stop()
         ids = ids.expand(cache.rows, -1)  # the rows to feed are known once room is made (a batch may fork)
         positions = torch.arange(cache.seen, cache.seen + chunk, device=self.device).expand(cache.rows, -1)
@@ -133,17 +149,21 @@ class Executor:
                 **{CACHE_KEYWORD: cache},
             )
         cache.advance(chunk)
-        return out.logits, evicted
+        return out.logits, room
 
     def new_batch(
         self, cells: Sequence[tuple[KVPolicy, CacheConfig]], capacity: int, check_every_eviction: bool = False
     ) -> BatchedKVCache:
+        """The caches of several ``cells`` as the rows of one batch, every full layer of ``capacity`` tokens (see
+        :class:`~kvcompare.batched.BatchedKVCache`). Raises ValueError for cells that bound different layers,
+        and what :meth:`new_cache` raises for any one cell."""
         return BatchedKVCache(
             self.layout, cells, capacity=capacity, rotary=self.rotary, check_every_eviction=check_every_eviction
         )
 
     def score(self, tokens: torch.Tensor, policy: KVPolicy, config: CacheConfig) -> QualityResult:
-        """Quality pass: feed ``tokens`` teacher-forced in chunks of ``stride``; score every token after the first."""
+        """Quality pass: feed ``tokens`` (``[n]``) teacher-forced in chunks of ``stride``; score every token after
+        the first. Raises whatever the pass raised (the policy's error, AllocationError, ...)."""
         (result,) = self.score_batch(tokens, [(policy, config)])
         if isinstance(result, Exception):
             raise result
@@ -158,6 +178,8 @@ class Executor:
         a pass of that cell alone. The cells must share the stride. Returns each cell's result, or the
         exception its policy raised (the other rows go on). One cell runs exactly as a pass of its own, and
         returns whatever its pass raised (building its cache included); a batch raises what is not one row's.
+        ``tokens`` is ``[n]``; each result's scores are ``[n - 1]``. Raises ValueError for cells of different
+        strides.
         """
         strides = {config.stride for _, config in cells}
         if len(strides) != 1:
@@ -167,7 +189,10 @@ class Executor:
         length = tokens.numel()
         ids = tokens.to(self.device).view(1, -1)
         count = len(cells)
-        cache: BoundedKVCache | BatchedKVCache
+        cache: KVCacheLike
+        rows: Sequence[CellCacheLike]
+        row_of: Sequence[int]
+        failed: Mapping[int, Exception]
         nll = np.empty((count, length - 1), dtype=np.float64)  # by batch row
         correct = np.empty((count, length - 1), dtype=bool)
         max_cached = [0] * count
@@ -191,7 +216,7 @@ class Executor:
                     shared = logits.shape[0] - 1  # the rows not run on their own share this row's scores
                     nll[shared + 1 :, start:end] = nll[shared, start:end]
                     correct[shared + 1 :, start:end] = correct[shared, start:end]
-                    max_cached = [max(most, row.c_len) for most, row in zip(max_cached, rows, strict=True)]
+                    max_cached = [max(most, row.compressed_len) for most, row in zip(max_cached, rows, strict=True)]
                     memory.sample()
         except Exception as err:  # one cell's failure, out of memory included, is that cell's
             if count > 1:
@@ -204,7 +229,7 @@ class Executor:
             or QualityResult(
                 nll[row],
                 correct[row],
-                rows[row].peak_bytes,
+                rows[row].peak_kv_bytes,
                 memory.peak if count == 1 else None,
                 max_cached[row],
                 wall_s,
@@ -226,7 +251,8 @@ class Executor:
 
         The prefill runs in chunks of ``prefill_chunk`` tokens (default: the stride). TTFT runs from the start
         of the prefill to the first generated token. Each decode step's time runs from before its eviction to
-        its next token; the first ``warmup`` steps are not counted.
+        its next token; the first ``warmup`` steps are not counted. ``prompt`` is ``[n]`` token ids. Raises what
+        :meth:`new_cache` and :meth:`forward` raise.
         """
         ids = prompt.to(self.device).view(1, -1)
         cache = self.new_cache(policy, config, capacity=ids.shape[1] + warmup + gen)
@@ -243,32 +269,33 @@ class Executor:
             steps.evict_s[warmup:],
             steps.signal_s[warmup:],
             [int(token), *steps.tokens],
-            cache.peak_bytes,
+            cache.peak_kv_bytes,
             memory.peak,
         )
 
-    def prefill(self, cache: BoundedKVCache, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    def prefill(self, cache: KVCacheLike, ids: torch.Tensor, chunk: int) -> torch.Tensor:
         """Feed ``ids`` (``[1, length]``) in chunks of ``chunk``; return the last position's logits (``[1, vocab]``),
-        from which :func:`greedy` takes the first generated token."""
+        from which :func:`greedy` takes the first generated token. Raises what :meth:`forward` raises."""
         for offset in range(0, ids.shape[1], chunk):
             logits, _ = self.forward(cache, ids[:, offset : offset + chunk], last_only=True)
         return logits[:, -1]
 
     def decode(
-        self, cache: BoundedKVCache, token: torch.Tensor, steps: int, memory: PeakMemory | None = None
+        self, cache: CellCacheLike, token: torch.Tensor, steps: int, memory: PeakMemory | None = None
     ) -> DecodeSteps:
-        """Decode ``steps`` tokens greedily after ``token``, timing each step from before its eviction to its
-        next token. Call it inside :meth:`attached`; calling it again continues the same sequence."""
+        """Decode ``steps`` tokens greedily after ``token`` (``[1, 1]``), timing each step in seconds from before
+        its eviction to its next token. Call it inside :meth:`attached`; calling it again continues the same
+        sequence. Raises what :meth:`forward` raises."""
         timed = DecodeSteps([], [], [], [])
         cache.take_signal_seconds()
         self.evict_timer.take_seconds()
         for _ in range(steps):
             begin = now(self.device)
-            logits, evicted = self.forward(cache, token, last_only=True)
+            logits, room = self.forward(cache, token, last_only=True)
             token = greedy(logits[:, -1])
             timed.step_s.append(now(self.device) - begin)
             evict_s = self.evict_timer.take_seconds()  # read after the step's synchronisation
-            timed.evict_s.append(evict_s if evicted else 0.0)
+            timed.evict_s.append(evict_s if room is Room.SLOTS_REUSED else 0.0)
             timed.signal_s.append(cache.take_signal_seconds())
             timed.tokens.append(int(token))
             if memory is not None:

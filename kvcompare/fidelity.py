@@ -77,7 +77,7 @@ def _keys_written(executor: Executor, ids: torch.Tensor, offset: int) -> torch.T
     with executor.attached(), forward_cache(cache):
         executor.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, **{CACHE_KEYWORD: cache})
     cache.advance(ids.shape[1])
-    return cache.f_kv[0, :, 0, :, : ids.shape[1]].clone()
+    return cache.full_kv[0, :, 0, :, : ids.shape[1]].clone()
 
 
 @torch.inference_mode()

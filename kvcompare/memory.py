@@ -8,7 +8,7 @@ import torch
 
 
 class PeakMemory:
-    """Samples memory at chunk boundaries, outside the timers, and keeps the maximum."""
+    """Samples memory at chunk boundaries, outside the timers, and keeps the maximum in ``peak`` (bytes)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -18,6 +18,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(device)
 
     def sample(self) -> None:
+        """Read the memory now, in bytes (the allocator's peak on cuda, its allocation on mps, the resident set on
+        a CPU), and keep it in :attr:`peak` if it is the highest yet."""
         if self.device.type == "cuda":
             current = torch.cuda.max_memory_allocated(self.device)
         elif self.device.type == "mps":

@@ -20,7 +20,7 @@ PROBE_TRIALS = 5
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every parameter, as the model holds them."""
+    """Bytes of every parameter, as the model holds them (its dtype's bytes per element)."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
@@ -42,7 +42,9 @@ def kv_read_bytes(layout: CacheLayout, cache: CacheConfig, context: int) -> int:
 
 
 def memory_bandwidth(device: torch.device, size: int = PROBE_BYTES, trials: int = PROBE_TRIALS) -> float:
-    """Bytes per second of a large device-to-device copy (read plus write), the best of ``trials``."""
+    """Bytes per second of a large device-to-device copy (read plus write) of ``size`` bytes, the best of
+    ``trials`` (NaN if the copy took no measurable time). Raises torch's OutOfMemoryError if two buffers of
+    ``size`` bytes do not fit."""
     source = torch.ones(size // 4, dtype=torch.float32, device=device)
     target = torch.empty_like(source)
     target.copy_(source)  # first touch outside the timer
@@ -56,7 +58,8 @@ def memory_bandwidth(device: torch.device, size: int = PROBE_BYTES, trials: int 
 
 
 def tpot_floor(weights: int, kv_bytes: int, bandwidth: float | None) -> float | None:
-    """The fastest a decode step could be if it only had to read its weights and cache once."""
+    """The fastest a decode step could be, in seconds, if it only had to read its ``weights`` and ``kv_bytes``
+    (bytes) once at ``bandwidth`` (bytes per second); None without a bandwidth."""
     if not bandwidth or bandwidth != bandwidth:  # None or NaN
         return None
     return (weights + kv_bytes) / bandwidth

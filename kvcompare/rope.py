@@ -33,8 +33,9 @@ class Rotary:
     )
 
     def rotate_rows_(self, x: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor | int) -> None:
-        """Rotate the given rows of ``x`` (``[N, head_dim]``) in place, row ``rows[i]`` by ``delta[i]`` (or all
-        by one int). Only those rows are read and written: after an eviction, the keys whose rank changed."""
+        """Rotate the given rows of ``x`` (``[N, head_dim]``) in place, row ``rows[i]`` (``rows``: ``[n]`` int64)
+        by ``delta[i]`` positions (or all by one int). Only those rows are read and written: after an eviction,
+        the keys whose rank changed. Rows must lie within ``x``: torch raises otherwise."""
         if rows.numel():
             picked = x.index_select(0, rows)
             self._rotate(picked, delta)
@@ -50,8 +51,9 @@ class Rotary:
     ) -> None:
         """:meth:`rotate_rows_` for low-precision keys (bfloat16, float16), where rotating a rotated key again and
         again would add a rounding error each time (StreamingLLM's sinks move at every eviction: a bfloat16 sink
-        key is garbage after about a thousand moves). ``total`` (``[N]``) keeps each row's rotation so far, and
-        the row is rebuilt from ``original`` (the key as the model wrote it) in float32, rounded once."""
+        key is garbage after about a thousand moves). ``total`` (``[N]`` int64) keeps each row's rotation so far,
+        and the row is rebuilt from ``original`` (``[N, head_dim]``, the key as the model wrote it) in float32,
+        rounded once."""
         if rows.numel():
             moves = delta if isinstance(delta, torch.Tensor) else torch.full_like(rows, delta)
             total.index_add_(0, rows, moves)
@@ -126,7 +128,8 @@ def layer_rotaries(model: nn.Module) -> tuple[Rotary | None, ...]:
 
 
 def find_rotary(model: nn.Module) -> Rotary:
-    """The rotary embedding of the model's first layer with RoPE (see :func:`layer_rotaries`)."""
+    """The rotary embedding of the model's first layer with RoPE (see :func:`layer_rotaries`). Raises
+    UnsupportedModelError as :func:`layer_rotaries` does, or for a model without any layer with RoPE."""
     found = [rotary for rotary in layer_rotaries(model) if rotary is not None]
     if not found:
         raise UnsupportedModelError(f"{type(model).__name__} has no layer with a rotary position embedding (RoPE)")

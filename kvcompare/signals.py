@@ -58,7 +58,9 @@ class SignalRecorder:
     """Per-slot attention and a ring of queries for the compressed layers, written as the model runs.
 
     The executor owns it beside the cache: an accumulated score belongs to its slot and is reset when the slot
-    is freed, so a policy never re-indexes state after an eviction.
+    is freed, so a policy never re-indexes state after an eviction. ``tokens`` is the cache's slot tokens
+    (``[layers, batch, kv_heads, slots]``), whose shape the per-slot signals take. Raises
+    :class:`~kvcompare.memory.AllocationError` if its buffers would not fit in the device's free memory.
     """
 
     def __init__(self, needs: Needs, tokens: torch.Tensor, heads: int, head_dim: int, dtype: torch.dtype) -> None:
@@ -124,10 +126,12 @@ class SignalRecorder:
             self.accumulated.scatter_(-1, slots, 0.0)
 
     def take_seconds(self) -> float:
-        """The collection time since the last call."""
+        """The collection time since the last call, in seconds."""
         return self.timer.take_seconds()
 
     def snapshot(self, seen: int, incoming: int, budgets: torch.Tensor) -> Signals:
+        """The signals recorded so far, as views (``[layers, batch, kv_heads, slots]`` per slot), for an eviction
+        before token ``seen`` that makes room for ``incoming`` tokens; ``budgets`` is ``[layers]``."""
         return Signals(
             self.attention,
             self.last,

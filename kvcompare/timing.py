@@ -8,6 +8,7 @@ import torch
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for all queued work on a cuda or mps ``device`` to finish (nothing to wait for on a CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
@@ -35,6 +36,7 @@ class SpanTimer:
         self._seconds = 0.0
 
     def start(self) -> None:
+        """Open a span: record a device event (cuda, mps) or read the clock (CPU)."""
         if self.device.type in ("cuda", "mps"):
             module = torch.cuda if self.device.type == "cuda" else torch.mps
             self._started = module.Event(enable_timing=True)
@@ -43,6 +45,7 @@ class SpanTimer:
             self._started = time.perf_counter()
 
     def stop(self) -> None:
+        """Close the span :meth:`start` opened; its seconds count towards the next :meth:`take_seconds`."""
         if isinstance(self._started, float):
             self._seconds += time.perf_counter() - self._started
             return
@@ -52,7 +55,7 @@ class SpanTimer:
         self._events.append((self._started, end))
 
     def take_seconds(self) -> float:
-        """The time of the spans since the last call (waits for their end events)."""
+        """The time of the spans since the last call, in seconds (waits for their end events)."""
         seconds = self._seconds
         for begin, end in self._events:
             end.synchronize()  # type: ignore[attr-defined]

@@ -216,7 +216,7 @@ def test_fast_path_keeps_the_tokens_of_a_naive_reference(spec: str) -> None:
             reference.step(token)
             executor.forward(cache, torch.tensor([[token]]))
             for layer in range(1, model.config.num_hidden_layers):
-                fast = [set(row[row >= 0].tolist()) for row in cache.c_token[layer - 1, 0]]
+                fast = [set(row[row >= 0].tolist()) for row in cache.slot_tokens[layer - 1, 0]]
                 assert fast == reference.held(layer), f"step {step}, layer {layer}"
     assert cache.evictions == len(tokens) - LIMIT
 
@@ -321,14 +321,14 @@ def test_pyramid_holds_each_layer_to_its_budget_and_the_same_bytes_as_uniform(sp
             executor.forward(cache, tokens[start : start + 3].view(1, -1))
             lengths = cache.lengths()
             assert all(lengths[layer + 1] <= budget for layer, budget in enumerate(budgets))
-            held = (cache.c_token >= 0).sum(dim=-1)[:, 0, 0].tolist()
+            held = (cache.slot_tokens >= 0).sum(dim=-1)[:, 0, 0].tolist()
             assert held == [lengths[layer + 1] for layer in range(3)]
             peak = max(peak, cache.live_bytes())
     uniform = executor.new_cache(get_registry().build(spec), CacheConfig(16, 3, positions, (0,)), tokens.numel())
     with executor.attached():
         for start in range(0, tokens.numel(), 3):
             executor.forward(uniform, tokens[start : start + 3].view(1, -1))
-    assert cache.peak_bytes == uniform.peak_bytes == peak  # both full at the end: the same bytes held
+    assert cache.peak_kv_bytes == uniform.peak_kv_bytes == peak  # both full at the end: the same bytes held
 
 
 def test_pyramid_with_every_budget_above_the_length_gives_full_logits() -> None:

@@ -80,9 +80,9 @@ def test_shift_mode_keys_stay_at_their_rank_after_many_moves(device: str, dtype:
     executor = Executor(model)
     cache = executor.new_cache(get_registry().build("streaming"), CacheConfig(16, 1, "shift", ()), capacity=count)
     feed(executor, cache, tokens, 1)
-    held = cache.c_token[0, 0]
+    held = cache.slot_tokens[0, 0]
     rank = torch.where(held >= 0, held, torch.iinfo(torch.long).max).argsort(-1).argsort(-1)
-    position = cache.seen - cache.c_len + rank
+    position = cache.seen - cache.compressed_len + rank
     worst = 0.0
     for head in range(held.shape[0]):
         for slot in held[head].ge(0).nonzero().flatten().tolist():
@@ -91,7 +91,7 @@ def test_shift_mode_keys_stay_at_their_rank_after_many_moves(device: str, dtype:
                 key.view(1, 1, -1), torch.tensor([[int(position[head, slot])]], device=device)
             )
             expected = key * cos[0, 0].float() + rotate_half(key) * sin[0, 0].float()
-            got = cache.c_kv[0, 0, 0, head, slot].float()
+            got = cache.compressed_kv[0, 0, 0, head, slot].float()
             worst = max(worst, float((got - expected).norm() / expected.norm()))
     assert cache.evictions > 500
     assert worst < (1e-4 if dtype == torch.float32 else 1e-2), worst

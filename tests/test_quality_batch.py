@@ -15,6 +15,7 @@ from runs import tiny_run
 
 from kvcompare.batched import BatchedKVCache
 from kvcompare.cache import CacheLayout, CacheStorage
+from kvcompare.cache_protocol import LayerGroup, Room
 from kvcompare.config import CacheConfig
 from kvcompare.executor import Executor, QualityResult
 from kvcompare.plugins import get_registry
@@ -127,12 +128,10 @@ def test_every_buffer_a_row_owns_ends_as_its_cell_alone(tokens: torch.Tensor, dt
         for start in range(0, tokens.numel(), 4):
             for cache in (batch, *alone):
                 executor.forward(cache, tokens[start : start + 4].view(1, -1))
-    assert batch.fed == len(cells)
+    assert batch.rows == len(cells)
     for cell, cache in enumerate(alone):
-        row = in_token_order(batch.storage.row(batch.row_of[cell]), cache.c_token.shape[-1])
-        mine = in_token_order(
-            CacheStorage(**{f.name: getattr(cache, f.name) for f in dataclasses.fields(CacheStorage)})
-        )
+        row = in_token_order(batch.storage.row(batch.row_of[cell]), cache.slot_tokens.shape[-1])
+        mine = in_token_order(cache.storage)
         for field in dataclasses.fields(CacheStorage):
             ours, theirs = getattr(row, field.name), getattr(mine, field.name)
             assert (ours is None) == (theirs is None), field.name
@@ -144,10 +143,10 @@ def test_every_buffer_a_row_owns_ends_as_its_cell_alone(tokens: torch.Tensor, dt
 def in_token_order(storage: CacheStorage, slots: int | None = None) -> CacheStorage:
     """``storage`` with the first ``slots`` slots of each compressed layer and head sorted by token index: slots
     of tokens written in one chunk may be taken in any order (ties among victims), which attention never sees."""
-    order = storage.c_token[..., :slots].argsort(dim=-1)
+    order = storage.slot_tokens[..., :slots].argsort(dim=-1)
 
     def sort(name: str, buffer: torch.Tensor | None) -> torch.Tensor | None:
-        if buffer is None or name == "f_kv":
+        if buffer is None or name == "full_kv":
             return buffer
         if buffer.dim() == order.dim():  # per slot: [layers, batch, kv_heads, slots]
             return buffer[..., :slots].gather(-1, order)
@@ -165,14 +164,14 @@ class RowWatcher:
         self.visible: dict[int, int] = {}  # batch row -> most slots one query of it attended
         make_room, mask_of = cache.make_room, cache.attention_mask
 
-        def watched_make_room(chunk: int) -> bool:
-            evicted = make_room(chunk)
+        def watched_make_room(chunk: int) -> Room:
+            room = make_room(chunk)
             self.fed.append(cache.rows)
-            return evicted
+            return room
 
         def watched_mask(layer_idx: int, q_len: int, kv_len: int, window: float | None = None):  # type: ignore[no-untyped-def]
             mask, is_causal = mask_of(layer_idx, q_len, kv_len, window)
-            if cache._slot[layer_idx][0] == "c":
+            if cache.layer_slot(layer_idx).group is LayerGroup.COMPRESSED:
                 spans = cache.spans(layer_idx) or [(0, cache.rows, kv_len)]
                 for first, end, slots in spans:
                     for row in range(first, end):

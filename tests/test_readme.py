@@ -50,7 +50,7 @@ def held_after_running(
     finally:
         del sys.modules[module.__name__]
     assert cache.evictions > 0
-    return [sorted(row[row >= 0].tolist()) for row in cache.c_token.flatten(0, 2)]
+    return [sorted(row[row >= 0].tolist()) for row in cache.slot_tokens.flatten(0, 2)]
 
 
 def test_readme_policy_example_registers_and_runs(

@@ -78,9 +78,9 @@ def test_a_cache_moves_each_layers_keys_with_that_layers_rotary() -> None:
     cache = BoundedKVCache(
         layout, get_registry().build("recent"), CacheConfig(8, 2, "shift", (0,)), capacity=16, rotary=per_layer
     )
-    cache.c_kv.normal_(generator=torch.Generator().manual_seed(0))
-    before = cache.c_kv[0].clone()
-    per = cache.c_token[0].numel()
+    cache.compressed_kv.normal_(generator=torch.Generator().manual_seed(0))
+    before = cache.compressed_kv[0].clone()
+    per = cache.slot_tokens[0].numel()
     rows = torch.arange(4 * per)  # every row of the four compressed layers
     moves = torch.arange(4 * per) % 3
     cache._rerotate(rows, moves)
@@ -89,4 +89,4 @@ def test_a_cache_moves_each_layers_keys_with_that_layers_rotary() -> None:
         if rotary is not None:
             flat = expected.view(-1, 8)
             rotary.rotate_rows_(flat, torch.arange(per), moves[n * per : (n + 1) * per])
-        torch.testing.assert_close(cache.c_kv[0, n], expected, msg=lambda m, n=n: f"compressed layer {n}: {m}")
+        torch.testing.assert_close(cache.compressed_kv[0, n], expected, msg=lambda m, n=n: f"compressed layer {n}: {m}")

@@ -109,14 +109,14 @@ class SlotWatcher:
 
     def __init__(self, cache: BoundedKVCache) -> None:
         self.cache = cache
-        self.kv = cache.c_kv.clone()
-        self.token = cache.c_token.clone()
-        self.held = cache.c_len
+        self.kv = cache.compressed_kv.clone()
+        self.token = cache.slot_tokens.clone()
+        self.held = cache.compressed_len
         self.evictions = cache.evictions
 
     def kept(self) -> torch.Tensor:
         """Slots holding the same token as before the chunk: what the eviction kept."""
-        return (self.token >= 0) & (self.cache.c_token == self.token)
+        return (self.token >= 0) & (self.cache.slot_tokens == self.token)
 
 
 @pytest.mark.parametrize("spec", ["streaming", "recent", "l2", "l2:mode=random", "select"])
@@ -137,16 +137,16 @@ def test_an_eviction_moves_no_kept_slot(
                 continue
             checked += 1
             kept = before.kept()
-            held_after = cache.c_len - stride
+            held_after = cache.compressed_len - stride
             assert bool((kept.sum(-1) == held_after).all())  # every kept token is still in its slot
-            values_now, values_then = cache.c_kv[1], before.kv[1]
+            values_now, values_then = cache.compressed_kv[1], before.kv[1]
             assert torch.equal(values_now[kept], values_then[kept])
-            keys_now, keys_then = cache.c_kv[0], before.kv[0]
+            keys_now, keys_then = cache.compressed_kv[0], before.kv[0]
             moved = (keys_now != keys_then).any(-1) & kept
             if positions == "true":
                 assert not bool(moved.any())
             elif spec in ("streaming", "select"):  # shift mode re-rotates only the sinks
-                assert bool((cache.c_token[moved] < 4).all()) and bool(moved.any())
+                assert bool((cache.slot_tokens[moved] < 4).all()) and bool(moved.any())
     assert checked > 5
 
 
@@ -164,15 +164,17 @@ def test_shift_mode_keys_sit_at_their_rank_among_the_held_tokens(tokens: torch.T
     with executor.attached():
         for s in range(0, tokens.numel(), 3):
             executor.forward(cache, tokens[s : s + 3].view(1, -1))
-            held = cache.c_token[0, 0]  # layer 0: [heads, slots]
+            held = cache.slot_tokens[0, 0]  # layer 0: [heads, slots]
             rank = torch.where(held >= 0, held, torch.iinfo(torch.long).max).argsort(-1).argsort(-1)
-            position = cache.seen - cache.c_len + rank
+            position = cache.seen - cache.compressed_len + rank
             for head in range(held.shape[0]):
                 for slot in held[head].ge(0).nonzero().flatten().tolist():
                     key = raw[:, head : head + 1, int(held[head, slot]) : int(held[head, slot]) + 1]
                     cos, sin = rotary(key, torch.tensor([[int(position[head, slot])]]))
                     expected = key * cos.unsqueeze(1) + rotate_half(key) * sin.unsqueeze(1)
-                    torch.testing.assert_close(cache.c_kv[0, 0, 0, head, slot], expected[0, 0, 0], atol=2e-5, rtol=1e-4)
+                    torch.testing.assert_close(
+                        cache.compressed_kv[0, 0, 0, head, slot], expected[0, 0, 0], atol=2e-5, rtol=1e-4
+                    )
     assert cache.evictions > 5
 
 
@@ -182,7 +184,7 @@ def test_slots_never_written_hold_zeros_not_uninitialised_memory(tokens: torch.T
     or fail the in-place-edit check (NaN != NaN)."""
     executor = Executor(tiny_llama())
     cache = executor.new_cache(get_registry().build("l2:mode=random"), CacheConfig(12, 5, "shift", (1,)), 48)
-    assert not bool(cache.c_kv.any())
+    assert not bool(cache.compressed_kv.any())
     with executor.attached():
         for s in range(0, tokens.numel(), 5):
             logits, _ = executor.forward(cache, tokens[s : s + 5].view(1, -1))
@@ -230,7 +232,7 @@ def test_victims_are_chosen_once_for_all_layers_only_when_all_rank_alike(
         for s in range(tokens.numel()):
             executor.forward(cache, tokens[s : s + 1].view(1, 1))
     assert cache.victims.uniform is uniform
-    assert torch.equal(cache.c_token, cache.c_token[:1, :1, :1].expand_as(cache.c_token)) is uniform
+    assert torch.equal(cache.slot_tokens, cache.slot_tokens[:1, :1, :1].expand_as(cache.slot_tokens)) is uniform
 
 
 @dataclasses.dataclass
