@@ -7,7 +7,7 @@ import argparse
 import torch
 
 from kvcompare.corpus import load_corpus
-from kvcompare.executor import Executor
+from kvcompare.engine.executor import Executor
 from kvcompare.models import LoadedModel, load_model
 
 

@@ -21,7 +21,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvcompare.config import CacheConfig
-from kvcompare.executor import Executor
+from kvcompare.engine.executor import Executor
 from kvcompare.plugins import get_registry
 
 SMOLLM2_SHAPES = {

@@ -18,7 +18,7 @@ import torch
 from common import base_parser, book_tokens, setup
 
 from kvcompare.config import CacheConfig
-from kvcompare.executor import greedy
+from kvcompare.engine.executor import greedy
 from kvcompare.plugins import get_registry
 
 

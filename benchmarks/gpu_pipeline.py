@@ -1,4 +1,4 @@
-"""The whole measuring pipeline (`kvcompare.runner.run`) on a GPU, without the Hub or the embedded GGUF.
+"""The whole measuring pipeline (`kvcompare.run.runner.run`) on a GPU, without the Hub or the embedded GGUF.
 
     python benchmarks/gpu_pipeline.py --device cuda --out /tmp/gpu-run
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from kvcompare.config import RunConfig
-from kvcompare.runner import run
+from kvcompare.run.runner import run
 from kvcompare.stats import change_pct, mean_estimate
 from kvcompare.testing import tiny_llama
 

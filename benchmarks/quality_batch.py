@@ -16,7 +16,7 @@ import time
 from common import base_parser, book_tokens, setup
 
 from kvcompare.config import CacheConfig
-from kvcompare.executor import QualityResult
+from kvcompare.engine.executor import QualityResult
 from kvcompare.plugins import get_registry
 
 

@@ -195,11 +195,11 @@ def run_config(args: argparse.Namespace) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     """``kvcompare run``: measure the grid (or with ``--dry-run`` print its plan), then print the summary and build the
     report; exit status 1 when no cell succeeded."""
-    from kvcompare.runner import run
+    from kvcompare.run.runner import run
 
     config = run_config(args)
     if args.dry_run:
-        from kvcompare.estimate import dry_run
+        from kvcompare.run.estimate import dry_run
 
         print(dry_run(config, args.out, resume=args.resume, force=args.force))
         return 0

@@ -57,7 +57,7 @@ class CacheConfig:
     positions: PositionMode = "shift"
     skip_layers: tuple[int, ...] = (0, 1)
     evict_block: int = 1
-    layer_budget: str = "uniform"  # how the limit is shared among compressed layers (kvcompare.budgets)
+    layer_budget: str = "uniform"  # how the limit is shared among compressed layers (kvcompare.engine.budgets)
     reserve: int | None = None  # slots every layer keeps for a chunk under a pyramid; None: stride + evict_block - 1
 
     def __post_init__(self) -> None:

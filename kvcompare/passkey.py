@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kvcompare.config import CacheConfig, ConfigError
-from kvcompare.executor import Executor
+from kvcompare.engine.executor import Executor
 from kvcompare.policy import KVPolicy
 
 INSTRUCTION = (

@@ -1,5 +1,5 @@
 """The measurement protocol as readers see it: written once here, shown verbatim in every report and in the
-README (a test keeps the README in step). The code that carries it out is ``kvcompare.measure``."""
+README (a test keeps the README in step). The code that carries it out is ``kvcompare.run.figures``."""
 
 #: Raised whenever a change to the executor can change a cell's numbers; ``--resume`` never mixes versions.
 #: 2: slot reuse, ties in score evicted oldest first (issue 10).

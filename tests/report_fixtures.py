@@ -312,7 +312,7 @@ def timed(
     """Trials for every ok cell, as a runner takes them: `rounds` rounds, each trial its row's TTFT and TPOT
     (every counted step alike) scaled by a jitter of its own; `full` also as the A/A control and in one pass
     (half its chunked TTFT). Returns the cells with their speed columns recomputed from their trials (medians
-    over trials with intervals, as kvcompare.measure writes them) and the timings rows."""
+    over trials with intervals, as kvcompare.run.figures writes them) and the timings rows."""
     timings: list[dict[str, Any]] = []
     out = []
     for row in cells:

@@ -21,12 +21,12 @@ from runs import tiny_run
 from test_slots import SelectRecent
 from transformers import AttentionInterface
 
-from kvcompare.budgets import layer_budgets, parse_layer_budget
 from kvcompare.config import CacheConfig, ConfigError
-from kvcompare.executor import Executor
+from kvcompare.engine.budgets import layer_budgets, parse_layer_budget
+from kvcompare.engine.executor import Executor
+from kvcompare.engine.recorder import SignalRecorder
 from kvcompare.plugins import get_registry
-from kvcompare.runner import run
-from kvcompare.signals import SignalRecorder
+from kvcompare.run.runner import run
 from kvcompare.testing import TINY_VOCAB, tiny_llama
 
 LIMIT = 10

@@ -12,7 +12,7 @@ import torch
 from transformers.models.llama.modeling_llama import rotate_half
 
 from kvcompare.config import CacheConfig
-from kvcompare.executor import Executor
+from kvcompare.engine.executor import Executor
 from kvcompare.plugins import get_registry
 from kvcompare.testing import TINY_VOCAB, tiny_llama, tiny_neox
 

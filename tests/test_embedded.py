@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvcompare.config import CacheConfig
-from kvcompare.executor import Executor
+from kvcompare.engine.executor import Executor
 from kvcompare.plugins import get_registry
 
 pytestmark = pytest.mark.slow
@@ -67,7 +67,7 @@ def test_embedded_model_retrieves_the_passkey_with_a_full_cache_and_loses_it_und
 
 
 def test_kvcompare_reproduces_the_embedded_model(smollm) -> None:  # type: ignore[no-untyped-def]
-    from kvcompare.fidelity import check_fidelity
+    from kvcompare.engine.fidelity import check_fidelity
 
     executor = Executor(smollm.model)
     fidelity = check_fidelity(executor)

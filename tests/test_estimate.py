@@ -8,7 +8,7 @@ import pytest
 from runs import CORPUS
 
 from kvcompare.cli import main
-from kvcompare.estimate import Calibration, makespan
+from kvcompare.run.estimate import Calibration, makespan
 
 
 def test_a_chunked_pass_costs_its_tokens_and_the_context_they_attend() -> None:
@@ -59,12 +59,12 @@ def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
 def test_a_dry_run_refuses_what_the_run_refuses_before_any_weights_load(
     tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kvcompare.passages
+    import kvcompare.run.passages
 
     def never(*args: object, **kwargs: object) -> None:
         raise AssertionError("the weights were loaded for a plan that is refused")
 
-    monkeypatch.setattr(kvcompare.passages, "load_model", never)
+    monkeypatch.setattr(kvcompare.run.passages, "load_model", never)
     out = tmp_path / "run"
     assert main([*dry(tiny_model_dir, out, "--dry-run"), "--skip-layers", "0,99"]) == 2
     assert "has layers 0..3, not [99]" in one_error_line(capsys)

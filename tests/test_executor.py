@@ -7,9 +7,9 @@ import torch
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import rotate_half
 
-from kvcompare.cache import BoundedKVCache
 from kvcompare.config import CacheConfig
-from kvcompare.executor import Executor
+from kvcompare.engine.cache import BoundedKVCache
+from kvcompare.engine.executor import Executor
 from kvcompare.plugins import get_registry
 from kvcompare.testing import tiny_llama
 
@@ -178,7 +178,7 @@ def test_evict_block_amortises_evictions(tokens: torch.Tensor) -> None:
 
 
 def test_cache_refuses_to_grow_past_its_limit(tokens: torch.Tensor) -> None:
-    from kvcompare.cache import CacheLimitError
+    from kvcompare.engine.cache import CacheLimitError
 
     executor = Executor(tiny_llama())
     cache = executor.new_cache(get_registry().build("recent"), CacheConfig(8, 4, "true", ()), capacity=48)
@@ -212,13 +212,13 @@ def test_generate_is_greedy_and_counts_after_warmup(tokens: torch.Tensor) -> Non
 
 def test_an_evicting_decode_step_synchronises_as_often_as_fulls(monkeypatch: pytest.MonkeyPatch) -> None:
     """Eviction is timed with device events: a timed step of any policy synchronises at the same points."""
-    import kvcompare.timing
+    import kvcompare.engine.timing
     from kvcompare.plugins import get_registry
 
     executor = Executor(tiny_llama())
     prompt = torch.randint(0, 90, (24,), generator=torch.Generator().manual_seed(0))
     counts: dict[str, int] = {}
-    real = kvcompare.timing.synchronize
+    real = kvcompare.engine.timing.synchronize
 
     for spec, limit in (("full", None), ("recent", 12), ("h2o", 12)):
         calls = [0]
@@ -227,7 +227,7 @@ def test_an_evicting_decode_step_synchronises_as_often_as_fulls(monkeypatch: pyt
             calls[0] += 1
             real(device)
 
-        monkeypatch.setattr(kvcompare.timing, "synchronize", counting)
+        monkeypatch.setattr(kvcompare.engine.timing, "synchronize", counting)
         result = executor.generate(prompt, get_registry().build(spec), CacheConfig(limit, 4, "shift", (0,)), 6, 0)
         counts[spec] = calls[0]
         if limit is not None:

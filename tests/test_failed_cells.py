@@ -17,7 +17,7 @@ from runs import tiny_run
 from kvcompare import testing
 from kvcompare.hookspecs import hookimpl
 from kvcompare.policy import ScoredPolicy
-from kvcompare.runner import run
+from kvcompare.run.runner import run
 from kvcompare.signals import Needs
 from kvcompare.testing import RaisesAtEviction
 

@@ -18,11 +18,11 @@ from families import BY_NAME, REFUSED, SUPPORTED, WINDOW, Family
 from runs import tiny_run
 
 from kvcompare.config import CacheConfig
-from kvcompare.executor import Executor
-from kvcompare.fidelity import check_fidelity
+from kvcompare.engine.executor import Executor
+from kvcompare.engine.fidelity import check_fidelity
+from kvcompare.engine.rope import UnsupportedModelError
 from kvcompare.models import refuse_by_config
 from kvcompare.plugins import get_registry
-from kvcompare.rope import UnsupportedModelError
 
 TOKENS = 4 * WINDOW  # longer than every sliding window, so windows are exercised
 
@@ -102,13 +102,13 @@ def saved(family: Family, tokenizer_dir: Path, folder: Path) -> Path:
 def test_a_run_refuses_length_dependent_rope_before_the_weights_load(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kvcompare.passages
-    from kvcompare.runner import run
+    import kvcompare.run.passages
+    from kvcompare.run.runner import run
 
     def never(*args: object, **kwargs: object) -> None:
         raise AssertionError("the weights were loaded")
 
-    monkeypatch.setattr(kvcompare.passages, "load_model", never)
+    monkeypatch.setattr(kvcompare.run.passages, "load_model", never)
     model = saved(BY_NAME["llama-dynamic"], tiny_model_dir, tmp_path / "model")
     with pytest.raises(UnsupportedModelError, match="dynamic RoPE"):
         run(tiny_run(model), tmp_path / "run", progress=False)
@@ -116,7 +116,7 @@ def test_a_run_refuses_length_dependent_rope_before_the_weights_load(
 
 
 def test_a_run_refuses_a_model_it_cannot_reproduce_before_any_cell(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from kvcompare.runner import run
+    from kvcompare.run.runner import run
 
     model = saved(BY_NAME["gpt-j"], tiny_model_dir, tmp_path / "model")
     with pytest.raises(UnsupportedModelError, match="no rotary embedding module"):
@@ -129,7 +129,7 @@ def test_rows_record_each_layers_kind(tmp_path: Path, tiny_model_dir: Path) -> N
 
     import polars as pl
 
-    from kvcompare.runner import run
+    from kvcompare.run.runner import run
 
     model = saved(BY_NAME["gemma2"], tiny_model_dir, tmp_path / "model")
     out = run(tiny_run(model, repeats=1), tmp_path / "run", progress=False)
@@ -147,7 +147,7 @@ def test_rows_record_each_layers_kind(tmp_path: Path, tiny_model_dir: Path) -> N
 def test_supported_families_pass_the_probe_in_low_precision(name: str, dtype: torch.dtype) -> None:
     """Rounding in bfloat16/float16 (kvcompare's eager path computes in float32) stays inside the dtype's
     tolerance, so no supported family is refused for its dtype; what the probe records says how close."""
-    from kvcompare.fidelity import TOLERANCE
+    from kvcompare.engine.fidelity import TOLERANCE
 
     fidelity = check_fidelity(Executor(BY_NAME[name].build().to(dtype)))
     assert fidelity.logit_error <= TOLERANCE[dtype] and fidelity.key_error <= TOLERANCE[dtype], fidelity

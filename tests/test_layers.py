@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kvcompare"
 #: Top-level modules by layer; a subpackage is a layer of its own name.
 TOP_LEVEL = {
     "base": {"errors", "config", "logs", "stats", "schema", "protocol", "environment"},
-    "contracts": {"kvcompare", "policy", "signals", "hookspecs", "registry", "plugins", "failure"},
+    "contracts": {"kvcompare", "policy", "signals", "task", "hookspecs", "registry", "plugins", "failure"},
     "inputs": {"models", "corpus", "fetch", "gguf_metadata", "passkey"},
     "front": {"cli", "testing"},
 }

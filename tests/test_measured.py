@@ -13,7 +13,7 @@ from runs import tiny_run
 
 from kvcompare.report import build_report, summary_table
 from kvcompare.report.charts import nothing_to_compare
-from kvcompare.runner import run
+from kvcompare.run.runner import run
 
 SPEED_WORDS = ("TTFT", "TPOT", "Throughput", "speed first", "long text", "A/A control", "Physics of a decode step")
 

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kvcompare import models
+from kvcompare.engine.rope import UnsupportedModelError
 from kvcompare.models import (
     ModelError,
     check_model_spec,
@@ -20,7 +21,6 @@ from kvcompare.models import (
     looks_like_path,
     resolve_device,
 )
-from kvcompare.rope import UnsupportedModelError
 
 #: A complete GGUF header (magic, version 3, no tensors, one metadata entry) whose metadata is cut short.
 GGUF_CUT_SHORT = struct.pack("<4sIQQ", b"GGUF", 3, 0, 1) + struct.pack("<Q", 100) + b"general"

@@ -12,10 +12,10 @@ from runs import tiny_run
 
 from kvcompare import models
 from kvcompare.config import CacheConfig, ConfigError
-from kvcompare.executor import Executor
+from kvcompare.engine.executor import Executor
 from kvcompare.passkey import INSTRUCTION, NEEDLE, QUESTION, build_prompt, passkey_keys, retrieve
 from kvcompare.plugins import get_registry
-from kvcompare.runner import run
+from kvcompare.run.runner import run
 from kvcompare.testing import TINY_VOCAB, tiny_llama
 
 
@@ -210,7 +210,7 @@ def encode_all(corpus: object, encode: object, source: str) -> list[int]:
 
 
 def test_rows_say_whether_a_passage_starts_with_bos(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from kvcompare.runner import run
+    from kvcompare.run.runner import run
 
     out = run(tiny_run(tiny_model_dir, repeats=1), tmp_path / "run", progress=False)
     assert pl.read_parquet(out / "cells" / "*.parquet")["bos"].to_list() == [False, False]  # it adds none

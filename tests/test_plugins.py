@@ -14,7 +14,7 @@ import torch
 
 from kvcompare.cli import main
 from kvcompare.config import CacheConfig
-from kvcompare.executor import Executor
+from kvcompare.engine.executor import Executor
 from kvcompare.hookspecs import hookimpl
 from kvcompare.plugins import PluginHost
 from kvcompare.policy import KVPolicy, PolicyError

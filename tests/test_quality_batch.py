@@ -13,15 +13,15 @@ import pytest
 import torch
 from runs import tiny_run
 
-from kvcompare.batched import BatchedKVCache
-from kvcompare.cache import CacheLayout, CacheStorage
-from kvcompare.cache_protocol import LayerGroup, Room
 from kvcompare.config import CacheConfig
-from kvcompare.executor import Executor, QualityResult
+from kvcompare.engine.batched import BatchedKVCache
+from kvcompare.engine.cache_protocol import LayerGroup, Room
+from kvcompare.engine.executor import Executor, QualityResult
+from kvcompare.engine.storage import CacheLayout, CacheStorage
 from kvcompare.plugins import get_registry
 from kvcompare.policy import ScoredPolicy
-from kvcompare.quality_batch import quality_batches, row_bytes
-from kvcompare.runner import run
+from kvcompare.run.quality_batch import quality_batches, row_bytes
+from kvcompare.run.runner import run
 from kvcompare.testing import tiny_llama, tiny_neox
 
 #: Every built-in policy, with limits and position modes mixed inside one batch.

@@ -13,7 +13,7 @@ from runs import CORPUS, tiny_run
 
 from kvcompare.config import ConfigError
 from kvcompare.hookspecs import hookimpl
-from kvcompare.runner import run
+from kvcompare.run.runner import run
 from kvcompare.testing import DiesInWorker, RaisesAtEviction
 
 QUALITY = ["cell_id", "status", "ppl", "accuracy", "nll_sum", "tokens_scored", "peak_kv_bytes"]
@@ -82,7 +82,7 @@ def test_a_worker_that_keeps_dying_fails_its_passage_and_resume_measures_it(
     tiny_model_dir: Path, tmp_path: Path, misbehaving: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pytest.importorskip("ray")
-    from kvcompare.distributed import RETRIES
+    from kvcompare.run.distributed import RETRIES
 
     tally = tmp_path / "deaths"
     spec = f"dies:tally={tally}:times={RETRIES + 1}"  # every try of the first passage dies
@@ -148,7 +148,7 @@ def test_ctrl_c_on_a_ray_run_keeps_finished_passages_and_resume_completes_it(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pytest.importorskip("ray")
-    import kvcompare.runner as runner
+    import kvcompare.run.runner as runner
 
     real = runner.write_results
     written = {"passages": 0}
@@ -174,7 +174,7 @@ def test_ctrl_c_on_a_ray_run_keeps_finished_passages_and_resume_completes_it(
 
 
 def test_actors_that_the_cluster_cannot_hold_are_refused() -> None:
-    from kvcompare.distributed import check_cluster_fits
+    from kvcompare.run.distributed import check_cluster_fits
 
     check_cluster_fits({"CPU": 2.0}, 2, {"num_cpus": 1, "num_gpus": 0})
     with pytest.raises(ConfigError, match="--workers 3 with 1 CPU each need 3 CPUs, and the Ray cluster has 2"):

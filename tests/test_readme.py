@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from kvcompare.config import CacheConfig
-from kvcompare.executor import Executor
+from kvcompare.engine.executor import Executor
 from kvcompare.plugins import PluginHost
 from kvcompare.protocol import PROTOCOL_MD
 from kvcompare.testing import tiny_llama

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcompare.executor import Executor
-from kvcompare.rope import UnsupportedModelError, find_rotary
+from kvcompare.engine.executor import Executor
+from kvcompare.engine.rope import UnsupportedModelError, find_rotary
 
 
 def hf_rotate(model: torch.nn.Module, raw: torch.Tensor, position: int) -> torch.Tensor:
@@ -66,10 +66,11 @@ def test_model_without_rope_is_refused() -> None:
 def test_a_cache_moves_each_layers_keys_with_that_layers_rotary() -> None:
     """Local and global frequencies (Gemma-3) and layers without RoPE (SmolLM3) in one cache: each compressed
     layer's keys move by its own rotary, and a NoPE layer's never move."""
-    from kvcompare.cache import BoundedKVCache, CacheLayout
     from kvcompare.config import CacheConfig
+    from kvcompare.engine.cache import BoundedKVCache
+    from kvcompare.engine.rope import Rotary
+    from kvcompare.engine.storage import CacheLayout
     from kvcompare.plugins import get_registry
-    from kvcompare.rope import Rotary
 
     local = Rotary(1.0 / (10.0 ** (torch.arange(0, 8, 2) / 8)), 8)
     global_ = Rotary(1.0 / (1e4 ** (torch.arange(0, 8, 2) / 8)), 8, interleaved=True)

@@ -14,9 +14,9 @@ from runs import CORPUS, tiny_run
 
 from kvcompare.cli import main
 from kvcompare.errors import KVCompareError
-from kvcompare.measure import latency_fields, position_buckets, quality_fields
-from kvcompare.results import ResultsError
-from kvcompare.runner import RunConfig, run
+from kvcompare.run.figures import latency_fields, position_buckets, quality_fields
+from kvcompare.run.results import ResultsError
+from kvcompare.run.runner import RunConfig, run
 
 
 def config(model_dir: Path, **changes: object) -> RunConfig:
@@ -45,7 +45,7 @@ def test_quality_fields_match_a_hand_computation() -> None:
         {"bucket_start": 3, "bucket_end": 5, "nll_sum": 5.0, "tokens": 2},
         {"bucket_start": 5, "bucket_end": 6, "nll_sum": 4.0, "tokens": 1},
     ]
-    from kvcompare.executor import LatencyResult
+    from kvcompare.engine.executor import LatencyResult
 
     def trial(ttft: float, steps: list[float], evict: list[float]) -> LatencyResult:
         return LatencyResult(ttft, steps, evict, [0.0] * len(steps), [], 0, 0)
@@ -118,7 +118,7 @@ def test_resume_skips_finished_cells_and_an_existing_out_is_refused(tiny_model_d
 def test_an_interrupted_run_keeps_finished_passages_and_resumes(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kvcompare.executor import Executor
+    from kvcompare.engine.executor import Executor
 
     real = Executor.score_batch
     calls = {"n": 0}
@@ -194,7 +194,7 @@ def test_a_crashing_policy_is_recorded_and_the_others_are_kept(
 def test_bad_input_is_refused_before_any_measurement(
     tiny_model_dir: Path, tmp_path: Path, changes: dict[str, object], message: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kvcompare.executor import Executor
+    from kvcompare.engine.executor import Executor
 
     def never(*args: object, **kwargs: object) -> None:
         raise AssertionError("measured despite bad input")
@@ -274,9 +274,9 @@ class RecordingBar:
 def test_the_progress_bar_counts_every_pass_controls_included(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kvcompare.runner
+    import kvcompare.run.runner
 
-    monkeypatch.setattr(kvcompare.runner, "tqdm", RecordingBar)
+    monkeypatch.setattr(kvcompare.run.runner, "tqdm", RecordingBar)
     RecordingBar.bars.clear()
     grid = {"cache_sizes": [16], "samples": [1], "repeats": 2}
     out = run(config(tiny_model_dir, policies=["recent", "l2"], **grid), tmp_path / "run", progress=False)

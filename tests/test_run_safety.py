@@ -14,13 +14,13 @@ import torch
 from runs import CORPUS
 from runs import tiny_run as config
 
-import kvcompare.passages as passages
-import kvcompare.runner as runner
+import kvcompare.run.passages as passages
+import kvcompare.run.runner as runner
 from kvcompare.cli import main
 from kvcompare.config import ConfigError, RunConfig
 from kvcompare.protocol import PROTOCOL_VERSION
-from kvcompare.results import ResultsError, RunFolder
-from kvcompare.runner import run
+from kvcompare.run.results import ResultsError, RunFolder
+from kvcompare.run.runner import run
 
 
 @pytest.fixture
@@ -101,7 +101,7 @@ def test_a_random_policy_gives_the_same_cell_alone_and_in_a_grid(
 
 def test_every_cache_gets_a_fresh_policy_instance(tiny_model_dir: Path) -> None:
     from kvcompare.config import CacheConfig
-    from kvcompare.executor import Executor
+    from kvcompare.engine.executor import Executor
     from kvcompare.plugins import get_registry
     from kvcompare.testing import tiny_llama
 
@@ -199,7 +199,7 @@ def test_a_folder_without_finished_cells_is_reused(
     def interrupt(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    from kvcompare.executor import Executor
+    from kvcompare.engine.executor import Executor
 
     real = Executor.score_batch
     monkeypatch.setattr(Executor, "score_batch", interrupt)
@@ -331,7 +331,7 @@ def test_a_policy_returning_none_is_named(tiny_model_dir: Path, tmp_path: Path, 
 def test_the_warm_up_prefills_the_first_cells_whole_passage(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kvcompare.executor import Executor
+    from kvcompare.engine.executor import Executor
 
     calls: list[tuple[int, int, int]] = []
     real = Executor.generate

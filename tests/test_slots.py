@@ -10,14 +10,14 @@ import torch
 from transformers.models.llama.modeling_llama import rotate_half
 
 from kvcompare import KVPolicy, ScoredPolicy
-from kvcompare.attention import chunk_causal_attention
-from kvcompare.cache import BoundedKVCache
 from kvcompare.config import CacheConfig
-from kvcompare.eviction import rank_shift
-from kvcompare.executor import Executor
+from kvcompare.engine.attention import chunk_causal_attention
+from kvcompare.engine.cache import BoundedKVCache
+from kvcompare.engine.eviction import rank_shift
+from kvcompare.engine.executor import Executor
+from kvcompare.engine.rope import UnsupportedModelError
 from kvcompare.plugins import get_registry
 from kvcompare.policy import PolicyError
-from kvcompare.rope import UnsupportedModelError
 from kvcompare.testing import tiny_llama, tiny_neox
 
 

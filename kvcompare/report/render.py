@@ -34,6 +34,7 @@ def _cell(text: str) -> str:
 
 
 def table_md(table: Table, level: int = 3) -> str:
+    """A table as Markdown: its heading at ``level``, the rows (or its empty-state text) and its note."""
     lines = [f"{'#' * level} {table.title}", ""]
     if table.rows:
         lines += [
@@ -176,6 +177,7 @@ def _td(text: str) -> str:
 
 
 def table_html(table: Table, level: int = 3) -> str:
+    """A table as HTML: its heading at ``level``, the rows in a scrolling box (or its empty-state text) and its note."""
     parts = [f"<h{level}>{escape(table.title)}</h{level}>"]
     if table.rows:
         head = "".join(f"<th>{escape(h)}</th>" for h in table.headers)
@@ -189,6 +191,8 @@ def table_html(table: Table, level: int = 3) -> str:
 
 
 def chart_html(chart: ChartFile, out_dir: Path) -> str:
+    """A chart as HTML: its title, the element the page draws it in, and links to its PNG and Vega-Lite spec
+    (relative to ``out_dir``)."""
     png, spec = escape(_link(chart.png, out_dir)), escape(_link(chart.spec_path, out_dir))
     return (
         f"<h3>{escape(chart.title)}</h3>\n"

@@ -239,6 +239,7 @@ class CellCounts:
 
     @property
     def missing(self) -> int | None:
+        """Planned cells neither finished nor failed (an interrupted run), or None when the plan is unknown."""
         return None if self.planned is None else max(self.planned - self.ok - self.failed, 0)
 
 

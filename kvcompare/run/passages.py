@@ -1,5 +1,6 @@
-"""Measuring passages on a loaded model: what the serial and the Ray backends share (kvcompare.backends,
-kvcompare.distributed). A passage's cells are measured together (kvcompare.schedule) and turned into result rows."""
+"""Measuring passages on a loaded model: what the serial and the Ray backends share (kvcompare.run.backends,
+kvcompare.run.distributed). A passage's cells are measured together (kvcompare.run.schedule) and turned into result
+rows."""
 
 from __future__ import annotations
 
@@ -14,18 +15,18 @@ from typing import Any
 
 import torch
 
-from kvcompare.budgets import compressed_layer_budgets
-from kvcompare.cache import CacheLayout
 from kvcompare.config import RunConfig
+from kvcompare.engine.budgets import compressed_layer_budgets
+from kvcompare.engine.executor import Executor
+from kvcompare.engine.fidelity import check_fidelity
+from kvcompare.engine.physics import kv_read_bytes, memory_bandwidth, tpot_floor, weight_bytes
+from kvcompare.engine.storage import CacheLayout
 from kvcompare.environment import device_name
-from kvcompare.executor import Executor
-from kvcompare.fidelity import check_fidelity
-from kvcompare.measure import latency_fields, position_buckets, quality_fields
 from kvcompare.models import LoadedModel, load_model
-from kvcompare.physics import kv_read_bytes, memory_bandwidth, tpot_floor, weight_bytes
-from kvcompare.plan import Cell, Plan
-from kvcompare.results import cell_id
-from kvcompare.schedule import CellRecord, measure_passage, measure_probes, schedule, trial_passes
+from kvcompare.run.figures import latency_fields, position_buckets, quality_fields
+from kvcompare.run.plan import Cell, Plan
+from kvcompare.run.results import cell_id
+from kvcompare.run.schedule import CellRecord, measure_passage, measure_probes, schedule, trial_passes
 from kvcompare.schema import CURVE_CELL_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def now_iso() -> str:
 
 
 def load_checked(config: RunConfig, tokenizer: Any = None) -> tuple[LoadedModel, Executor]:
-    """Load the run's model and check that kvcompare reproduces it (kvcompare.fidelity) before any cell; the
+    """Load the run's model and check that kvcompare reproduces it (kvcompare.engine.fidelity) before any cell; the
     probe's errors go to its info (run.json's model_info.fidelity). Raises UnsupportedModelError if not."""
     loaded = load_model(config.model, config.device, config.dtype, tokenizer=tokenizer)
     executor = Executor(loaded.model)

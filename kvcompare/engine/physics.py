@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from kvcompare.budgets import compressed_layer_budgets
-from kvcompare.cache import CacheLayout
 from kvcompare.config import CacheConfig
-from kvcompare.timing import now
+from kvcompare.engine.budgets import compressed_layer_budgets
+from kvcompare.engine.storage import CacheLayout
+from kvcompare.engine.timing import now
 
 #: Bytes copied per bandwidth trial: large enough to leave every cache level behind.
 PROBE_BYTES = 256 * 2**20

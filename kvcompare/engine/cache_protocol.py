@@ -1,7 +1,7 @@
 """The cache protocol the executor, kvcompare's attention function and the model speak, and its small types.
 
-Two caches implement it: one cell's :class:`~kvcompare.cache.BoundedKVCache` and a batch of cells'
-:class:`~kvcompare.batched.BatchedKVCache`. :class:`KVCacheLike` is what one chunked forward pass needs;
+Two caches implement it: one cell's :class:`~kvcompare.engine.cache.BoundedKVCache` and a batch of cells'
+:class:`~kvcompare.engine.batched.BatchedKVCache`. :class:`KVCacheLike` is what one chunked forward pass needs;
 :class:`CellCacheLike` adds what the executor reads of one cell's cache after its passes (lengths, bytes,
 signal time), which a batch, whose memory is no one cell's, does not have.
 
@@ -73,7 +73,7 @@ class KVCacheLike(Protocol):
         head_dim]``) in place; return the layer's keys and values the chunk attends, as views ``[rows, kv_heads,
         kv, head_dim]`` (``kv``: the layer's held tokens and the chunk, or its slots once they are reused).
 
-        Raises :class:`~kvcompare.cache.CacheLimitError` if the layer would hold more than its limit or capacity,
+        Raises :class:`~kvcompare.engine.cache.CacheLimitError` if the layer would hold more than its limit or capacity,
         or is given a chunk :meth:`make_room` did not make room for.
         """
         ...
@@ -126,13 +126,13 @@ class KVCacheLike(Protocol):
     def advance(self, chunk: int) -> None:
         """Account for the ``chunk`` tokens the model has just written into every layer.
 
-        Raises :class:`~kvcompare.cache.CacheLimitError` if a compressed layer now holds more than its budget.
+        Raises :class:`~kvcompare.engine.cache.CacheLimitError` if a compressed layer now holds more than its budget.
         """
         ...
 
 
 class CellCacheLike(KVCacheLike, Protocol):
-    """One cell's cache (:class:`~kvcompare.cache.BoundedKVCache`): what the executor reads of it besides a
+    """One cell's cache (:class:`~kvcompare.engine.cache.BoundedKVCache`): what the executor reads of it besides a
     forward pass, for a cell's result."""
 
     @property

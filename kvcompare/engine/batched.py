@@ -1,7 +1,7 @@
 """Several cells' caches as the rows of one batch, so a passage's quality passes read the weights once per chunk.
 
 Every cell of a passage feeds the same tokens through the same model; only the caches differ. Row r of the
-batch is cell r: its own :class:`~kvcompare.cache.BoundedKVCache` (policy, limit, position mode, layer
+batch is cell r: its own :class:`~kvcompare.engine.cache.BoundedKVCache` (policy, limit, position mode, layer
 budgets, signals), working in place on row r of buffers that all rows share, so the model reads every row's
 keys from one tensor per layer. Rows with smaller limits leave the slots beyond their budgets blocked, and a
 query of a row sees a slot of its row iff ``0 <= token <= its position``.
@@ -21,32 +21,26 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvcompare.budgets import compressed_layer_budgets
-from kvcompare.cache import (
-    BoundedKVCache,
-    CacheLayout,
-    CacheStorage,
-    compressed_layers,
-    needs_keys_as_written,
-    prefix_mask,
-    visible_slots,
-)
-from kvcompare.cache_protocol import LayerGroup, LayerSlot, Room
 from kvcompare.config import CacheConfig
+from kvcompare.engine.budgets import compressed_layer_budgets
+from kvcompare.engine.cache import BoundedKVCache, compressed_layers
+from kvcompare.engine.cache_protocol import LayerGroup, LayerSlot, Room
+from kvcompare.engine.masks import prefix_mask, visible_slots
+from kvcompare.engine.rope import Rotary
+from kvcompare.engine.storage import CacheLayout, CacheStorage, needs_keys_as_written
 from kvcompare.policy import KVPolicy
-from kvcompare.rope import Rotary
 
 if TYPE_CHECKING:
-    from kvcompare.cache_protocol import KVCacheLike
+    from kvcompare.engine.cache_protocol import KVCacheLike
 
 
 class BatchedKVCache:
     """The caches of several cells over the same tokens, one batch row each (see the module docstring).
 
     The cells must bound the same layers (all bounded with the same skip layers, or all unbounded). It speaks
-    the cache protocol (:class:`~kvcompare.cache_protocol.KVCacheLike`) that the executor and kvcompare's
+    the cache protocol (:class:`~kvcompare.engine.cache_protocol.KVCacheLike`) that the executor and kvcompare's
     attention function use, with :attr:`rows` sequences fed per chunk. Raises ValueError for cells that bound
-    different layers, and whatever building a row's :class:`~kvcompare.cache.BoundedKVCache` raises.
+    different layers, and whatever building a row's :class:`~kvcompare.engine.cache.BoundedKVCache` raises.
     """
 
     def __init__(
@@ -141,8 +135,8 @@ class BatchedKVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write each row's chunk (``[rows, kv_heads, chunk, head_dim]``) into its own cache; return every row's
         keys and values as one view ``[rows, kv_heads, kv, head_dim]``: the compressed slots the widest row
-        attends, or a full layer's tokens so far. Raises :class:`~kvcompare.cache.CacheLimitError` as a row's
-        :meth:`~kvcompare.cache.BoundedKVCache.update` does (a frozen row is not written)."""
+        attends, or a full layer's tokens so far. Raises :class:`~kvcompare.engine.cache.CacheLimitError` as a row's
+        :meth:`~kvcompare.engine.cache.BoundedKVCache.update` does (a frozen row is not written)."""
         group, n = self._layer_slots[layer_idx]
         fed = key_states.shape[0]
         for index in range(fed):
@@ -242,7 +236,8 @@ class BatchedKVCache:
 
     def advance(self, chunk: int) -> None:
         """Account for a chunk the model has just written into every row (a frozen row is skipped). Raises
-        :class:`~kvcompare.cache.CacheLimitError` as a row's :meth:`~kvcompare.cache.BoundedKVCache.advance`."""
+        :class:`~kvcompare.engine.cache.CacheLimitError` as a row's
+        :meth:`~kvcompare.engine.cache.BoundedKVCache.advance`."""
         for index, cache in enumerate(self._caches):
             if index not in self._failed:
                 cache.advance(chunk)

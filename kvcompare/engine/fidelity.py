@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
-from kvcompare.attention import CACHE_KEYWORD, CALLS, LAYER_FEATURES, forward_cache
 from kvcompare.config import CacheConfig
-from kvcompare.executor import Executor
+from kvcompare.engine.attention import CACHE_KEYWORD, CALLS, LAYER_FEATURES, forward_cache
+from kvcompare.engine.executor import Executor
+from kvcompare.engine.rope import Rotary, UnsupportedModelError
 from kvcompare.policy import KVPolicy
-from kvcompare.rope import Rotary, UnsupportedModelError
 
 #: Tokens of the probe, fed to kvcompare in chunks of PROBE_CHUNK (so the chunked path is exercised).
 PROBE_TOKENS = 24
@@ -85,7 +85,7 @@ def check_fidelity(executor: Executor, shift: bool = True) -> Fidelity:
     """Run both probes; raise UnsupportedModelError naming what differs when the logits' error is over
     TOLERANCE, or the moved keys' error when the run uses shift mode (``shift``; else it is only recorded).
 
-    Where a layer's keys do not move as its rotary was read (:func:`kvcompare.rope.layer_rotaries`), the other
+    Where a layer's keys do not move as its rotary was read (:func:`kvcompare.engine.rope.layer_rotaries`), the other
     layouts are tried against the model's own keys (adjacent pairs instead of halves, or no RoPE at all), and
     one that reproduces them exactly is adopted in ``executor.rotary``: what the model computes decides.
     """

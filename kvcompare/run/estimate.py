@@ -19,13 +19,13 @@ from typing import Any
 import torch
 
 from kvcompare.config import RunConfig
+from kvcompare.engine.executor import Executor
+from kvcompare.engine.timing import now
 from kvcompare.environment import physical_cores
-from kvcompare.executor import Executor
-from kvcompare.passages import load_checked, passage_groups
-from kvcompare.plan import Cell
-from kvcompare.runner import check_start
-from kvcompare.schedule import ONESHOT_CHUNK, schedule
-from kvcompare.timing import now
+from kvcompare.run.passages import load_checked, passage_groups
+from kvcompare.run.plan import Cell
+from kvcompare.run.runner import check_start
+from kvcompare.run.schedule import ONESHOT_CHUNK, schedule
 
 #: Tokens of context at which the calibration times its second chunk and decode step.
 CALIBRATION_CONTEXT = 1024
@@ -91,7 +91,7 @@ def calibrate(executor: Executor, stride: int, vocab: int, context: int = CALIBR
 
 def passage_seconds(cells: list[Cell], calibration: Calibration, baselines: list[Cell] | None = None) -> float:
     """One passage's passes, as a serial run (or one Ray actor) measures them; ``baselines``: its `full` cells
-    finished in an earlier session, timed again beside the cells (see kvcompare.schedule.schedule)."""
+    finished in an earlier session, timed again beside the cells (see kvcompare.run.schedule.schedule)."""
     first = cells[0]
     length = len(first.passage.tokens)
     latency = first.context.latency
@@ -131,7 +131,7 @@ def _duration(seconds: float) -> str:
 def dry_run(config: RunConfig, out: Path | None = None, *, resume: bool = False, force: bool = False) -> str:
     """The plan of ``config`` and its estimated time, as text; measures nothing and writes nothing.
 
-    It makes every check the real run makes (:func:`kvcompare.runner.check_start`: the folder in ``out``, ``resume``
+    It makes every check the real run makes (:func:`kvcompare.run.runner.check_start`: the folder in ``out``, ``resume``
     and ``force`` included) and plans only what the real run would measure: a resumed run's unfinished cells.
     """
     begun = check_start(config, out, resume=resume, force=force)

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from kvcompare.executor import LatencyResult
+from kvcompare.engine.executor import LatencyResult
 from kvcompare.stats import median_estimate
 
 T = TypeVar("T")

@@ -23,7 +23,7 @@ from kvcompare.config import ConfigError, RunConfig
 from kvcompare.environment import environment, load_average, physical_cores
 from kvcompare.errors import KVCompareError
 from kvcompare.logs import configure, configured_level
-from kvcompare.passages import (
+from kvcompare.run.passages import (
     Group,
     PassageResults,
     count_passes,
@@ -34,7 +34,7 @@ from kvcompare.passages import (
     warm_up,
     warn_beyond_context,
 )
-from kvcompare.plan import Cell, Plan
+from kvcompare.run.plan import Cell, Plan
 
 log = logging.getLogger(__name__)
 

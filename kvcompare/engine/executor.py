@@ -16,15 +16,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from kvcompare.attention import ATTN_IMPLEMENTATION, CACHE_KEYWORD, forward_cache
-from kvcompare.batched import BatchedKVCache
-from kvcompare.cache import BoundedKVCache, CacheLayout
-from kvcompare.cache_protocol import CellCacheLike, KVCacheLike, Room
 from kvcompare.config import CacheConfig
-from kvcompare.memory import PeakMemory
+from kvcompare.engine.attention import ATTN_IMPLEMENTATION, CACHE_KEYWORD, forward_cache
+from kvcompare.engine.batched import BatchedKVCache
+from kvcompare.engine.cache import BoundedKVCache
+from kvcompare.engine.cache_protocol import CellCacheLike, KVCacheLike, Room
+from kvcompare.engine.memory import PeakMemory
+from kvcompare.engine.rope import Rotary, layer_rotaries
+from kvcompare.engine.storage import CacheLayout
+from kvcompare.engine.timing import SpanTimer, now
 from kvcompare.policy import KVPolicy
-from kvcompare.rope import Rotary, layer_rotaries
-from kvcompare.timing import SpanTimer, now
 
 
 @dataclasses.dataclass
@@ -110,7 +111,7 @@ class Executor:
 
         Raises ConfigError for skip layers the model lacks or budgets that leave a layer less than a chunk;
         :class:`~kvcompare.policy.PolicyError` for a policy that asks for signals but scores at write time;
-        :class:`~kvcompare.memory.AllocationError` if the buffers would not fit in free memory.
+        :class:`~kvcompare.engine.memory.AllocationError` if the buffers would not fit in free memory.
         """
         return BoundedKVCache(
             self.layout,
@@ -131,7 +132,7 @@ class Executor:
         evicting step has the same synchronisation points as `full`'s; read it with ``take_seconds()`` after
         the step's own timer has synchronised. Call it inside :meth:`attached`, as :meth:`score` and
         :meth:`generate` do. Raises what the policy raises while making room, and
-        :class:`~kvcompare.cache.CacheLimitError` (a bug) if a layer would exceed its limit.
+        :class:`~kvcompare.engine.cache.CacheLimitError` (a bug) if a layer would exceed its limit.
         """
         chunk = ids.shape[1]
         self.evict_timer.start()
@@ -155,7 +156,7 @@ class Executor:
         self, cells: Sequence[tuple[KVPolicy, CacheConfig]], capacity: int, check_every_eviction: bool = False
     ) -> BatchedKVCache:
         """The caches of several ``cells`` as the rows of one batch, every full layer of ``capacity`` tokens (see
-        :class:`~kvcompare.batched.BatchedKVCache`). Raises ValueError for cells that bound different layers,
+        :class:`~kvcompare.engine.batched.BatchedKVCache`). Raises ValueError for cells that bound different layers,
         and what :meth:`new_cache` raises for any one cell."""
         return BatchedKVCache(
             self.layout, cells, capacity=capacity, rotary=self.rotary, check_every_eviction=check_every_eviction
@@ -174,7 +175,7 @@ class Executor:
     ) -> list[QualityResult | Exception]:
         """Quality passes of several cells over the same ``tokens``, as the rows of one batch.
 
-        Row r runs cell r's policy and cache (see :class:`~kvcompare.batched.BatchedKVCache`); its scores equal
+        Row r runs cell r's policy and cache (see :class:`~kvcompare.engine.batched.BatchedKVCache`); its scores equal
         a pass of that cell alone. The cells must share the stride. Returns each cell's result, or the
         exception its policy raised (the other rows go on). One cell runs exactly as a pass of its own, and
         returns whatever its pass raised (building its cache included); a batch raises what is not one row's.

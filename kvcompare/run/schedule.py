@@ -18,13 +18,13 @@ from typing import Any
 
 import torch
 
-from kvcompare.executor import Executor, LatencyResult, QualityResult
+from kvcompare.engine.executor import Executor, LatencyResult, QualityResult
+from kvcompare.engine.memory import free_memory
 from kvcompare.failure import failure_of, report_failure
-from kvcompare.measure import round_order, timing_rows
-from kvcompare.memory import free_memory
 from kvcompare.passkey import Retrieval, retrieve
-from kvcompare.plan import Cell
-from kvcompare.quality_batch import MEMORY_SHARE, quality_batches
+from kvcompare.run.figures import round_order, timing_rows
+from kvcompare.run.plan import Cell
+from kvcompare.run.quality_batch import MEMORY_SHARE, quality_batches
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def measure_passage(
     :func:`measure_quality`); latency trials always run one sequence at a time. A cell whose quality pass or
     trial raises is recorded with its error and leaves the later rounds; the other cells go on.
     ``tick(label, passes)`` is called for a progress bar: with 0 as a pass starts, with the passes it made
-    when it ends (every pass counts, controls included, as :func:`kvcompare.runner.count_passes` counts them).
+    when it ends (every pass counts, controls included, as :func:`kvcompare.run.runner.count_passes` counts them).
     """
     records = {cell.id: CellRecord(cell) for cell in todo}
     measure_quality(executor, [records[cell.id] for cell in todo], quality_batch, tick)

@@ -2,7 +2,7 @@
 
 A backend loads the model (where it measures), says what run.json records of it, measures the passages it is
 given and yields each one's results as it finishes, and frees what it holds. The runner alone owns the results
-folder, the progress bar and the writing (kvcompare.runner); the Ray backend is kvcompare.distributed.
+folder, the progress bar and the writing (kvcompare.run.runner); the Ray backend is kvcompare.run.distributed.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from kvcompare.environment import environment, load_average, physical_cores
-from kvcompare.passages import (
+from kvcompare.run.passages import (
     Group,
     PassageResults,
     load_checked,
@@ -23,9 +23,9 @@ from kvcompare.passages import (
     warm_up,
     warn_beyond_context,
 )
-from kvcompare.plan import Plan
+from kvcompare.run.plan import Plan
 
-#: ``tick(label, passes)``: a pass starts (0) or ends with the passes it made (see kvcompare.schedule).
+#: ``tick(label, passes)``: a pass starts (0) or ends with the passes it made (see kvcompare.run.schedule).
 Tick = Callable[[str, int], None]
 
 

@@ -14,8 +14,6 @@ from typing import Any
 
 from kvcompare import corpus as corpora
 from kvcompare import models
-from kvcompare.budgets import parse_layer_budget, smallest_budget
-from kvcompare.cache import check_skip_layers
 from kvcompare.config import (
     BOS_MODES,
     HAYSTACKS,
@@ -27,10 +25,12 @@ from kvcompare.config import (
     check_position_mode,
 )
 from kvcompare.corpus import Passage
+from kvcompare.engine.budgets import parse_layer_budget, smallest_budget
+from kvcompare.engine.cache import check_skip_layers
 from kvcompare.passkey import PasskeyPrompt, build_prompt, passkey_keys
 from kvcompare.plugins import get_host
 from kvcompare.policy import KVPolicy, PolicyError
-from kvcompare.results import cell_id
+from kvcompare.run.results import cell_id
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def build_policies(config: RunConfig) -> list[KVPolicy]:
         if policy.label() not in {p.label() for p in policies}:
             policies.append(policy)
         else:
-            log.warning(f"--policies {spec} is {policy.label()}, listed before: measured once")
+            log.info(f"--policies {spec} is {policy.label()}, listed before: measured once")
     return policies
 
 
@@ -276,7 +276,7 @@ def _once(values: list[Any], flag: str) -> list[Any]:
     kept = list(dict.fromkeys(values))
     if len(kept) < len(values):
         repeated = sorted({str(v) for v in values if values.count(v) > 1})
-        log.warning(f"{flag} repeats {', '.join(repeated)}: each is measured once")
+        log.info(f"{flag} repeats {', '.join(repeated)}: each is measured once")
     return kept
 
 

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from kvcompare.rope import UnsupportedModelError
+from kvcompare.engine.rope import UnsupportedModelError
 
 if TYPE_CHECKING:
-    from kvcompare.cache_protocol import KVCacheLike
+    from kvcompare.engine.cache_protocol import KVCacheLike
 
 ATTN_IMPLEMENTATION = "kvcompare"
 CACHE_KEYWORD = "kvcompare_cache"
@@ -35,7 +35,7 @@ FORWARD_CACHE: contextvars.ContextVar[KVCacheLike | None] = contextvars.ContextV
 
 #: How often kvcompare's attention ran: a model that computes attention in its own code never calls it.
 CALLS = [0]
-#: Where set (kvcompare.fidelity's probe), each layer's attention features as the model passed them:
+#: Where set (kvcompare.engine.fidelity's probe), each layer's attention features as the model passed them:
 #: ``{layer: (sliding window or None, soft-cap or None, has learned sinks)}``.
 LAYER_FEATURES: contextvars.ContextVar[dict[int, tuple[float | None, float | None, bool]] | None] = (
     contextvars.ContextVar("kvcompare_layer_features", default=None)
@@ -66,7 +66,7 @@ def chunk_causal_attention(
     ``[batch, heads, q_len, head_dim]`` over ``key`` and ``value`` ``[batch, kv_heads, kv_len, head_dim]`` (what
     the cache's ``update`` returned), under the cache's own mask for the layer (the model's ``attention_mask`` is
     ignored). Returns ``([batch, q_len, heads, head_dim], None)``. Raises UnsupportedModelError when run outside
-    :meth:`~kvcompare.executor.Executor.forward` (no kvcompare cache to ask)."""
+    :meth:`~kvcompare.engine.executor.Executor.forward` (no kvcompare cache to ask)."""
     CALLS[0] += 1
     # The keyword, where the model passes its keyword arguments down to its attention; else the forward pass's.
     cache: KVCacheLike | None = kwargs.get(CACHE_KEYWORD) or FORWARD_CACHE.get()  # type: ignore[assignment]

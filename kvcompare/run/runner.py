@@ -1,5 +1,5 @@
-"""`kvcompare run`: check and plan the grid (kvcompare.plan), have a backend measure its passages
-(kvcompare.backends: this process, or Ray actors), and own the results folder: progress, writing, the finish."""
+"""`kvcompare run`: check and plan the grid (kvcompare.run.plan), have a backend measure its passages
+(kvcompare.run.backends: this process, or Ray actors), and own the results folder: progress, writing, the finish."""
 
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-from kvcompare.backends import Backend, SerialBackend
 from kvcompare.config import RunConfig, oversubscription
 from kvcompare.environment import load_average
-from kvcompare.passages import PassageResults, count_passes, now_iso, passage_groups
-from kvcompare.plan import Cell, Plan, merge_repeated_values, plan, prepare
 from kvcompare.protocol import PROTOCOL_VERSION
-from kvcompare.results import RunFolder, cell_id
-from kvcompare.resume import check_protocol, resume_additions
+from kvcompare.run.backends import Backend, SerialBackend
+from kvcompare.run.passages import PassageResults, count_passes, now_iso, passage_groups
+from kvcompare.run.plan import Cell, Plan, merge_repeated_values, plan, prepare
+from kvcompare.run.results import RunFolder, cell_id
+from kvcompare.run.resume import check_protocol, resume_additions
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def run(
 
     Everything that can be checked without the weights is checked first (:func:`check_start`), and nothing is
     written until the first cell is about to be measured. With ``config.ray`` set, passages are measured by Ray
-    actors (kvcompare.distributed); the folder, its rows and ``--resume`` are the same.
+    actors (kvcompare.run.distributed); the folder, its rows and ``--resume`` are the same.
     """
     begun = check_start(config, out, resume=resume, force=force)
     grid, folder, previous, done = begun.grid, begun.folder, begun.previous, begun.done
@@ -117,7 +117,7 @@ def run(
 def open_backend(grid: Plan, run_id: str) -> Backend:
     """Ray actors (``--ray``) or this process; either loads and checks the model before any cell."""
     if grid.config.ray is not None:
-        from kvcompare.distributed import RayBackend
+        from kvcompare.run.distributed import RayBackend
 
         return RayBackend(grid, run_id)
     return SerialBackend(grid, run_id)

@@ -11,9 +11,10 @@ from collections.abc import Sequence
 
 import torch
 
-from kvcompare.budgets import compressed_layer_budgets
-from kvcompare.cache import CacheLayout, compressed_layers
 from kvcompare.config import CacheConfig
+from kvcompare.engine.budgets import compressed_layer_budgets
+from kvcompare.engine.cache import compressed_layers
+from kvcompare.engine.storage import CacheLayout
 from kvcompare.policy import KVPolicy
 
 #: The share of the device's free memory a batched quality pass may take.

@@ -7,32 +7,30 @@ An eviction only chooses victim slots; the next tokens are written straight into
 is moved (shift mode re-rotates, in place, just the keys whose rank changed). Each slot records its token
 index (``slot_tokens``), from which the attention masks are built. Skip layers keep their full history in a
 buffer of their own, in time order. Nothing is concatenated per step, unlike transformers' ``DynamicLayer``,
-which copies the whole cache on every token. A batched quality pass (kvcompare.batched) gives each cell's
+which copies the whole cache on every token. A batched quality pass (kvcompare.engine.batched) gives each cell's
 cache its row of buffers shared by the batch (:class:`CacheStorage`), written in place the same way.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from kvcompare.budgets import compressed_layer_budgets
-from kvcompare.cache_protocol import LayerGroup, LayerSlot, Room
 from kvcompare.config import CacheConfig, ConfigError
-from kvcompare.eviction import BLOCKED, VictimChooser, rank_shift
-from kvcompare.memory import ensure_fits
+from kvcompare.engine.budgets import compressed_layer_budgets
+from kvcompare.engine.cache_protocol import LayerGroup, LayerSlot, Room
+from kvcompare.engine.eviction import BLOCKED, VictimChooser, rank_shift
+from kvcompare.engine.masks import prefix_mask, visible_slots
+from kvcompare.engine.recorder import SignalRecorder
+from kvcompare.engine.rope import Rotary
+from kvcompare.engine.storage import CacheLayout, CacheStorage, needs_keys_as_written
 from kvcompare.policy import KVPolicy
-from kvcompare.rope import Rotary
-from kvcompare.signals import SignalRecorder
 
 if TYPE_CHECKING:
-    from kvcompare.cache_protocol import CellCacheLike
+    from kvcompare.engine.cache_protocol import CellCacheLike
 
 
 class CacheLimitError(RuntimeError):
@@ -53,147 +51,6 @@ def compressed_layers(policy: KVPolicy, config: CacheConfig, num_layers: int) ->
     return tuple(i for i in range(num_layers) if i not in config.skip_layers)
 
 
-def needs_keys_as_written(config: CacheConfig, dtype: torch.dtype) -> bool:
-    """Whether a cache keeps each key as written (``CacheStorage.keys_as_written``): shift mode in
-    bfloat16/float16, where re-rotating a key again and again would accumulate rounding."""
-    return config.positions == "shift" and dtype.itemsize < 4
-
-
-def visible_slots(tokens: torch.Tensor, seen: int, q_len: int, window: float | None = None) -> torch.Tensor:
-    """Which slots each of a chunk's ``q_len`` queries may attend, from the slots' token indices ``[..., slots]``
-    (the chunk's first token is ``seen``): a held token no newer than the query, and on a layer with a sliding
-    ``window`` one of the query's last ``window`` tokens (token > query - window, as transformers' sliding
-    masks). Returns ``[..., q_len, slots]``."""
-    tokens = tokens.unsqueeze(-2)
-    if q_len == 1 and window is None:  # every held token is older than the one query
-        return tokens >= 0
-    query = torch.arange(seen, seen + q_len, device=tokens.device).unsqueeze(-1)
-    visible = (tokens >= 0) & (tokens <= query)
-    return visible if window is None else visible & (tokens > query - window)
-
-
-@functools.lru_cache(maxsize=16)
-def _prefix_mask(q_len: int, kv_len: int, device: torch.device, window: float | None) -> torch.Tensor:
-    mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(diagonal=kv_len - q_len)
-    if window is not None:
-        mask = mask.triu(diagonal=kv_len - q_len - int(window) + 1)
-    return mask
-
-
-def prefix_mask(
-    q_len: int, kv_len: int, device: torch.device, window: float | None = None
-) -> tuple[torch.Tensor | None, bool]:
-    """``(mask, is_causal)`` for keys in time order from the first token to the chunk's last: every earlier key,
-    the chunk causally; on a layer with a sliding ``window``, only each query's last ``window`` tokens. The mask
-    is boolean ``[q_len, kv_len]`` (True: attend), or None where ``is_causal`` or no mask says it all."""
-    if window is not None and kv_len <= window:
-        window = None  # every query sees every earlier token anyway
-    if window is None and q_len == 1:
-        return None, False
-    if window is None and q_len == kv_len:
-        return None, True
-    return _prefix_mask(q_len, kv_len, device, window), False
-
-
-@dataclasses.dataclass(frozen=True)
-class CacheLayout:
-    """Shapes the cache is built for: keys and values are ``[batch, kv_heads, tokens, head_dim]`` per layer."""
-
-    num_layers: int
-    kv_heads: int
-    head_dim: int
-    dtype: torch.dtype
-    device: torch.device
-    batch: int = 1
-    heads: int | None = None  # query heads (None: as many as kv_heads)
-
-
-@dataclasses.dataclass(frozen=True)
-class CacheStorage:
-    """The buffers a cache writes in place: one cache's own, or its row of a batch's (see kvcompare.batched).
-
-    :meth:`BoundedKVCache.update` writes :data:`UPDATED` (what the model computes); the cache's own bookkeeping
-    in ``make_room`` writes the rest. A batch row that shares another row's computation is given only the
-    former, by :meth:`copy_updated`.
-    """
-
-    #: Keys and values of the compressed layers, ``[2 (key, value), compressed layers, batch, kv_heads, slots,
-    #: head_dim]``, zeros until written.
-    compressed_kv: torch.Tensor
-    #: The token index each compressed slot holds, ``[compressed layers, batch, kv_heads, slots]`` int64: -1 when
-    #: free, :data:`~kvcompare.eviction.BLOCKED` beyond its layer's budget.
-    slot_tokens: torch.Tensor
-    #: Keys and values of the full layers in time order, ``[2, full layers, batch, kv_heads, capacity, head_dim]``.
-    full_kv: torch.Tensor
-    #: Shift mode in bfloat16/float16 only (else None): each compressed slot's key as the model wrote it,
-    #: ``[compressed layers, batch, kv_heads, slots, head_dim]``.
-    keys_as_written: torch.Tensor | None = None
-    #: Shift mode in bfloat16/float16 only (else None): the positions each compressed slot's key has been moved
-    #: since it was written, ``[compressed layers, batch, kv_heads, slots]`` int64.
-    rotation_since_written: torch.Tensor | None = None
-
-    #: The buffers the model's keys and values are written to (by ``update``); the others are bookkeeping.
-    UPDATED: ClassVar[tuple[str, ...]] = ("compressed_kv", "full_kv", "keys_as_written")
-
-    @classmethod
-    def allocate(
-        cls,
-        layout: CacheLayout,
-        compressed: int,
-        slots: int,
-        capacity: int,
-        full: int,
-        rows: tuple[int, ...] = (),
-        with_keys_as_written: bool = False,
-    ) -> CacheStorage:
-        """Buffers for ``layout``: ``compressed`` layers of ``slots`` slots and ``full`` layers of ``capacity``
-        tokens; ``rows`` (e.g. ``(n,)``) puts that many independent caches in front of every shape;
-        ``with_keys_as_written`` adds :attr:`keys_as_written` and :attr:`rotation_since_written` (shift mode in
-        a low-precision dtype). Raises :class:`~kvcompare.memory.AllocationError` if they would not fit in the
-        device's free memory."""
-        b, h, d, device = layout.batch, layout.kv_heads, layout.head_dim, layout.device
-        cells = math.prod(rows) * b * h
-        slot_bytes = (2 + with_keys_as_written) * d * layout.dtype.itemsize + 8 * (1 + with_keys_as_written)
-        ensure_fits(
-            cells * (compressed * slots * slot_bytes + 2 * full * capacity * d * layout.dtype.itemsize),
-            device,
-            "the KV cache",
-        )
-        compressed_kv = torch.zeros(*rows, 2, compressed, b, h, slots, d, dtype=layout.dtype, device=device)
-        slot_tokens = torch.full((*rows, compressed, b, h, slots), -1, dtype=torch.long, device=device)
-        return cls(
-            compressed_kv,
-            slot_tokens,
-            torch.empty(*rows, 2, full, b, h, capacity if full else 0, d, dtype=layout.dtype, device=device),
-            torch.zeros_like(compressed_kv[..., 0, :, :, :, :, :]) if with_keys_as_written else None,
-            torch.zeros_like(slot_tokens) if with_keys_as_written else None,
-        )
-
-    def row(self, index: int) -> CacheStorage:
-        """The buffers of row ``index`` of a batch's storage (allocated with ``rows=(n,)``): contiguous views,
-        written in place, shaped as one cache's. Raises IndexError for a row beyond the batch."""
-        written, rotation = self.keys_as_written, self.rotation_since_written
-        return CacheStorage(
-            self.compressed_kv[index],
-            self.slot_tokens[index],
-            self.full_kv[index],
-            None if written is None else written[index],
-            None if rotation is None else rotation[index],
-        )
-
-    def copy_updated(self, source: int, rows: slice, full_len: int) -> None:
-        """Give batch ``rows`` everything ``update`` has written into row ``source`` (the first ``full_len`` tokens
-        of the full layers): the rows held the same tokens and were computed as that row."""
-        for name in self.UPDATED:
-            buffer = getattr(self, name)
-            if buffer is None:
-                continue
-            if name == "full_kv":
-                buffer[rows, ..., :full_len, :] = buffer[source : source + 1, ..., :full_len, :]
-            else:
-                buffer[rows] = buffer[source : source + 1]
-
-
 class BoundedKVCache:
     """A KV cache whose compressed layers never hold more than ``config.limit`` tokens (:class:`CellCacheLike`).
 
@@ -206,7 +63,7 @@ class BoundedKVCache:
     budgets (or lacks the keys as written that shift mode in a low-precision dtype needs); ConfigError for skip
     layers the model lacks or budgets that leave a layer less than a chunk of room; the policy's
     :class:`~kvcompare.policy.PolicyError` for a policy that asks for signals but scores at write time;
-    :class:`~kvcompare.memory.AllocationError` if its buffers would not fit.
+    :class:`~kvcompare.engine.memory.AllocationError` if its buffers would not fit.
     """
 
     def __init__(
@@ -341,7 +198,7 @@ class BoundedKVCache:
     @property
     def slot_tokens(self) -> torch.Tensor:
         """The token index each compressed slot holds, ``[compressed layers, batch, kv_heads, slots]`` int64
-        (-1 free, :data:`~kvcompare.eviction.BLOCKED` beyond its layer's budget): to read, never to edit."""
+        (-1 free, :data:`~kvcompare.engine.eviction.BLOCKED` beyond its layer's budget): to read, never to edit."""
         return self._slot_tokens
 
     @property
@@ -459,7 +316,8 @@ class BoundedKVCache:
         return self._layout.batch
 
     def spans(self, layer_idx: int) -> list[tuple[int, int, int]] | None:
-        """Rows attended separately (see :meth:`kvcompare.batched.BatchedKVCache.spans`); one cache: all at once."""
+        """Rows attended separately (see :meth:`kvcompare.engine.batched.BatchedKVCache.spans`); one cache: all
+        at once."""
         return None
 
     def attended(self, chunk: int) -> int:
