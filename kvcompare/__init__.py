@@ -15,7 +15,8 @@ __all__ = ["KVCompareError", "KVPolicy", "Needs", "PolicyError", "ScoredPolicy",
 if TYPE_CHECKING:
     from kvcompare.errors import KVCompareError
     from kvcompare.hookspecs import hookimpl
-    from kvcompare.policy import KVPolicy, PolicyError, ScoredPolicy, parameter
+    from kvcompare.parameters import parameter
+    from kvcompare.policy import KVPolicy, PolicyError, ScoredPolicy
     from kvcompare.signals import Needs, Signals
 
 _HOMES = {
@@ -26,7 +27,7 @@ _HOMES = {
     "Needs": "kvcompare.signals",
     "Signals": "kvcompare.signals",
     "hookimpl": "kvcompare.hookspecs",
-    "parameter": "kvcompare.policy",
+    "parameter": "kvcompare.parameters",
 }
 
 

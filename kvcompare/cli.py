@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 POLICY_SYNTAX = "name[:key=value[:key=value...]], comma-separated, e.g. streaming,l2:mode=random,streaming:start_size=8"
+TASK_SYNTAX = "as policies, a tuple's items separated by /, e.g. ppl,passkey:depths=0.1/0.5:haystack=text,niah_single"
 
 
 def _int_list(text: str) -> list[int]:
@@ -87,11 +87,19 @@ def _add_run_parser(commands: Any) -> None:
     run.add_argument("--device", default=None, choices=["cpu", "cuda", "mps"], help=f"default {d.device}")
     run.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help=f"default {d.dtype}")
     run.add_argument("--stride", type=int, help=f"tokens per forward chunk (default {d.stride})")
-    run.add_argument("--task", dest="tasks", type=_str_list, help=f"ppl and/or passkey (default {listed(d.tasks)})")
+    run.add_argument(
+        "--task",
+        dest="tasks",
+        type=_str_list,
+        help=f"tasks, comma-separated, with parameters as policies take them: ppl, passkey, RULER's niah_single, "
+        f"niah_multikey, niah_multivalue, niah_multiquery, vt, cwe, fwe (see `kvcompare tasks`; default "
+        f"{listed(d.tasks)})",
+    )
     run.add_argument(
         "--depths",
         type=_float_list,
-        help=f"passkey: needle depths from 0 (start) to 1 (end) (default {listed(d.depths)})",
+        help=f"passkey: needle depths from 0 (start) to 1 (end), as passkey:depths=0.1/0.5 "
+        f"(default {listed(d.depths)})",
     )
     run.add_argument(
         "--haystack",
@@ -243,27 +251,45 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_parameters(cls: type) -> None:
+    from kvcompare.parameters import parameter_defaults, parameter_help, parameter_types, shown_type, shown_value
+
+    defaults, helps = parameter_defaults(cls), parameter_help(cls)
+    for key, kind in parameter_types(cls).items():
+        default = defaults[key]
+        shown = f"{key}: {shown_type(kind)} = {shown_value(default) if isinstance(default, tuple) else repr(default)}"
+        print(f"    {shown}" + (f"  {helps[key]}" if helps[key] else ""))
+    if not defaults:
+        print("    (no parameters)")
+
+
+def _first_line(cls: type) -> str:
+    return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+
 def cmd_policies(args: argparse.Namespace) -> int:
     """``kvcompare policies``: each registered policy with its plugin, parameters and defaults."""
     from kvcompare.plugins import get_registry
-    from kvcompare.policy import parameter_defaults, parameter_help, parameter_types
 
     registry = get_registry()
     for name in registry.names():
         entry = registry.entry(name)
-        doc = (entry.cls.__doc__ or "").strip().splitlines()[0] if entry.cls.__doc__ else ""
-        print(f"{name}  (plugin: {entry.plugin})\n    {doc}")
-        defaults, helps = parameter_defaults(entry.cls), parameter_help(entry.cls)
-        for key, kind in parameter_types(entry.cls).items():
-            shown = (
-                "|".join(map(str, typing.get_args(kind)))
-                if typing.get_origin(kind) is typing.Literal
-                else kind.__name__
-            )
-            print(f"    {key}: {shown} = {defaults[key]!r}" + (f"  {helps[key]}" if helps[key] else ""))
-        if not defaults:
-            print("    (no parameters)")
+        print(f"{name}  (plugin: {entry.plugin})\n    {_first_line(entry.cls)}")
+        _print_parameters(entry.cls)
     print(f"\nSyntax: {POLICY_SYNTAX}")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    """``kvcompare tasks``: each registered task with its plugin, request kind, parameters and defaults."""
+    from kvcompare.plugins import get_tasks
+
+    registry = get_tasks()
+    for name in registry.names():
+        entry = registry.entry(name)
+        print(f"{name}  (plugin: {entry.plugin}; request: {entry.cls.request})\n    {_first_line(entry.cls)}")
+        _print_parameters(entry.cls)
+    print(f"\nSyntax: {TASK_SYNTAX}")
     return 0
 
 
@@ -291,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("run_dir", type=Path)
     report.add_argument("--out", type=Path, default=None, help="where to write (default RUN_DIR/report)")
     commands.add_parser("policies", help="list policies with their parameters, defaults and plugin")
+    commands.add_parser("tasks", help="list tasks with their parameters, defaults and plugin")
     commands.add_parser("plugins", help="list plugins and their versions")
     args = parser.parse_args(argv)
     if args.command is None:
@@ -301,7 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     from kvcompare.logs import configure, level_for
 
     configure(level_for(quiet, getattr(args, "verbose", 0)))
-    handlers = {"run": cmd_run, "report": cmd_report, "policies": cmd_policies, "plugins": cmd_plugins}
+    handlers = {
+        "run": cmd_run,
+        "report": cmd_report,
+        "policies": cmd_policies,
+        "tasks": cmd_tasks,
+        "plugins": cmd_plugins,
+    }
     from kvcompare.errors import KVCompareError
 
     try:

@@ -14,7 +14,6 @@ DEFAULT_DATASET = "gutenberg"
 #: Latency trials per cell: the fewest whose bootstrap interval is more than the range of two values, while the
 #: default `kvcompare run` stays within about 6 minutes on a 2-core CPU.
 DEFAULT_REPEATS = 3
-TASKS = ("ppl", "passkey")
 #: Whether a passage or prompt starts with the tokenizer's BOS token: as the tokenizer starts a document (auto),
 #: always, or never.
 BOS_MODES = ("auto", "always", "never")
@@ -84,7 +83,7 @@ class RunConfig:
     """Everything a run is asked to do; recorded whole in run.json."""
 
     policies: list[str] = dataclasses.field(default_factory=lambda: ["streaming", "l2", "recent"])
-    tasks: list[str] = dataclasses.field(default_factory=lambda: ["ppl"])  # ppl and/or passkey
+    tasks: list[str] = dataclasses.field(default_factory=lambda: ["ppl"])  # task specs (kvcompare tasks)
     depths: list[float] = dataclasses.field(default_factory=lambda: list(DEFAULT_DEPTHS))  # passkey needle depths
     haystack: str = "repeat"  # passkey filler: repeat (the classic sentence) or text (passages of --dataset)
     bos: str = "auto"  # a passage starts with the tokenizer's BOS: auto (as it starts a document), always, never

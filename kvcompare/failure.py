@@ -53,13 +53,13 @@ def failure_of(err: BaseException, cls: type[KVPolicy]) -> Failure:
     )
 
 
-def policy_line(err: BaseException, cls: type[KVPolicy]) -> str:
+def policy_line(err: BaseException, cls: type) -> str:
     """Where in the policy's own file ``err`` was raised, as ``file:line``, or '' when not in it."""
     _, mine = _frames(err, cls)
     return f"{mine[-1].filename}:{mine[-1].lineno}" if mine else ""
 
 
-def _frames(err: BaseException, cls: type[KVPolicy]) -> tuple[traceback.StackSummary, list[traceback.FrameSummary]]:
+def _frames(err: BaseException, cls: type) -> tuple[traceback.StackSummary, list[traceback.FrameSummary]]:
     """The frames of ``err``'s traceback, and those of them in the policy's own file."""
     stack = traceback.extract_tb(err.__traceback__)
     own = policy_file(cls)

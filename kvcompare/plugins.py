@@ -7,14 +7,16 @@ import functools
 import importlib.metadata
 import logging
 from types import ModuleType
+from typing import Any, TypeVar
 
 import pluggy
 
 from kvcompare import hookspecs
-from kvcompare.policy import KVPolicy
-from kvcompare.registry import PolicyRegistry
+from kvcompare.registry import PolicyRegistry, SpecRegistry, TaskRegistry
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R", bound=SpecRegistry[Any])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,17 +74,23 @@ class PluginHost:
 
     def registry(self) -> PolicyRegistry:
         """Ask every plugin for its policies, remembering which plugin registered which."""
-        registry = PolicyRegistry()
-        for impl in self.pm.hook.register_policies.get_hookimpls():
+        return self._collect(PolicyRegistry(), "register_policies")
+
+    def tasks(self) -> TaskRegistry:
+        """Ask every plugin for its tasks, remembering which plugin registered which."""
+        return self._collect(TaskRegistry(), "register_tasks")
+
+    def _collect(self, registry: R, hook: str) -> R:
+        for impl in getattr(self.pm.hook, hook).get_hookimpls():
             name = impl.plugin_name
 
-            def register(cls: type[KVPolicy], _plugin: str = name) -> None:
+            def register(cls: type, _plugin: str = name) -> None:
                 registry.add(cls, _plugin)
 
             try:
                 impl.function(register=register)
             except Exception as err:
-                self._fail(name, f"register_policies raised {type(err).__name__}: {err}")
+                self._fail(name, f"{hook} raised {type(err).__name__}: {err}")
         return registry
 
     def plugins(self) -> list[PluginInfo]:
@@ -108,6 +116,11 @@ def get_host() -> PluginHost:
     host = PluginHost()
     host.load_entry_points()
     return host
+
+
+def get_tasks() -> TaskRegistry:
+    """The process-wide task registry (every plugin's tasks)."""
+    return get_host().tasks()
 
 
 def get_registry() -> PolicyRegistry:

@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import typing
 from typing import Any, ClassVar
 
 import torch
 
 from kvcompare.errors import KVCompareError
+from kvcompare.parameters import parameter_defaults
 from kvcompare.signals import Needs, Signals
 
 
 class PolicyError(KVCompareError, RuntimeError):
     """A policy broke its contract or was given bad parameters."""
-
-
-def parameter(default: Any, help: str) -> Any:
-    """A policy parameter with its one-line help, which `kvcompare policies` shows.
-
-    Use as ``start_size: int = parameter(4, "attention-sink tokens always kept")``.
-    """
-    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclasses.dataclass
@@ -142,43 +134,6 @@ class ScoredPolicy(KVPolicy):
     def select(self, keys: torch.Tensor, keep: int, positions: torch.Tensor) -> torch.Tensor:
         """The ``keep`` highest-scoring slots, ascending."""
         return self.score(keys, positions).topk(keep, dim=-1).indices.sort(dim=-1).values
-
-
-def parameter_types(cls: type[KVPolicy]) -> dict[str, Any]:
-    """The declared type of each parameter of a policy class."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def parameter_defaults(cls: type[KVPolicy]) -> dict[str, Any]:
-    """Each parameter's default, read from the dataclass fields (no instance is built)."""
-    return {
-        f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        for f in dataclasses.fields(cls)
-    }
-
-
-def parameter_help(cls: type[KVPolicy]) -> dict[str, str]:
-    """Each parameter's one-line help, where the policy gave one with :func:`parameter`."""
-    return {f.name: str(f.metadata.get("help", "")) for f in dataclasses.fields(cls)}
-
-
-def coerce_parameter(cls: type[KVPolicy], key: str, raw: str) -> Any:
-    """Turn a command-line string into the parameter's declared type, or say what is allowed."""
-    kind = parameter_types(cls)[key]
-    if typing.get_origin(kind) is typing.Literal:
-        choices = typing.get_args(kind)
-        if raw not in choices:
-            raise PolicyError(f"{cls.name}: {key}={raw!r} is not one of {', '.join(map(str, choices))}")
-        return raw
-    try:
-        if kind is bool:
-            if raw.lower() not in {"true", "false", "1", "0", "yes", "no"}:
-                raise ValueError(raw)
-            return raw.lower() in {"true", "1", "yes"}
-        return kind(raw)
-    except (TypeError, ValueError):
-        raise PolicyError(f"{cls.name}: {key}={raw!r} is not a valid {getattr(kind, '__name__', kind)}") from None
 
 
 def check_selection(policy: KVPolicy, kept: object, keys_shape: torch.Size, keep: int) -> None:

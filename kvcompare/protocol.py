@@ -6,7 +6,9 @@ README (a test keeps the README in step). The code that carries it out is ``kvco
 #: 3: per-layer budgets; with uneven budgets every layer frees the same number of slots, empty ones first (issue 11).
 #: 4: a task in every cell's identity (ppl, passkey) (issue 12).
 #: 5: shift mode in bfloat16/float16 re-rotates moved keys from the written key, rounding once (issue 14).
-PROTOCOL_VERSION = 6
+#: 6: the document start (BOS) in every cell's identity; model families (issue 21).
+#: 7: tasks as plugins: task_params and probe_params in every cell's identity, generic probe columns (issue 23).
+PROTOCOL_VERSION = 7
 
 #: How the numbers are measured; shown verbatim in every report and in the README.
 PROTOCOL_MD = """\
@@ -67,10 +69,16 @@ PROTOCOL_MD = """\
   is K. Remember it. K is the pass key." with a seeded random 5-digit K at each depth of `--depths` (0:
   just after the instruction, 1: just before the question), then "What is the pass key? The pass key is".
   It is prefilled in chunks of `prefill_chunk` under the policy and limit, then the answer " K" is fed one
-  token at a time as decoding feeds tokens. `passkey_correct`: every answer token was the arg-max, which
+  token at a time as decoding feeds tokens. `correct`: every answer token was the arg-max, which
   is exactly when greedy decoding produces the key (while it is right, it is fed the same tokens through
-  the same evictions); `passkey_logprob`: the answer's teacher-forced log-probability. `--samples` keys per
+  the same evictions); `answer_logprob`: the answer's teacher-forced log-probability. `--samples` keys per
   length and depth; not timed.
+- **Probe tasks** (`--task niah_single,vt,...`, see `kvcompare tasks`). A task plugin builds prompts of
+  exactly the passage length (a context, then a question) and scores what the model makes of them. An
+  `answer` task feeds its expected answer as passkey does; a `generate` task (RULER's) decodes greedily
+  after the prompt, each token fed back through the same evictions, up to the task's token budget or its
+  stop string, and `score` is the task's metric (RULER: the share of expected values found in `generated`,
+  case-insensitive); `correct` is a full score. `--samples` probes per length (and per depth); not timed.
 - **Rounds.** The cells of a passage are measured together: one quality pass each, then `repeats` rounds.
   Round r runs trial r of every cell of the passage, `full` included, and the order rotates by one cell per
   round, so a slow spell of the machine touches every policy alike. Each round also times `full` a second

@@ -12,8 +12,9 @@ RESULT_SCHEMA = pa.schema(
         ("status", pa.string()),  # "ok" or "failed"
         ("error", pa.string()),  # the failure, for status == "failed"
         ("traceback", pa.string()),  # its whole traceback (a policy's bug: file and line of the plugin's code)
-        ("task", pa.string()),  # "ppl" (quality and speed on a passage) or "passkey" (retrieval of one key)
-        ("depth", pa.float64()),  # passkey: where the needle sits, 0 (start) to 1 (end); null for ppl
+        ("task", pa.string()),  # "ppl" (quality and speed on a passage), or a probe task: "passkey", "niah_single"...
+        ("task_params", pa.string()),  # JSON: the task's parameters (its spec); "{}" for ppl
+        ("probe_params", pa.string()),  # JSON: the probe's own values (e.g. depth, needle_start); null for ppl
         ("model", pa.string()),
         ("dataset", pa.string()),
         ("source", pa.string()),  # book or file the passage came from
@@ -65,12 +66,14 @@ RESULT_SCHEMA = pa.schema(
         ("peak_mem_bytes", pa.int64()),  # process RSS (cpu) or allocator peak in the cell's single-sequence passes
         ("evict_s", pa.float64()),  # eviction time inside the counted decode steps, summed over trials
         ("evict_share", pa.float64()),  # evict_s / decode_s
-        # passkey: the prompt prefilled under the policy, then the key's tokens fed one at a time
-        ("needle_start", pa.int64()),  # token index where the needle starts in the prompt
-        ("passkey_correct", pa.bool_()),  # greedy decoding gives the key exactly
-        ("passkey_matched", pa.int64()),  # answer tokens right before the first wrong one
-        ("passkey_tokens", pa.int64()),  # tokens of the answer (" {key}")
-        ("passkey_logprob", pa.float64()),  # teacher-forced log-probability of the answer's tokens, summed
+        # a probe task (kvcompare.task): the prompt prefilled under the policy, then its answer fed (request
+        # "answer") or generated greedily (request "generate"), scored by the task
+        ("correct", pa.bool_()),  # the task's pass/fail (passkey: greedy decoding gives the key exactly)
+        ("score", pa.float64()),  # the task's metric in [0, 1] (RULER: share of expected values in the output)
+        ("answer_matched", pa.int64()),  # answer: leading answer tokens that were the arg-max
+        ("answer_tokens", pa.int64()),  # answer: tokens of the expected answer
+        ("answer_logprob", pa.float64()),  # answer: its teacher-forced log-probability, summed (nats)
+        ("generated", pa.string()),  # generate: the decoded output
         ("signal_s", pa.float64()),  # collecting the attention/queries a policy reads, inside counted decode steps
         ("signal_share", pa.float64()),  # signal_s / decode_s
         ("decode_s", pa.float64()),  # counted decode time, summed over trials

@@ -25,9 +25,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
 from kvcompare.errors import KVCompareError
+from kvcompare.parameters import parameter_defaults, shown_value
 
 #: How a probe is run (see the module docstring).
-RequestKind = Literal["answer", "generate"]
+RequestKind = Literal["rolling", "answer", "generate"]
 
 
 class TaskError(KVCompareError, ValueError):
@@ -133,6 +134,20 @@ class Task:
         """Score one outcome of ``probe``."""
         raise NotImplementedError
 
+    @property
+    def plugin(self) -> str:
+        """The plugin that registered this task ('' for one built by hand rather than by the registry)."""
+        return str(self.__dict__.get("_plugin", ""))
+
+    def bound_to(self, plugin: str) -> Task:
+        """Record the plugin that registered this task, so errors and results can name it."""
+        self.__dict__["_plugin"] = plugin
+        return self
+
+    def who(self) -> str:
+        """How errors name this task: its label and its plugin."""
+        return f"task {self.label()!r} (plugin {self.plugin!r})"
+
     def params(self) -> dict[str, Any]:
         """The task's parameters."""
         return dataclasses.asdict(self)
@@ -142,12 +157,10 @@ class Task:
         return json.dumps(self.params(), sort_keys=True)
 
     def label(self) -> str:
-        """``name[:key=value...]`` with the parameters that differ from their defaults."""
-        changed = [
-            f"{f.name}={getattr(self, f.name)}"
-            for f in dataclasses.fields(self)
-            if f.default is not dataclasses.MISSING and getattr(self, f.name) != f.default
-        ]
+        """``name[:key=value...]`` with the parameters that differ from their defaults (a tuple's items joined by
+        ``/``, as the command line writes them)."""
+        defaults = parameter_defaults(type(self))
+        changed = [f"{k}={shown_value(v)}" for k, v in self.params().items() if defaults[k] != v]
         return ":".join([self.name, *changed])
 
 

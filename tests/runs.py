@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from kvcompare.config import RunConfig
 
@@ -27,3 +28,14 @@ def tiny_run(model_dir: Path, **changes: object) -> RunConfig:
     }
     values.update(changes)
     return RunConfig(**values)  # type: ignore[arg-type]
+
+
+def retrieve(executor: Any, prompt: Any, policy: Any, config: Any, chunk: int) -> Any:
+    """A passkey prompt run as the passkey task runs it (an ``answer`` request): whether greedy decoding gives
+    the key (``correct``), the answer tokens matched in a row and the answer's log-probability."""
+    import types
+
+    from kvcompare.engine.requests import answer
+
+    got = answer(executor, prompt.tokens, prompt.answer, policy, config, chunk)
+    return types.SimpleNamespace(correct=got.matched == len(prompt.answer), matched=got.matched, logprob=got.logprob)

@@ -55,7 +55,8 @@ def test_embedded_model_executor_matches_plain_forward_and_respects_the_limit(sm
 
 
 def test_embedded_model_retrieves_the_passkey_with_a_full_cache_and_loses_it_under_recent(smollm) -> None:  # type: ignore[no-untyped-def]
-    from kvcompare.passkey import build_prompt, retrieve
+    from kvcompare_plugins.passkey import build_prompt
+    from runs import retrieve
 
     executor = Executor(smollm.model)
     registry = get_registry()

@@ -8,14 +8,15 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
-from runs import tiny_run
+from kvcompare_plugins.passkey import INSTRUCTION, NEEDLE, QUESTION, build_prompt, passkey_keys
+from runs import retrieve, tiny_run
 
 from kvcompare import models
 from kvcompare.config import CacheConfig, ConfigError
 from kvcompare.engine.executor import Executor
-from kvcompare.passkey import INSTRUCTION, NEEDLE, QUESTION, build_prompt, passkey_keys, retrieve
 from kvcompare.plugins import get_registry
 from kvcompare.run.runner import run
+from kvcompare.task import TaskError
 from kvcompare.testing import TINY_VOCAB, tiny_llama
 
 
@@ -41,9 +42,9 @@ def test_prompt_has_the_exact_length_and_the_needle_at_its_depth(encode, length:
 
 
 def test_bad_lengths_and_depths_are_refused(encode) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(ConfigError, match="passkey prompt needs at least"):
+    with pytest.raises(TaskError, match="passkey prompt needs at least"):
         build_prompt(encode, 20, 0.5, "12345")
-    with pytest.raises(ConfigError, match="from 0 to 1"):
+    with pytest.raises(TaskError, match="from 0 to 1"):
         build_prompt(encode, 300, 1.5, "12345")
 
 
@@ -147,7 +148,7 @@ def sentencepiece_like_tokenizer() -> object:
 
 
 def test_the_answer_is_the_tokens_the_model_would_produce_after_the_question() -> None:
-    from kvcompare.passkey import QUESTION
+    from kvcompare_plugins.passkey import QUESTION
 
     tokenizer = sentencepiece_like_tokenizer()
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from kvcompare.analysis.load import IS_PASSKEY, PASSKEY_TASK, ReportError, RunData, check_run_dir, empty_frame, load_run
+from kvcompare.analysis.load import IS_PROBE, PASSKEY_TASK, ReportError, RunData, check_run_dir, empty_frame, load_run
 from kvcompare.analysis.metrics import (
     ACCURACY_CHANGE,
     CHANGE_BY_COLUMN,
@@ -177,7 +177,7 @@ __all__ = [
     "IS_ANSWERED",
     "IS_BASELINE",
     "IS_OK",
-    "IS_PASSKEY",
+    "IS_PROBE",
     "LONG_TEXT",
     "MEMORY_BOUND",
     "METRICS",

@@ -65,12 +65,37 @@ def empty_frame(schema: pa.Schema) -> pl.DataFrame:
     return frame
 
 
+#: Columns of results written before protocol 7, by their generic names (a passkey probe's, issue 23).
+LEGACY_COLUMNS = {
+    "passkey_correct": "correct",
+    "passkey_matched": "answer_matched",
+    "passkey_tokens": "answer_tokens",
+    "passkey_logprob": "answer_logprob",
+}
+
+
+def generic_columns(frame: pl.DataFrame) -> pl.DataFrame:
+    """A result file of an older protocol with today's columns: passkey_* renamed, the needle's depth and start
+    moved into ``probe_params``; a file of today's protocol unchanged."""
+    frame = frame.rename({old: new for old, new in LEGACY_COLUMNS.items() if old in frame.columns})
+    if "depth" in frame.columns and "probe_params" not in frame.columns:
+        start = pl.col("needle_start") if "needle_start" in frame.columns else pl.lit(None, dtype=pl.Int64)
+        params = pl.struct(pl.col("depth"), start.alias("needle_start")).struct.json_encode()
+        frame = frame.with_columns(
+            pl.when(pl.col("depth").is_not_null()).then(params).otherwise(None).alias("probe_params"),
+            pl.lit("{}").alias("task_params"),
+        )
+        if "correct" in frame.columns:
+            frame = frame.with_columns((pl.col("answer_matched") / pl.col("answer_tokens")).alias("score"))
+    return frame.drop([c for c in ("depth", "needle_start") if c in frame.columns])
+
+
 def _read_parquet_dir(run_dir: Path, pattern: str, schema: pa.Schema, problems: list[str]) -> pl.DataFrame:
     """Read files one by one so that a half-written file costs only itself, and give every schema column."""
     frames = []
     for path in sorted(run_dir.glob(pattern)):
         try:
-            frames.append(pl.read_parquet(path))
+            frames.append(generic_columns(pl.read_parquet(path)) if schema is RESULT_SCHEMA else pl.read_parquet(path))
         except Exception as exc:  # noqa: BLE001 - any unreadable file is reported, not fatal
             problems.append(f"{path.relative_to(run_dir)}: {exc}")
     empty = empty_frame(schema)
@@ -88,15 +113,23 @@ def _latest_attempt(cells: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-#: The task of a passkey probe's row; every other row (task "ppl", or null in runs older than tasks) is a PPL cell.
+#: The task of a passkey probe's row.
 PASSKEY_TASK = "passkey"
-IS_PASSKEY = (pl.col("task") == PASSKEY_TASK).fill_null(False)
+#: A probe task's row; every other row (task "ppl", or null in runs older than tasks) is a PPL cell.
+IS_PROBE = (pl.col("task").is_not_null() & (pl.col("task") != "ppl")).fill_null(False)
+
+
+def with_depth(probes: pl.DataFrame) -> pl.DataFrame:
+    """Probe rows with their ``depth`` (a needle task's axis, from ``probe_params``; null where there is none)."""
+    depth = pl.col("probe_params").str.json_path_match("$.depth").cast(pl.Float64, strict=False)
+    return probes.with_columns(depth.alias("depth"))
 
 
 def load_run(run_dir: Path) -> RunData:
     """Load run.json, cells, curves and timings; any of them may be missing, but not all (ReportError).
 
-    Passkey probes go to `retrieval`, and `cells` (with the curves and timings of its cells) holds only the
+    Probes (passkey, RULER's tasks) go to `retrieval`, with their ``depth``, and `cells` (with the curves and
+    timings of its cells) holds only the
     PPL/speed cells, so every figure computed from `cells` is what it was before runs had probes.
     """
     check_run_dir(run_dir)
@@ -109,14 +142,14 @@ def load_run(run_dir: Path) -> RunData:
         except (OSError, json.JSONDecodeError) as exc:
             problems.append(f"{RUN_JSON}: {exc}")
     rows = _latest_attempt(_read_parquet_dir(run_dir, RESULTS_GLOB, RESULT_SCHEMA, problems))
-    retrieval = rows.filter(IS_PASSKEY)
+    retrieval = with_depth(rows.filter(IS_PROBE))
     not_probe = ~pl.col("cell_id").is_in(retrieval["cell_id"].implode()).fill_null(False)
     curves = _read_parquet_dir(run_dir, CURVES_GLOB, CURVE_SCHEMA, problems)
     timings = _read_parquet_dir(run_dir, TIMINGS_GLOB, TIMINGS_SCHEMA, problems)
     return RunData(
         run_dir=run_dir,
         meta=meta,
-        cells=rows.filter(~IS_PASSKEY),
+        cells=rows.filter(~IS_PROBE),
         curves=curves.filter(not_probe),
         timings=timings.filter(not_probe),
         problems=problems,

@@ -1,4 +1,5 @@
-"""Passkey retrieval: whether greedy decoding still gives the key under eviction, by configuration and probe."""
+"""Probe tasks (passkey, RULER's): how often each configuration answers correctly, by task, configuration and
+probe."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ from kvcompare.analysis.pairing import BASELINE_POLICY, IS_BASELINE, IS_OK
 
 # --- Retrieval: passkey probes, whether greedy decoding still gives the key under eviction -------------------
 
-#: A retrieval configuration: a policy at a cache limit in a position mode; `policy` rides along for names.
-RETRIEVAL_KEYS: list[str] = ["policy", "policy_label", "cache_size", "positions"]
+#: A retrieval configuration: a task, and a policy at a cache limit in a position mode; `policy` rides along
+#: for names.
+CONFIG_KEYS: list[str] = ["policy", "policy_label", "cache_size", "positions"]
+RETRIEVAL_KEYS: list[str] = ["task", *CONFIG_KEYS]
+#: What a configuration is compared with `full` on: the same task, position mode and length.
+BASELINE_MATCH: list[str] = ["task", "positions", "seq_len"]
 #: Where a probe was placed: the prompt's length and the needle's depth in it.
 PROBE_KEYS: list[str] = ["seq_len", "depth"]
 #: A probe that counts towards accuracy: it succeeded and recorded whether the key came out.
-IS_ANSWERED = IS_OK.fill_null(False) & pl.col("passkey_correct").is_not_null()
+IS_ANSWERED = IS_OK.fill_null(False) & pl.col("correct").is_not_null()
 
 
 def retrieval_stats(retrieval: pl.DataFrame, by: Sequence[str] = ()) -> pl.DataFrame:
@@ -25,13 +30,13 @@ def retrieval_stats(retrieval: pl.DataFrame, by: Sequence[str] = ()) -> pl.DataF
     return (
         retrieval.group_by([*RETRIEVAL_KEYS, *by])
         .agg(
-            (pl.col("passkey_correct").filter(IS_ANSWERED).cast(pl.Float64).mean() * 100).alias("accuracy_pct"),
-            pl.col("passkey_logprob").filter(IS_ANSWERED).mean().alias("logprob_mean"),
+            (pl.col("correct").filter(IS_ANSWERED).cast(pl.Float64).mean() * 100).alias("accuracy_pct"),
+            pl.col("answer_logprob").filter(IS_ANSWERED).mean().alias("logprob_mean"),
             IS_ANSWERED.sum().cast(pl.Int64).alias("n"),
             (~IS_OK.fill_null(False)).sum().cast(pl.Int64).alias("failed"),
         )
         .sort(
-            [pl.col("policy") != BASELINE_POLICY, "policy_label", "cache_size", "positions", *by],
+            ["task", pl.col("policy") != BASELINE_POLICY, "policy_label", "cache_size", "positions", *by],
             nulls_last=False,
         )
     )
@@ -53,28 +58,32 @@ def retrieval_measured(retrieval: pl.DataFrame | None) -> bool:
 
 
 def retrieval_gaps(retrieval: pl.DataFrame) -> pl.DataFrame:
-    """Per evicting configuration (RETRIEVAL_KEYS): retrieval_pct, its accuracy, retrieval_full_pct, the
+    """Per evicting configuration (CONFIG_KEYS): retrieval_pct, its accuracy (the mean over tasks of each task's
+    accuracy), retrieval_full_pct, the
     accuracy of `full` in its position mode, and retrieval_gap_pts = full's − its, in percentage points; both
     pooled over the answered probes at the lengths where both it and that `full` have answered probes, so that
     neither is judged on lengths the other was not. A configuration sharing no length with `full` is absent."""
-    answered = retrieval.filter(IS_ANSWERED).with_columns(pl.col("passkey_correct").cast(pl.Float64) * 100)
-    baseline = answered.filter(IS_BASELINE).select("positions", "seq_len", "passkey_correct")
+    answered = retrieval.filter(IS_ANSWERED).with_columns(pl.col("correct").cast(pl.Float64) * 100)
+    baseline = answered.filter(IS_BASELINE).select(*BASELINE_MATCH, "correct")
     evicting = answered.filter(~IS_BASELINE)
     shared = (
         evicting.select(*RETRIEVAL_KEYS, "seq_len")
         .unique()
-        .join(baseline.select("positions", "seq_len").unique(), on=["positions", "seq_len"], nulls_equal=True)
+        .join(baseline.select(BASELINE_MATCH).unique(), on=BASELINE_MATCH, nulls_equal=True)
     )
     own = (
         evicting.join(shared, on=[*RETRIEVAL_KEYS, "seq_len"], nulls_equal=True)
         .group_by(RETRIEVAL_KEYS)
-        .agg(pl.col("passkey_correct").mean().alias("retrieval_pct"))
+        .agg(pl.col("correct").mean().alias("retrieval_pct"))
     )
     full = (
-        shared.join(baseline, on=["positions", "seq_len"], nulls_equal=True)
+        shared.join(baseline, on=BASELINE_MATCH, nulls_equal=True)
         .group_by(RETRIEVAL_KEYS)
-        .agg(pl.col("passkey_correct").mean().alias("retrieval_full_pct"))
+        .agg(pl.col("correct").mean().alias("retrieval_full_pct"))
     )
-    return own.join(full, on=RETRIEVAL_KEYS, nulls_equal=True).with_columns(
-        (pl.col("retrieval_full_pct") - pl.col("retrieval_pct")).alias("retrieval_gap_pts")
+    per_task = own.join(full, on=RETRIEVAL_KEYS, nulls_equal=True)
+    return (
+        per_task.group_by(CONFIG_KEYS)
+        .agg(pl.col("retrieval_pct").mean(), pl.col("retrieval_full_pct").mean())
+        .with_columns((pl.col("retrieval_full_pct") - pl.col("retrieval_pct")).alias("retrieval_gap_pts"))
     )

@@ -10,7 +10,7 @@ import polars as pl
 from kvcompare.analysis.metrics import NOISE_CHANGES, PPL_CHANGE, THROUGHPUT_CHANGE, TPOT_CHANGE, Change
 from kvcompare.analysis.noise import NoiseFloor
 from kvcompare.analysis.pairing import BASELINE_POLICY, lengths_in
-from kvcompare.analysis.retrieval import RETRIEVAL_KEYS, retrieval_gaps, retrieval_measured
+from kvcompare.analysis.retrieval import CONFIG_KEYS, retrieval_gaps, retrieval_measured
 
 # --- Recommendations: fixed, stated rules, so a reader can check every choice -------------------------------
 
@@ -185,7 +185,7 @@ def recommend(
     measured = retrieval_measured(retrieval)
     if measured and retrieval is not None:
         gaps = retrieval_gaps(retrieval)
-        evicting = evicting.join(gaps, on=RETRIEVAL_KEYS, how="left", nulls_equal=True, maintain_order="left")
+        evicting = evicting.join(gaps, on=CONFIG_KEYS, how="left", nulls_equal=True, maintain_order="left")
     rules = rules_for(measured, with_speed)
     per_length = [rule for rule in rules if rule is not LONG_TEXT]
     lengths = lengths_in(evicting)

@@ -82,6 +82,7 @@ class RowContext:
     host: str  # the machine that measured the rows
     device_name: str  # the device that measured them (e.g. the GPU's name)
     layer_kinds: str = "null"  # JSON: each layer's attention and RoPE, as the fidelity probe found them
+    tokenizer: Any = None  # decodes a generate task's output
 
 
 def row_context(run_id: str, config: RunConfig, loaded: LoadedModel, executor: Executor, threads: int) -> RowContext:
@@ -98,6 +99,7 @@ def row_context(run_id: str, config: RunConfig, loaded: LoadedModel, executor: E
         socket.gethostname(),
         device_name(executor.device),
         json.dumps((loaded.info.get("fidelity") or {}).get("layer_kinds") or None),
+        loaded.tokenizer,
     )
 
 
@@ -141,7 +143,7 @@ def measure_group(
 ) -> PassageResults:
     """Measure the ``todo`` cells of one passage (``cells`` are all of its cells, ``done`` those finished)."""
     if todo[0].probe is not None:
-        records = measure_probes(executor, todo, tick)
+        records = measure_probes(executor, todo, tick, context.tokenizer)
         return PassageResults(None, [], [result_row(record, context) for record in records])
     baselines = [c for c in cells if not c.policy.bounded and c.id in done]
     records, timings = measure_passage(
@@ -188,15 +190,16 @@ def result_row(record: CellRecord, context: RowContext) -> tuple[dict[str, Any],
         weight_bytes=context.weight_bytes,
         tpot_floor_s=tpot_floor(context.weight_bytes, kv_bytes, context.bandwidth),
     )
-    if record.retrieval is not None:
-        probe, retrieval = cell.probe, record.retrieval
+    if record.outcome is not None and record.score is not None:
+        probe, outcome = cell.probe, record.outcome
         assert probe is not None
         row.update(
-            needle_start=probe.needle_start,
-            passkey_correct=retrieval.correct,
-            passkey_matched=retrieval.matched,
-            passkey_tokens=len(probe.answer),
-            passkey_logprob=retrieval.logprob,
+            correct=record.score.correct,
+            score=record.score.score,
+            answer_matched=outcome.matched,
+            answer_tokens=len(probe.answer) if probe.answer else None,
+            answer_logprob=outcome.logprob,
+            generated=outcome.text,
             status="ok",
         )
         return row, []

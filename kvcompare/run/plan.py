@@ -17,7 +17,6 @@ from kvcompare import models
 from kvcompare.config import (
     BOS_MODES,
     HAYSTACKS,
-    TASKS,
     CacheConfig,
     ConfigError,
     LatencySettings,
@@ -27,10 +26,10 @@ from kvcompare.config import (
 from kvcompare.corpus import Passage
 from kvcompare.engine.budgets import parse_layer_budget, smallest_budget
 from kvcompare.engine.cache import check_skip_layers
-from kvcompare.passkey import PasskeyPrompt, build_prompt, passkey_keys
 from kvcompare.plugins import get_host
 from kvcompare.policy import KVPolicy, PolicyError
 from kvcompare.run.results import cell_id
+from kvcompare.task import Probe, Task, TaskError, TaskInputs
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +55,21 @@ class CellContext:
 class Cell:
     """One measurement: a policy at a cache limit on one passage, with everything that identifies it.
 
-    A ``ppl`` cell measures quality and speed on a passage of the corpus; a ``passkey`` cell (``probe`` set)
-    measures whether the key hidden in its prompt is retrieved.
+    A ``ppl`` cell measures quality and speed on a passage of the corpus; a probe cell (``task`` and ``probe``
+    set: passkey, RULER's tasks) runs its prompt under the policy and scores what the model makes of it.
     """
 
     passage: Passage
     policy: KVPolicy
     cache: CacheConfig
     context: CellContext
-    probe: PasskeyPrompt | None = None
+    probe: Probe | None = None
+    probe_task: Task | None = None  # the task that built ``probe``
 
     @property
     def task(self) -> str:
-        """``ppl`` for a perplexity cell, ``passkey`` for a retrieval probe."""
-        return "ppl" if self.probe is None else "passkey"
+        """``ppl`` for a perplexity cell, else the probe's task's name."""
+        return "ppl" if self.probe_task is None else self.probe_task.name
 
     @functools.cached_property
     def fields(self) -> dict[str, Any]:
@@ -78,7 +78,8 @@ class Cell:
             "model": self.context.model,
             "dataset": self.context.dataset,
             "task": self.task,
-            "depth": None if self.probe is None else self.probe.depth,
+            "task_params": "{}" if self.probe_task is None else self.probe_task.params_json(),
+            "probe_params": None if self.probe is None else json.dumps(dict(self.probe.params), sort_keys=True),
             "source": self.passage.source,
             "token_offset": self.passage.token_offset,
             "sample_id": self.passage.sample_id,
@@ -109,7 +110,9 @@ class Cell:
 
     def describe(self) -> str:
         """A short name for progress and error lines."""
-        probe = "" if self.probe is None else f" passkey depth={self.probe.depth}"
+        probe = ""
+        if self.probe is not None and self.probe_task is not None:
+            probe = " " + " ".join([self.probe_task.label(), *(f"{k}={v}" for k, v in self.probe.params)])
         return f"{self.policy.label()} cache={self.cache.limit} len={len(self.passage.tokens)}{probe}"
 
 
@@ -205,14 +208,14 @@ def check_config(config: RunConfig, policies: list[KVPolicy]) -> None:
         )
     for mode in config.positions:
         check_position_mode(mode)
-    unknown = [t for t in config.tasks if t not in TASKS]
-    if not config.tasks or unknown:
-        raise ConfigError(f"--task takes {' and/or '.join(TASKS)}, not {config.tasks}")
+    if not config.tasks:
+        raise ConfigError("--task is empty: name at least one task (see `kvcompare tasks`), e.g. ppl")
+    build_tasks(config)
     if config.bos not in BOS_MODES:
         raise ConfigError(f"--bos takes {', '.join(BOS_MODES)}, not {config.bos!r}")
     if config.haystack not in HAYSTACKS:
         raise ConfigError(f"--haystack takes {' or '.join(HAYSTACKS)}, not {config.haystack!r}")
-    if "passkey" in config.tasks and (not config.depths or not all(0 <= d <= 1 for d in config.depths)):
+    if not config.depths or not all(0 <= d <= 1 for d in config.depths):
         raise ConfigError(f"--depths takes numbers from 0 (start) to 1 (end), not {config.depths}")
     parse_layer_budget(config.layer_budget)
     bounded = [p for p in policies if p.bounded]
@@ -314,11 +317,12 @@ def plan(config: RunConfig, policies: list[KVPolicy] | None = None) -> Plan:
     corpus = corpora.load_corpus(config.dataset, text_column=config.text_column, include_all=config.all_books)
     encode = functools.cache(functools.partial(models.encode, tokenizer))  # each document tokenized once
     bos = models.document_start(tokenizer, config.bos)
+    tasks = build_tasks(config)
     passages = [
         passage
         for length, samples in zip(config.lengths, config.samples, strict=True)
         for passage in corpora.sample_passages(corpus, encode, length, samples, config.seed, bos)
-        if "ppl" in config.tasks
+        if any(task.request == "rolling" for task in tasks)
     ]
     context = CellContext.of(config)
     configurations = [
@@ -328,40 +332,93 @@ def plan(config: RunConfig, policies: list[KVPolicy] | None = None) -> Plan:
         for limit in (config.cache_sizes if policy.bounded else [None])
     ]
     cells = [Cell(passage, policy, cache, context) for passage in passages for policy, cache in configurations]
-    if "passkey" in config.tasks:
+    for task in tasks:
+        if task.request == "rolling":
+            continue
         cells += [
-            Cell(probe_passage(probe, sample), policy, cache, context, probe)
-            for probe, sample in passkey_probes(config, encode, corpus, bos)
+            Cell(probe_passage(task, probe, sample, bos is not None), policy, cache, context, probe, task)
+            for probe, sample in task_probes(config, task, encode, tokenizer, corpus, bos)
             for policy, cache in configurations
         ]
     return Plan(config, policies, tokenizer, corpus.describe(), passages, cells, num_layers)
 
 
-def passkey_probes(
-    config: RunConfig, encode: Any, corpus: Any, bos: int | None = None
-) -> list[tuple[PasskeyPrompt, int]]:
-    """Every passkey prompt of the run with its sample index: ``samples`` seeded keys per (length, depth).
+def build_tasks(config: RunConfig) -> list[Task]:
+    """The tasks of ``--task``, each built from its spec by the task registry (``passkey`` takes ``--depths`` and
+    ``--haystack`` unless its spec sets them). Raises ConfigError for an unknown task or a bad parameter."""
+    registry = get_host().tasks()
+    tasks: list[Task] = []
+    for spec in config.tasks:
+        name, *assignments = spec.split(":")
+        given = {a.partition("=")[0] for a in assignments}
+        if name == "passkey":
+            if "depths" not in given:
+                spec += ":depths=" + "/".join(f"{d:g}" for d in dict.fromkeys(config.depths))
+            if "haystack" not in given:
+                spec += f":haystack={config.haystack}"
+        try:
+            task = registry.build(spec)
+        except TaskError as err:
+            raise ConfigError(str(err)) from None
+        if task.label() not in {t.label() for t in tasks}:
+            tasks.append(task)
+    return tasks
 
-    With ``--haystack text`` sample s of a length hides its keys in the s-th passage drawn from the dataset
-    (with another seed than the ppl passages), the same text at every depth.
-    """
+
+def task_inputs(
+    config: RunConfig, encode: Any, tokenizer: Any, corpus: Any, bos: int | None, samples: int
+) -> TaskInputs:
+    """What a task may build its probes from, for a length with ``samples`` samples: sample s's book-text
+    haystack is the s-th passage drawn from the dataset (with another seed than the ppl passages)."""
+    texts: dict[int, list[Passage]] = {}
+
+    def filler(sample: int, tokens: int) -> tuple[list[int], str]:
+        if tokens not in texts:
+            texts[tokens] = corpora.sample_passages(corpus, encode, tokens, samples, config.seed + 1)
+        text = texts[tokens][sample % len(texts[tokens])]
+        return list(text.tokens), f"{text.source}@{text.token_offset}"
+
+    return TaskInputs(
+        encode=encode,
+        bos=bos,
+        seed=config.seed,
+        filler=filler,
+        words=english_words_if_needed(),
+        decode=lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True),
+    )
+
+
+def english_words_if_needed() -> tuple[str, ...]:
+    """The word list tasks draw words from (empty when no word list is installed: a task that needs one says
+    so when it builds its probes)."""
+    try:
+        from kvcompare.words import english_words
+    except ImportError:
+        return ()
+    try:
+        return english_words()
+    except TaskError:
+        return ()
+
+
+def task_probes(
+    config: RunConfig, task: Task, encode: Any, tokenizer: Any, corpus: Any, bos: int | None = None
+) -> list[tuple[Probe, int]]:
+    """Every probe of ``task`` in the run with its sample index: ``--samples`` probes per length (per depth for
+    passkey). Raises ConfigError when the task cannot build a prompt of a length."""
     probes = []
     for length, samples in zip(config.lengths, config.samples, strict=True):
-        texts = (
-            corpora.sample_passages(corpus, encode, length, samples, config.seed + 1)
-            if config.haystack == "text"
-            else []
-        )
-        for depth in config.depths:
-            for sample, key in enumerate(passkey_keys(config.seed, length, depth, samples)):
-                text = texts[sample] if texts else None
-                filler = None if text is None else text.tokens
-                haystack = "repeat" if text is None else f"{text.source}@{text.token_offset}"
-                probes.append((build_prompt(encode, length, depth, key, filler, haystack, bos), sample))
+        inputs = task_inputs(config, encode, tokenizer, corpus, bos, samples)
+        try:
+            built = task.probes(inputs, length, samples)
+        except TaskError as err:
+            raise ConfigError(f"{task.who()}: {err}") from None
+        for index, probe in enumerate(built):
+            probes.append((probe, int(probe.param("sample", index % samples))))
     return probes
 
 
-def probe_passage(probe: PasskeyPrompt, sample: int) -> Passage:
-    """A passkey prompt as a passage, so that it is grouped, described and keyed like one."""
-    source = f"passkey:{probe.key}:{probe.haystack}"
-    return Passage("passkey", source, probe.needle_start, sample, probe.tokens, probe.bos)
+def probe_passage(task: Task, probe: Probe, sample: int, bos: bool) -> Passage:
+    """A probe's prompt as a passage, so that it is grouped, described and keyed like one."""
+    params = json.dumps(dict(probe.params), sort_keys=True)
+    return Passage(task.name, f"{task.label()}:{probe.source}:{params}", 0, sample, probe.tokens, bos)

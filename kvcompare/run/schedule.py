@@ -13,18 +13,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from kvcompare.engine.executor import Executor, LatencyResult, QualityResult
 from kvcompare.engine.memory import free_memory
+from kvcompare.engine.requests import answer, generate
 from kvcompare.failure import failure_of, report_failure
-from kvcompare.passkey import Retrieval, retrieve
 from kvcompare.run.figures import round_order, timing_rows
 from kvcompare.run.plan import Cell
 from kvcompare.run.quality_batch import MEMORY_SHARE, quality_batches
+from kvcompare.task import Outcome, Score
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ class CellRecord:
     quality: QualityResult | None = None
     trials: list[LatencyResult] = dataclasses.field(default_factory=list)
     oneshot_ttft: list[float] = dataclasses.field(default_factory=list)
-    retrieval: Retrieval | None = None  # a passkey cell's one pass
+    outcome: Outcome | None = None  # a probe cell's one pass
+    score: Score | None = None  # its task's score of it
     error: str | None = None
     traceback: str | None = None  # the error's whole traceback
     wall_s: float = 0.0  # its own passes only: cells of a passage interleave
@@ -214,25 +216,57 @@ def _trial(executor: Executor, cell: Cell, oneshot: bool = False) -> LatencyResu
     )
 
 
-def measure_probes(executor: Executor, cells: list[Cell], tick: Callable[[str, int], None]) -> list[CellRecord]:
-    """A passkey prompt's cells: one retrieval pass each (prefill under the policy, then the key's tokens).
+def measure_probes(
+    executor: Executor, cells: list[Cell], tick: Callable[[str, int], None], tokenizer: Any = None
+) -> list[CellRecord]:
+    """A probe's cells: one pass each, as its task's request kind says (``answer``: prefill under the policy,
+    then the expected answer's tokens; ``generate``: prefill, then greedy decoding, the text decoded with
+    ``tokenizer``), scored by the task.
 
-    Retrieval is not timed for speed (the ppl task's latency trials are), so no rounds are needed.
+    Probes are not timed for speed (the ppl task's latency trials are), so no rounds are needed.
     """
     records = []
     for cell in cells:
         record = CellRecord(cell)
-        assert cell.probe is not None
+        task, probe = cell.probe_task, cell.probe
+        assert task is not None and probe is not None
         tick(cell.describe(), 0)
         try:
             chunk = cell.context.latency.prefill_chunk or cell.cache.stride
-            record.retrieval = retrieve(executor, cell.probe, cell.policy, cell.cache, chunk)
-            record.wall_s = record.retrieval.wall_s
+            if task.request == "answer":
+                answered = answer(executor, probe.tokens, probe.answer, cell.policy, cell.cache, chunk)
+                record.outcome = Outcome(matched=answered.matched, logprob=answered.logprob)
+                record.wall_s = answered.wall_s
+            else:
+                decode = _decoder(tokenizer)
+                generated = generate(
+                    executor,
+                    probe.tokens,
+                    cell.policy,
+                    cell.cache,
+                    chunk,
+                    probe.max_new_tokens,
+                    done=_stops(decode, probe.stop),
+                    eos=getattr(tokenizer, "eos_token_id", None),
+                )
+                record.outcome = Outcome(text=decode(generated.tokens), tokens=generated.tokens)
+                record.wall_s = generated.wall_s
+            record.score = task.score(probe, record.outcome)
         except Exception as err:  # one failing policy (its memory included) must not lose the other cells
             _fail(record, err)
         tick(cell.describe(), 1)
         records.append(record)
     return records
+
+
+def _stops(decode: Callable[[Sequence[int]], str], stops: tuple[str, ...]) -> Callable[[Sequence[int]], bool]:
+    return lambda tokens: any(stop in decode(tokens) for stop in stops)
+
+
+def _decoder(tokenizer: Any) -> Callable[[Sequence[int]], str]:
+    if tokenizer is None:
+        raise RuntimeError("a generate task needs the model's tokenizer to decode its output")
+    return lambda tokens: str(tokenizer.decode(list(tokens), skip_special_tokens=True))
 
 
 def _fail(record: CellRecord, err: Exception) -> None:

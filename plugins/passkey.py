@@ -1,23 +1,21 @@
-"""The passkey retrieval task (LongLoRA, Landmark attention): can the model still recall one fact under eviction?
+"""`passkey`: the passkey retrieval task (Mohtashami & Jaggi 2023, Landmark attention; LongLoRA's evaluation):
+can the model still recall one fact under eviction?
 
-A prompt of exactly ``length`` tokens: an instruction, a filler sentence repeated, the line "The pass key is
-{key}. Remember it. {key} is the pass key." at a depth, then "What is the pass key? The pass key is". It is
-prefilled in chunks under the policy and limit, as the latency pass does; then the key's tokens are fed one
-at a time, as decoding would, recording each one's log-probability and whether it was the arg-max.
+A prompt of exactly ``length`` tokens: an instruction, a filler sentence repeated (or book text with
+``haystack=text``), the line "The pass key is {key}. Remember it. {key} is the pass key." at a depth, then
+"What is the pass key? The pass key is". Run as an ``answer`` request: the key's tokens are fed one at a time
+after the prompt, as decoding would feed them; correct when greedy decoding gives the key exactly.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
-import time
 from collections.abc import Callable, Sequence
+from typing import Literal
 
-import torch
-
-from kvcompare.config import CacheConfig, ConfigError
-from kvcompare.engine.executor import Executor
-from kvcompare.policy import KVPolicy
+from kvcompare import hookimpl, parameter
+from kvcompare.task import Outcome, Probe, Score, Task, TaskError, TaskInputs
 
 INSTRUCTION = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -66,14 +64,14 @@ def build_prompt(
     tokens " K" takes in the question's context (:func:`answer_tokens`), not " K" tokenized alone.
     """
     if not 0 <= depth <= 1:
-        raise ConfigError(f"--depths takes numbers from 0 to 1, not {depth}")
+        raise TaskError(f"passkey: depths are numbers from 0 to 1, not {depth}")
     instruction, needle, question = encode(INSTRUCTION), encode(NEEDLE.format(key=key)), encode(QUESTION)
     if bos is not None:
         instruction = [bos, *instruction]
     budget = length - len(instruction) - len(needle) - len(question)
     if budget < 0:
         fixed = length - budget
-        raise ConfigError(f"a passkey prompt needs at least {fixed} tokens with this tokenizer, not {length}")
+        raise TaskError(f"a passkey prompt needs at least {fixed} tokens with this tokenizer, not {length}")
     unit = list(filler) if filler else encode(FILLER)
     stream = (unit * (budget // len(unit) + 1))[:budget]
     before = round(depth * budget)
@@ -94,39 +92,58 @@ def answer_tokens(encode: Callable[[str], list[int]], question: Sequence[int], k
     return tuple(encode(f" {key}"))
 
 
+#: The default needle depths (0: right after the instruction, 1: just before the question).
+DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
 @dataclasses.dataclass(frozen=True)
-class Retrieval:
-    """What a policy made of one probe."""
+class Passkey(Task):
+    """Hide a 5-digit key in filler text at each depth; ask for it after the filler (exact match of its tokens).
 
-    correct: bool  # greedy decoding would produce the answer's tokens exactly
-    matched: int  # answer tokens that were the arg-max before the first that was not
-    logprob: float  # teacher-forced log-probability of the answer's tokens, summed
-    wall_s: float
-
-
-@torch.inference_mode()
-def retrieve(
-    executor: Executor, prompt: PasskeyPrompt, policy: KVPolicy, config: CacheConfig, prefill_chunk: int
-) -> Retrieval:
-    """Prefill the prompt in chunks under the policy, then feed the answer one token at a time.
-
-    Greedy decoding feeds back its own arg-max; while that equals the answer's next token, it is fed exactly
-    what is fed here, through the same evictions. So the answer is generated exactly iff every answer token
-    is the arg-max here, and one pass gives both the exact match and the teacher-forced log-probability.
+    Deviation: the instruction, needle and question follow LongLoRA's passkey prompt; the prompt's length is
+    exact (assembled from separately tokenized pieces), where the original repeats the filler a number of times.
     """
-    begin = time.perf_counter()
-    ids = torch.tensor(prompt.tokens, device=executor.device).view(1, -1)
-    cache = executor.new_cache(policy, config, capacity=ids.shape[1] + len(prompt.answer))
-    logprob, matched, on_track = 0.0, 0, True
-    with executor.attached():
-        last = executor.prefill(cache, ids, prefill_chunk)
-        for index, token in enumerate(prompt.answer):
-            scores = torch.log_softmax(last[0].float(), dim=-1)
-            logprob += float(scores[token])
-            on_track = on_track and int(scores.argmax()) == token
-            matched += on_track
-            if index + 1 < len(prompt.answer):
-                logits, _ = executor.forward(cache, torch.tensor([[token]], device=executor.device), last_only=True)
-                last = logits[:, -1]
-    executor.evict_timer.take_seconds()  # retrieval is not timed for speed: drop its eviction spans
-    return Retrieval(matched == len(prompt.answer), matched, logprob, time.perf_counter() - begin)
+
+    name = "passkey"
+    request = "answer"
+    axes = ("depth",)
+    metric = "exact match of the key's tokens (greedy)"
+    depths: tuple[float, ...] = parameter(DEFAULT_DEPTHS, "needle depths, 0 (start) to 1 (end), /-separated")
+    haystack: Literal["repeat", "text"] = parameter(
+        "repeat", "repeat: the classic filler sentence; text: passages of the run's --dataset"
+    )
+
+    def __post_init__(self) -> None:
+        if not self.depths or not all(0 <= d <= 1 for d in self.depths):
+            raise TaskError(f"passkey: depths are numbers from 0 (start) to 1 (end), not {self.depths}")
+
+    def probes(self, inputs: TaskInputs, length: int, samples: int) -> list[Probe]:
+        """``samples`` seeded keys per depth, each prompt exactly ``length`` tokens; with ``haystack=text`` sample
+        s hides its keys in the s-th corpus passage, the same text at every depth."""
+        probes = []
+        for depth in dict.fromkeys(self.depths):
+            for sample, key in enumerate(passkey_keys(inputs.seed, length, depth, samples)):
+                filler, source = inputs.filler(sample, length) if self.haystack == "text" else (None, "repeat")
+                prompt = build_prompt(inputs.encode, length, depth, key, filler, source, inputs.bos)
+                question = len(inputs.encode(QUESTION))
+                probes.append(
+                    Probe(
+                        context=prompt.tokens[:-question],
+                        question=prompt.tokens[-question:],
+                        expected=(key,),
+                        answer=prompt.answer,
+                        params=(("depth", depth), ("needle_start", prompt.needle_start), ("sample", sample)),
+                        source=f"passkey:{key}:{source}",
+                    )
+                )
+        return probes
+
+    def score(self, probe: Probe, outcome: Outcome) -> Score:
+        """Correct when every answer token was the arg-max; the score is the share of them matched in a row."""
+        matched = outcome.matched or 0
+        return Score(matched == len(probe.answer), matched / len(probe.answer))
+
+
+@hookimpl
+def register_tasks(register: Callable[[type[Task]], None]) -> None:
+    register(Passkey)
