@@ -263,34 +263,31 @@ def _print_parameters(cls: type) -> None:
         print("    (no parameters)")
 
 
-def _first_line(cls: type) -> str:
-    return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+def _list_registered(registry: Any, syntax: str, request: bool = False) -> int:
+    """Each class of a registry with its plugin (and request kind), its docstring's first paragraph and its
+    parameters."""
+    for name in registry.names():
+        entry = registry.entry(name)
+        doc = " ".join((entry.cls.__doc__ or "").strip().split("\n\n")[0].split())  # its first paragraph
+        kind = f"; request: {entry.cls.request}" if request else ""
+        print(f"{name}  (plugin: {entry.plugin}{kind})\n    {doc}")
+        _print_parameters(entry.cls)
+    print(f"\nSyntax: {syntax}")
+    return 0
 
 
 def cmd_policies(args: argparse.Namespace) -> int:
     """``kvcompare policies``: each registered policy with its plugin, parameters and defaults."""
     from kvcompare.plugins import get_registry
 
-    registry = get_registry()
-    for name in registry.names():
-        entry = registry.entry(name)
-        print(f"{name}  (plugin: {entry.plugin})\n    {_first_line(entry.cls)}")
-        _print_parameters(entry.cls)
-    print(f"\nSyntax: {POLICY_SYNTAX}")
-    return 0
+    return _list_registered(get_registry(), POLICY_SYNTAX)
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
     """``kvcompare tasks``: each registered task with its plugin, request kind, parameters and defaults."""
     from kvcompare.plugins import get_tasks
 
-    registry = get_tasks()
-    for name in registry.names():
-        entry = registry.entry(name)
-        print(f"{name}  (plugin: {entry.plugin}; request: {entry.cls.request})\n    {_first_line(entry.cls)}")
-        _print_parameters(entry.cls)
-    print(f"\nSyntax: {TASK_SYNTAX}")
-    return 0
+    return _list_registered(get_tasks(), TASK_SYNTAX, request=True)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:

@@ -4,8 +4,9 @@ set from the command line as ``name:key=value:key=value`` (a tuple's items separ
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
-from typing import Any
+from typing import Any, ClassVar, Self
 
 from kvcompare.errors import KVCompareError
 
@@ -79,3 +80,41 @@ def _coerce(owner: str, key: str, kind: Any, raw: str, error: type[KVCompareErro
         return kind(raw)
     except (TypeError, ValueError):
         raise error(f"{owner}: {key}={raw!r} is not a valid {shown_type(kind)}") from None
+
+
+class Parameterised:
+    """What a policy and a task share as plugin classes: a registered ``name``, parameters as dataclass fields,
+    a label in the command-line syntax, and the plugin that registered the class (set by the registry)."""
+
+    name: ClassVar[str] = ""
+    #: How errors name an instance ("policy", "task").
+    kind: ClassVar[str] = "plugin class"
+
+    @property
+    def plugin(self) -> str:
+        """The plugin that registered this class ('' for an instance built by hand rather than by a registry)."""
+        return str(self.__dict__.get("_plugin", ""))
+
+    def bound_to(self, plugin: str) -> Self:
+        """Record the plugin that registered this class, so errors and results can name it."""
+        self.__dict__["_plugin"] = plugin
+        return self
+
+    def who(self) -> str:
+        """How errors name this instance: its kind, label and plugin."""
+        return f"{self.kind} {self.label()!r} (plugin {self.plugin!r})"
+
+    def params(self) -> dict[str, Any]:
+        """Every parameter with its value, defaults included."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def params_json(self) -> str:
+        """The parameters as canonical JSON (sorted keys), as stored in rows."""
+        return json.dumps(self.params(), sort_keys=True)
+
+    def label(self) -> str:
+        """The name with its non-default parameters, in the command-line syntax (``l2:mode=random``,
+        ``passkey:depths=0.2/0.8``)."""
+        defaults = parameter_defaults(type(self))
+        changed = [f"{k}={shown_value(v)}" for k, v in self.params().items() if defaults[k] != v]
+        return ":".join([self.name, *changed])

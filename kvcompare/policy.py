@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
 from kvcompare.errors import KVCompareError
-from kvcompare.parameters import parameter_defaults
+from kvcompare.parameters import Parameterised
 from kvcompare.signals import Needs, Signals
 
 
@@ -18,7 +17,7 @@ class PolicyError(KVCompareError, RuntimeError):
 
 
 @dataclasses.dataclass
-class KVPolicy:
+class KVPolicy(Parameterised):
     """Base class of every eviction policy.
 
     Subclasses are dataclasses whose fields are their parameters (typed, with defaults). They implement
@@ -28,6 +27,7 @@ class KVPolicy:
     """
 
     name: ClassVar[str] = ""
+    kind = "policy"
     #: False for policies that never evict (the ``full`` baseline): the executor then enforces no limit.
     bounded: ClassVar[bool] = True
 
@@ -61,40 +61,12 @@ class KVPolicy:
         return Needs()
 
     # -- bookkeeping the executor and the results use; plugins need not touch it --------------------------
-    @property
-    def plugin(self) -> str:
-        """The plugin that registered this policy ('' for one built by hand rather than by the registry)."""
-        return str(self.__dict__.get("_plugin", ""))
-
-    def bound_to(self, plugin: str) -> KVPolicy:
-        """Record the plugin that registered this policy, so errors and results can name it."""
-        self.__dict__["_plugin"] = plugin
-        return self
-
-    def who(self) -> str:
-        """How errors name this policy: its label and its plugin."""
-        return f"policy {self.label()!r} (plugin {self.plugin!r})"
-
     def fresh(self) -> KVPolicy:
         """A new instance with the same parameters and plugin but no state, so no cell inherits another's.
 
         ``dataclasses.replace`` runs ``__init__`` and ``__post_init__`` again: a seeded generator starts anew.
         """
         return dataclasses.replace(self).bound_to(self.plugin)
-
-    def params(self) -> dict[str, Any]:
-        """Every parameter with its value, defaults included."""
-        return dataclasses.asdict(self)
-
-    def label(self) -> str:
-        """The policy's name with its non-default parameters, in the command-line syntax."""
-        defaults = parameter_defaults(type(self))
-        changed = [f"{k}={v}" for k, v in self.params().items() if defaults[k] != v]
-        return ":".join([self.name, *changed])
-
-    def params_json(self) -> str:
-        """The parameters as canonical JSON (sorted keys), as stored in rows."""
-        return json.dumps(self.params(), sort_keys=True)
 
 
 @dataclasses.dataclass

@@ -19,13 +19,12 @@ Parameters are dataclass fields with defaults, written on the command line as a 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
 from kvcompare.errors import KVCompareError
-from kvcompare.parameters import parameter_defaults, shown_value
+from kvcompare.parameters import Parameterised
 
 #: How a probe is run (see the module docstring).
 RequestKind = Literal["rolling", "answer", "generate"]
@@ -112,14 +111,14 @@ class TaskInputs:
 
 
 @dataclasses.dataclass(frozen=True)
-class Task:
+class Task(Parameterised):
     """Base class of every task: a dataclass whose fields are its parameters (all with defaults).
 
     Implement :meth:`probes` and :meth:`score`; declare ``name``, ``request``, and for the report ``axes`` (the
     probe parameters its accuracy is broken down by, besides length) and ``metric`` (what ``score`` means).
     """
 
-    name: ClassVar[str] = ""
+    kind = "task"
     request: ClassVar[RequestKind] = "generate"
     axes: ClassVar[tuple[str, ...]] = ()
     metric: ClassVar[str] = "accuracy"
@@ -133,35 +132,6 @@ class Task:
     def score(self, probe: Probe, outcome: Outcome) -> Score:
         """Score one outcome of ``probe``."""
         raise NotImplementedError
-
-    @property
-    def plugin(self) -> str:
-        """The plugin that registered this task ('' for one built by hand rather than by the registry)."""
-        return str(self.__dict__.get("_plugin", ""))
-
-    def bound_to(self, plugin: str) -> Task:
-        """Record the plugin that registered this task, so errors and results can name it."""
-        self.__dict__["_plugin"] = plugin
-        return self
-
-    def who(self) -> str:
-        """How errors name this task: its label and its plugin."""
-        return f"task {self.label()!r} (plugin {self.plugin!r})"
-
-    def params(self) -> dict[str, Any]:
-        """The task's parameters."""
-        return dataclasses.asdict(self)
-
-    def params_json(self) -> str:
-        """The parameters as canonical JSON (sorted keys), as stored in rows."""
-        return json.dumps(self.params(), sort_keys=True)
-
-    def label(self) -> str:
-        """``name[:key=value...]`` with the parameters that differ from their defaults (a tuple's items joined by
-        ``/``, as the command line writes them)."""
-        defaults = parameter_defaults(type(self))
-        changed = [f"{k}={shown_value(v)}" for k, v in self.params().items() if defaults[k] != v]
-        return ":".join([self.name, *changed])
 
 
 def string_match_all(expected: Sequence[str], text: str) -> float:

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable
 
 from kvcompare.hookspecs import hookimpl
-from kvcompare.policy import parameter
+from kvcompare.parameters import parameter
 from kvcompare.ruler import RulerTask, budget_left, check_exact, newline_token
 from kvcompare.task import Probe, TaskError, TaskInputs
 

@@ -9,7 +9,7 @@ import string
 from scipy.special import zeta
 
 from kvcompare.hookspecs import hookimpl
-from kvcompare.policy import parameter
+from kvcompare.parameters import parameter
 from kvcompare.ruler import RulerTask, budget_left, check_exact, newline_token
 from kvcompare.task import Probe, TaskError, TaskInputs
 

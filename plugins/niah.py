@@ -50,7 +50,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 from kvcompare.hookspecs import hookimpl
-from kvcompare.policy import parameter
+from kvcompare.parameters import parameter
 from kvcompare.ruler import (
     VALUE_KINDS,
     RulerTask,

@@ -8,7 +8,7 @@ import string
 from typing import Literal
 
 from kvcompare.hookspecs import hookimpl
-from kvcompare.policy import parameter
+from kvcompare.parameters import parameter
 from kvcompare.ruler import Haystack, RulerTask, budget_left, check_exact, noise_haystack, text_haystack, weave
 from kvcompare.task import Probe, TaskError, TaskInputs
 

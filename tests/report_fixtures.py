@@ -118,7 +118,7 @@ def probe(
     seq_len: int,
     depth: float,
     sample_id: int,
-    correct: bool,
+    right: bool,
     **fields: Any,
 ) -> dict[str, Any]:
     """One passkey probe (task "passkey") as RESULT_SCHEMA row: its own cell id, the PPL and speed columns
@@ -127,12 +127,13 @@ def probe(
     row.update({name: None for name in PPL_ONLY_COLUMNS})
     row.update(
         task="passkey",
-        depth=depth,
-        needle_start=int(depth * seq_len),
-        passkey_correct=correct,
-        passkey_matched=3 if correct else 2,
-        passkey_tokens=3,
-        passkey_logprob=-0.5 if correct else -6.0,
+        task_params=json.dumps({"depths": [depth], "haystack": "repeat"}, sort_keys=True),
+        probe_params=json.dumps({"depth": depth, "needle_start": int(depth * seq_len), "sample": sample_id}),
+        correct=right,
+        score=1.0 if right else 2 / 3,
+        answer_matched=3 if right else 2,
+        answer_tokens=3,
+        answer_logprob=-0.5 if right else -6.0,
     )
     row.update(fields)
     if "cell_id" not in fields:

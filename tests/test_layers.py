@@ -20,8 +20,18 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kvcompare"
 #: Top-level modules by layer; a subpackage is a layer of its own name.
 TOP_LEVEL = {
     "base": {"errors", "config", "logs", "stats", "schema", "protocol", "environment"},
-    "contracts": {"kvcompare", "policy", "signals", "task", "hookspecs", "registry", "plugins", "failure"},
-    "inputs": {"models", "corpus", "fetch", "gguf_metadata", "passkey"},
+    "contracts": {
+        "kvcompare",
+        "parameters",
+        "policy",
+        "signals",
+        "task",
+        "hookspecs",
+        "registry",
+        "plugins",
+        "failure",
+    },
+    "inputs": {"models", "corpus", "fetch", "gguf_metadata", "words", "ruler"},
     "front": {"cli", "testing"},
 }
 #: Lower ranks are imported by higher ones, never the other way; two layers of one rank never import each other.

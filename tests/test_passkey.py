@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import polars as pl
@@ -88,17 +89,22 @@ def test_a_run_writes_passkey_rows_beside_the_ppl_rows(tiny_model_dir: Path, tmp
     assert set(rows["status"]) == {"ok"}
     ppl = rows.filter(pl.col("task") == "ppl")
     passkey = rows.filter(pl.col("task") == "passkey")
-    assert ppl.height == 2 and ppl["depth"].null_count() == 2 and ppl["ppl"].null_count() == 0
-    assert passkey.height == 4 and sorted(passkey["depth"].unique().to_list()) == [0.2, 0.8]
-    assert passkey["passkey_correct"].null_count() == 0 and passkey["ppl"].null_count() == 4
-    assert (passkey["passkey_tokens"] == len(models.encode(models.load_tokenizer(str(tiny_model_dir)), " 12345"))).all()
-    assert (passkey["passkey_logprob"] < 0).all() and (passkey["seq_len"] == 256).all()
+    assert ppl.height == 2 and ppl["probe_params"].null_count() == 2 and ppl["ppl"].null_count() == 0
+    assert set(ppl["task_params"]) == {"{}"}
+    depths = [json.loads(params)["depth"] for params in passkey["probe_params"]]
+    assert passkey.height == 4 and sorted(set(depths)) == [0.2, 0.8]
+    assert {json.loads(params)["depths"] == [0.2, 0.8] for params in passkey["task_params"]} == {True}
+    assert passkey["correct"].null_count() == 0 and passkey["ppl"].null_count() == 4
+    assert (passkey["answer_tokens"] == len(models.encode(models.load_tokenizer(str(tiny_model_dir)), " 12345"))).all()
+    assert (passkey["answer_logprob"] < 0).all() and (passkey["seq_len"] == 256).all()
+    assert (passkey["score"] == passkey["answer_matched"] / passkey["answer_tokens"]).all()
 
 
 @pytest.mark.parametrize(
     "changes,message",
     [
-        ({"tasks": ["ppl", "needle"]}, "--task takes ppl and/or passkey"),
+        ({"tasks": ["ppl", "passkee"]}, "unknown task 'passkee'. Did you mean 'passkey'"),
+        ({"tasks": ["passkey:depths=0.2/x"]}, "passkey: depths='x' is not a valid float"),
         ({"tasks": ["passkey"], "depths": [1.2]}, "--depths"),
     ],
 )

@@ -53,7 +53,7 @@ def _probes(label: str, cache_size: int | None, answers: list[bool], seq_len: in
 PROBES = [
     *_probes("full", None, [True] * 6),
     *_probes("streaming", 32, [True, True, False, True, False, False]),
-    probe("streaming", 32, 256, 1.0, 2, False, status="failed", error="boom", passkey_correct=None),
+    probe("streaming", 32, 256, 1.0, 2, False, status="failed", error="boom", correct=None),
     *_probes("recent", 64, [True] * 6),
 ]
 
@@ -74,10 +74,12 @@ def test_probes_are_kept_apart_and_leave_the_ppl_tables_unchanged(tmp_path: Path
     run = load_run(write_run(tmp_path / "both", [*PPL_CELLS, *PROBES]))
     assert run.cells.height == 3 and set(run.cells["policy_label"]) == {"full", "streaming", "recent"}
     assert run.retrieval.height == len(PROBES) and set(run.retrieval["task"]) == {"passkey"}
-    assert run.retrieval.schema == without.cells.schema  # every RESULT_SCHEMA column
+    # every RESULT_SCHEMA column, and the needle's depth from probe_params
+    assert run.retrieval.drop("depth").schema == without.cells.schema
+    assert run.retrieval["depth"].null_count() == 0
     assert summary(run.cells).equals(summary(without.cells))
     assert relative_table(summary(run.cells), 256, True) == relative_table(summary(without.cells), 256, True)
-    assert without.retrieval.is_empty() and without.retrieval.columns == RESULT_SCHEMA.names
+    assert without.retrieval.is_empty() and without.retrieval.drop("depth").columns == RESULT_SCHEMA.names
 
 
 def test_run_data_built_without_probes_has_an_empty_retrieval() -> None:
@@ -273,8 +275,37 @@ def test_rule_text_and_evidence_say_retrieval(tmp_path: Path) -> None:
 
 
 def test_failed_probes_alone_do_not_change_the_rules(tmp_path: Path) -> None:
-    failed = probe("streaming", 32, 256, 0.5, 0, False, status="failed", error="boom", passkey_correct=None)
+    failed = probe("streaming", 32, 256, 0.5, 0, False, status="failed", error="boom", correct=None)
     analysis = analyse(load_run(write_run(tmp_path, [*PPL_CELLS, failed, failed_cell("l2", 32, 256, 0, "x")])))
     assert analysis.rules == ALL_RULES
     choice = next(r for r in analysis.recommendations if r.scenario == "quality first").choice
     assert choice is not None and choice["policy_label"] == "streaming"
+
+
+def test_a_results_folder_of_protocol_6_gives_the_same_retrieval_figures(tmp_path: Path) -> None:
+    """Older folders wrote passkey_* columns, depth and needle_start; they are mapped to today's columns on
+    load, so their figures and report are what they were."""
+    today = write_run(tmp_path / "today", [*PPL_CELLS, *PROBES])
+    older = write_run(tmp_path / "older", [*PPL_CELLS, *PROBES])
+    renamed = {
+        "correct": "passkey_correct",
+        "answer_matched": "passkey_matched",
+        "answer_tokens": "passkey_tokens",
+        "answer_logprob": "passkey_logprob",
+    }
+    for path in (older / "cells").glob("*.parquet"):
+        frame = pl.read_parquet(path)
+        if frame["task"][0] != "passkey":
+            continue
+        params = json.loads(frame["probe_params"][0])
+        frame = frame.drop("probe_params", "task_params", "score").rename(renamed)
+        frame = frame.with_columns(depth=pl.lit(params["depth"]), needle_start=pl.lit(params["needle_start"]))
+        frame.write_parquet(path)
+    new, old = load_run(today).retrieval, load_run(older).retrieval
+    assert retrieval_by_probe(old).equals(retrieval_by_probe(new))
+    assert retrieval_by_config(old).equals(retrieval_by_config(new))
+    assert old["probe_params"].null_count() == 0
+    assert old.sort("cell_id")["depth"].equals(new.sort("cell_id")["depth"])
+    older_md = build_report(older).markdown.read_text().split("## Run")[0]
+    today_md = build_report(today).markdown.read_text().split("## Run")[0]
+    assert older_md.replace("older", "today") == today_md

@@ -9,7 +9,16 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from kvcompare.analysis.load import IS_PROBE, PASSKEY_TASK, ReportError, RunData, check_run_dir, empty_frame, load_run
+from kvcompare.analysis.load import (
+    IS_PROBE,
+    PASSKEY_TASK,
+    PPL_TASK,
+    ReportError,
+    RunData,
+    check_run_dir,
+    empty_frame,
+    load_run,
+)
 from kvcompare.analysis.metrics import (
     ACCURACY_CHANGE,
     CHANGE_BY_COLUMN,
@@ -67,6 +76,7 @@ from kvcompare.analysis.retrieval import (
     retrieval_gaps,
     retrieval_measured,
     retrieval_stats,
+    task_scores,
 )
 from kvcompare.analysis.rules import (
     ALL_RULES,
@@ -189,6 +199,7 @@ __all__ = [
     "Outcome",
     "PAIR_KEYS",
     "PASSKEY_TASK",
+    "PPL_TASK",
     "PER_LENGTH_RULES",
     "PHYSICS_COLUMNS",
     "PPL_CHANGE",
@@ -239,6 +250,7 @@ __all__ = [
     "retrieval_by_config",
     "retrieval_by_probe",
     "retrieval_gaps",
+    "task_scores",
     "retrieval_measured",
     "retrieval_stats",
     "rules_for",

@@ -113,10 +113,10 @@ def _latest_attempt(cells: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-#: The task of a passkey probe's row.
-PASSKEY_TASK = "passkey"
+#: The task of a passkey probe's row, and of a perplexity cell's.
+PASSKEY_TASK, PPL_TASK = "passkey", "ppl"
 #: A probe task's row; every other row (task "ppl", or null in runs older than tasks) is a PPL cell.
-IS_PROBE = (pl.col("task").is_not_null() & (pl.col("task") != "ppl")).fill_null(False)
+IS_PROBE = (pl.col("task").is_not_null() & (pl.col("task") != PPL_TASK)).fill_null(False)
 
 
 def with_depth(probes: pl.DataFrame) -> pl.DataFrame:

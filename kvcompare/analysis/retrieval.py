@@ -87,3 +87,22 @@ def retrieval_gaps(retrieval: pl.DataFrame) -> pl.DataFrame:
         .agg(pl.col("retrieval_pct").mean(), pl.col("retrieval_full_pct").mean())
         .with_columns((pl.col("retrieval_full_pct") - pl.col("retrieval_pct")).alias("retrieval_gap_pts"))
     )
+
+
+def task_scores(probes: pl.DataFrame, by: Sequence[str] = ()) -> pl.DataFrame:
+    """Per task, configuration and group of ``by``: score_pct = 100 × the mean score of the answered probes (the
+    task's metric, e.g. RULER's share of expected values found), accuracy_pct = 100 × the share fully correct,
+    n = answered probes, failed = probes that failed. Baseline first within each task."""
+    return (
+        probes.group_by([*RETRIEVAL_KEYS, *by])
+        .agg(
+            (pl.col("score").filter(IS_ANSWERED).mean() * 100).alias("score_pct"),
+            (pl.col("correct").filter(IS_ANSWERED).cast(pl.Float64).mean() * 100).alias("accuracy_pct"),
+            IS_ANSWERED.sum().cast(pl.Int64).alias("n"),
+            (~IS_OK.fill_null(False)).sum().cast(pl.Int64).alias("failed"),
+        )
+        .sort(
+            ["task", pl.col("policy") != BASELINE_POLICY, "policy_label", "cache_size", "positions", *by],
+            nulls_last=False,
+        )
+    )

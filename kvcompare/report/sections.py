@@ -10,6 +10,7 @@ import polars as pl
 
 from kvcompare.analysis import (
     BASELINE_POLICY,
+    PASSKEY_TASK,
     Measured,
     RunData,
     analyse,
@@ -37,6 +38,8 @@ from kvcompare.report.tables import (
     recommendation_table,
     relative_table,
     retrieval_table,
+    task_summary_table,
+    task_table,
 )
 from kvcompare.report.wording import (
     BASELINE_PER_MODE,
@@ -49,6 +52,8 @@ from kvcompare.report.wording import (
     RETRIEVAL_HEADING,
     RULES_LEAD,
     RULES_LEAD_QUALITY,
+    TASKS_DEFINITIONS,
+    TASKS_HEADING,
     TITLE,
 )
 
@@ -89,10 +94,25 @@ def _probed(retrieval: pl.DataFrame, config: dict[str, Any]) -> str:
     )
 
 
+def _tasks_probed(probes: pl.DataFrame) -> str:
+    """What the other probe tasks covered, for the summary: each task with its parameters, and the lengths."""
+    tasks = probes.unique(["task", "task_params"], maintain_order=True).sort("task")
+    named = [
+        f"{r['task']} {r['task_params']}" if r["task_params"] not in (None, "{}") else r["task"]
+        for r in tasks.iter_rows(named=True)
+    ]
+    per = probes.group_by(["task", "seq_len"]).agg(pl.col("source").n_unique())["source"]
+    most = MISSING if per.is_empty() else str(per.max())
+    lengths = ", ".join(str(n) for n in lengths_in(probes)) or MISSING
+    return f"{'; '.join(named)}; lengths {lengths} tokens, {most} probes per task and length"
+
+
 def compared(run: RunData, measured: Measured | None = None) -> dict[str, str]:
     """What the run compared, for the reader in a hurry: from the cells where they say it, else run.json."""
     measured = measured or what_was_measured(run)
     cells, config = run.cells, run.meta.get("config") or {}
+    passkey = run.retrieval.filter(pl.col("task") == PASSKEY_TASK)
+    others = run.retrieval.filter(pl.col("task") != PASSKEY_TASK)
     speed, environment = run.meta.get("speed") or {}, run.meta.get("environment") or {}
     unknown = "not recorded"
 
@@ -128,7 +148,8 @@ def compared(run: RunData, measured: Measured | None = None) -> dict[str, str]:
         if measured.speed
         else f"none ({measured.no_speed})",
         "device": device,
-        **({"passkey retrieval": _probed(run.retrieval, config)} if not run.retrieval.is_empty() else {}),
+        **({"passkey retrieval": _probed(passkey, config)} if not passkey.is_empty() else {}),
+        **({"tasks": _tasks_probed(others)} if not others.is_empty() else {}),
     }
 
 
@@ -162,6 +183,13 @@ def retrieval_section(retrieval: pl.DataFrame, charts: ChartSet, several_modes: 
     )
 
 
+def tasks_section(probes: pl.DataFrame, several_modes: bool) -> Section:
+    """The probe tasks other than passkey: the score across tasks, then a table per task."""
+    tasks = sorted(probes["task"].unique().to_list())
+    tables = [task_table(probes, task, several_modes) for task in tasks]
+    return Section(TASKS_HEADING, [task_summary_table(probes, several_modes), *tables], intro=TASKS_DEFINITIONS)
+
+
 def assemble(run: RunData, charts_dir: Path) -> Report:
     """Compute tables, recommendations and charts (written to charts_dir) for one run, in reading order:
     the headline first (what was compared, the noise floor, the recommendations), the protocol last."""
@@ -169,12 +197,17 @@ def assemble(run: RunData, charts_dir: Path) -> Report:
     stats, several_modes = analysis.summary, analysis.several_modes
     ppl_charts = build_charts(stats, position_perplexity(run.curves, run.cells), charts_dir, several_modes)
     charts, every_row, retrieval = ppl_charts, run.cells, []
-    if not run.retrieval.is_empty():  # a run with passkey probes: their section, heat maps, failures and counts
+    passkey = run.retrieval.filter(pl.col("task") == PASSKEY_TASK)
+    others = run.retrieval.filter(pl.col("task") != PASSKEY_TASK)
+    if not run.retrieval.is_empty():  # a run with probes: their failures and counts
         every_row = pl.concat([run.cells, run.retrieval], how="diagonal_relaxed")
-        probe_modes = several_position_modes(every_row)
-        heat_maps = build_retrieval_charts(retrieval_by_probe(run.retrieval), charts_dir, probe_modes)
-        retrieval = [retrieval_section(run.retrieval, heat_maps, probe_modes)]
+    probe_modes = several_position_modes(every_row)
+    if not passkey.is_empty():  # passkey probes: their section and heat maps
+        heat_maps = build_retrieval_charts(retrieval_by_probe(passkey), charts_dir, probe_modes)
+        retrieval = [retrieval_section(passkey, heat_maps, probe_modes)]
         charts = ChartSet([*ppl_charts.charts, *heat_maps.charts], [*ppl_charts.skipped, *heat_maps.skipped])
+    if not others.is_empty():  # other probe tasks: a table each and the score across them
+        retrieval.append(tasks_section(others, probe_modes))
     measured = analysis.measured
     results = [
         table

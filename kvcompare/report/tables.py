@@ -17,8 +17,8 @@ from kvcompare.analysis import (
     METRIC_BY_COLUMN,
     METRICS,
     NOISE_CHANGES,
-    PASSKEY_TASK,
     PPL_CHANGE,
+    PPL_TASK,
     Analysis,
     Measured,
     NoiseFloor,
@@ -31,6 +31,7 @@ from kvcompare.analysis import (
     policy_name,
     retrieval_by_config,
     retrieval_stats,
+    task_scores,
 )
 from kvcompare.report.document import Table
 from kvcompare.report.formatting import (
@@ -55,6 +56,7 @@ from kvcompare.report.wording import (
     RELATIVE_NOTE,
     RELATIVE_NOTE_QUALITY,
     RETRIEVAL_NOTE,
+    TASKS_SUMMARY_NOTE,
 )
 from kvcompare.stats import Estimate
 
@@ -267,17 +269,22 @@ def counts_table(counts: CellCounts) -> Table:
 
 
 def _probe_name(row: dict[str, Any], several_modes: bool = False) -> str:
-    """config_name, and for a passkey probe what it probed: 'l2 @ 64, passkey at depth 0.5'."""
+    """config_name, and for a probe what it probed: 'l2 @ 64, passkey at depth 0.5', 'l2 @ 64, vt'."""
     name = config_name(row, several_modes)
-    if row.get("task") != PASSKEY_TASK:
+    task = row.get("task")
+    if task in (None, PPL_TASK):
         return name
-    depth = MISSING if row.get("depth") is None else f"{row['depth']:g}"
-    return f"{name}, passkey at depth {depth}"
+    depth = row.get("depth")
+    if depth is None and row.get("probe_params"):
+        depth = json.loads(row["probe_params"]).get("depth")
+    return f"{name}, {task}" + ("" if depth is None else f" at depth {depth:g}")
 
 
 def failed_table(cells: pl.DataFrame, several_modes: bool = False) -> Table:
     """Every failed cell or probe, in a stable order, with its error on one line."""
-    failed = failed_cells(cells).sort(["seq_len", "policy_label", "cache_size", "sample_id", "depth"], nulls_last=False)
+    failed = failed_cells(cells).sort(
+        ["seq_len", "task", "policy_label", "cache_size", "sample_id", "probe_params"], nulls_last=False
+    )
     rows = [
         [
             _probe_name(r, several_modes),
@@ -346,4 +353,66 @@ def retrieval_table(retrieval: pl.DataFrame, several_modes: bool = False) -> Tab
         rows,
         RETRIEVAL_NOTE,
         empty="no passkey probe",
+    )
+
+
+# --- Probe tasks (RULER's and third-party ones) --------------------------------------------------------------
+
+
+def task_table(probes: pl.DataFrame, task: str, several_modes: bool = False) -> Table:
+    """One task's score and accuracy per policy and cache limit (`full` first), over all its probes, then per
+    length."""
+    mine = probes.filter(pl.col("task") == task)
+    by_length = task_scores(mine, ["seq_len"])
+    lengths = sorted(by_length["seq_len"].drop_nulls().unique().to_list())
+    at_length = {
+        (r["policy_label"], r["cache_size"], r["positions"], r["seq_len"]): r["score_pct"]
+        for r in by_length.iter_rows(named=True)
+    }
+    rows = []
+    for r in task_scores(mine).iter_rows(named=True):
+        key = (r["policy_label"], r["cache_size"], r["positions"])
+        n = str(r["n"]) + (f" (+{r['failed']} failed)" if r["failed"] else "")
+        rows.append(
+            [
+                policy_name(r, several_modes),
+                _limit(r),
+                format_pct(r["score_pct"]),
+                format_pct(r["accuracy_pct"]),
+                n,
+                *(format_pct(at_length.get((*key, length))) for length in lengths),
+            ]
+        )
+    return Table(
+        f"Task {task}",
+        ["Policy", "Cache limit (tokens)", "Score (%)", "Accuracy (%)", "n", *(f"score at {n}" for n in lengths)],
+        rows,
+        empty=f"no answered {task} probe",
+    )
+
+
+def task_summary_table(probes: pl.DataFrame, several_modes: bool = False) -> Table:
+    """Mean score over tasks per policy and cache limit, with each task's score beside it."""
+    scores = task_scores(probes)
+    tasks = sorted(scores["task"].unique().to_list())
+    per_task = {
+        (r["policy_label"], r["cache_size"], r["positions"], r["task"]): r["score_pct"]
+        for r in scores.iter_rows(named=True)
+    }
+    configs = scores.unique(["policy_label", "cache_size", "positions"], maintain_order=True).sort(
+        [pl.col("policy") != BASELINE_POLICY, "policy_label", "cache_size", "positions"], nulls_last=False
+    )
+    rows = []
+    for r in configs.iter_rows(named=True):
+        key = (r["policy_label"], r["cache_size"], r["positions"])
+        found = [per_task.get((*key, task)) for task in tasks]
+        known = [value for value in found if value is not None]
+        mean = sum(known) / len(known) if len(known) == len(tasks) else None
+        rows.append([policy_name(r, several_modes), _limit(r), format_pct(mean), *map(format_pct, found)])
+    return Table(
+        "Score across tasks",
+        ["Policy", "Cache limit (tokens)", "Mean score (%)", *tasks],
+        rows,
+        empty="no answered probe",
+        note=TASKS_SUMMARY_NOTE,
     )

@@ -94,3 +94,12 @@ RETRIEVAL_NOTE = (
     "the probes at that depth, all lengths. n = answered probes; failed probes are counted beside it and left "
     "out of accuracy and log-prob."
 )
+TASKS_HEADING = "Tasks"
+TASKS_DEFINITIONS = (
+    "Each probe task (RULER's synthetic tasks, third-party tasks; see `kvcompare tasks`) builds prompts of exactly "
+    "the given length, run under the policy and cache limit and scored by the task: score = the task's metric "
+    "averaged over probes (RULER: the share of expected values found in the greedy output, case-insensitive), "
+    "accuracy = the share of probes scored fully correct. Where `full` itself scores low, the model fails the task "
+    "even with every token kept, and the task says nothing about eviction on this model."
+)
+TASKS_SUMMARY_NOTE = "Mean score over tasks (each task weighted alike, as RULER's average); `full` first."

@@ -208,6 +208,8 @@ def check_config(config: RunConfig, policies: list[KVPolicy]) -> None:
         )
     for mode in config.positions:
         check_position_mode(mode)
+    if not config.depths or not all(0 <= d <= 1 for d in config.depths):
+        raise ConfigError(f"--depths takes numbers from 0 (start) to 1 (end), not {config.depths}")
     if not config.tasks:
         raise ConfigError("--task is empty: name at least one task (see `kvcompare tasks`), e.g. ppl")
     build_tasks(config)
@@ -215,8 +217,6 @@ def check_config(config: RunConfig, policies: list[KVPolicy]) -> None:
         raise ConfigError(f"--bos takes {', '.join(BOS_MODES)}, not {config.bos!r}")
     if config.haystack not in HAYSTACKS:
         raise ConfigError(f"--haystack takes {' or '.join(HAYSTACKS)}, not {config.haystack!r}")
-    if not config.depths or not all(0 <= d <= 1 for d in config.depths):
-        raise ConfigError(f"--depths takes numbers from 0 (start) to 1 (end), not {config.depths}")
     parse_layer_budget(config.layer_budget)
     bounded = [p for p in policies if p.bounded]
     chunk = config.largest_chunk()

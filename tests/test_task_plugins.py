@@ -1,0 +1,94 @@
+"""Tasks are plugins: built-in tasks come through the same entry-point path as third-party ones; a third-party
+task package, installed, is listed, built from its spec and run by `kvcompare run`."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+from runs import tiny_run
+
+from kvcompare.cli import main
+from kvcompare.config import ConfigError
+from kvcompare.plugins import PluginHost, get_host
+from kvcompare.run.runner import run
+from kvcompare.task import TaskError
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "kvcompare-example-task"
+RULER = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"]
+
+
+def test_kvcompare_tasks_lists_ppl_passkey_and_rulers_tasks(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["tasks"]) == 0
+    out = capsys.readouterr().out
+    for name in ["ppl", "passkey", *RULER]:
+        assert f"\n{name}  (plugin: " in f"\n{out}", name
+    assert "depths: float/... = 0.1/0.3/0.5/0.7/0.9" in out and "request: generate" in out
+
+
+def test_a_task_spec_is_built_like_a_policy_spec() -> None:
+    registry = get_host().tasks()
+    task = registry.build("passkey:depths=0.2/0.8:haystack=text")
+    assert task.label() == "passkey:depths=0.2/0.8:haystack=text" and task.plugin == "passkey"
+    with pytest.raises(TaskError, match="Did you mean 'niah_single'"):
+        registry.build("niah_singel")
+    with pytest.raises(TaskError, match="has no parameter 'dpeths'. Did you mean 'depths'"):
+        registry.build("passkey:dpeths=0.5")
+
+
+@pytest.fixture(scope="module")
+def installed_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example task package, really installed (into a private folder) so that its entry point exists."""
+    target = tmp_path_factory.mktemp("site")
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*command, "--target", str(target), str(EXAMPLE)], check=True)
+    return target
+
+
+def test_an_installed_third_party_task_is_found_and_run(
+    installed_example: Path, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    monkeypatch.syspath_prepend(str(installed_example))
+    importlib.invalidate_caches()
+    fresh = PluginHost()
+    fresh.load_entry_points()
+    infos = {i.name: i for i in fresh.plugins()}
+    assert infos["kv_lookup"].distribution == "kvcompare-example-task"
+    monkeypatch.setattr("kvcompare.run.plan.get_host", lambda: fresh)
+    config = tiny_run(tiny_model_dir, tasks=["kv_lookup:pairs=4"], lengths=[128], samples=[2], cache_sizes=[64])
+    run(config, tmp_path / "run", progress=False)
+    rows = pl.read_parquet(tmp_path / "run" / "cells" / "*.parquet")
+    assert set(rows["task"]) == {"kv_lookup"} and set(rows["status"]) == {"ok"}
+    assert rows.height == 2 * 2  # full and recent, two probes
+    assert {json.loads(p)["pairs"] for p in rows["task_params"]} == {4}
+    assert rows["correct"].null_count() == 0 and rows["answer_logprob"].is_not_null().all()
+    assert (rows["seq_len"] == 128).all()
+
+
+def test_a_task_that_cannot_build_its_prompt_is_refused_before_measuring(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = tiny_run(tiny_model_dir, tasks=["vt"], lengths=[40], samples=[1])
+    with pytest.raises(ConfigError, match="task 'vt'"):
+        run(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_generate_task_runs_end_to_end_and_is_reported(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """RULER's single needle on the tiny model: greedy decoding under each policy, the output scored by string
+    match, and the report's task section."""
+    config = tiny_run(
+        tiny_model_dir, tasks=["niah_single:haystack=repeat"], lengths=[400], samples=[2], cache_sizes=[96]
+    )
+    folder = run(config, tmp_path / "run", progress=False)
+    rows = pl.read_parquet(folder / "cells" / "*.parquet")
+    assert set(rows["task"]) == {"niah_single"} and set(rows["status"]) == {"ok"} and rows.height == 2 * 2
+    assert rows["generated"].is_not_null().all() and rows["score"].is_between(0, 1).all()
+    assert (rows["correct"] == (rows["score"] == 1.0)).all()
+    from kvcompare.report import build_report
+
+    markdown = build_report(folder).markdown.read_text()
+    assert "## Tasks" in markdown and "### Task niah_single" in markdown and "### Score across tasks" in markdown
