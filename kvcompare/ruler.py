@@ -191,7 +191,7 @@ class RulerTask(Task):
     expected values the output contains, case-insensitively); a probe is correct when it contains them all."""
 
     request = "generate"
-    metric = "string_match_all"
+    metric = "RULER's string_match_all, the share of expected values found in the output (case-insensitive)"
 
     def __post_init__(self) -> None:
         self.validate()

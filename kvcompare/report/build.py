@@ -6,11 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvcompare.analysis import ReportError, analyse, load_run, outcome, several_position_modes
+import polars as pl
+
+from kvcompare.analysis import PASSKEY_TASK, ReportError, analyse, load_run, outcome, several_position_modes
 from kvcompare.report.notices import noise_line
 from kvcompare.report.render import render_html, render_markdown, table_md
 from kvcompare.report.sections import assemble
-from kvcompare.report.tables import relative_tables, retrieval_table
+from kvcompare.report.tables import relative_tables, retrieval_table, task_summary_table
 
 REPORT_DIR = "report"
 CHARTS_DIR = "charts"
@@ -55,12 +57,18 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> ReportPaths:
 
 def summary_table(run_dir: Path) -> str:
     """The noise floor (or that speed was not measured), then the relative change against `full` for every
-    length and the passkey retrieval table, as Markdown for the terminal."""
+    length, the passkey retrieval table and the score across the other probe tasks, as Markdown for the
+    terminal."""
     run = load_run(run_dir)
     analysis = analyse(run)
     tables = [table_md(table) for table in relative_tables(analysis)]
-    if not run.retrieval.is_empty():
-        tables.append(table_md(retrieval_table(run.retrieval, several_position_modes(run.retrieval))))
+    modes = several_position_modes(run.retrieval)
+    passkey = run.retrieval.filter(pl.col("task") == PASSKEY_TASK)
+    others = run.retrieval.filter(pl.col("task") != PASSKEY_TASK)
+    if not passkey.is_empty():
+        tables.append(table_md(retrieval_table(passkey, modes)))
+    if not others.is_empty():
+        tables.append(table_md(task_summary_table(others, modes)))
     ended = outcome(run)
     if ended.nothing_succeeded and ended.failed:
         tables = tables or [f"no successful cell: all {ended.failed} cells failed ({FAILED_HINT})"]

@@ -183,10 +183,21 @@ def retrieval_section(retrieval: pl.DataFrame, charts: ChartSet, several_modes: 
     )
 
 
+def task_metric(name: str) -> str:
+    """What a task's score means, as its plugin declares it ('' when the task is not installed here)."""
+    from kvcompare.errors import KVCompareError
+    from kvcompare.plugins import get_tasks
+
+    try:
+        return str(get_tasks().entry(name).cls.metric)
+    except KVCompareError:
+        return ""
+
+
 def tasks_section(probes: pl.DataFrame, several_modes: bool) -> Section:
     """The probe tasks other than passkey: the score across tasks, then a table per task."""
     tasks = sorted(probes["task"].unique().to_list())
-    tables = [task_table(probes, task, several_modes) for task in tasks]
+    tables = [task_table(probes, task, several_modes, task_metric(task)) for task in tasks]
     return Section(TASKS_HEADING, [task_summary_table(probes, several_modes), *tables], intro=TASKS_DEFINITIONS)
 
 

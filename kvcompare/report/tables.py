@@ -359,9 +359,9 @@ def retrieval_table(retrieval: pl.DataFrame, several_modes: bool = False) -> Tab
 # --- Probe tasks (RULER's and third-party ones) --------------------------------------------------------------
 
 
-def task_table(probes: pl.DataFrame, task: str, several_modes: bool = False) -> Table:
+def task_table(probes: pl.DataFrame, task: str, several_modes: bool = False, metric: str = "") -> Table:
     """One task's score and accuracy per policy and cache limit (`full` first), over all its probes, then per
-    length."""
+    length; ``metric`` (what the task's score is) goes in the note."""
     mine = probes.filter(pl.col("task") == task)
     by_length = task_scores(mine, ["seq_len"])
     lengths = sorted(by_length["seq_len"].drop_nulls().unique().to_list())
@@ -388,6 +388,7 @@ def task_table(probes: pl.DataFrame, task: str, several_modes: bool = False) -> 
         ["Policy", "Cache limit (tokens)", "Score (%)", "Accuracy (%)", "n", *(f"score at {n}" for n in lengths)],
         rows,
         empty=f"no answered {task} probe",
+        note=f"Score: {metric}." if metric else "",
     )
 
 

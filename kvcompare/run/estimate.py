@@ -96,8 +96,9 @@ def passage_seconds(cells: list[Cell], calibration: Calibration, baselines: list
     length = len(first.passage.tokens)
     latency = first.context.latency
     chunk = latency.prefill_chunk or first.cache.stride
-    if first.probe is not None:  # passkey: one prefill and a few answer tokens per cell
-        return sum(calibration.chunks(length, chunk, c.cache.limit) + calibration.steps(8, length) for c in cells)
+    if first.probe is not None:  # a probe: one prefill, then its answer's tokens or up to its token budget
+        steps = max(len(first.probe.answer), first.probe.max_new_tokens)
+        return sum(calibration.chunks(length, chunk, c.cache.limit) + calibration.steps(steps, length) for c in cells)
 
     def trial(cell: Cell) -> float:
         held = cell.cache.limit
