@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from installed import host_finding, install_example
 
 from kvcompare.cli import main
 from kvcompare.config import CacheConfig
@@ -19,8 +18,6 @@ from kvcompare.hookspecs import hookimpl
 from kvcompare.plugins import PluginHost
 from kvcompare.policy import KVPolicy, PolicyError
 from kvcompare.testing import tiny_llama, tiny_neox
-
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "kvcompare-example-plugin"
 
 
 @dataclasses.dataclass
@@ -111,34 +108,13 @@ def test_not_a_policy_is_refused() -> None:
 
 @pytest.fixture(scope="module")
 def installed_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The example plugin package, really installed (into a private folder) so that its entry point exists."""
-    target = tmp_path_factory.mktemp("site")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(EXAMPLE),
-        ],
-        check=True,
-    )
-    return target
+    return install_example("kvcompare-example-plugin", tmp_path_factory.mktemp("site"))
 
 
 def test_an_installed_third_party_plugin_is_found_listed_and_run(
     installed_example: Path, monkeypatch: pytest.MonkeyPatch, tokens: torch.Tensor
 ) -> None:
-
-    monkeypatch.syspath_prepend(str(installed_example))
-    importlib.invalidate_caches()
-    fresh = PluginHost()
-    fresh.load_entry_points()
+    fresh = host_finding(installed_example, monkeypatch)
     infos = {i.name: i for i in fresh.plugins()}
     assert infos["uniform"].distribution == "kvcompare-example-plugin" and infos["uniform"].version == "0.1.0"
     registry = fresh.registry()

@@ -3,23 +3,20 @@ task package, installed, is listed, built from its spec and run by `kvcompare ru
 
 from __future__ import annotations
 
-import importlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import polars as pl
 import pytest
+from installed import host_finding, install_example
 from runs import tiny_run
 
 from kvcompare.cli import main
 from kvcompare.config import ConfigError
-from kvcompare.plugins import PluginHost, get_host
+from kvcompare.plugins import get_host
 from kvcompare.run.runner import run
 from kvcompare.task import TaskError
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "kvcompare-example-task"
 RULER = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"]
 
 
@@ -43,20 +40,13 @@ def test_a_task_spec_is_built_like_a_policy_spec() -> None:
 
 @pytest.fixture(scope="module")
 def installed_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The example task package, really installed (into a private folder) so that its entry point exists."""
-    target = tmp_path_factory.mktemp("site")
-    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
-    subprocess.run([*command, "--target", str(target), str(EXAMPLE)], check=True)
-    return target
+    return install_example("kvcompare-example-task", tmp_path_factory.mktemp("site"))
 
 
 def test_an_installed_third_party_task_is_found_and_run(
     installed_example: Path, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    monkeypatch.syspath_prepend(str(installed_example))
-    importlib.invalidate_caches()
-    fresh = PluginHost()
-    fresh.load_entry_points()
+    fresh = host_finding(installed_example, monkeypatch)
     infos = {i.name: i for i in fresh.plugins()}
     assert infos["kv_lookup"].distribution == "kvcompare-example-task"
     monkeypatch.setattr("kvcompare.run.plan.get_host", lambda: fresh)
