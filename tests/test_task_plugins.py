@@ -82,3 +82,5 @@ def test_a_generate_task_runs_end_to_end_and_is_reported(tiny_model_dir: Path, t
 
     markdown = build_report(folder).markdown.read_text()
     assert "## Tasks" in markdown and "### Task niah_single" in markdown and "### Score across tasks" in markdown
+    summary = markdown.split("## Tasks")[0]  # it speaks only of what the run measured
+    assert "passkey" not in summary and "measured probe tasks (niah_single) only" in summary

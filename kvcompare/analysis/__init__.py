@@ -117,6 +117,14 @@ class Analysis:
     measured: Measured = EVERYTHING  # what the run measured
 
 
+def probes_measured(probes: pl.DataFrame) -> str:
+    """What a run's probes measured, in words: "passkey retrieval", or the probe tasks by name."""
+    tasks = sorted(probes["task"].drop_nulls().unique().to_list())
+    if tasks == [PASSKEY_TASK]:
+        return "passkey retrieval"
+    return f"probe tasks ({', '.join(tasks)})"
+
+
 def what_was_measured(run: RunData) -> Measured:
     """What the run's successful cells measured: speed (latency trials) or not, retrieval (passkey) or not, and why a
     missing one is missing."""
@@ -126,7 +134,11 @@ def what_was_measured(run: RunData) -> Measured:
     if speed:
         reason = ""
     elif run.cells.is_empty():
-        reason = "the run measured passkey retrieval only" if not run.retrieval.is_empty() else "the run has no cell"
+        reason = (
+            f"the run measured {probes_measured(run.retrieval)} only"
+            if not run.retrieval.is_empty()
+            else "the run has no cell"
+        )
     elif ok.is_empty():
         reason = f"every one of its {run.cells.height} perplexity and speed cells failed"
     elif (ok["repeats"].fill_null(-1) == 0).all():
@@ -242,6 +254,7 @@ __all__ = [
     "noise_floor",
     "ok_cells",
     "outcome",
+    "probes_measured",
     "paired_changes",
     "policy_name",
     "position_perplexity",

@@ -16,6 +16,7 @@ from kvcompare.analysis import (
     analyse,
     lengths_in,
     position_perplexity,
+    probes_measured,
     retrieval_by_probe,
     several_position_modes,
     what_was_measured,
@@ -247,7 +248,14 @@ def assemble(run: RunData, charts_dir: Path) -> Report:
                         ),
                     ]
                     if perplexity_measured
-                    else [Markdown(NO_PERPLEXITY)]
+                    else [
+                        Markdown(
+                            NO_PERPLEXITY.format(
+                                what=probes_measured(run.retrieval),
+                                where="retrieval" if not passkey.is_empty() else "tasks",
+                            )
+                        )
+                    ]
                 ),
                 *([noise_table(analysis.noise)] if measured.speed else []),
             ],

@@ -79,8 +79,8 @@ RULES_LEAD = (
 )
 NO_RESULTS = "No successful cell: nothing to tabulate."
 NO_PERPLEXITY = (
-    "This run measured passkey retrieval only (no perplexity cell), so the recommendations, which rest on "
-    "perplexity, are not made: see the retrieval section."
+    "This run measured {what} only (no perplexity cell), so the recommendations, which rest on "
+    "perplexity, are not made: see the {where} section."
 )
 RETRIEVAL_HEADING = "Retrieval (passkey)"
 RETRIEVAL_DEFINITIONS = (
