@@ -11,11 +11,11 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from kvcompare.errors import KVCompareError, did_you_mean
 from kvcompare.failure import policy_line
-from kvcompare.parameters import coerce_parameter, parameter_defaults
+from kvcompare.parameters import Parameterised, coerce_parameter, parameter_defaults
 from kvcompare.policy import KVPolicy, PolicyError
 from kvcompare.task import Task, TaskError
 
-T = TypeVar("T")
+T = TypeVar("T", bound=Parameterised)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,15 +99,11 @@ class SpecRegistry(Generic[T]):
                 f"{self.kind} {spec!r} (plugin {entry.plugin!r}) could not be built: {type(err).__name__}: {err}"
                 + (f" (at {where})" if where else "")
             ) from err
-        return self.bind(built, entry.plugin)
+        return built.bound_to(entry.plugin)
 
     def construct(self, cls: type[T], values: dict[str, Any]) -> T:
         """An instance of ``cls`` with ``values`` (and its validation run)."""
         return cls(**values)
-
-    def bind(self, built: T, plugin: str) -> T:
-        """``built``, recording the plugin that registered its class."""
-        return built
 
 
 class PolicyRegistry(SpecRegistry[KVPolicy]):
@@ -121,16 +117,8 @@ class PolicyRegistry(SpecRegistry[KVPolicy]):
         policy.validate()
         return policy
 
-    def bind(self, built: KVPolicy, plugin: str) -> KVPolicy:
-        """The policy bound to its plugin (:meth:`KVPolicy.bound_to`)."""
-        return built.bound_to(plugin)
-
 
 class TaskRegistry(SpecRegistry[Task]):
     """Tasks by name, each with the plugin that registered it."""
 
     kind, kinds, base, error, listing = "task", "tasks", Task, TaskError, "tasks"
-
-    def bind(self, built: Task, plugin: str) -> Task:
-        """The task bound to its plugin (:meth:`Task.bound_to`)."""
-        return built.bound_to(plugin)

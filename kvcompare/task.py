@@ -99,15 +99,21 @@ class TaskInputs:
     ``encode`` gives a text's token ids without special tokens; ``bos`` is the BOS token id when the model's
     documents start with one (else None); ``filler(sample, tokens)`` gives at least ``tokens`` tokens of the
     run's corpus text for sample ``sample`` and a name for where they came from (for book-text haystacks);
-    ``words`` is a list of distinct common English words (for word lists and keys).
+    ``word_list()`` gives distinct common English words (for word lists and keys), read through :attr:`words`
+    only by a task that needs them.
     """
 
     encode: Callable[[str], list[int]]
     bos: int | None
     seed: int
     filler: Callable[[int, int], tuple[Sequence[int], str]]
-    words: Sequence[str]
+    word_list: Callable[[], Sequence[str]]
     decode: Callable[[Sequence[int]], str] | None = None
+
+    @property
+    def words(self) -> Sequence[str]:
+        """The word list, read on first use; raises TaskError (saying what to install) when there is none."""
+        return self.word_list()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -120,12 +120,11 @@ class Passkey(Task):
     def probes(self, inputs: TaskInputs, length: int, samples: int) -> list[Probe]:
         """``samples`` seeded keys per depth, each prompt exactly ``length`` tokens; with ``haystack=text`` sample
         s hides its keys in the s-th corpus passage, the same text at every depth."""
-        probes = []
+        probes, question = [], len(inputs.encode(QUESTION))
         for depth in dict.fromkeys(self.depths):
             for sample, key in enumerate(passkey_keys(inputs.seed, length, depth, samples)):
                 filler, source = inputs.filler(sample, length) if self.haystack == "text" else (None, "repeat")
                 prompt = build_prompt(inputs.encode, length, depth, key, filler, source, inputs.bos)
-                question = len(inputs.encode(QUESTION))
                 probes.append(
                     Probe(
                         context=prompt.tokens[:-question],

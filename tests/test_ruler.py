@@ -105,7 +105,7 @@ def make_inputs(
         bos=bos,
         seed=seed,
         filler=filler,
-        words=english_words(),
+        word_list=english_words,
         decode=decode,
     )
 
@@ -412,7 +412,7 @@ def test_cwe_words_appear_their_number_of_times(
 
 
 def test_cwe_fails_clearly_when_the_word_list_runs_out(inputs: TaskInputs) -> None:
-    small = dataclasses.replace(inputs, words=english_words()[:200])
+    small = dataclasses.replace(inputs, word_list=lambda: english_words()[:200])
     with pytest.raises(TaskError, match="word list"):
         cwe.CommonWords().probes(small, 16384, 1)
 

@@ -44,6 +44,10 @@ def check_run_dir(run_dir: Path) -> None:
     )
 
 
+#: The task of a passkey probe's row, and of a perplexity cell's.
+PASSKEY_TASK, PPL_TASK = "passkey", "ppl"
+
+
 @dataclass(frozen=True)
 class RunData:
     """Everything the report is built from."""
@@ -54,8 +58,18 @@ class RunData:
     curves: pl.DataFrame  # CURVE_SCHEMA
     timings: pl.DataFrame  # TIMINGS_SCHEMA, every trial's raw rows; empty for runs older than repeated trials
     problems: list[str] = field(default_factory=list)  # files that could not be read
-    # RESULT_SCHEMA, the passkey probes (task "passkey"), kept apart so that `cells` stays the PPL/speed cells
+    # RESULT_SCHEMA (and `depth`), every probe task's rows, kept apart so that `cells` stays the PPL/speed cells
     retrieval: pl.DataFrame = field(default_factory=lambda: empty_frame(RESULT_SCHEMA))
+
+    @property
+    def passkey(self) -> pl.DataFrame:
+        """The passkey probes of :attr:`retrieval`."""
+        return self.retrieval.filter(pl.col("task") == PASSKEY_TASK)
+
+    @property
+    def other_probes(self) -> pl.DataFrame:
+        """The probes of every other task (RULER's, third-party ones)."""
+        return self.retrieval.filter(pl.col("task") != PASSKEY_TASK)
 
 
 def empty_frame(schema: pa.Schema) -> pl.DataFrame:
@@ -113,8 +127,6 @@ def _latest_attempt(cells: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-#: The task of a passkey probe's row, and of a perplexity cell's.
-PASSKEY_TASK, PPL_TASK = "passkey", "ppl"
 #: A probe task's row; every other row (task "ppl", or null in runs older than tasks) is a PPL cell.
 IS_PROBE = (pl.col("task").is_not_null() & (pl.col("task") != PPL_TASK)).fill_null(False)
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import polars as pl
-
-from kvcompare.analysis import PASSKEY_TASK, ReportError, analyse, load_run, outcome, several_position_modes
+from kvcompare.analysis import ReportError, analyse, load_run, outcome, several_position_modes
 from kvcompare.report.notices import noise_line
 from kvcompare.report.render import render_html, render_markdown, table_md
 from kvcompare.report.sections import assemble
@@ -63,8 +61,7 @@ def summary_table(run_dir: Path) -> str:
     analysis = analyse(run)
     tables = [table_md(table) for table in relative_tables(analysis)]
     modes = several_position_modes(run.retrieval)
-    passkey = run.retrieval.filter(pl.col("task") == PASSKEY_TASK)
-    others = run.retrieval.filter(pl.col("task") != PASSKEY_TASK)
+    passkey, others = run.passkey, run.other_probes
     if not passkey.is_empty():
         tables.append(table_md(retrieval_table(passkey, modes)))
     if not others.is_empty():

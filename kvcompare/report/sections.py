@@ -10,7 +10,6 @@ import polars as pl
 
 from kvcompare.analysis import (
     BASELINE_POLICY,
-    PASSKEY_TASK,
     Measured,
     RunData,
     analyse,
@@ -112,8 +111,7 @@ def compared(run: RunData, measured: Measured | None = None) -> dict[str, str]:
     """What the run compared, for the reader in a hurry: from the cells where they say it, else run.json."""
     measured = measured or what_was_measured(run)
     cells, config = run.cells, run.meta.get("config") or {}
-    passkey = run.retrieval.filter(pl.col("task") == PASSKEY_TASK)
-    others = run.retrieval.filter(pl.col("task") != PASSKEY_TASK)
+    passkey, others = run.passkey, run.other_probes
     speed, environment = run.meta.get("speed") or {}, run.meta.get("environment") or {}
     unknown = "not recorded"
 
@@ -184,21 +182,18 @@ def retrieval_section(retrieval: pl.DataFrame, charts: ChartSet, several_modes: 
     )
 
 
-def task_metric(name: str) -> str:
-    """What a task's score means, as its plugin declares it ('' when the task is not installed here)."""
-    from kvcompare.errors import KVCompareError
+def task_metrics() -> dict[str, str]:
+    """What each installed task's score means, as its plugin declares it (a task not installed here has none)."""
     from kvcompare.plugins import get_tasks
 
-    try:
-        return str(get_tasks().entry(name).cls.metric)
-    except KVCompareError:
-        return ""
+    registry = get_tasks()
+    return {name: str(registry.entry(name).cls.metric) for name in registry.names()}
 
 
 def tasks_section(probes: pl.DataFrame, several_modes: bool) -> Section:
     """The probe tasks other than passkey: the score across tasks, then a table per task."""
-    tasks = sorted(probes["task"].unique().to_list())
-    tables = [task_table(probes, task, several_modes, task_metric(task)) for task in tasks]
+    tasks, metrics = sorted(probes["task"].unique().to_list()), task_metrics()
+    tables = [task_table(probes, task, several_modes, metrics.get(task, "")) for task in tasks]
     return Section(TASKS_HEADING, [task_summary_table(probes, several_modes), *tables], intro=TASKS_DEFINITIONS)
 
 
@@ -209,8 +204,7 @@ def assemble(run: RunData, charts_dir: Path) -> Report:
     stats, several_modes = analysis.summary, analysis.several_modes
     ppl_charts = build_charts(stats, position_perplexity(run.curves, run.cells), charts_dir, several_modes)
     charts, every_row, retrieval = ppl_charts, run.cells, []
-    passkey = run.retrieval.filter(pl.col("task") == PASSKEY_TASK)
-    others = run.retrieval.filter(pl.col("task") != PASSKEY_TASK)
+    passkey, others = run.passkey, run.other_probes
     if not run.retrieval.is_empty():  # a run with probes: their failures and counts
         every_row = pl.concat([run.cells, run.retrieval], how="diagonal_relaxed")
     probe_modes = several_position_modes(every_row)

@@ -30,6 +30,7 @@ from kvcompare.plugins import get_host
 from kvcompare.policy import KVPolicy, PolicyError
 from kvcompare.run.results import cell_id
 from kvcompare.task import Probe, Task, TaskError, TaskInputs
+from kvcompare.words import english_words
 
 log = logging.getLogger(__name__)
 
@@ -332,12 +333,16 @@ def plan(config: RunConfig, policies: list[KVPolicy] | None = None) -> Plan:
         for limit in (config.cache_sizes if policy.bounded else [None])
     ]
     cells = [Cell(passage, policy, cache, context) for passage in passages for policy, cache in configurations]
+    inputs = {  # one per length, shared by every task: its book-text haystacks are drawn once
+        length: task_inputs(config, encode, tokenizer, corpus, bos, samples)
+        for length, samples in zip(config.lengths, config.samples, strict=True)
+    }
     for task in tasks:
         if task.request == "rolling":
             continue
         cells += [
             Cell(probe_passage(task, probe, sample, bos is not None), policy, cache, context, probe, task)
-            for probe, sample in task_probes(config, task, encode, tokenizer, corpus, bos)
+            for probe, sample in task_probes(config, task, inputs)
             for policy, cache in configurations
         ]
     return Plan(config, policies, tokenizer, corpus.describe(), passages, cells, num_layers)
@@ -383,34 +388,19 @@ def task_inputs(
         bos=bos,
         seed=config.seed,
         filler=filler,
-        words=english_words_if_needed(),
+        word_list=english_words,
         decode=lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True),
     )
 
 
-def english_words_if_needed() -> tuple[str, ...]:
-    """The word list tasks draw words from (empty when no word list is installed: a task that needs one says
-    so when it builds its probes)."""
-    try:
-        from kvcompare.words import english_words
-    except ImportError:
-        return ()
-    try:
-        return english_words()
-    except TaskError:
-        return ()
-
-
-def task_probes(
-    config: RunConfig, task: Task, encode: Any, tokenizer: Any, corpus: Any, bos: int | None = None
-) -> list[tuple[Probe, int]]:
+def task_probes(config: RunConfig, task: Task, inputs: dict[int, TaskInputs]) -> list[tuple[Probe, int]]:
     """Every probe of ``task`` in the run with its sample index: ``--samples`` probes per length (per depth for
-    passkey). Raises ConfigError when the task cannot build a prompt of a length."""
+    passkey), built from ``inputs[length]``. Raises ConfigError when the task cannot build a prompt of a length
+    (or lacks what it needs, e.g. a word list)."""
     probes = []
     for length, samples in zip(config.lengths, config.samples, strict=True):
-        inputs = task_inputs(config, encode, tokenizer, corpus, bos, samples)
         try:
-            built = task.probes(inputs, length, samples)
+            built = task.probes(inputs[length], length, samples)
         except TaskError as err:
             raise ConfigError(f"{task.who()}: {err}") from None
         for index, probe in enumerate(built):
