@@ -1,6 +1,10 @@
 """Decode step time of each policy with N tokens already in context, as ratios to `full`, in one run.
 
     python benchmarks/decode_step.py --contexts 2048,4096,16384 --cache 1024 --rounds 5
+    python benchmarks/decode_step.py --compression prefill --ratio 0.5 --contexts 8192 --policies full,snapkv
+
+With ``--compression prefill`` each context is prefilled whole and compressed once (the prefill setting), so the
+steps run on the compressed cache; ``--ratio`` gives budgets as shares of the context removed instead of --cache.
 
 Every policy's cache is prefilled once per context (untimed). Then each round decodes `--steps` tokens under
 every policy in turn, the order rotating by one policy per round, so the machine's drift touches all alike;
@@ -17,7 +21,7 @@ import statistics
 import torch
 from common import base_parser, book_tokens, setup
 
-from kvcompare.config import CacheConfig
+from kvcompare.config import DEFAULT_WINDOW, CacheConfig, ratio_limit
 from kvcompare.engine.executor import greedy
 from kvcompare.plugins import get_registry
 
@@ -35,16 +39,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--evict-block", type=int, default=1)
     parser.add_argument("--layer-budget", default="uniform", help="uniform or pyramid[:beta=B]")
+    parser.add_argument("--compression", default="continuous", choices=["continuous", "prefill"])
+    parser.add_argument("--ratio", default="", help="budgets as compression ratios, comma-separated (replaces --cache)")
     args = parser.parse_args()
     loaded, executor = setup(args)
     contexts = [int(c) for c in args.contexts.split(",")]
-    limits = [int(c) for c in args.cache.split(",")]
+    ratios = [float(r) for r in args.ratio.split(",") if r]
     skip = tuple(int(i) for i in args.skip_layers.split(",") if i)
     registry = get_registry()
     policies = args.policies.split(",")
     tokens = book_tokens(args, loaded, max(contexts))
     print(
-        f"{loaded.name} on {args.device}: decode steps after N tokens of {args.book}; limits {limits}, "
+        f"{loaded.name} on {args.device}: decode steps after N tokens of {args.book}; "
+        f"{'ratios ' + str(ratios) if ratios else 'limits ' + args.cache}, {args.compression} setting, "
         f"{args.positions} positions, skip layers {list(skip)}, evict block {args.evict_block}, "
         f"layer budget {args.layer_budget}, "
         f"{args.rounds} rounds x {args.steps} steps (+{args.warmup} warm-up)"
@@ -58,13 +65,25 @@ def main() -> None:
     with executor.attached():
         for context in contexts:
             runs = {}
+            budgets = [(ratio_limit(context, r), r) for r in ratios] or [(int(c), None) for c in args.cache.split(",")]
             for spec in policies:
-                for limit in limits if registry.build(spec).bounded else [None]:
-                    config = CacheConfig(limit, args.stride, args.positions, skip, args.evict_block, args.layer_budget)
+                for limit, ratio in budgets if registry.build(spec).bounded else [(None, None)]:
+                    config = CacheConfig(
+                        limit,
+                        args.stride,
+                        args.positions,
+                        skip,
+                        args.evict_block,
+                        args.layer_budget,
+                        reserve=DEFAULT_WINDOW if args.compression == "prefill" else None,
+                        compression=args.compression,
+                        ratio=ratio,
+                    )
                     cache = executor.new_cache(registry.build(spec), config, context + args.rounds * per_round + 1)
                     token = greedy(
                         executor.prefill(cache, tokens[:context].to(executor.device).view(1, -1), args.stride)
                     )
+                    executor.compress(cache)  # the prefill setting's one compression (nothing in the continuous)
                     runs[spec if limit is None else f"{spec}@{limit}"] = [cache, token]
             medians: dict[str, list[float]] = {name: [] for name in runs}
             evict: dict[str, list[float]] = {name: [] for name in runs}

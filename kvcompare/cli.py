@@ -66,6 +66,14 @@ def _add_run_parser(commands: Any) -> None:
     run.add_argument(
         "--cache", dest="cache_sizes", type=_int_list, help=f"cache limits in tokens (default {listed(d.cache_sizes)})"
     )
+    run.add_argument(
+        "--ratio",
+        dest="ratios",
+        type=_float_list,
+        help="budgets as compression ratios instead of --cache: the share of each context removed, as kvpress and "
+        "the literature mean it (each layer keeps int(context x (1 - ratio)) tokens; rows record both), e.g. "
+        "0.25,0.5,0.75",
+    )
     run.add_argument("--lengths", type=_int_list, help=f"passage lengths in tokens (default {listed(d.lengths)})")
     run.add_argument(
         "--samples", type=_int_list, help=f"passages per length: one count, or one per length (default {d.samples[0]})"
@@ -113,6 +121,19 @@ def _add_run_parser(commands: Any) -> None:
         "always, or never",
     )
     run.add_argument("--positions", type=_str_list, help=f"true and/or shift (default {listed(d.positions)})")
+    run.add_argument(
+        "--compression",
+        type=_str_list,
+        help="when the cache is cut: continuous (before every chunk and decode step, StreamingLLM's setting) and/or "
+        "prefill (once, after the context is prefilled whole, as SnapKV, PyramidKV and kvpress; then the question "
+        f"and answer run on a cache that only grows) (default {listed(d.compression)})",
+    )
+    run.add_argument(
+        "--query-aware",
+        action="store_true",
+        help="prefill setting: the question is part of the compressed context, so the policy sees it (default: "
+        "query-agnostic, kvpress's default: the context is compressed without the question)",
+    )
     run.add_argument(
         "--skip-layers",
         type=_skip_layers,
@@ -189,7 +210,11 @@ def run_config(args: argparse.Namespace) -> Any:
     values = {k: v for k, v in given.items() if v is not None and v is not False}
     if "policies" in values and not values["policies"]:
         raise ConfigError("--policies is empty: name at least one policy (see `kvcompare policies`), or full")
+    if "ratios" in values and "cache_sizes" in values:
+        raise ConfigError("--cache and --ratio both set the budget: give one (--ratio 0.5 keeps half of each context)")
     merged = {**preset, **values}
+    if "ratios" in values:  # budgets by ratio replace the limits (the preset's included)
+        merged["cache_sizes"] = []
     if "lengths" in values and "samples" not in values and "samples" in preset:
         # The preset's counts belong to its own lengths: keep a length's count where the preset has that
         # length, else its first (shortest) length's count, rather than fail on a --samples nobody gave.
@@ -197,6 +222,7 @@ def run_config(args: argparse.Namespace) -> Any:
         merged["samples"] = [by_length.get(n, preset["samples"][0]) for n in values["lengths"]]
     merged["baseline"] = not args.no_baseline
     merged["all_books"] = args.all_books
+    merged["query_aware"] = args.query_aware
     return RunConfig(**merged)
 
 
@@ -271,6 +297,8 @@ def _list_registered(registry: Any, syntax: str, request: bool = False) -> int:
         doc = " ".join((entry.cls.__doc__ or "").strip().split("\n\n")[0].split())  # its first paragraph
         kind = f"; request: {entry.cls.request}" if request else ""
         print(f"{name}  (plugin: {entry.plugin}{kind})\n    {doc}")
+        if note := getattr(entry.cls, "prefill_setting", ""):
+            print(f"    prefill setting: {' '.join(note.split())}")
         _print_parameters(entry.cls)
     print(f"\nSyntax: {syntax}")
     return 0

@@ -4,6 +4,7 @@ line can build its help from it before anything heavy loads."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Literal
 
@@ -24,6 +25,13 @@ DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 PositionMode = Literal["true", "shift"]
 POSITION_MODES: tuple[PositionMode, ...] = typing.get_args(PositionMode)
+#: When a cache is cut to its budget: before every chunk and decode step (``continuous``, StreamingLLM's setting),
+#: or once, after the context is prefilled whole (``prefill``: SnapKV's, PyramidKV's and kvpress's setting).
+Compression = Literal["continuous", "prefill"]
+COMPRESSIONS: tuple[Compression, ...] = typing.get_args(Compression)
+#: ppl in the prefill setting: the share of each passage that is the context, prefilled and compressed once; the
+#: rest is scored teacher-forced on the compressed cache (and the latency pass prefills the context alone).
+PPL_CONTEXT_SHARE = 0.5
 
 
 class ConfigError(KVCompareError, ValueError):
@@ -38,6 +46,58 @@ def oversubscription(threads: int | None, cpus: int | None) -> str | None:
         f"{threads} torch threads on {cpus} CPUs: threads beyond the CPUs wait for each other, so speed figures are "
         "slower and noisier than this machine allows; use --threads at most the CPU count (default: the cores)"
     )
+
+
+def check_compression(setting: str) -> Compression:
+    """The one check of a compression setting, shared by the command line and the cache."""
+    if setting not in COMPRESSIONS:
+        raise ConfigError(f"--compression takes continuous and/or prefill, not {setting!r}")
+    return typing.cast(Compression, setting)
+
+
+def ratio_limit(context: int, ratio: float) -> int:
+    """The budget of a compression ``ratio`` (the share of the context removed, as kvpress and the literature mean
+    it) for a ``context`` of that many tokens: ``int(context * (1 - ratio))``, as kvpress's ScorerPress keeps."""
+    return int(context * (1 - ratio))
+
+
+#: How a cache limit is shared among compressed layers (kvcompare.engine.budgets applies it).
+KINDS = ("uniform", "pyramid")
+DEFAULT_BETA = 20.0  # PyramidKV's
+#: The observation window every layer keeps under a pyramid in the prefill setting: kvcompare's snapkv default
+#: (PyramidKV's code defaults to 64: give ``pyramid:window=64`` with ``snapkv:window=64`` to match it).
+DEFAULT_WINDOW = 32
+SPEC_HELP = "use uniform, pyramid, pyramid:beta=B (B >= 1) or, for the prefill setting, pyramid:beta=B:window=W"
+
+
+def parse_layer_budget(spec: str) -> tuple[str, float]:
+    """``uniform``, ``pyramid``, ``pyramid:beta=B`` (or with ``:window=W``) as ``(kind, beta)``, or a ConfigError
+    saying what is allowed."""
+    kind, beta, _ = _parse(spec)
+    return kind, beta
+
+
+def prefill_window(spec: str) -> int:
+    """The observation window a pyramid keeps in every layer in the prefill setting (``pyramid:window=W``;
+    default :data:`DEFAULT_WINDOW`). Raises ConfigError for a bad ``spec``."""
+    return _parse(spec)[2]
+
+
+def _parse(spec: str) -> tuple[str, float, int]:
+    kind, *parts = spec.split(":")
+    if kind not in KINDS or (parts and kind != "pyramid"):
+        raise ConfigError(f"--layer-budget {spec!r}: {SPEC_HELP}")
+    values = {"beta": DEFAULT_BETA, "window": float(DEFAULT_WINDOW)}
+    for part in parts:
+        key, _, value = part.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if key not in values or not number >= 1 or (key == "window" and not number.is_integer()):
+            raise ConfigError(f"--layer-budget {spec!r}: {SPEC_HELP}")
+        values[key] = number
+    return kind, values["beta"], int(values["window"])
 
 
 def check_position_mode(mode: str) -> PositionMode:
@@ -58,9 +118,17 @@ class CacheConfig:
     evict_block: int = 1
     layer_budget: str = "uniform"  # how the limit is shared among compressed layers (kvcompare.engine.budgets)
     reserve: int | None = None  # slots every layer keeps for a chunk under a pyramid; None: stride + evict_block - 1
+    compression: Compression = "continuous"  # when the cache is cut to its budget (see COMPRESSIONS)
+    ratio: float | None = None  # the compression ratio the limit was derived from (None: --cache gave it)
 
     def __post_init__(self) -> None:
         check_position_mode(self.positions)
+        check_compression(self.compression)
+
+    @property
+    def once(self) -> bool:
+        """Whether the cache is compressed once, after its context (the prefill setting), and never evicts after."""
+        return self.compression == "prefill" and self.limit is not None
 
     def budget_reserve(self) -> int:
         """Slots kept free for the tokens one forward pass adds (default: stride + evict_block - 1)."""
@@ -99,6 +167,9 @@ class RunConfig:
     dtype: str = "float32"
     stride: int = 64
     positions: list[str] = dataclasses.field(default_factory=lambda: ["shift"])
+    compression: list[str] = dataclasses.field(default_factory=lambda: ["continuous"])  # settings (COMPRESSIONS)
+    ratios: list[float] = dataclasses.field(default_factory=list)  # budgets as shares removed, instead of cache_sizes
+    query_aware: bool = False  # the prefill setting: the question is part of the compressed context
     skip_layers: list[int] = dataclasses.field(default_factory=lambda: [0, 1])
     evict_block: int = 1
     layer_budget: str = "uniform"
@@ -120,12 +191,27 @@ class RunConfig:
         if len(self.samples) == 1 and len(self.lengths) > 1:
             self.samples = self.samples * len(self.lengths)
 
-    def cache_config(self, limit: int | None, positions: str) -> CacheConfig:
-        """The cache of a cell at ``limit`` (None: no limit) in one position mode."""
-        mode = check_position_mode(positions)
-        reserve = self.largest_chunk() + self.evict_block - 1
+    def cache_config(
+        self, limit: int | None, positions: str, compression: str = "continuous", ratio: float | None = None
+    ) -> CacheConfig:
+        """The cache of a cell at ``limit`` (None: no limit) in one position mode and compression setting
+        (``ratio``: the compression ratio the limit was derived from). Raises ConfigError for a bad mode, setting
+        or layer budget."""
+        mode, setting = check_position_mode(positions), check_compression(compression)
+        if setting == "prefill":  # no chunk is fed beside kept tokens: a pyramid keeps its window in every layer
+            reserve = prefill_window(self.layer_budget)
+        else:
+            reserve = self.largest_chunk() + self.evict_block - 1
         return CacheConfig(
-            limit, self.stride, mode, tuple(self.skip_layers), self.evict_block, self.layer_budget, reserve
+            limit,
+            self.stride,
+            mode,
+            tuple(self.skip_layers),
+            self.evict_block,
+            self.layer_budget,
+            reserve,
+            setting,
+            ratio,
         )
 
     def latency(self) -> LatencySettings:

@@ -30,6 +30,9 @@ class KVPolicy(Parameterised):
     kind = "policy"
     #: False for policies that never evict (the ``full`` baseline): the executor then enforces no limit.
     bounded: ClassVar[bool] = True
+    #: What the policy keeps when the context is compressed once (``--compression prefill``), against its authors'
+    #: reference implementation, every deviation stated; ``kvcompare policies`` shows it.
+    prefill_setting: ClassVar[str] = ""
 
     def select(self, keys: torch.Tensor, keep: int, positions: torch.Tensor) -> torch.Tensor:
         """Return the slots to keep.

@@ -8,22 +8,36 @@ README (a test keeps the README in step). The code that carries it out is ``kvco
 #: 5: shift mode in bfloat16/float16 re-rotates moved keys from the written key, rounding once (issue 14).
 #: 6: the document start (BOS) in every cell's identity; model families (issue 21).
 #: 7: tasks as plugins: task_params and probe_params in every cell's identity, generic probe columns (issue 23).
-PROTOCOL_VERSION = 7
+#: 8: the compression setting (continuous or prefill), ratio and context in every cell's identity (issue 24).
+PROTOCOL_VERSION = 8
 
 #: How the numbers are measured; shown verbatim in every report and in the README.
 PROTOCOL_MD = """\
 - **Cells.** One measurement per (policy with its parameters, cache limit, passage length, sample, position
-  mode). The `full` baseline keeps every token and has no limit; every other policy runs under the same
-  limit, through the same executor, with the same timers.
+  mode, compression setting). The `full` baseline keeps every token and has no limit; every other policy runs
+  under the same limit, through the same executor, with the same timers.
 - **Cache limit.** Before a chunk of `c` tokens is attended, each compressed layer holding more than
   `limit - c` tokens is reduced by the policy to `limit - c` (or to `evict_block` fewer tokens than it
   holds, whichever is smaller), so no attention call sees more than `limit` keys. Skip layers (default 0
   and 1) keep their full cache. An eviction only frees slots: the next chunk's keys and values are written
   into them, and nothing that stays is moved. Among equally scored tokens the older goes first.
+- **Compression setting.** `continuous` (default, StreamingLLM's setting): the limit holds before every chunk
+  and decode step, as above. `prefill` (SnapKV's, PyramidKV's, kvpress's): the context is prefilled with
+  nothing evicted, then each compressed layer is cut once to its budget by the same policy code, its scores
+  made from the whole context (its keys, the attention it drew, the last queries); the kept tokens move in time
+  order to buffers sized for them and the tokens still to come, and the rest of the prompt and the answer run
+  on a cache that only grows. A probe's context is compressed without its question (query-agnostic, kvpress's
+  default) unless `--query-aware`, which compresses the question with it. `ppl` in this setting: the first half
+  of each passage is the context; only the tokens after it, each predicted on the compressed cache, are scored,
+  and the latency trials prefill the context alone. `--ratio r` gives each layer `int(context × (1 − r))`
+  tokens of its cell's context (the whole prompt in the continuous setting); rows record `ratio`,
+  `cache_size` and `context_tokens`.
 - **Layer budgets.** `--layer-budget uniform` (default) gives every compressed layer the limit. `pyramid`
   (PyramidKV) gives lower layers more and higher layers less, falling linearly, with the same total, so the
   same KV bytes; every layer keeps room for a chunk. Each row records the rule and the budgets. An eviction
-  frees the same number of slots in every layer, empty slots first, so a layer with room evicts less.
+  frees the same number of slots in every layer, empty slots first, so a layer with room evicts less. In the
+  prefill setting a pyramid keeps its observation window (`pyramid:window=W`, default 32) in every layer
+  instead of room for a chunk, as PyramidKV does.
 - **Signals.** A policy that reads attention (`h2o`, `tova`) or recent queries (`snapkv`) gets them from
   kvcompare's attention function, for compressed layers only and only when it asks: the weights are
   recomputed there from the post-RoPE queries and the attended keys (softmax of q·k·scale under the same
@@ -63,7 +77,9 @@ PROTOCOL_MD = """\
   token (greedy). Then `warmup + gen` tokens are decoded one at a time; the first `warmup` steps are not
   counted. A trial's TPOT is its median counted step (eviction included) and its throughput is `gen` divided
   by its counted steps' total time. Each cell runs `repeats` trials. Eviction time (choosing victims and
-  slots, re-rotation) inside the counted steps is `evict_s`, and `evict_share = evict_s / decode time`.
+  slots, re-rotation) inside the counted steps is `evict_s`, and `evict_share = evict_s / decode time`. In the
+  prefill setting `ttft_s` includes the one compression after the prompt, also given alone as `compress_s`
+  (`compress_share = compress_s / TTFT`), and every counted step runs on the compressed cache.
 - **Passkey retrieval** (`--task passkey`). A prompt of exactly the passage length: an instruction, a
   filler (a sentence repeated, or with `--haystack text` a passage of the dataset), the line "The pass key
   is K. Remember it. K is the pass key." with a seeded random 5-digit K at each depth of `--depths` (0:
@@ -91,15 +107,17 @@ PROTOCOL_MD = """\
 - **Timers.** Every timer reads the clock after synchronising the device (cuda, mps). One untimed latency
   trial of `full` on the first passage runs before anything is timed. `--threads` (default: the physical
   cores) fixes torch's intra-op threads; the load average at start and end is recorded.
-- **Memory.** `peak_kv_bytes`: the most key/value bytes the cache held. `peak_mem_bytes`: peak resident memory
+- **Memory.** `peak_kv_bytes`: the most key/value bytes the cache held (in the prefill setting, the whole
+  context's, before it is compressed); `kv_bytes_compressed`: in the prefill setting, the bytes held right after
+  the compression. `peak_mem_bytes`: peak resident memory
   of the process (CPU), or peak allocated device memory (cuda, mps), sampled at chunk boundaries of the
   cell's single-sequence passes (a batched quality pass's memory is no one cell's).
-- **Relative change.** Quality: each cell against the `full` cell of the same passage and position mode
-  (paired), averaged over samples. Speed: each trial against the `full` trial of the same passage, position
-  mode, session and round, averaged over samples × rounds, with a seeded bootstrap 95% interval over those
-  pairs; a change is significant when its interval excludes 0. The A/A control's change, paired the same
-  way, is the run's noise floor. Negative TTFT/TPOT change is faster; positive PPL change is worse;
-  accuracy change is relative to the baseline's accuracy.
+- **Relative change.** Quality: each cell against the `full` cell of the same passage, position mode and
+  compression setting (paired), averaged over samples. Speed: each trial against the `full` trial of the same
+  passage, position mode, compression setting, session and round, averaged over samples × rounds, with a
+  seeded bootstrap 95% interval over those pairs; a change is significant when its interval excludes 0. The
+  A/A control's change, paired the same way, is the run's noise floor. Negative TTFT/TPOT change is faster;
+  positive PPL change is worse; accuracy change is relative to the baseline's accuracy.
 - **Physics.** Beside each TPOT: the bytes one decode step reads (the model's weights, and the keys and
   values it attends at the end of the prompt), and the floor those bytes set at the memory bandwidth
   measured at the start of the run.

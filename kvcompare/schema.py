@@ -30,6 +30,10 @@ RESULT_SCHEMA = pa.schema(
         ("stride", pa.int64()),
         ("evict_block", pa.int64()),
         ("positions", pa.string()),  # "true" or "shift"
+        ("compression", pa.string()),  # "continuous" (evict before every chunk and step) or "prefill" (once)
+        ("ratio", pa.float64()),  # --ratio: the share of the context removed, from which cache_size was derived
+        ("query_aware", pa.bool_()),  # prefill: the question was compressed with the context; null: continuous
+        ("context_tokens", pa.int64()),  # prefill: the tokens prefilled, then compressed once; null: continuous
         ("skip_layers", pa.string()),  # JSON list of layer indices that keep the full cache
         ("layer_budget", pa.string()),  # how the limit is shared among compressed layers: uniform or pyramid:beta=B
         ("layer_budgets", pa.string()),  # JSON list: the slots each compressed layer may hold (null for `full`)
@@ -63,9 +67,12 @@ RESULT_SCHEMA = pa.schema(
         ("nll_sum", pa.float64()),
         ("tokens_scored", pa.int64()),
         ("peak_kv_bytes", pa.int64()),
+        ("kv_bytes_compressed", pa.int64()),  # prefill: key and value bytes held right after the one compression
         ("peak_mem_bytes", pa.int64()),  # process RSS (cpu) or allocator peak in the cell's single-sequence passes
         ("evict_s", pa.float64()),  # eviction time inside the counted decode steps, summed over trials
         ("evict_share", pa.float64()),  # evict_s / decode_s
+        ("compress_s", pa.float64()),  # prefill: the one compression's time inside the TTFT, summed over trials
+        ("compress_share", pa.float64()),  # compress_s / the trials' TTFT summed
         # a probe task (kvcompare.task): the prompt prefilled under the policy, then its answer fed (request
         # "answer") or generated greedily (request "generate"), scored by the task
         ("correct", pa.bool_()),  # the task's pass/fail (passkey: greedy decoding gives the key exactly)
@@ -98,6 +105,7 @@ CURVE_SCHEMA = pa.schema(
         ("cache_size", pa.int64()),
         ("seq_len", pa.int64()),
         ("positions", pa.string()),
+        ("compression", pa.string()),
         ("sample_id", pa.int64()),
         ("bucket_start", pa.int64()),  # first predicted position in the bucket (token index in the passage)
         ("bucket_end", pa.int64()),  # one past the last
@@ -115,6 +123,7 @@ CURVE_CELL_COLUMNS: tuple[str, ...] = (
     "cache_size",
     "seq_len",
     "positions",
+    "compression",
     "sample_id",
 )
 
@@ -133,10 +142,12 @@ TIMINGS_SCHEMA = pa.schema(
         ("seconds", pa.float64()),
         ("evict_seconds", pa.float64()),  # eviction inside this step; null for TTFT
         ("signal_seconds", pa.float64()),  # signal collection inside this step; null for TTFT
-        # the keys a trial is paired on with its baseline: same passage, position mode, session and round
+        ("compress_seconds", pa.float64()),  # TTFT in the prefill setting: the compression inside it
+        # the keys a trial is paired on with its baseline: same passage, position mode, setting, session and round
         ("seq_len", pa.int64()),
         ("sample_id", pa.int64()),
         ("positions", pa.string()),
+        ("compression", pa.string()),
     ]
 )
 TRIAL_ROLES = ("cell", "aa_control", "baseline")

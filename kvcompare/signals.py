@@ -48,3 +48,6 @@ class Signals:
     seen: int  # the token index of the next token: every held token is older
     incoming: int  # tokens the eviction makes room for (the next chunk)
     budgets: torch.Tensor  # [layers]: slots each compressed layer may hold (its cache limit)
+    #: "continuous" (an eviction before a chunk or decode step) or "prefill" (the one compression after the whole
+    #: context was prefilled; ``seen - 1`` is then the context's last token and ``incoming`` is 0).
+    setting: str = "continuous"

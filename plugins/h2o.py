@@ -21,6 +21,12 @@ class HeavyHitters(ScoredPolicy):
     """
 
     name = "h2o"
+    prefill_setting = (
+        "as H2O's real-drop code (H2OKVCache_LayerWise) at the end of the prompt: the newest int(budget x "
+        "recent_ratio) context tokens are the recent window and the rest of the budget goes to the tokens with the "
+        "most attention accumulated over every context query. Deviation: per KV head, the attention of its query "
+        "group summed (H2O's code scores each attention head of models without grouped-query attention)."
+    )
     recent_ratio: float = parameter(
         0.5, "share of each layer's limit kept as a recent window; the rest are heavy hitters"
     )

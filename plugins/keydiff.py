@@ -19,6 +19,11 @@ class KeyDiff(ScoredPolicy):
     """
 
     name = "keydiff"
+    prefill_setting = (
+        "as kvpress's KeyDiffPress: per KV head the anchor is the mean of the context's normalised keys and the "
+        "budget keys least similar (cosine) to it are kept. Scores are computed in float32 (kvpress: in the model's "
+        "dtype), which can only change ties."
+    )
 
     def score(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         held = (positions >= 0).float().unsqueeze(-2)  # [..., 1, slots]

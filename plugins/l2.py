@@ -19,6 +19,10 @@ class L2Norm(ScoredPolicy):
     """
 
     name = "l2"
+    prefill_setting = (
+        "keep_low: per KV head, the budget keys of the context with the lowest L2 norm, as kvpress's KnormPress "
+        "(Devoto et al., 2024); keep_high and random are ablations with no reference. No deviation."
+    )
     mode: Literal["keep_low", "keep_high", "random"] = parameter(
         "keep_low", "keep the lowest-norm keys (the paper), the highest (ablation) or a random subset"
     )

@@ -14,6 +14,7 @@ class RecentOnly(ScoredPolicy):
     """Keep the most recent tokens only (StreamingLLM without sinks: shows what the sinks are worth)."""
 
     name = "recent"
+    prefill_setting = "the context's most recent budget tokens (StreamingLLMPress with n_sink = 0); no deviation."
 
     def score(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return positions.float()  # the oldest token goes first

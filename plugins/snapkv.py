@@ -17,12 +17,20 @@ class SnapKV(ScoredPolicy):
     As in the paper: the window's queries attend the held keys (causally), their weights are summed over the
     window and averaged over the query heads that share the KV head, then average-pooled over ``kernel``
     neighbouring tokens (in time order, zero-padded at both ends) so that kept tokens keep some context.
-    The paper compresses once, after the prompt; kvcompare applies it at every eviction, during chunked
-    prefill and decoding alike, with the window's queries as they were computed (in shift mode the held keys
-    have been re-rotated since).
+    The paper compresses once, after the prompt: that is ``--compression prefill``. In the continuous setting
+    kvcompare applies it at every eviction, during chunked prefill and decoding alike, with the window's queries as
+    they were computed (in shift mode the held keys have been re-rotated since).
     """
 
     name = "snapkv"
+    prefill_setting = (
+        "as SnapKV's code and kvpress's SnapKVPress: the context's last `window` queries attend the whole context "
+        "causally (softmax over every key), their weights on the older tokens are summed over the window, "
+        "average-pooled over `kernel` tokens (zero padding) and averaged over the query heads of each KV head "
+        "(kvpress's grouped-query rule, from SnapKV issue #22); the window is always kept and the rest of the "
+        "budget goes to the top pooled scores. Deviation: defaults window=32 here, 64 in both references (give "
+        "snapkv:window=64 to match them)."
+    )
     window: int = parameter(32, "latest queries whose attention decides; their own tokens are always kept")
     kernel: int = parameter(5, "tokens pooled around each token's score (odd)")
 

@@ -14,6 +14,10 @@ class StreamingLLM(ScoredPolicy):
     """Keep the first `start_size` tokens (the attention sinks) and the most recent ones."""
 
     name = "streaming"
+    prefill_setting = (
+        "the context's first start_size tokens and its most recent (budget - start_size), as kvpress's "
+        "StreamingLLMPress with n_sink = start_size; no deviation."
+    )
     start_size: int = parameter(4, "attention-sink tokens kept from the start of the text")
 
     def validate(self) -> None:

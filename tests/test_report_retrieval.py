@@ -27,7 +27,8 @@ from kvcompare.analysis import (
 from kvcompare.report import ReportPaths, build_report
 from kvcompare.report.document import Definitions, Table
 from kvcompare.report.sections import assemble
-from kvcompare.report.tables import relative_table, retrieval_table
+from kvcompare.report.tables import relative_table
+from kvcompare.report.task_tables import retrieval_table
 from kvcompare.report.wording import RETRIEVAL_HEADING
 from kvcompare.schema import RESULT_SCHEMA
 

@@ -1,6 +1,7 @@
 """The numbers of a run, apart from how a report shows them: a results folder read into frames (load), the
 figures and changes (metrics), means and paired changes against `full` (pairing), passkey retrieval
-(retrieval), the noise floor (noise), names of configurations (names), the recommendation rules (rules), and
+(retrieval), the noise floor (noise), names of configurations (names), the compression settings and the figures
+against the compression ratio (settings), the recommendation rules (rules), and
 the whole analysis of one run (:func:`analyse`). Nothing here formats a table or writes a file."""
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from kvcompare.analysis.metrics import (
     NOISE_CHANGES,
     PHYSICS_COLUMNS,
     PPL_CHANGE,
+    PREFILL_COLUMNS,
     SPEED_CHANGES,
     THROUGHPUT_CHANGE,
     TPOT_CHANGE,
@@ -40,7 +42,14 @@ from kvcompare.analysis.metrics import (
     Metric,
     is_speed,
 )
-from kvcompare.analysis.names import config_name, policy_name, several_position_modes
+from kvcompare.analysis.names import (
+    DEFAULT_COMPRESSION,
+    config_name,
+    policy_name,
+    ratio_words,
+    removed_words,
+    several_position_modes,
+)
 from kvcompare.analysis.noise import NoiseFloor, noise_floor
 from kvcompare.analysis.pairing import (
     BASELINE_POLICY,
@@ -68,6 +77,7 @@ from kvcompare.analysis.pairing import (
     trial_pairs,
 )
 from kvcompare.analysis.retrieval import (
+    BUDGET_LIMIT,
     IS_ANSWERED,
     PROBE_KEYS,
     RETRIEVAL_KEYS,
@@ -78,6 +88,7 @@ from kvcompare.analysis.retrieval import (
     retrieval_stats,
     task_scores,
 )
+from kvcompare.analysis.retrieval import CONFIG_KEYS as RETRIEVAL_CONFIG_KEYS
 from kvcompare.analysis.rules import (
     ALL_RULES,
     LONG_TEXT,
@@ -99,6 +110,7 @@ from kvcompare.analysis.rules import (
     rules_for,
     significant_gain,
 )
+from kvcompare.analysis.settings import quality_by_ratio, settings_of
 
 # --- Everything a report says about one run, computed once --------------------------------------------------
 
@@ -127,7 +139,7 @@ def probes_measured(probes: pl.DataFrame) -> str:
 
 def what_was_measured(run: RunData) -> Measured:
     """What the run's successful cells measured: speed (latency trials) or not, retrieval (passkey) or not, and why a
-    missing one is missing."""
+    missing one is missing; the compression settings and ratios of its cells and probes."""
     ok = run.cells.filter(pl.col("status") == "ok")
     speed = not ok.filter(pl.col("ttft_s").is_not_null() | pl.col("tpot_s").is_not_null()).is_empty()
     retrieval = retrieval_measured(run.retrieval)
@@ -145,7 +157,8 @@ def what_was_measured(run: RunData) -> Measured:
         reason = "--repeats 0: a quality-only run, with no latency trial"
     else:
         reason = "its cells recorded no latency trial"
-    return Measured(not ok.is_empty(), speed, retrieval, reason)
+    settings, ratios, query_aware = settings_of(run)
+    return Measured(not ok.is_empty(), speed, retrieval, reason, settings, ratios, query_aware)
 
 
 @dataclass(frozen=True)
@@ -190,11 +203,13 @@ __all__ = [
     "Analysis",
     "BASELINE_POLICY",
     "BASELINE_ROLES",
+    "BUDGET_LIMIT",
     "Bounded",
     "CHANGES",
     "CHANGE_BY_COLUMN",
     "CONFIG_KEYS",
     "Change",
+    "DEFAULT_COMPRESSION",
     "EVERYTHING",
     "IS_ANSWERED",
     "IS_BASELINE",
@@ -216,11 +231,13 @@ __all__ = [
     "PHYSICS_COLUMNS",
     "PPL_CHANGE",
     "PPL_DELTA",
+    "PREFILL_COLUMNS",
     "PROBE_KEYS",
     "QUALITY_FIRST",
     "QUALITY_FIRST_WITH_RETRIEVAL",
     "QUALITY_PPL_MAX_PCT",
     "QUALITY_RETRIEVAL_MAX_PTS",
+    "RETRIEVAL_CONFIG_KEYS",
     "RETRIEVAL_KEYS",
     "ROUND_KEYS",
     "Recommendation",
@@ -258,8 +275,11 @@ __all__ = [
     "paired_changes",
     "policy_name",
     "position_perplexity",
+    "quality_by_ratio",
+    "ratio_words",
     "recommend",
     "relative_changes",
+    "removed_words",
     "retrieval_by_config",
     "retrieval_by_probe",
     "retrieval_gaps",
@@ -267,6 +287,7 @@ __all__ = [
     "retrieval_measured",
     "retrieval_stats",
     "rules_for",
+    "settings_of",
     "several_position_modes",
     "significant_gain",
     "sort_configs",

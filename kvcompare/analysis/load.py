@@ -114,7 +114,10 @@ def _read_parquet_dir(run_dir: Path, pattern: str, schema: pa.Schema, problems: 
             problems.append(f"{path.relative_to(run_dir)}: {exc}")
     empty = empty_frame(schema)
     frame = pl.concat([empty, *frames], how="diagonal_relaxed")
-    return frame.select([pl.col(name).cast(dtype) for name, dtype in empty.schema.items()])
+    frame = frame.select([pl.col(name).cast(dtype) for name, dtype in empty.schema.items()])
+    if "compression" in frame.columns:  # runs older than the setting (protocol 8) were all continuous
+        frame = frame.with_columns(pl.col("compression").fill_null("continuous"))
+    return frame
 
 
 def _latest_attempt(cells: pl.DataFrame) -> pl.DataFrame:

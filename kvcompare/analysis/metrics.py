@@ -62,6 +62,9 @@ METRICS: tuple[Metric, ...] = (
 METRIC_BY_COLUMN: dict[str, Metric] = {m.column: m for m in METRICS}
 #: What one decode step must read, per cell (the same for every sample of a configuration and length).
 PHYSICS_COLUMNS: tuple[str, ...] = ("kv_read_bytes", "weight_bytes", "tpot_floor_s")
+#: What the prefill setting records beside the figures (null in the continuous setting), averaged per configuration
+#: as `<column>_mean`: the context compressed, the bytes kept, and the compression's time inside the TTFT.
+PREFILL_COLUMNS: tuple[str, ...] = ("context_tokens", "kv_bytes_compressed", "compress_s", "compress_share")
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,14 @@ class Measured:
     speed: bool  # some successful perplexity cell has speed figures (latency trials)
     retrieval: bool  # some passkey probe was answered
     no_speed: str = ""  # why no speed figure is reported; "" when speed was measured
+    settings: tuple[str, ...] = ("continuous",)  # the compression settings of the cells and probes, continuous first
+    ratios: tuple[float, ...] = ()  # the compression ratios (--ratio), smallest first; () where --cache gave limits
+    query_aware: bool | None = None  # prefill: the question was compressed with the context; None: not recorded
+
+    @property
+    def prefill(self) -> bool:
+        """Whether the run measured the prefill setting (each layer compressed once, after the context)."""
+        return "prefill" in self.settings
 
     def speaks_of(self, change: Change | Metric) -> bool:
         """Whether a table or chart should show ``change`` (speed figures only where speed was measured)."""

@@ -10,7 +10,15 @@ from typing import Any
 import polars as pl
 
 from kvcompare.analysis.load import empty_frame
-from kvcompare.analysis.metrics import CHANGES, METRICS, NOISE_CHANGES, PHYSICS_COLUMNS, SPEED_CHANGES, Change
+from kvcompare.analysis.metrics import (
+    CHANGES,
+    METRICS,
+    NOISE_CHANGES,
+    PHYSICS_COLUMNS,
+    PREFILL_COLUMNS,
+    SPEED_CHANGES,
+    Change,
+)
 from kvcompare.schema import (
     TIMINGS_SCHEMA,
 )
@@ -18,11 +26,14 @@ from kvcompare.stats import Estimate, mean_estimate
 
 # --- Aggregation: per-configuration means over samples, paired changes against `full` -----------------------
 
-#: A configuration at one length; `policy` rides along for colouring and filtering.
-CONFIG_KEYS: list[str] = ["seq_len", "policy", "policy_label", "cache_size", "positions"]
-#: A policy row is compared with the baseline row that saw the same passage the same way.
-PAIR_KEYS: list[str] = ["seq_len", "sample_id", "positions"]
-#: A policy trial is compared with the baseline trial of the same passage, session and round.
+#: A configuration at one length: a policy at a cache limit (and the compression ratio it came from, when the run
+#: gave --ratio) in a position mode and a compression setting; `policy` rides along for colouring and filtering.
+CONFIG_KEYS: list[str] = ["seq_len", "policy", "policy_label", "cache_size", "positions", "compression", "ratio"]
+#: A policy row is compared with the baseline row that saw the same passage the same way: the same position mode
+#: and compression setting (in the prefill setting only the second half of a passage is scored, so a prefill
+#: cell's only baseline is the prefill `full`).
+PAIR_KEYS: list[str] = ["seq_len", "sample_id", "positions", "compression"]
+#: A policy trial is compared with the baseline trial of the same passage, setting, session and round.
 ROUND_KEYS: list[str] = [*PAIR_KEYS, "session", "round"]
 #: One latency trial in the raw timings (its TTFT row and its step rows share these).
 TRIAL_KEYS: list[str] = ["cell_id", "role", *ROUND_KEYS]
@@ -50,16 +61,26 @@ def lengths_in(frame: pl.DataFrame) -> list[int]:
 
 
 def sort_configs(frame: pl.DataFrame) -> pl.DataFrame:
-    """Baseline first, then by policy, cache limit and positions, so tables read the same everywhere."""
+    """Per length and compression setting (continuous first), baseline first, then by policy, ratio, cache limit and
+    positions, so tables read the same everywhere."""
     return frame.sort(
-        [pl.col("seq_len"), pl.col("policy") != BASELINE_POLICY, "policy_label", "cache_size", "positions"],
+        [
+            pl.col("seq_len"),
+            pl.col("compression") == "prefill",
+            pl.col("policy") != BASELINE_POLICY,
+            "policy_label",
+            "ratio",
+            "cache_size",
+            "positions",
+        ],
         nulls_last=False,
     )
 
 
 def aggregate(cells: pl.DataFrame) -> pl.DataFrame:
     """Per configuration: mean, std and count over samples of every metric; for speed metrics also the
-    lowest low and highest high of the cells' intervals over trials; the physics of a decode step."""
+    lowest low and highest high of the cells' intervals over trials; the physics of a decode step, and what the
+    prefill setting records (PREFILL_COLUMNS)."""
     stats = [pl.len().alias("n")]
     for metric in METRICS:
         stats += [
@@ -71,7 +92,7 @@ def aggregate(cells: pl.DataFrame) -> pl.DataFrame:
                 pl.col(f"{metric.interval}_ci_low").min().alias(metric.low),
                 pl.col(f"{metric.interval}_ci_high").max().alias(metric.high),
             ]
-    stats += [pl.col(column).mean().alias(f"{column}_mean") for column in PHYSICS_COLUMNS]
+    stats += [pl.col(column).mean().alias(f"{column}_mean") for column in (*PHYSICS_COLUMNS, *PREFILL_COLUMNS)]
     return sort_configs(ok_cells(cells).group_by(CONFIG_KEYS).agg(stats))
 
 
@@ -114,7 +135,8 @@ def trial_figures(timings: pl.DataFrame) -> pl.DataFrame:
 
 @dataclass(frozen=True)
 class TrialPairs:
-    """Trials paired with the `full` trial of the same passage, position mode, session and round, with the
+    """Trials paired with the `full` trial of the same passage, position mode, compression setting, session and
+    round, with the
     change of each paired figure in %: never across sessions or rounds."""
 
     policy: pl.DataFrame  # a policy's trial (role "cell") against `full`; SPEED_CHANGES columns
@@ -123,7 +145,9 @@ class TrialPairs:
 
 def trial_pairs(cells: pl.DataFrame, timings: pl.DataFrame) -> TrialPairs:
     """Pair the trials of successful cells; a trial with no `full` trial of its key is left out."""
-    configs = ok_cells(cells).select("cell_id", "policy", "policy_label", "cache_size", IS_BASELINE.alias("_baseline"))
+    configs = ok_cells(cells).select(
+        "cell_id", "policy", "policy_label", "cache_size", "ratio", IS_BASELINE.alias("_baseline")
+    )
     trials = trial_figures(timings).join(configs, on="cell_id", how="inner")
     is_baseline, role = pl.col("_baseline"), pl.col("role")
     base = (
@@ -220,13 +244,19 @@ def baseline_lengths(cells: pl.DataFrame) -> set[int]:
 
 
 def position_perplexity(curves: pl.DataFrame, cells: pl.DataFrame) -> pl.DataFrame:
-    """Perplexity per position bucket, exp(sum nll / sum tokens) pooled over samples; failed cells out."""
+    """Perplexity per position bucket and configuration (CONFIG_KEYS; a curve's ratio is its cell's),
+    exp(sum nll / sum tokens) pooled over samples; failed cells out."""
     failed = failed_cells(cells)["cell_id"]
+    ratios = cells.select("cell_id", "ratio").unique("cell_id")
     return (
         curves.filter(~pl.col("cell_id").is_in(failed.implode()))
-        .group_by(["seq_len", "policy", "policy_label", "cache_size", "positions", "bucket_start", "bucket_end"])
+        .join(ratios, on="cell_id", how="left")
+        .group_by([*CONFIG_KEYS, "bucket_start", "bucket_end"])
         .agg(pl.col("nll_sum").sum(), pl.col("tokens").sum())
         .filter(pl.col("tokens") > 0)
         .with_columns((pl.col("nll_sum") / pl.col("tokens")).exp().alias("ppl"))
-        .sort(["seq_len", "policy_label", "cache_size", "positions", "bucket_start"], nulls_last=False)
+        .sort(
+            ["seq_len", "compression", "policy_label", "ratio", "cache_size", "positions", "bucket_start"],
+            nulls_last=False,
+        )
     )

@@ -10,7 +10,7 @@ import polars as pl
 from kvcompare.analysis.metrics import NOISE_CHANGES, PPL_CHANGE, THROUGHPUT_CHANGE, TPOT_CHANGE, Change
 from kvcompare.analysis.noise import NoiseFloor
 from kvcompare.analysis.pairing import BASELINE_POLICY, lengths_in
-from kvcompare.analysis.retrieval import CONFIG_KEYS, retrieval_gaps, retrieval_measured
+from kvcompare.analysis.retrieval import BUDGET_LIMIT, CONFIG_KEYS, retrieval_gaps, retrieval_measured
 
 # --- Recommendations: fixed, stated rules, so a reader can check every choice -------------------------------
 
@@ -184,8 +184,15 @@ def recommend(
     evicting = summary.filter(pl.col("policy") != BASELINE_POLICY).with_columns(floors)
     measured = retrieval_measured(retrieval)
     if measured and retrieval is not None:
-        gaps = retrieval_gaps(retrieval)
-        evicting = evicting.join(gaps, on=CONFIG_KEYS, how="left", nulls_equal=True, maintain_order="left")
+        # probes are keyed by their budget (a ratio alone where it gave the limit: retrieval.by_budget), and so
+        # are the configurations they are matched with
+        gaps = retrieval_gaps(retrieval).rename({"cache_size": "_budget"})
+        keys = ["_budget" if key == "cache_size" else key for key in CONFIG_KEYS]
+        evicting = (
+            evicting.with_columns(BUDGET_LIMIT.alias("_budget"))
+            .join(gaps, on=keys, how="left", nulls_equal=True, maintain_order="left")
+            .drop("_budget")
+        )
     rules = rules_for(measured, with_speed)
     per_length = [rule for rule in rules if rule is not LONG_TEXT]
     lengths = lengths_in(evicting)

@@ -6,36 +6,26 @@ bytes) as uniform. As PyramidKV keeps its observation window in every layer on t
 layer here keeps ``reserve`` slots (room for the largest chunk and the eviction block), and the pyramid
 shares out the rest: the top layer gets ``(limit - reserve) / beta`` of it, the bottom layer
 ``2 (limit - reserve)`` minus that.
+
+In the prefill setting no chunk is fed beside kept tokens, so ``reserve`` is PyramidKV's observation window
+(``pyramid:beta=B:window=W``, default :data:`DEFAULT_WINDOW`), kept in every layer as PyramidKV keeps it: layer
+budgets are ``W + share``, the shares falling linearly from ``2 (limit - W) - (limit - W) / beta`` at the lowest
+compressed layer to ``(limit - W) / beta`` at the top. PyramidKV's code rounds each step down (so its total can fall
+short of ``limit * layers``); here the remainder goes to the layers that lost most to rounding, so the total, and
+the KV bytes, equal the uniform budget's. PyramidKV's code also falls back to SnapKV's uniform budget when the
+pyramid's bottom would exceed the context; here a layer's budget above its context just keeps the whole context.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kvcompare.config import ConfigError
+from kvcompare.config import DEFAULT_WINDOW, ConfigError, parse_layer_budget, prefill_window
+
+__all__ = ["DEFAULT_WINDOW", "compressed_layer_budgets", "layer_budgets", "parse_layer_budget", "prefill_window"]
 
 if TYPE_CHECKING:
     from kvcompare.config import CacheConfig
-
-KINDS = ("uniform", "pyramid")
-DEFAULT_BETA = 20.0  # PyramidKV's
-
-
-def parse_layer_budget(spec: str) -> tuple[str, float]:
-    """``uniform``, ``pyramid`` or ``pyramid:beta=B`` as ``(kind, beta)``, or a ConfigError saying what is allowed."""
-    kind, _, rest = spec.partition(":")
-    if kind not in KINDS:
-        raise ConfigError(f"--layer-budget {spec!r}: use uniform, pyramid or pyramid:beta=B (B >= 1)")
-    if not rest:
-        return kind, DEFAULT_BETA
-    key, _, value = rest.partition("=")
-    try:
-        beta = float(value)
-    except ValueError:
-        beta = 0.0
-    if kind != "pyramid" or key != "beta" or not beta >= 1:
-        raise ConfigError(f"--layer-budget {spec!r}: use uniform, pyramid or pyramid:beta=B (B >= 1)")
-    return kind, beta
 
 
 def layer_budgets(spec: str, limit: int, layers: int, reserve: int) -> list[int]:

@@ -9,6 +9,11 @@ index (``slot_tokens``), from which the attention masks are built. Skip layers k
 buffer of their own, in time order. Nothing is concatenated per step, unlike transformers' ``DynamicLayer``,
 which copies the whole cache on every token. A batched quality pass (kvcompare.engine.batched) gives each cell's
 cache its row of buffers shared by the batch (:class:`CacheStorage`), written in place the same way.
+
+In the prefill setting (``CacheConfig.compression == "prefill"``) nothing is evicted while the context is fed:
+the compressed layers fill in time order, then :meth:`BoundedKVCache.compress` cuts each of them once to its
+budget, with the same policy code and the signals of the whole context, into new buffers sized for the kept
+tokens and the tokens still to come; after that the cache only grows, as in kvpress.
 """
 
 from __future__ import annotations
@@ -84,6 +89,10 @@ class BoundedKVCache:
         self._layout = layout
         self._policy = policy.fresh()  # no state carried over from another cell or pass
         self._limit = config.limit if policy.bounded else None
+        self._once = self._limit is not None and config.once  # the prefill setting: compress once, then grow
+        self._compressed_once = False  # whether compress() has cut the layers to their budgets
+        self._capacity = capacity
+        self._kv_bytes_compressed: int | None = None
         self._positions = config.positions
         self._evict_block = config.evict_block
         self._evictions = 0
@@ -107,13 +116,13 @@ class BoundedKVCache:
         self._budgets = compressed_layer_budgets(config, layout.num_layers) if self._limit is not None else []
         self._budget_array = np.asarray(self._budgets, dtype=np.int64)  # for the per-chunk arithmetic on `held`
         self._smallest_budget = min(self._budgets, default=0)  # the first layer to fill
-        if self._budgets and self._smallest_budget < config.budget_reserve():
+        if self._budgets and not self._once and self._smallest_budget < config.budget_reserve():
             raise ConfigError(f"layer budgets {self._budgets} leave a layer less than a chunk of room")
         # Shift mode in bfloat16/float16: each slot's key as written and its rotation since, so a key that moves
         # again and again is rebuilt from the original instead of accumulating rounding (Rotary.rotate_rows_from_).
         low_precision = needs_keys_as_written(config, layout.dtype) and bool(self._budgets)
-        if storage is None:
-            slots = max(self._budgets, default=0)
+        if storage is None:  # the prefill setting holds the whole context until it compresses
+            slots = capacity if self._once else max(self._budgets, default=0)
             storage = CacheStorage.allocate(
                 layout, len(compressed), slots, capacity, len(full), with_keys_as_written=low_precision
             )
@@ -129,11 +138,11 @@ class BoundedKVCache:
         # derived, so not stored.
         self._slot_tokens = storage.slot_tokens
         slots = self._slot_tokens.shape[-1]
-        if self._budgets and slots < max(self._budgets):
+        if self._budgets and not self._once and slots < max(self._budgets):
             raise ValueError(f"{slots} slots cannot hold layer budgets up to {max(self._budgets)}")
         # Some layer has slots beyond its budget (blocked): per-layer budgets, or a batch row in a wider buffer.
-        self._uneven = any(budget < slots for budget in self._budgets)
-        for n, budget in enumerate(self._budgets):
+        self._uneven = not self._once and any(budget < slots for budget in self._budgets)
+        for n, budget in enumerate(self._budgets if not self._once else []):
             self._slot_tokens[n, ..., budget:] = BLOCKED
         self._victims = VictimChooser(self._policy, self._slot_tokens, self._budgets, check_every_eviction)
         needs = self._policy.needs()
@@ -226,6 +235,18 @@ class BoundedKVCache:
         """The most key and value bytes held after any chunk (see :meth:`live_bytes`)."""
         return self._peak_kv_bytes
 
+    @property
+    def kv_bytes_compressed(self) -> int | None:
+        """The prefill setting: the key and value bytes held right after :meth:`compress` (None before, or in the
+        continuous setting)."""
+        return self._kv_bytes_compressed
+
+    @property
+    def compresses_once(self) -> bool:
+        """Whether this cache is cut once, by :meth:`compress`, rather than before every chunk (the prefill
+        setting, for a bounded policy)."""
+        return self._once
+
     def layer_slot(self, layer_idx: int) -> LayerSlot:
         """Where model layer ``layer_idx`` sits: its group and index within it. Raises KeyError for a layer
         the model lacks."""
@@ -257,9 +278,14 @@ class BoundedKVCache:
                 budget = self._budgets[n]
                 return self._compressed_kv[0, n, :, :, :budget], self._compressed_kv[1, n, :, :, :budget]
             return self._compressed_kv[0, n], self._compressed_kv[1, n]
-        buf, start = (self._compressed_kv, self.compressed_len) if compressed else (self._full_kv, self._full_len)
+        if compressed:  # in the prefill setting each layer appends after its own held tokens, up to its slots
+            buf = self._compressed_kv
+            start = int(self._held[n]) if self._once else self.compressed_len
+            bound = buf.shape[4] if self._once else self._smallest_budget
+        else:
+            buf, start, bound = self._full_kv, self._full_len, self._full_kv.shape[4]
         end = start + chunk
-        if end > (self._smallest_budget if compressed else buf.shape[4]):
+        if end > bound:
             what = "limit" if compressed else "capacity"
             raise CacheLimitError(f"layer {layer_idx} would hold {end} tokens, over its {what} of {buf.shape[4]}")
         buf[0, n, :, :, start:end] = key_states
@@ -285,6 +311,9 @@ class BoundedKVCache:
         over a full buffer of a layer without a window needs none. Raises nothing.
         """
         group, n = self._layer_slots[layer_idx]
+        if self._compressed_once and group is LayerGroup.COMPRESSED and window is not None:
+            # The kept tokens are in time order but not consecutive: a window is over token indices.
+            return visible_slots(self._slot_tokens[n, ..., :kv_len], self._seen, q_len, window), False
         if group is LayerGroup.FULL or not self._slots_reused:
             return prefix_mask(q_len, kv_len, self._compressed_kv.device, window)
         if q_len == 1 and self._spare.shape[-1] == 0 and not self._uneven and window is None:
@@ -351,6 +380,8 @@ class BoundedKVCache:
         if self._limit is None:
             return Room.IN_ORDER
         new = torch.arange(self._seen, self._seen + chunk, device=self._slot_tokens.device)
+        if self._once:
+            return self._append(new)
         if self.filling(chunk):  # still filling in time order
             held = self.compressed_len
             self._slot_tokens[..., held : held + chunk] = new
@@ -377,6 +408,72 @@ class BoundedKVCache:
         self._assign(freed[..., :chunk], new)
         self._spare = freed[..., chunk:]
         return Room.SLOTS_REUSED
+
+    def _append(self, new: torch.Tensor) -> Room:
+        """The prefill setting: the chunk's tokens ``new`` go after each layer's held tokens, in time order (nothing
+        is evicted). Raises :class:`CacheLimitError` when a layer's slots cannot take them (fed beyond the
+        capacity the cache was built for)."""
+        chunk, slots = new.numel(), self._slot_tokens.shape[-1]
+        if int(self._held.max()) + chunk > slots:
+            raise CacheLimitError(f"compressed layers holding {self._held.tolist()} tokens cannot take {chunk} more")
+        if (self._held == self._held[0]).all():
+            start = int(self._held[0])
+            self._slot_tokens[..., start : start + chunk] = new
+        else:  # uneven budgets (a pyramid): each layer after its own tokens
+            for n, start in enumerate(self._held.tolist()):
+                self._slot_tokens[n, ..., start : start + chunk] = new
+        return Room.IN_ORDER
+
+    def compress(self) -> bool:
+        """The prefill setting's one compression: cut each compressed layer to its budget, with the policy's scores
+        (or selection) over every held token and the signals of the whole context; return whether it did.
+
+        A layer whose budget is at least the tokens it holds keeps them all. The kept tokens move, in time order, to
+        new buffers of ``budget + tokens still to come`` slots (the old ones are freed); in shift mode their keys are
+        re-rotated once to consecutive positions ending just before the next token. After it the cache only grows
+        and the policy is never called again. Returns False, doing nothing, in the continuous setting, for an
+        unbounded policy, or when already compressed. Raises what the policy raises, and
+        :class:`~kvcompare.engine.memory.AllocationError` if the new buffers would not fit.
+        """
+        if not self._once or self._compressed_once:
+            return False
+        held = self.compressed_len
+        keep = [min(budget, held) for budget in self._budgets]
+        tokens = self._slot_tokens[..., :held]
+        signals = None
+        if self._recorder is not None:
+            signals = self._recorder.snapshot(self._seen, 0, self._victims.budgets, "prefill", held)
+        kept = self._victims.keep(self._compressed_kv[0, ..., :held, :], tokens, keep, signals)
+        storage = self._storage.with_compressed_slots(self._layout, max(keep) + self._capacity - self._seen)
+        d = self._layout.head_dim
+        for n, slots in enumerate(kept):  # [batch, kv_heads, keep[n]] ascending: slots are in time order
+            count = slots.shape[-1]
+            index = slots.unsqueeze(-1).expand(*slots.shape, d)
+            for kv in (0, 1):
+                storage.compressed_kv[kv, n, :, :, :count] = self._compressed_kv[kv, n].gather(2, index)
+            storage.slot_tokens[n, ..., :count] = tokens[n].gather(-1, slots)
+        self._storage, self._compressed_kv, self._slot_tokens = storage, storage.compressed_kv, storage.slot_tokens
+        self._held = np.asarray(keep, dtype=np.int64)
+        self._compressed_once = True
+        self._recorder = None  # nothing is evicted any more: no signal to collect
+        self._victims.ranks = None  # nor ranks to keep: only the old buffers referred to them
+        self._spare = self._slot_tokens[..., :0]
+        self._evictions += 1
+        if self._positions == "shift":
+            self._shift_kept()
+        self._kv_bytes_compressed = self.live_bytes()
+        return True
+
+    def _shift_kept(self) -> None:
+        """Shift mode after :meth:`compress`: move each kept key to its rank among its layer's kept tokens, counted
+        to end just before the next token (the continuous setting's rule, applied once)."""
+        tokens = self._slot_tokens
+        held = torch.as_tensor(self._held, device=tokens.device).view(-1, *[1] * (tokens.dim() - 1))
+        ranks = torch.arange(tokens.shape[-1], device=tokens.device)
+        moves = (self._seen - held + ranks) - tokens
+        moving = (tokens >= 0) & (moves != 0)
+        rows = moving.view(-1).nonzero().squeeze(1)
+        self._rerotate(rows, moves.view(-1).index_select(0, rows))
 
     def _rerotate(self, rows: torch.Tensor, moves: torch.Tensor | int) -> None:
         """Move the keys of ``rows`` (flat indices into the compressed keys) by ``moves`` positions, each with
@@ -412,7 +509,8 @@ class BoundedKVCache:
         self._write_index = None  # the next chunk needs make_room() first
         if self._limit is not None:
             self._held += chunk
-            if (self._held > self._budget_array).any():
+            bound = self._slot_tokens.shape[-1] if self._once else self._budget_array
+            if (self._held > bound).any():
                 raise CacheLimitError(f"compressed layers hold {self._held.tolist()} tokens, over {self._budgets}")
         if self._full_kv.shape[1]:
             self._full_len += chunk

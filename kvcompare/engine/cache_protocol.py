@@ -157,3 +157,14 @@ class CellCacheLike(KVCacheLike, Protocol):
         """Seconds spent collecting signals since the last call (0.0 for a policy that reads none); on a cuda or
         mps device it waits for the recorded spans to end."""
         ...
+
+    @property
+    def kv_bytes_compressed(self) -> int | None:
+        """The prefill setting: key and value bytes held right after the one compression (None before it, or in the
+        continuous setting)."""
+        ...
+
+    def compress(self) -> bool:
+        """The prefill setting: cut every compressed layer once to its budget; return whether it did (False in the
+        continuous setting, for an unbounded policy, or when done before). Raises what the policy raises."""
+        ...

@@ -99,6 +99,29 @@ class VictimChooser:
             self.ranks.scatter_(-1, freed, EMPTY)
         return freed
 
+    def keep(
+        self, keys: torch.Tensor, tokens: torch.Tensor, keep: list[int], signals: Signals | None = None
+    ) -> list[torch.Tensor]:
+        """The prefill setting's one compression: the slots each compressed layer keeps of the tokens it holds.
+
+        ``keys`` is ``[layers, batch, kv_heads, held, head_dim]`` and ``tokens`` ``[layers, batch, kv_heads, held]``,
+        both in time order (nothing was evicted before); ``keep[n]`` is layer n's budget, at most ``held``. A
+        :class:`~kvcompare.policy.ScoredPolicy`'s highest scores are kept (equal scores: the newest), a ``select()``
+        policy's selection as it gives it. Returns one ``[batch, kv_heads, keep[n]]`` tensor per layer, ascending.
+        Raises what the policy raises, and :class:`~kvcompare.policy.PolicyError` for output of the wrong shape or
+        dtype, or for a policy that edited what it was given.
+        """
+        self.calls += 1
+        if self.scored:
+            scores = self._scored(keys, tokens, True, signals)
+        else:
+            held = tokens.shape[-1]
+            scores = self._scores_from_select(keys, tokens, 0, True, [min(k, held) for k in keep])
+        ranks = eviction_ranks(scores, tokens)
+        if len(set(keep)) == 1:
+            return list(ranks.topk(keep[0], dim=-1).indices.sort(dim=-1).values)
+        return [ranks[n].topk(k, dim=-1).indices.sort(dim=-1).values for n, k in enumerate(keep)]
+
     # -- the three ways a policy's choice arrives ---------------------------------------------------------
     def _scored(
         self, keys: torch.Tensor, tokens: torch.Tensor, check: bool, signals: Signals | None = None
@@ -134,13 +157,17 @@ class VictimChooser:
             self.uniform = torch.equal(fresh, fresh[:1, :1, :1].expand_as(fresh))
         return self.ranks
 
-    def _scores_from_select(self, keys: torch.Tensor, tokens: torch.Tensor, count: int, check: bool) -> torch.Tensor:
+    def _scores_from_select(
+        self, keys: torch.Tensor, tokens: torch.Tensor, count: int, check: bool, keep: list[int] | None = None
+    ) -> torch.Tensor:
         """Give select() the held keys in time order; score what it keeps 1 and the rest 0.
 
+        Each layer keeps ``keep[n]`` tokens (default: its budget less the ``count`` freed, at most what it holds).
         Layers that hold different numbers of tokens (uneven budgets) are given to select() one at a time.
         """
         held = (tokens[:, 0, 0] >= 0).sum(dim=-1).tolist()
-        keep = torch.minimum(torch.tensor(held), self.budgets.cpu() - count).tolist()
+        if keep is None:
+            keep = torch.minimum(torch.tensor(held), self.budgets.cpu() - count).tolist()
         if len(set(zip(held, keep, strict=True))) == 1:
             return self._select_layers(keys, tokens, held[0], keep[0], check)
         return torch.cat(

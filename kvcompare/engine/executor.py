@@ -54,6 +54,8 @@ class LatencyResult:
     generated: list[int]  # the token ids generated: the first after the prefill, then one per decode step
     peak_kv_bytes: int  # the most key and value bytes the cache held
     peak_mem_bytes: int  # the process's (CPU) or the device allocator's peak bytes during the pass
+    compress_s: float | None = None  # the prefill setting: the one compression's time, inside ttft_s (None: none)
+    kv_bytes_compressed: int | None = None  # the prefill setting: key and value bytes held right after compressing
 
 
 @dataclasses.dataclass
@@ -86,6 +88,7 @@ class Executor:
         )
         self.rotary: tuple[Rotary | None, ...] = layer_rotaries(model)  # each layer's (None: no RoPE)
         self.evict_timer = SpanTimer(self.device)  # slot work inside forward(), timed without synchronising
+        self.compress_timer = SpanTimer(self.device)  # the prefill setting's compression, inside the TTFT
         self.vocab: int = config.vocab_size
 
     @contextlib.contextmanager
@@ -162,16 +165,20 @@ class Executor:
             self.layout, cells, capacity=capacity, rotary=self.rotary, check_every_eviction=check_every_eviction
         )
 
-    def score(self, tokens: torch.Tensor, policy: KVPolicy, config: CacheConfig) -> QualityResult:
+    def score(
+        self, tokens: torch.Tensor, policy: KVPolicy, config: CacheConfig, context: int | None = None
+    ) -> QualityResult:
         """Quality pass: feed ``tokens`` (``[n]``) teacher-forced in chunks of ``stride``; score every token after
-        the first. Raises whatever the pass raised (the policy's error, AllocationError, ...)."""
-        (result,) = self.score_batch(tokens, [(policy, config)])
+        the first. In the prefill setting the first ``context`` tokens are the context: the chunks stop at its end,
+        the cache is compressed once, and the chunks go on. Raises whatever the pass raised (the policy's error,
+        AllocationError, ...)."""
+        (result,) = self.score_batch(tokens, [(policy, config)], context)
         if isinstance(result, Exception):
             raise result
         return result
 
     def score_batch(
-        self, tokens: torch.Tensor, cells: Sequence[tuple[KVPolicy, CacheConfig]]
+        self, tokens: torch.Tensor, cells: Sequence[tuple[KVPolicy, CacheConfig]], context: int | None = None
     ) -> list[QualityResult | Exception]:
         """Quality passes of several cells over the same ``tokens``, as the rows of one batch.
 
@@ -179,12 +186,16 @@ class Executor:
         a pass of that cell alone. The cells must share the stride. Returns each cell's result, or the
         exception its policy raised (the other rows go on). One cell runs exactly as a pass of its own, and
         returns whatever its pass raised (building its cache included); a batch raises what is not one row's.
-        ``tokens`` is ``[n]``; each result's scores are ``[n - 1]``. Raises ValueError for cells of different
-        strides.
+        ``tokens`` is ``[n]``; each result's scores are ``[n - 1]``. In the prefill setting (one cell only) the cache
+        is compressed once after the first ``context`` tokens (None, or ``n - 1`` and more: never, as no scored
+        token would come after it). Raises ValueError for cells
+        of different strides, or a batch of several cells in the prefill setting.
         """
         strides = {config.stride for _, config in cells}
         if len(strides) != 1:
             raise ValueError(f"cells of one batch must share the stride, not {sorted(strides)}")
+        if len(cells) > 1 and any(config.compression == "prefill" for _, config in cells):
+            raise ValueError("the prefill setting's quality passes run one cell at a time, not as a batch")
         (stride,) = strides
         started = time.perf_counter()
         length = tokens.numel()
@@ -205,9 +216,11 @@ class Executor:
                 cache = self.new_batch(cells, capacity=length)
                 rows, row_of, failed = cache.caches, cache.row_of, cache.failed
             memory = PeakMemory(self.device)
+            split = length - 1 if context is None else min(context, length - 1)
             with self.attached():
-                for start in range(0, length - 1, stride):
-                    end = min(start + stride, length - 1)
+                for start, end in chunk_bounds(length - 1, stride, split):
+                    if start == split:  # the prefill setting (a single cell): the context is fed
+                        self.compress(rows[0])
                     logits, _ = self.forward(cache, ids[:, start:end])
                     targets = ids[0, start + 1 : end + 1]
                     for row in range(logits.shape[0]):  # row by row: one row's scores stay in the CPU's cache
@@ -224,6 +237,7 @@ class Executor:
                 raise
             return [err]
         self.evict_timer.take_seconds()  # a quality pass's slot work is not timed: drop its spans
+        self.compress_timer.take_seconds()
         wall_s = (time.perf_counter() - started) / count
         return [
             failed.get(row)
@@ -251,17 +265,23 @@ class Executor:
         """Latency pass: prefill ``prompt`` in chunks under the policy, then decode greedily one token at a time.
 
         The prefill runs in chunks of ``prefill_chunk`` tokens (default: the stride). TTFT runs from the start
-        of the prefill to the first generated token. Each decode step's time runs from before its eviction to
-        its next token; the first ``warmup`` steps are not counted. ``prompt`` is ``[n]`` token ids. Raises what
-        :meth:`new_cache` and :meth:`forward` raise.
+        of the prefill to the first generated token; in the prefill setting it includes the one compression after
+        the prompt (also given alone, ``compress_s``), so every decode step runs on the compressed cache. Each decode
+        step's time runs from before its eviction to its next token; the first ``warmup`` steps are not counted.
+        ``prompt`` is ``[n]`` token ids. Raises what :meth:`new_cache` and :meth:`forward` raise.
         """
         ids = prompt.to(self.device).view(1, -1)
         cache = self.new_cache(policy, config, capacity=ids.shape[1] + warmup + gen)
         memory = PeakMemory(self.device)
+        self.compress_timer.take_seconds()
         with self.attached():
             start = now(self.device)
-            token = greedy(self.prefill(cache, ids, prefill_chunk or config.stride))
+            logits = self.prefill(cache, ids, prefill_chunk or config.stride)
+            memory.sample()  # the prefill's peak: the whole prompt's cache, before any compression
+            compressed = self.compress(cache)
+            token = greedy(logits)
             ttft = now(self.device) - start
+            compress_s = self.compress_timer.take_seconds()  # read after the TTFT's synchronisation
             memory.sample()
             steps = self.decode(cache, token, warmup + gen, memory)
         return LatencyResult(
@@ -272,7 +292,19 @@ class Executor:
             [int(token), *steps.tokens],
             cache.peak_kv_bytes,
             memory.peak,
+            compress_s if compressed else None,
+            cache.kv_bytes_compressed,
         )
+
+    def compress(self, cache: CellCacheLike) -> bool:
+        """The prefill setting's one compression of ``cache`` (see
+        :meth:`~kvcompare.engine.cache.BoundedKVCache.compress`), timed by :attr:`compress_timer` without a
+        synchronisation, as every policy's (``full``'s included: nothing to do, the same timer). Returns whether it
+        compressed; raises what the policy raises."""
+        self.compress_timer.start()
+        compressed = cache.compress()
+        self.compress_timer.stop()
+        return compressed
 
     def prefill(self, cache: KVCacheLike, ids: torch.Tensor, chunk: int) -> torch.Tensor:
         """Feed ``ids`` (``[1, length]``) in chunks of ``chunk``; return the last position's logits (``[1, vocab]``),
@@ -302,6 +334,16 @@ class Executor:
             if memory is not None:
                 memory.sample()
         return timed
+
+
+def chunk_bounds(length: int, stride: int, split: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of the chunks of ``stride`` tokens covering ``[0, length)``, with a boundary at ``split``
+    (the prefill setting's end of the context; ``split == length``: plain chunks)."""
+    return [
+        (start, min(start + stride, end))
+        for begin, end in ((0, split), (split, length))
+        for start in range(begin, end, stride)
+    ]
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,9 @@ def weight_bytes(model: torch.nn.Module) -> int:
 def kv_read_bytes(layout: CacheLayout, cache: CacheConfig, context: int) -> int:
     """Key and value bytes the first decode step after a ``context``-token prompt attends, over all layers.
 
-    Compressed layers hold at most ``cache.limit`` tokens (the new one included); skip layers and the
-    `full` baseline hold the whole context plus the new token.
+    Compressed layers hold at most ``cache.limit`` tokens (the new one included; in the prefill setting, their
+    budget of the context plus the new one); skip layers and the `full` baseline hold the whole context plus the
+    new token.
     """
     per_token = (
         2 * layout.batch * layout.kv_heads * layout.head_dim * torch.empty((), dtype=layout.dtype).element_size()
@@ -38,6 +39,8 @@ def kv_read_bytes(layout: CacheLayout, cache: CacheConfig, context: int) -> int:
         return per_token * layout.num_layers * held
     skipped = len(set(cache.skip_layers))
     budgets = compressed_layer_budgets(cache, layout.num_layers)
+    if cache.once:
+        return per_token * (skipped * held + sum(min(budget, context) + 1 for budget in budgets))
     return per_token * (skipped * held + sum(min(budget, held) for budget in budgets))
 
 

@@ -88,19 +88,24 @@ class SignalRecorder:
         """The collection time since the last call, in seconds."""
         return self.timer.take_seconds()
 
-    def snapshot(self, seen: int, incoming: int, budgets: torch.Tensor) -> Signals:
-        """The signals recorded so far, as views (``[layers, batch, kv_heads, slots]`` per slot), for an eviction
-        before token ``seen`` that makes room for ``incoming`` tokens; ``budgets`` is ``[layers]``."""
+    def snapshot(
+        self, seen: int, incoming: int, budgets: torch.Tensor, setting: str = "continuous", slots: int | None = None
+    ) -> Signals:
+        """The signals recorded so far, as views (``[layers, batch, kv_heads, slots]`` per slot, or only the first
+        ``slots`` slots), for an eviction before token ``seen`` that makes room for ``incoming`` tokens; ``budgets``
+        is ``[layers]``, ``setting`` the compression setting (see :class:`~kvcompare.signals.Signals`)."""
+        first = slice(None, slots)
         return Signals(
-            self.attention,
-            self.last,
-            self.accumulated,
+            None if self.attention is None else self.attention[..., first],
+            None if self.last is None else self.last[..., first],
+            None if self.accumulated is None else self.accumulated[..., first],
             self.queries,
             self.query_positions,
             self.scaling,
             seen,
             incoming,
             budgets,
+            setting,
         )
 
 

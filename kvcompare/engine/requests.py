@@ -1,6 +1,10 @@
 """The request kinds a task's probe is run as (kvcompare.task): the prompt prefilled in chunks under the policy
 and limit, as the latency pass prefills, then either the expected answer fed as decoding would feed it
 (``answer``) or greedy decoding (``generate``). Neither is timed for speed; both report their wall time.
+
+In the prefill setting (``context`` given) the prompt's first ``context`` tokens are prefilled, the cache is
+compressed once, and the rest of the prompt (the question, unless it was compressed with the context) and the
+answer run on a cache that only grows.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kvcompare.config import CacheConfig
+from kvcompare.engine.cache import BoundedKVCache
 from kvcompare.engine.executor import Executor
 from kvcompare.policy import KVPolicy
 
@@ -43,6 +48,7 @@ def answer(
     policy: KVPolicy,
     config: CacheConfig,
     prefill_chunk: int,
+    context: int | None = None,
 ) -> Answered:
     """Prefill ``prompt`` in chunks of ``prefill_chunk`` under ``policy`` and ``config``, then feed ``expected``
     one token at a time.
@@ -56,7 +62,7 @@ def answer(
     cache = executor.new_cache(policy, config, capacity=ids.shape[1] + len(expected))
     logprob, matched, on_track = 0.0, 0, True
     with executor.attached():
-        last = executor.prefill(cache, ids, prefill_chunk)
+        last = _prefill(executor, cache, ids, prefill_chunk, context)
         for index, token in enumerate(expected):
             scores = torch.log_softmax(last[0].float(), dim=-1)
             logprob += float(scores[token])
@@ -66,6 +72,7 @@ def answer(
                 logits, _ = executor.forward(cache, torch.tensor([[token]], device=executor.device), last_only=True)
                 last = logits[:, -1]
     executor.evict_timer.take_seconds()  # a probe is not timed for speed: drop its eviction spans
+    executor.compress_timer.take_seconds()
     return Answered(matched, logprob, time.perf_counter() - begin)
 
 
@@ -79,15 +86,17 @@ def generate(
     max_new_tokens: int,
     done: Callable[[Sequence[int]], bool] = lambda tokens: False,
     eos: int | None = None,
+    context: int | None = None,
 ) -> Generated:
-    """Prefill ``prompt`` under ``policy`` and ``config``, then decode greedily, each token fed back through the
-    same evictions, until ``max_new_tokens`` tokens, the ``eos`` token (not kept), or ``done(tokens)``."""
+    """Prefill ``prompt`` under ``policy`` and ``config`` (in the prefill setting, compressed once after its first
+    ``context`` tokens), then decode greedily, each token fed back through the same evictions, until
+    ``max_new_tokens`` tokens, the ``eos`` token (not kept), or ``done(tokens)``."""
     begin = time.perf_counter()
     ids = torch.tensor(list(prompt), device=executor.device).view(1, -1)
     cache = executor.new_cache(policy, config, capacity=ids.shape[1] + max_new_tokens)
     produced: list[int] = []
     with executor.attached():
-        last = executor.prefill(cache, ids, prefill_chunk)
+        last = _prefill(executor, cache, ids, prefill_chunk, context)
         while len(produced) < max_new_tokens:
             token = int(last[0].argmax())
             if token == eos:
@@ -98,4 +107,20 @@ def generate(
             logits, _ = executor.forward(cache, torch.tensor([[token]], device=executor.device), last_only=True)
             last = logits[:, -1]
     executor.evict_timer.take_seconds()
+    executor.compress_timer.take_seconds()
     return Generated(tuple(produced), time.perf_counter() - begin)
+
+
+def _prefill(
+    executor: Executor, cache: BoundedKVCache, ids: torch.Tensor, chunk: int, context: int | None
+) -> torch.Tensor:
+    """Prefill ``ids`` (``[1, n]``) in chunks; in the prefill setting (``context`` given) compress once after the
+    first ``context`` tokens and prefill the rest on the compressed cache. Returns the last position's logits."""
+    if context is None or context >= ids.shape[1]:
+        last = executor.prefill(cache, ids, chunk)
+        if context is not None:
+            executor.compress(cache)
+        return last
+    executor.prefill(cache, ids[:, :context], chunk)
+    executor.compress(cache)
+    return executor.prefill(cache, ids[:, context:], chunk)

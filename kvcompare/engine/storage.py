@@ -15,8 +15,9 @@ from kvcompare.engine.memory import ensure_fits
 
 def needs_keys_as_written(config: CacheConfig, dtype: torch.dtype) -> bool:
     """Whether a cache keeps each key as written (``CacheStorage.keys_as_written``): shift mode in
-    bfloat16/float16, where re-rotating a key again and again would accumulate rounding."""
-    return config.positions == "shift" and dtype.itemsize < 4
+    bfloat16/float16, where re-rotating a key again and again would accumulate rounding (not the prefill setting,
+    whose kept keys are re-rotated once)."""
+    return config.positions == "shift" and dtype.itemsize < 4 and not config.once  # prefill: keys rotate only once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +92,23 @@ class CacheStorage:
             torch.empty(*rows, 2, full, b, h, capacity if full else 0, d, dtype=layout.dtype, device=device),
             torch.zeros_like(compressed_kv[..., 0, :, :, :, :, :]) if with_keys_as_written else None,
             torch.zeros_like(slot_tokens) if with_keys_as_written else None,
+        )
+
+    def with_compressed_slots(self, layout: CacheLayout, slots: int) -> CacheStorage:
+        """New compressed-layer buffers of ``slots`` slots (zeros, every slot free), beside this storage's full
+        layers (shared, not copied): where the prefill setting moves the tokens it keeps. Raises
+        :class:`~kvcompare.engine.memory.AllocationError` if they would not fit in the device's free memory."""
+        layers, batch, heads = self.slot_tokens.shape[:3]
+        ensure_fits(
+            layers * batch * heads * slots * (2 * layout.head_dim * layout.dtype.itemsize + 8),
+            layout.device,
+            "the compressed KV cache",
+        )
+        shape = (layers, batch, heads, slots)
+        return CacheStorage(
+            torch.zeros(2, *shape, layout.head_dim, dtype=layout.dtype, device=layout.device),
+            torch.full(shape, -1, dtype=torch.long, device=layout.device),
+            self.full_kv,
         )
 
     def row(self, index: int) -> CacheStorage:

@@ -1,8 +1,8 @@
 """HTML and Markdown reports of a run directory: tables, charts and recommendations.
 
-kvcompare.analysis (numbers) -> formatting and wording (cells, fixed texts) -> tables and notices, charts and
-heatmaps (on charting) -> sections (a document.Report, in reading order) -> render (HTML, Markdown); build is what
-the CLI calls.
+kvcompare.analysis (numbers) -> formatting and wording (cells, fixed texts) -> tables and notices, charts,
+heatmaps and the accuracy-against-ratio chart of compression (on charting) -> sections (a document.Report, in
+reading order) -> render (HTML, Markdown); build is what the CLI calls.
 """
 
 from kvcompare.analysis import ReportError

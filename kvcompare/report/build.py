@@ -10,7 +10,8 @@ from kvcompare.analysis import ReportError, analyse, load_run, outcome, several_
 from kvcompare.report.notices import noise_line
 from kvcompare.report.render import render_html, render_markdown, table_md
 from kvcompare.report.sections import assemble
-from kvcompare.report.tables import relative_tables, retrieval_table, task_summary_table
+from kvcompare.report.tables import relative_tables
+from kvcompare.report.task_tables import retrieval_table, task_summary_table
 
 REPORT_DIR = "report"
 CHARTS_DIR = "charts"

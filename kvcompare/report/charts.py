@@ -47,9 +47,26 @@ PANEL_WIDTH = 220
 PANEL_HEIGHT = 160
 CHANGE_TITLE = "change vs full (%)"
 
-#: Facets: one row of panels per length, one column per cache limit.
+#: Facets: one row of panels per length, one column per budget (cache limit, or compression ratio).
 ROW_LENGTH = alt.Row("seq_len:O", title="Length (tokens)")
-COLUMN_CACHE = alt.Column("cache_size:O", title="Cache limit (tokens)")
+CACHE_TITLE = "Cache limit (tokens)"
+RATIO_TITLE = "Compression ratio (share of the context removed)"
+
+
+def budget_field(frame: pl.DataFrame) -> tuple[str, str]:
+    """The budget the evicting rows of ``frame`` are laid out by, and its title: the compression ratio where the run
+    gave ratios (--ratio; the limits then differ with each context), else the cache limit."""
+    evicting = frame.filter(pl.col("policy") != BASELINE_POLICY)
+    if "ratio" in frame.columns and not evicting.is_empty() and evicting["ratio"].null_count() == 0:
+        return "ratio", RATIO_TITLE
+    return "cache_size", CACHE_TITLE
+
+
+def _budget_column(frame: pl.DataFrame) -> alt.Column:
+    """A column of panels per budget (budget_field)."""
+    field, title = budget_field(frame)
+    return alt.Column(f"{field}:O", title=title)
+
 
 #: Dashed baseline; the colour legend already names it, so this encoding has none.
 BASELINE_DASH = alt.StrokeDash(
@@ -120,13 +137,15 @@ def _panels(
 
 
 def _with_baseline_per_cache(frame: pl.DataFrame) -> pl.DataFrame:
-    """Repeat the baseline rows (no cache limit) under every cache limit so that each facet shows them."""
+    """Repeat the baseline rows (no cache limit, no ratio) under every budget (budget_field) so that each facet
+    shows them."""
+    field, _ = budget_field(frame)
     baseline = frame.filter(pl.col("policy") == BASELINE_POLICY)
     evicting = frame.filter(pl.col("policy") != BASELINE_POLICY)
-    caches = evicting.select("cache_size").unique().sort("cache_size")  # sorted: the same report every time
-    if caches.is_empty():
+    budgets = evicting.select(field).unique().sort(field)  # sorted: the same report every time
+    if budgets.is_empty():
         return frame
-    return pl.concat([evicting, baseline.drop("cache_size").join(caches, how="cross").select(frame.columns)])
+    return pl.concat([evicting, baseline.drop(field).join(budgets, how="cross").select(frame.columns)])
 
 
 def _change_fields(*changes: Change) -> list[tuple[str, str]]:
@@ -192,12 +211,13 @@ def metrics_by_config(summary: pl.DataFrame, seq_len: int, color: alt.Color) -> 
 
 
 def cache_tradeoff(summary: pl.DataFrame, color: alt.Color) -> alt.ConcatChart:
-    """PPL, TTFT, TPOT and throughput change vs `full` against the cache limit, a line per policy, a row per
-    length."""
+    """PPL, TTFT, TPOT and throughput change vs `full` against the budget (the cache limit, or the compression
+    ratio), a line per policy, a row per length."""
     data = _relative_rows(summary)
+    budget, budget_title = budget_field(data)
 
     def layers(field: str, axis_title: str) -> list[alt.Chart]:
-        x = alt.X("cache_size:O", title="Cache limit (tokens)", axis=FLAT_LABELS)
+        x = alt.X(f"{budget}:O", title=budget_title, axis=FLAT_LABELS)
         lines = (
             alt.Chart()
             .mark_line(point=True)
@@ -205,16 +225,23 @@ def cache_tradeoff(summary: pl.DataFrame, color: alt.Color) -> alt.ConcatChart:
                 x=x,
                 y=alt.Y(f"{field}:Q", title=axis_title),
                 color=color,
-                tooltip=["series:N", "cache_size:O", f"{field}:Q", *_interval_tooltip(field)],
+                tooltip=[
+                    "series:N",
+                    f"{budget}:O",
+                    *(["cache_size:O"] if budget == "ratio" else []),
+                    f"{field}:Q",
+                    *_interval_tooltip(field),
+                ],
             )
         )
         return [_zero_rule(), lines, *_interval(x, field, axis_title, color)]
 
+    against = "the compression ratio" if budget == "ratio" else "the cache limit"
     return _panels(
         data,
         _change_fields(PPL_CHANGE, TTFT_CHANGE, TPOT_CHANGE, THROUGHPUT_CHANGE),
         layers,
-        "Quality and speed against the cache limit (paired mean change vs full; 0% = full; speed with its 95% "
+        f"Quality and speed against {against} (paired mean change vs full; 0% = full; speed with its 95% "
         "interval over paired trials)",
         row=ROW_LENGTH,
         columns=4,
@@ -256,7 +283,7 @@ def length_effect(summary: pl.DataFrame, color: alt.Color) -> alt.ConcatChart:
         layers,
         "Baseline (full, dashed black) and policies across lengths (mean over samples; throughput with the "
         "range of its 95% intervals)",
-        column=COLUMN_CACHE,
+        column=_budget_column(data),
         columns=1,
     )
 
@@ -282,9 +309,11 @@ def policies_at_cache(summary: pl.DataFrame, color: alt.Color) -> alt.ConcatChar
         data,
         _change_fields(PPL_CHANGE, ACCURACY_CHANGE),
         layers,
-        "Policies at the same cache limit (paired mean change vs full)",
+        "Policies at the same cache limit (paired mean change vs full)"
+        if budget_field(data)[0] == "cache_size"
+        else "Policies at the same compression ratio (paired mean change vs full)",
         row=ROW_LENGTH,
-        column=COLUMN_CACHE,
+        column=_budget_column(data),
         columns=1,
     )
 
@@ -316,7 +345,7 @@ def ppl_by_position(position_ppl: pl.DataFrame, color: alt.Color) -> alt.ConcatC
         layers,
         "Perplexity by position, pooled over samples: exp(Σ nll / Σ tokens) per bucket (full: dashed black)",
         row=ROW_LENGTH,
-        column=COLUMN_CACHE,
+        column=_budget_column(data),
         columns=1,
     )
 
@@ -330,7 +359,9 @@ def build_charts(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     summary, position_ppl = labelled(summary, several_modes), labelled(position_ppl, several_modes)
-    color = series_color(pl.concat([frame.select("series", "role") for frame in (summary, position_ppl)]))
+    color = series_color(
+        pl.concat([frame.select("series", "role", "compression") for frame in (summary, position_ppl)])
+    )
     lengths = lengths_in(summary)
     plan: list[tuple[str, str, Callable[[], alt.TopLevelMixin]]] = [
         (
@@ -340,14 +371,15 @@ def build_charts(
         )
         for n in lengths
     ]
+    budget = "the compression ratio" if budget_field(summary)[0] == "ratio" else "the cache limit"
     plan += [
         (
             "cache_tradeoff",
-            "Quality and speed against the cache limit",
+            f"Quality and speed against {budget}",
             lambda: cache_tradeoff(summary, color),
         ),
         ("length_effect", "Baseline and policies across lengths", lambda: length_effect(summary, color)),
-        ("policies_at_cache", "Policies at the same cache limit", lambda: policies_at_cache(summary, color)),
+        ("policies_at_cache", f"Policies at the same {budget[4:]}", lambda: policies_at_cache(summary, color)),
         ("ppl_by_position", "Perplexity by position", lambda: ppl_by_position(position_ppl, color)),
     ]
     charts: list[ChartFile] = []

@@ -1,15 +1,17 @@
 """The passkey retrieval charts: one heat map per policy of its accuracy by needle depth and length, one panel
-per cache limit beside the `full` of the same position mode, drawn from analysis.retrieval_by_probe()."""
+per cache limit (or compression ratio) beside the `full` of the same position mode and compression setting, drawn
+from analysis.retrieval_by_probe()."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import altair as alt
 import polars as pl
 
-from kvcompare.analysis import BASELINE_POLICY
+from kvcompare.analysis import BASELINE_POLICY, ratio_words
 from kvcompare.report.charting import FLAT_LABELS, ChartFile, ChartSet, SkippedChart, labelled, save_chart
 
 #: Accuracy on a fixed 0–100% scale, so that every heat map reads alike; text dark on the light (high) end.
@@ -20,19 +22,29 @@ CELL_STEP = 34  # pixels per depth or length in a heat map
 RETRIEVAL_CHART_TITLE = "Passkey retrieval"
 
 
-def _limit_label(cache_size: int | None) -> str:
-    """A heat map panel: the cache limit, or `full` for the baseline (no limit)."""
+def _limit_label(cache_size: int | None, ratio: float | None = None) -> str:
+    """A heat map panel: the cache limit, or the ratio that gave it ('ratio 0.5': the limits of its probes differ
+    with their contexts), or `full` for the baseline (no limit)."""
+    if ratio is not None:
+        return ratio_words(ratio)
     return BASELINE_POLICY if cache_size is None else str(cache_size)
+
+
+def _panel_order(row: dict[str, Any]) -> tuple[bool, float]:
+    """`full` first, then by ratio or cache limit."""
+    budget = row["ratio"] if row.get("ratio") is not None else row["cache_size"]
+    return (budget is not None, budget or 0)
 
 
 def retrieval_heatmap(probes: pl.DataFrame, title: str) -> alt.FacetChart:
     """One policy's passkey accuracy by needle depth (x) and length (y), labelled in every cell, one panel per
-    cache limit, `full` (of its position mode) first as the reference. `probes`: labelled retrieval_by_probe()
-    rows with answered probes."""
+    cache limit (or compression ratio), `full` (of its position mode and setting) first as the reference.
+    `probes`: labelled retrieval_by_probe() rows with answered probes."""
+    rows = list(probes.iter_rows(named=True))
     data = probes.with_columns(
-        pl.Series("limit", [_limit_label(c) for c in probes["cache_size"].to_list()], dtype=pl.String)
+        pl.Series("limit", [_limit_label(r["cache_size"], r.get("ratio")) for r in rows], dtype=pl.String)
     )
-    limits = sorted(data["cache_size"].unique().to_list(), key=lambda c: (c is not None, c or 0))
+    panels = sorted({(_panel_order(r), _limit_label(r["cache_size"], r.get("ratio"))) for r in rows})
     base = alt.Chart().encode(
         x=alt.X("depth:O", title="Needle depth (0 = start, 1 = end)", axis=FLAT_LABELS),
         y=alt.Y("seq_len:O", title="Length (tokens)", sort="descending"),
@@ -49,10 +61,17 @@ def retrieval_heatmap(probes: pl.DataFrame, title: str) -> alt.FacetChart:
         alt.layer(cells, labels, data=data)
         .properties(width=alt.Step(CELL_STEP), height=alt.Step(CELL_STEP))
         .facet(
-            column=alt.Column("limit:N", title="Cache limit (tokens)", sort=[_limit_label(c) for c in limits]),
+            column=alt.Column("limit:N", title=_panels_title(probes), sort=[label for _, label in panels]),
             title=title,
         )
     )
+
+
+def _panels_title(probes: pl.DataFrame) -> str:
+    """What the panels of a heat map are: cache limits, or compression ratios."""
+    if "ratio" in probes.columns and probes["ratio"].drop_nulls().len() > 0:
+        return "Compression ratio (share of the context removed)"
+    return "Cache limit (tokens)"
 
 
 def _chart_name(prefix: str, label: str, taken: set[str]) -> str:
@@ -66,8 +85,9 @@ def _chart_name(prefix: str, label: str, taken: set[str]) -> str:
 
 
 def build_retrieval_charts(by_probe: pl.DataFrame, out_dir: Path, several_modes: bool = False) -> ChartSet:
-    """One heat map per policy (with its position mode) from analysis.retrieval_by_probe(), each beside the `full`
-    of the same position mode; `full` alone when the run probed no evicting policy."""
+    """One heat map per policy (with its position mode and compression setting) from analysis.retrieval_by_probe(),
+    each beside the `full` of the same position mode and setting; `full` alone when the run probed no evicting
+    policy."""
     out_dir.mkdir(parents=True, exist_ok=True)
     answered = by_probe.filter(pl.col("n") > 0)
     if answered.is_empty():
@@ -76,8 +96,12 @@ def build_retrieval_charts(by_probe: pl.DataFrame, out_dir: Path, several_modes:
     baseline = probes.filter(pl.col("role") == "baseline")
     evicting = probes.filter(pl.col("role") == "policy")
     groups: list[tuple[str, pl.DataFrame]] = []
-    for (series, positions), rows in evicting.group_by(["series", "positions"], maintain_order=True):
-        reference = baseline.filter(pl.col("positions").eq_missing(positions))
+    for (series, positions, setting), rows in evicting.group_by(
+        ["series", "positions", "compression"], maintain_order=True
+    ):
+        reference = baseline.filter(
+            pl.col("positions").eq_missing(positions) & pl.col("compression").eq_missing(setting)
+        )
         groups.append((str(series), pl.concat([reference, rows])))
     if not groups:
         groups = [(str(series), rows) for (series,), rows in baseline.group_by(["series"], maintain_order=True)]

@@ -60,7 +60,8 @@ def _block_md(block: Block, out_dir: Path) -> list[str]:
     if isinstance(block, Remarks):
         return [f"- {item}\n" for item in block.items]
     png, spec = _link(block.png, out_dir), _link(block.spec_path, out_dir)
-    return [f"### {block.title}\n\n![{block.title}]({png})\n\n[Vega-Lite spec]({spec})\n"]
+    caption = f"_{block.caption}_\n\n" if block.caption else ""
+    return [f"### {block.title}\n\n![{block.title}]({png})\n\n{caption}[Vega-Lite spec]({spec})\n"]
 
 
 def render_markdown(report: Report, out_dir: Path) -> str:
@@ -194,9 +195,11 @@ def chart_html(chart: ChartFile, out_dir: Path) -> str:
     """A chart as HTML: its title, the element the page draws it in, and links to its PNG and Vega-Lite spec
     (relative to ``out_dir``)."""
     png, spec = escape(_link(chart.png, out_dir)), escape(_link(chart.spec_path, out_dir))
+    caption = f'<p class="note">{_inline(chart.caption)}</p>\n' if chart.caption else ""
     return (
         f"<h3>{escape(chart.title)}</h3>\n"
         f'<div class="chart scroll" id="chart-{chart.name}" data-chart="{chart.name}"></div>\n'
+        f"{caption}"
         f'<p class="note"><a href="{png}">PNG</a> · <a href="{spec}">Vega-Lite spec</a></p>\n'
         f'<script type="application/json" id="spec-{chart.name}">{_json_script(chart.spec)}</script>'
     )

@@ -16,6 +16,7 @@ from kvcompare.analysis import (
     lengths_in,
     position_perplexity,
     probes_measured,
+    quality_by_ratio,
     retrieval_by_probe,
     several_position_modes,
     what_was_measured,
@@ -23,8 +24,9 @@ from kvcompare.analysis import (
 from kvcompare.protocol import PROTOCOL_MD
 from kvcompare.report.charting import ChartSet
 from kvcompare.report.charts import build_charts
+from kvcompare.report.compression import build_ratio_charts
 from kvcompare.report.document import Definitions, Markdown, Remarks, Report, Section
-from kvcompare.report.formatting import MISSING, format_bandwidth
+from kvcompare.report.formatting import MISSING, format_bandwidth, join
 from kvcompare.report.heatmaps import build_retrieval_charts
 from kvcompare.report.notices import beyond_context_notices, load_notices, noise_line, timing_notices
 from kvcompare.report.tables import (
@@ -35,23 +37,31 @@ from kvcompare.report.tables import (
     metadata_table,
     noise_table,
     physics_table,
+    prefill_table,
     recommendation_table,
     relative_table,
-    retrieval_table,
-    task_summary_table,
-    task_table,
 )
+from kvcompare.report.task_tables import retrieval_table, task_summary_table, task_table
 from kvcompare.report.wording import (
     BASELINE_PER_MODE,
     BASELINE_POSITIONS,
+    COMPRESSION_DEFINITIONS,
+    COMPRESSION_HEADING,
+    COMPRESSION_INTRO,
+    COMPRESSION_INTRO_LIMITS,
+    COMPRESSION_LEAD,
     NO_PERPLEXITY,
     NO_RESULTS,
+    PREFILL_PAIRING,
     QUALITY_METHOD,
+    QUERY_AGNOSTIC,
+    QUERY_AWARE,
     RELATIVE_METHOD,
     RETRIEVAL_DEFINITIONS,
     RETRIEVAL_HEADING,
     RULES_LEAD,
     RULES_LEAD_QUALITY,
+    SETTING_WORDS,
     TASKS_DEFINITIONS,
     TASKS_HEADING,
     TITLE,
@@ -82,14 +92,18 @@ def _probed(retrieval: pl.DataFrame, config: dict[str, Any]) -> str:
     depth (the PPL cells' entries above may name others)."""
     evicting = retrieval.filter(pl.col("policy") != BASELINE_POLICY)
     policies = ", ".join(_distinct(evicting, "policy_label")) or "none"
-    limits = ", ".join(_distinct(evicting, "cache_size")) or MISSING
+    ratios = sorted(evicting["ratio"].drop_nulls().unique().to_list())
+    if ratios:  # each probe's limit comes from its own context: the ratios say what they were
+        budgets = "compression ratios " + ", ".join(f"{ratio:g}" for ratio in ratios)
+    else:
+        budgets = "cache limits " + (", ".join(_distinct(evicting, "cache_size")) or MISSING)
     lengths = ", ".join(str(n) for n in lengths_in(retrieval))
     depths = ", ".join(f"{d:g}" for d in sorted(retrieval["depth"].drop_nulls().unique().to_list()))
     keys = retrieval.group_by(["seq_len", "depth"]).agg(pl.col("sample_id").n_unique())["sample_id"]
     per = MISSING if keys.is_empty() else str(keys.max())
     against = against_baseline(retrieval, config)
     return (
-        f"{policies}{against} at cache limits {limits}; lengths {lengths or MISSING} tokens, needle depths "
+        f"{policies}{against} at {budgets}; lengths {lengths or MISSING} tokens, needle depths "
         f"{depths or MISSING}, {per} keys per length and depth"
     )
 
@@ -105,6 +119,28 @@ def _tasks_probed(probes: pl.DataFrame) -> str:
     most = MISSING if per.is_empty() else str(per.max())
     lengths = ", ".join(str(n) for n in lengths_in(probes)) or MISSING
     return f"{'; '.join(named)}; lengths {lengths} tokens, {most} probes per task and length"
+
+
+def settings_compared(measured: Measured) -> str:
+    """The compression settings of the run, in words: how and when each one evicted."""
+    worded = []
+    for setting in measured.settings:
+        words = SETTING_WORDS.get(setting, setting)
+        if setting == "prefill" and measured.query_aware is not None:
+            words += f"; {QUERY_AWARE if measured.query_aware else QUERY_AGNOSTIC}"
+        worded.append(f"`{setting}`: {words}")
+    return ". ".join(worded)
+
+
+def budgets_compared(run: RunData, measured: Measured, limits: str) -> dict[str, str]:
+    """The budgets, as the run gave them: compression ratios (with the limits they came to), else cache limits."""
+    if not measured.ratios:
+        return {"cache limits (tokens)": limits}
+    ratios = join([f"{ratio:g}" for ratio in measured.ratios])
+    every = pl.concat([run.cells.select("cache_size"), run.retrieval.select("cache_size")])["cache_size"]
+    low, high = every.min(), every.max()
+    came_to = "" if low is None else f"; cache limits of {low!s}" + ("" if low == high else f" to {high!s}") + " tokens"
+    return {"compression ratios": f"{ratios} (the share of each context removed{came_to})"}
 
 
 def compared(run: RunData, measured: Measured | None = None) -> dict[str, str]:
@@ -139,7 +175,8 @@ def compared(run: RunData, measured: Measured | None = None) -> dict[str, str]:
         "model": listed("model", "model"),
         "dataset": listed("dataset", "dataset"),
         "policies": (", ".join(policies) or "none") + against_baseline(every_row, config),
-        "cache limits (tokens)": listed("cache_size", "cache_sizes"),
+        "compression setting": settings_compared(measured),
+        **budgets_compared(run, measured, listed("cache_size", "cache_sizes")),
         "position modes": listed("positions", "positions"),
         "lengths (tokens)": ", ".join(lengths) or listed("seq_len", "lengths"),
         "latency trials": f"{trials}; the prompt prefilled in chunks of {chunk} tokens, then {gen} tokens timed "
@@ -197,6 +234,25 @@ def tasks_section(probes: pl.DataFrame, several_modes: bool) -> Section:
     return Section(TASKS_HEADING, [task_summary_table(probes, several_modes), *tables], intro=TASKS_DEFINITIONS)
 
 
+def compression_section(summary: pl.DataFrame, charts: ChartSet, measured: Measured, several_modes: bool) -> Section:
+    """How much each policy keeps as more is removed (the accuracy-against-ratio chart, where the run gave ratios),
+    the prefill setting's speed and memory, and what the compression columns mean."""
+    prefill = [prefill_table(summary, measured, several_modes)] if measured.prefill and measured.perplexity else []
+    return Section(
+        COMPRESSION_HEADING,
+        [
+            *charts.charts,
+            not_drawn(charts),
+            *prefill,
+            Definitions(
+                COMPRESSION_LEAD,
+                COMPRESSION_DEFINITIONS if measured.prefill else {"ratio": COMPRESSION_DEFINITIONS["ratio"]},
+            ),
+        ],
+        intro=COMPRESSION_INTRO if measured.ratios else COMPRESSION_INTRO_LIMITS,
+    )
+
+
 def assemble(run: RunData, charts_dir: Path) -> Report:
     """Compute tables, recommendations and charts (written to charts_dir) for one run, in reading order:
     the headline first (what was compared, the noise floor, the recommendations), the protocol last."""
@@ -215,6 +271,16 @@ def assemble(run: RunData, charts_dir: Path) -> Report:
     if not others.is_empty():  # other probe tasks: a table each and the score across them
         retrieval.append(tasks_section(others, probe_modes))
     measured = analysis.measured
+    compression = []
+    if measured.ratios or measured.prefill:  # budgets as ratios, or the prefill setting: its own section
+        quality = quality_by_ratio(run.cells, run.retrieval)
+        ratio_charts = (
+            build_ratio_charts(quality, charts_dir, probe_modes, measured.query_aware)
+            if measured.ratios
+            else ChartSet([], [])
+        )
+        charts = ChartSet([*ratio_charts.charts, *charts.charts], [*ratio_charts.skipped, *charts.skipped])
+        compression = [compression_section(stats, ratio_charts, measured, several_modes)]
     results = [
         table
         for n in lengths_in(stats)
@@ -225,6 +291,7 @@ def assemble(run: RunData, charts_dir: Path) -> Report:
         )
     ]
     baseline_note = f"{BASELINE_POSITIONS} {BASELINE_PER_MODE}" if several_modes else BASELINE_POSITIONS
+    baseline_note += f" {PREFILL_PAIRING}" if measured.prefill else ""
     perplexity_measured = not run.cells.is_empty() or run.retrieval.is_empty()  # a passkey-only run has none
     method = RELATIVE_METHOD if measured.speed else QUALITY_METHOD
     sections = [
@@ -254,6 +321,7 @@ def assemble(run: RunData, charts_dir: Path) -> Report:
                 *([noise_table(analysis.noise)] if measured.speed else []),
             ],
         ),
+        *compression,
         *(
             [Section("Results by length", results, intro=f"{method} {baseline_note}", empty=NO_RESULTS)]
             if perplexity_measured

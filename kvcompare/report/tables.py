@@ -1,6 +1,7 @@
 """The report's tables, each a document.Table of formatted cells: absolute values, changes against `full`, the
-physics of a decode step, the A/A control, the recommendations, cell counts and failures, run metadata and
-passkey retrieval."""
+physics of a decode step, the prefill setting's speed and memory, the A/A control, the recommendations, cell counts
+and failures, run metadata, and the budget columns every table shares (the probe tasks' tables are in
+kvcompare.report.task_tables)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from kvcompare.analysis import (
     NOISE_CHANGES,
     PPL_CHANGE,
     PPL_TASK,
+    RETRIEVAL_CONFIG_KEYS,
     Analysis,
     Measured,
     NoiseFloor,
@@ -29,9 +31,7 @@ from kvcompare.analysis import (
     lengths_in,
     ok_cells,
     policy_name,
-    retrieval_by_config,
-    retrieval_stats,
-    task_scores,
+    removed_words,
 )
 from kvcompare.report.document import Table
 from kvcompare.report.formatting import (
@@ -53,10 +53,10 @@ from kvcompare.report.wording import (
     ABSOLUTE_NOTE_QUALITY,
     NOISE_NOTE,
     PHYSICS_NOTE,
+    PREFILL_TABLE_NOTE,
+    PREFILL_TABLE_NOTE_QUALITY,
     RELATIVE_NOTE,
     RELATIVE_NOTE_QUALITY,
-    RETRIEVAL_NOTE,
-    TASKS_SUMMARY_NOTE,
 )
 from kvcompare.stats import Estimate
 
@@ -69,7 +69,38 @@ def _at(summary: pl.DataFrame, seq_len: int, evicting_only: bool = False) -> lis
 
 
 def _limit(row: dict[str, Any]) -> str:
+    """The cache limit; for probes a ratio gave (a null `cache_size`, retrieval.by_budget), the limits they ran
+    under: one value, or the lowest and highest ('57–73')."""
+    low, high = row.get("cache_size_min"), row.get("cache_size_max")
+    if row["cache_size"] is None and row.get("ratio") is not None and low is not None:
+        return str(low) if low == high else f"{low}–{high}"
     return MISSING if row["cache_size"] is None else str(row["cache_size"])
+
+
+LIMIT_HEADER = "Cache limit (tokens)"
+RATIO_HEADER = "Compression ratio (share of the context removed)"
+
+
+def with_ratios(frame: pl.DataFrame) -> bool:
+    """Whether ``frame``'s configurations have compression ratios (--ratio): tables then show the ratio."""
+    return "ratio" in frame.columns and frame["ratio"].drop_nulls().len() > 0
+
+
+def budget_headers(ratios: bool) -> list[str]:
+    """The budget's columns: the cache limit, after the ratio it came from where the run gave ratios."""
+    return [RATIO_HEADER, LIMIT_HEADER] if ratios else [LIMIT_HEADER]
+
+
+def budget_cells(row: dict[str, Any], ratios: bool) -> list[str]:
+    """A row's budget cells, under _budget_headers: '0.5 (50% removed)', then its cache limit."""
+    if not ratios:
+        return [_limit(row)]
+    return [MISSING if row.get("ratio") is None else removed_words(row["ratio"]), _limit(row)]
+
+
+def config_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    """A probe configuration (RETRIEVAL_CONFIG_KEYS: policy, budget, position mode, compression setting)."""
+    return tuple(row.get(key) for key in RETRIEVAL_CONFIG_KEYS)
 
 
 def absolute_table(
@@ -77,11 +108,17 @@ def absolute_table(
 ) -> Table:
     """Each configuration's figures; speed columns only where the run measured speed."""
     metrics = [m for m in METRICS if measured.speaks_of(m)]
+    ratios = with_ratios(summary)
     return Table(
         title=f"Absolute values, length {seq_len} tokens",
-        headers=["Policy", "Cache limit (tokens)", "n", *(m.label for m in metrics)],
+        headers=["Policy", *budget_headers(ratios), "n", *(m.label for m in metrics)],
         rows=[
-            [policy_name(r, several_modes), _limit(r), str(r["n"]), *(format_absolute(r, m) for m in metrics)]
+            [
+                policy_name(r, several_modes),
+                *budget_cells(r, ratios),
+                str(r["n"]),
+                *(format_absolute(r, m) for m in metrics),
+            ]
             for r in _at(summary, seq_len)
         ],
         note=ABSOLUTE_NOTE if measured.speed else ABSOLUTE_NOTE_QUALITY,
@@ -93,9 +130,10 @@ def relative_table(summary: pl.DataFrame, seq_len: int, has_baseline: bool, meas
     only where the run measured speed."""
     title = f"Relative change vs full, length {seq_len} tokens"
     changes = [c for c in CHANGES if measured.speaks_of(c)]
+    ratios = with_ratios(summary)
     headers = [
         "Policy",
-        "Cache limit (tokens)",
+        *budget_headers(ratios),
         "paired samples",
         *(["speed pairs"] if measured.speed else []),
         *(f"Δ {c.title} (%)" for c in changes),
@@ -117,7 +155,7 @@ def relative_table(summary: pl.DataFrame, seq_len: int, has_baseline: bool, meas
         rows.append(
             [
                 policy_name(r),
-                str(r["cache_size"]),
+                *budget_cells(r, ratios),
                 str(r["n_paired"] or 0),
                 *([pairs] if measured.speed else []),
                 *shown,
@@ -159,6 +197,49 @@ def physics_table(summary: pl.DataFrame, seq_len: int, meta: dict[str, Any], sev
         rows,
         PHYSICS_NOTE.format(bandwidth=format_bandwidth(meta)),
         empty="no physics recorded (bytes per step and TPOT floor): a run older than these columns",
+    )
+
+
+def prefill_table(summary: pl.DataFrame, measured: Measured = EVERYTHING, several_modes: bool = False) -> Table:
+    """The prefill setting's speed and memory per configuration and length: the context compressed, TTFT with
+    the compression's share of it, TPOT (where the run measured speed), the peak KV bytes and those kept."""
+    rows = summary.filter(pl.col("compression") == "prefill")
+    ratios = with_ratios(rows)
+    ttft = METRIC_BY_COLUMN["ttft_s"]
+    body = []
+    for r in rows.iter_rows(named=True):
+        context = r["context_tokens_mean"]
+        share = r["compress_share_mean"]
+        speed = [
+            format_median_interval(r, ttft),
+            MISSING if share is None else f"{100 * share:.1f}",
+            format_median_interval(r, TPOT_MS),
+        ]
+        body.append(
+            [
+                policy_name(r, several_modes),
+                str(r["seq_len"]),
+                *budget_cells(r, ratios),
+                MISSING if context is None else f"{context:.0f}",
+                *(speed if measured.speed else []),
+                format_value(r["peak_kv_bytes_mean"], MIB),
+                format_value(r["kv_bytes_compressed_mean"], MIB),
+            ]
+        )
+    return Table(
+        "Speed and memory in the prefill setting",
+        [
+            "Policy",
+            "Length (tokens)",
+            *budget_headers(ratios),
+            "Context compressed (tokens)",
+            *([ttft.label, "Compression in TTFT (%)", f"TPOT ({TPOT_MS.unit})"] if measured.speed else []),
+            f"Peak KV ({MIB.unit})",
+            f"KV after compression ({MIB.unit})",
+        ],
+        body,
+        PREFILL_TABLE_NOTE if measured.speed else PREFILL_TABLE_NOTE_QUALITY,
+        empty="no successful cell in the prefill setting",
     )
 
 
@@ -268,7 +349,7 @@ def counts_table(counts: CellCounts) -> Table:
     )
 
 
-def _probe_name(row: dict[str, Any], several_modes: bool = False) -> str:
+def probe_name(row: dict[str, Any], several_modes: bool = False) -> str:
     """config_name, and for a probe what it probed: 'l2 @ 64, passkey at depth 0.5', 'l2 @ 64, vt'."""
     name = config_name(row, several_modes)
     task = row.get("task")
@@ -283,11 +364,12 @@ def _probe_name(row: dict[str, Any], several_modes: bool = False) -> str:
 def failed_table(cells: pl.DataFrame, several_modes: bool = False) -> Table:
     """Every failed cell or probe, in a stable order, with its error on one line."""
     failed = failed_cells(cells).sort(
-        ["seq_len", "task", "policy_label", "cache_size", "sample_id", "probe_params"], nulls_last=False
+        ["seq_len", "task", "compression", "policy_label", "ratio", "cache_size", "sample_id", "probe_params"],
+        nulls_last=False,
     )
     rows = [
         [
-            _probe_name(r, several_modes),
+            probe_name(r, several_modes),
             str(r["seq_len"]),
             str(r["sample_id"]),
             r["cell_id"] or MISSING,
@@ -312,108 +394,3 @@ def _flat(prefix: str, value: Any) -> list[tuple[str, str]]:
 def metadata_table(meta: dict[str, Any]) -> Table:
     """run.json flattened to dotted keys, so nothing the runner recorded is hidden."""
     return Table("Run metadata", ["Key", "Value"], [list(item) for item in _flat("", meta)], empty="no run.json found")
-
-
-# --- Passkey retrieval ---------------------------------------------------------------------------------------
-
-
-def retrieval_table(retrieval: pl.DataFrame, several_modes: bool = False) -> Table:
-    """Passkey accuracy per policy and cache limit (`full` first): over all probes, then per depth."""
-    by_depth = retrieval_stats(retrieval, ["depth"])
-    depths = sorted(by_depth["depth"].drop_nulls().unique().to_list())
-    at_depth = {
-        (r["policy"], r["policy_label"], r["cache_size"], r["positions"], r["depth"]): r["accuracy_pct"]
-        for r in by_depth.iter_rows(named=True)
-    }
-    rows = []
-    for r in retrieval_by_config(retrieval).iter_rows(named=True):
-        key = (r["policy"], r["policy_label"], r["cache_size"], r["positions"])
-        logprob = MISSING if r["logprob_mean"] is None else f"{r['logprob_mean']:.2f}"
-        n = str(r["n"]) + (f" (+{r['failed']} failed)" if r["failed"] else "")
-        rows.append(
-            [
-                policy_name(r, several_modes),
-                _limit(r),
-                format_pct(r["accuracy_pct"]),
-                n,
-                logprob,
-                *(format_pct(at_depth.get((*key, depth))) for depth in depths),
-            ]
-        )
-    return Table(
-        "Passkey retrieval by configuration",
-        [
-            "Policy",
-            "Cache limit (tokens)",
-            "Accuracy (%)",
-            "n",
-            "Mean log-prob of the key",
-            *(f"depth {depth:g}" for depth in depths),
-        ],
-        rows,
-        RETRIEVAL_NOTE,
-        empty="no passkey probe",
-    )
-
-
-# --- Probe tasks (RULER's and third-party ones) --------------------------------------------------------------
-
-
-def task_table(probes: pl.DataFrame, task: str, several_modes: bool = False, metric: str = "") -> Table:
-    """One task's score and accuracy per policy and cache limit (`full` first), over all its probes, then per
-    length; ``metric`` (what the task's score is) goes in the note."""
-    mine = probes.filter(pl.col("task") == task)
-    by_length = task_scores(mine, ["seq_len"])
-    lengths = sorted(by_length["seq_len"].drop_nulls().unique().to_list())
-    at_length = {
-        (r["policy_label"], r["cache_size"], r["positions"], r["seq_len"]): r["score_pct"]
-        for r in by_length.iter_rows(named=True)
-    }
-    rows = []
-    for r in task_scores(mine).iter_rows(named=True):
-        key = (r["policy_label"], r["cache_size"], r["positions"])
-        n = str(r["n"]) + (f" (+{r['failed']} failed)" if r["failed"] else "")
-        rows.append(
-            [
-                policy_name(r, several_modes),
-                _limit(r),
-                format_pct(r["score_pct"]),
-                format_pct(r["accuracy_pct"]),
-                n,
-                *(format_pct(at_length.get((*key, length))) for length in lengths),
-            ]
-        )
-    return Table(
-        f"Task {task}",
-        ["Policy", "Cache limit (tokens)", "Score (%)", "Accuracy (%)", "n", *(f"score at {n}" for n in lengths)],
-        rows,
-        empty=f"no answered {task} probe",
-        note=f"Score: {metric}." if metric else "",
-    )
-
-
-def task_summary_table(probes: pl.DataFrame, several_modes: bool = False) -> Table:
-    """Mean score over tasks per policy and cache limit, with each task's score beside it."""
-    scores = task_scores(probes)
-    tasks = sorted(scores["task"].unique().to_list())
-    per_task = {
-        (r["policy_label"], r["cache_size"], r["positions"], r["task"]): r["score_pct"]
-        for r in scores.iter_rows(named=True)
-    }
-    configs = scores.unique(["policy_label", "cache_size", "positions"], maintain_order=True).sort(
-        [pl.col("policy") != BASELINE_POLICY, "policy_label", "cache_size", "positions"], nulls_last=False
-    )
-    rows = []
-    for r in configs.iter_rows(named=True):
-        key = (r["policy_label"], r["cache_size"], r["positions"])
-        found = [per_task.get((*key, task)) for task in tasks]
-        known = [value for value in found if value is not None]
-        mean = sum(known) / len(known) if len(known) == len(tasks) else None
-        rows.append([policy_name(r, several_modes), _limit(r), format_pct(mean), *map(format_pct, found)])
-    return Table(
-        "Score across tasks",
-        ["Policy", "Cache limit (tokens)", "Mean score (%)", *tasks],
-        rows,
-        empty="no answered probe",
-        note=TASKS_SUMMARY_NOTE,
-    )

@@ -103,3 +103,58 @@ TASKS_DEFINITIONS = (
     "even with every token kept, and the task says nothing about eviction on this model."
 )
 TASKS_SUMMARY_NOTE = "Mean score over tasks (each task weighted alike, as RULER's average); `full` first."
+
+# --- The compression setting and ratios (protocol 8) -----------------------------------------------------------
+
+#: Each compression setting in the words of "What was compared" (the prefill one followed by how the question
+#: was treated).
+SETTING_WORDS = {
+    "continuous": "evicted continuously, each compressed layer cut to its limit before every chunk of the prompt "
+    "and every decode step, as StreamingLLM does",
+    "prefill": "compressed once after the prefill, the context prefilled whole and each compressed layer cut once "
+    "to its budget, then the question and answer run on a cache that only grows, as SnapKV, PyramidKV and kvpress "
+    "do",
+}
+QUERY_AGNOSTIC = "query-agnostic: a probe's question is not part of the compressed context, kvpress's default"
+QUERY_AWARE = "query-aware: a probe's question is compressed with its context (--query-aware)"
+#: Said in the results section of a run with the prefill setting: which `full` its cells are paired with.
+PREFILL_PAIRING = (
+    "A cell of the prefill setting is compared with the `full` of the prefill setting (`full (prefill)`), which "
+    "prefills the same context and scores the same tokens (for `ppl`, only the second half of each passage); a "
+    "continuous cell with the continuous `full`."
+)
+COMPRESSION_HEADING = "Compression"
+COMPRESSION_INTRO = (
+    "How much each policy keeps of what `full` scores as more of the context is removed: the budgets of this run "
+    "are compression ratios, the share of each context removed, as kvpress and the literature state them."
+)
+COMPRESSION_INTRO_LIMITS = "What the prefill setting costs and keeps, per policy and cache limit."
+COMPRESSION_LEAD = "The columns of every result row that say how and how much was compressed:"
+#: The columns the compression setting added to every result row, as the report defines them (a run without the
+#: prefill setting is told only of `ratio`: the others are null in it).
+COMPRESSION_DEFINITIONS = {
+    "compression": "`continuous` (evicted before every chunk and decode step) or `prefill` (the context "
+    "prefilled whole, each compressed layer cut once to its budget, then the rest on a growing cache).",
+    "ratio": "the share of the context removed (kvpress's compression ratio); a cell's cache limit is "
+    "int(context × (1 − ratio)) of its own context, so probes of one ratio can have limits a few tokens apart: "
+    "tables key them on the ratio and show the range of their limits.",
+    "query_aware": "prefill: whether a probe's question was compressed with its context (query-aware) or not "
+    "(query-agnostic).",
+    "context_tokens": "prefill: the tokens prefilled, then compressed once (for `ppl`, the first half of each "
+    "passage; only the tokens after it are scored).",
+    "kv_bytes_compressed": "prefill: the key and value bytes held right after the compression (`peak_kv_bytes` is "
+    "the whole context's, before it).",
+    "compress_s, compress_share": "prefill: the one compression's time inside the TTFT, summed over the latency "
+    "trials, and its share of their TTFT.",
+}
+PREFILL_TABLE_NOTE = (
+    "The prefill setting only. TTFT includes the one compression after the context; compression in TTFT = "
+    "`compress_share`, its share of the TTFT. TPOT: every counted decode step runs on the compressed cache. Peak "
+    "KV: the most key and value bytes the cache held, the whole context's before it was compressed; KV after "
+    "compression = `kv_bytes_compressed`. Speed figures as in the absolute tables; the others are means over "
+    "samples."
+)
+PREFILL_TABLE_NOTE_QUALITY = (
+    "The prefill setting only. Peak KV: the most key and value bytes the cache held, the whole context's before "
+    "it was compressed; KV after compression = `kv_bytes_compressed`. Means over samples."
+)

@@ -161,8 +161,14 @@ def dry_run(config: RunConfig, out: Path | None = None, *, resume: bool = False,
     policies = grid.policies
     lines = [
         f"plan: {len(todo)} cells to measure in {len(groups)} passages or prompts ({where}); policies "
-        f"{', '.join(p.label() for p in policies)}; limits {', '.join(map(str, config.cache_sizes))}; "
-        f"positions {', '.join(config.positions)}; tasks {', '.join(config.tasks)}",
+        f"{', '.join(p.label() for p in policies)}; "
+        + (
+            f"ratios {', '.join(f'{r:g}' for r in config.ratios)}"
+            if config.ratios
+            else f"limits {', '.join(map(str, config.cache_sizes))}"
+        )
+        + f"; positions {', '.join(config.positions)}; compression {', '.join(config.compression)}; "
+        f"tasks {', '.join(config.tasks)}",
         "",
         "| task | length | passages | cells per passage | estimated time per passage |",
         "|---|---|---|---|---|",

@@ -69,7 +69,12 @@ def latency_fields(trials: list[LatencyResult], oneshot_ttft: list[float] | None
     decode_s = float(sum(sum(t.step_s) for t in trials))
     evicted = float(sum(sum(t.evict_s) for t in trials))
     signalled = float(sum(sum(t.signal_s) for t in trials))
+    compressions = [t.compress_s for t in trials if t.compress_s is not None]  # the prefill setting's
+    compressed = float(sum(compressions)) if compressions else None
+    ttft_s = float(sum(t.ttft_s for t in trials))
     fields: dict[str, Any] = {
+        "compress_s": compressed,
+        "compress_share": compressed / ttft_s if compressed is not None and ttft_s > 0 else None,
         "decode_s": decode_s,
         "evict_s": evicted,
         "evict_share": evicted / decode_s if decode_s > 0 else None,
@@ -96,7 +101,15 @@ def timing_rows(trial: LatencyResult, kind: str = "ttft", **keys: Any) -> list[d
     columns shared by every row of the trial (cell, role, session, round, order, pairing keys).
     """
     rows = [
-        {**keys, "kind": kind, "step": None, "seconds": trial.ttft_s, "evict_seconds": None, "signal_seconds": None}
+        {
+            **keys,
+            "kind": kind,
+            "step": None,
+            "seconds": trial.ttft_s,
+            "evict_seconds": None,
+            "signal_seconds": None,
+            "compress_seconds": trial.compress_s,
+        }
     ]
     rows += [
         {**keys, "kind": "step", "step": index, "seconds": seconds, "evict_seconds": evict, "signal_seconds": signal}

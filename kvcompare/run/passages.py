@@ -182,7 +182,7 @@ def result_row(record: CellRecord, context: RowContext) -> tuple[dict[str, Any],
         "layer_kinds": None if context.layer_kinds == "null" else context.layer_kinds,
         "finished_at": now_iso(),
     }
-    kv_bytes = kv_read_bytes(context.layout, cell.cache, seq_len)
+    kv_bytes = kv_read_bytes(context.layout, cell.cache, len(cell.prompt))
     budgets = compressed_layer_budgets(cell.cache, context.layout.num_layers) if cell.policy.bounded else []
     row.update(
         layer_budgets=json.dumps(budgets) if budgets else None,
@@ -207,10 +207,14 @@ def result_row(record: CellRecord, context: RowContext) -> tuple[dict[str, Any],
         row.update(status="failed", error=record.error or "no quality pass", traceback=record.traceback)
         return row, []
     quality = record.quality
+    scored = slice(cell.context_tokens or 0, None)  # the prefill setting scores the tokens after its context
     row.update(
-        quality_fields(quality.nll, quality.correct),
+        quality_fields(quality.nll[scored], quality.correct[scored]),
         **latency_fields(record.trials, record.oneshot_ttft),
         peak_kv_bytes=max([quality.peak_kv_bytes, *(t.peak_kv_bytes for t in record.trials)]),
+        kv_bytes_compressed=max(
+            (t.kv_bytes_compressed for t in record.trials if t.kv_bytes_compressed is not None), default=None
+        ),
         peak_mem_bytes=max(  # a batched quality pass's memory is no one cell's: only single passes count
             [t.peak_mem_bytes for t in record.trials]
             + ([] if quality.peak_mem_bytes is None else [quality.peak_mem_bytes]),

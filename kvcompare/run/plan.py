@@ -17,11 +17,15 @@ from kvcompare import models
 from kvcompare.config import (
     BOS_MODES,
     HAYSTACKS,
+    PPL_CONTEXT_SHARE,
     CacheConfig,
     ConfigError,
     LatencySettings,
     RunConfig,
+    check_compression,
     check_position_mode,
+    prefill_window,
+    ratio_limit,
 )
 from kvcompare.corpus import Passage
 from kvcompare.engine.budgets import parse_layer_budget, smallest_budget
@@ -45,11 +49,20 @@ class CellContext:
     dtype: str
     latency: LatencySettings
     bucket: int
+    query_aware: bool = False  # the prefill setting: the question is compressed with the context
 
     @classmethod
     def of(cls, config: RunConfig) -> CellContext:
         """The context every cell of ``config``'s grid shares."""
-        return cls(config.model, config.dataset, config.device, config.dtype, config.latency(), config.bucket)
+        return cls(
+            config.model,
+            config.dataset,
+            config.device,
+            config.dtype,
+            config.latency(),
+            config.bucket,
+            config.query_aware,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +84,20 @@ class Cell:
     def task(self) -> str:
         """``ppl`` for a perplexity cell, else the probe's task's name."""
         return "ppl" if self.probe_task is None else self.probe_task.name
+
+    @property
+    def context_tokens(self) -> int | None:
+        """The prefill setting: the tokens prefilled, then compressed once (None in the continuous setting); see
+        :func:`prefill_context`."""
+        if self.cache.compression != "prefill":
+            return None
+        return prefill_context(len(self.passage.tokens), self.probe, self.context.query_aware)
+
+    @property
+    def prompt(self) -> tuple[int, ...]:
+        """What the latency pass prefills: the passage, or in the prefill setting its context alone."""
+        tokens = tuple(self.passage.tokens)
+        return tokens if self.context_tokens is None else tokens[: self.context_tokens]
 
     @functools.cached_property
     def fields(self) -> dict[str, Any]:
@@ -94,6 +121,10 @@ class Cell:
             "stride": self.cache.stride,
             "evict_block": self.cache.evict_block,
             "positions": self.cache.positions,
+            "compression": self.cache.compression,
+            "ratio": self.cache.ratio,
+            "query_aware": self.context.query_aware if self.cache.compression == "prefill" else None,
+            "context_tokens": self.context_tokens,
             "skip_layers": json.dumps(list(self.cache.skip_layers)),
             "layer_budget": self.cache.layer_budget,
             "device": self.context.device,
@@ -114,7 +145,9 @@ class Cell:
         probe = ""
         if self.probe is not None and self.probe_task is not None:
             probe = " " + " ".join([self.probe_task.label(), *(f"{k}={v}" for k, v in self.probe.params)])
-        return f"{self.policy.label()} cache={self.cache.limit} len={len(self.passage.tokens)}{probe}"
+        budget = f"cache={self.cache.limit}" + (f" ratio={self.cache.ratio:g}" if self.cache.ratio is not None else "")
+        setting = " prefill" if self.cache.compression == "prefill" else ""
+        return f"{self.policy.label()} {budget}{setting} len={len(self.passage.tokens)}{probe}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,8 +228,16 @@ def check_config(config: RunConfig, policies: list[KVPolicy]) -> None:
         raise ConfigError(f"--repeats must be 0 (a quality-only run: no speed measured) or more, not {config.repeats}")
     if config.workers is not None and config.ray is None:
         raise ConfigError("--workers sets the Ray actors: add --ray local (this machine) or --ray auto (a cluster)")
+    if config.ratios and config.cache_sizes:
+        raise ConfigError("--cache and --ratio both set the budget: give one (--ratio 0.5 keeps half of each context)")
+    if config.ratios and not all(0 <= r < 1 for r in config.ratios):
+        raise ConfigError(f"--ratio takes shares of the context removed, from 0 to below 1, not {config.ratios}")
+    for setting in config.compression or ["(none)"]:
+        check_compression(setting)
+    if config.query_aware and "prefill" not in config.compression:
+        raise ConfigError("--query-aware applies to the prefill setting: add --compression prefill")
     for label, values in (
-        ("--cache", config.cache_sizes),
+        *([] if config.ratios else [("--cache", config.cache_sizes)]),
         ("--lengths", config.lengths),
         ("--samples", config.samples),
     ):
@@ -219,38 +260,65 @@ def check_config(config: RunConfig, policies: list[KVPolicy]) -> None:
     if config.haystack not in HAYSTACKS:
         raise ConfigError(f"--haystack takes {' or '.join(HAYSTACKS)}, not {config.haystack!r}")
     parse_layer_budget(config.layer_budget)
+    for limit in config.cache_sizes:
+        for setting in config.compression:
+            check_limit(config, policies, limit, setting)
+
+
+def check_limit(config: RunConfig, policies: list[KVPolicy], limit: int, setting: str = "continuous") -> None:
+    """Refuse a cache ``limit`` that cannot work for these policies in this compression setting: in the continuous
+    setting it must leave room for a chunk beside kept tokens; in both, every layer's budget must keep what each
+    policy needs (its ``check_limit``). Raises ConfigError saying what to change."""
     bounded = [p for p in policies if p.bounded]
-    chunk = config.largest_chunk()
-    flag = "--stride" if chunk == config.stride else "--prefill-chunk"
-    for limit in config.cache_sizes if bounded else []:
-        if chunk >= limit:
+    if not bounded:
+        return
+    if limit < 1:
+        raise ConfigError(f"a cache budget of {limit} tokens keeps nothing: raise --cache, or lower --ratio")
+    if setting == "prefill":  # compressed once: no chunk is fed beside kept tokens
+        window = prefill_window(config.layer_budget)
+        if parse_layer_budget(config.layer_budget)[0] == "pyramid" and limit <= window:
             raise ConfigError(
-                f"{flag} {chunk} must be below the cache limit {limit}: a chunk must fit beside kept tokens"
+                f"--layer-budget {config.layer_budget} keeps a window of {window} tokens in every layer, which a "
+                f"budget of {limit} tokens cannot share out: raise the budget, or lower the window (pyramid:window=W)"
             )
-        min_keep = limit - chunk - config.evict_block + 1
-        if min_keep < 1:
-            raise ConfigError(f"--evict-block {config.evict_block} is too large for limit {limit} and {flag} {chunk}")
-        reserve = chunk + config.evict_block - 1
-        smallest = smallest_budget(config.layer_budget, limit, reserve)
-        min_keep = smallest - reserve  # in the most squeezed layer
-        if min_keep < 1:
-            raise ConfigError(
-                f"--layer-budget {config.layer_budget} leaves the top layer no token to keep at --cache {limit}; "
-                "lower beta or raise --cache"
-            )
-        why = f"{flag} {chunk}, --evict-block {config.evict_block}"
-        if smallest < limit:
-            why = f"the smallest layer budget of --layer-budget {config.layer_budget}, {smallest} slots, {why}"
+        smallest = smallest_budget(config.layer_budget, limit, window)
         for policy in bounded:
             try:
-                policy.check_limit(min_keep)
+                policy.check_limit(smallest)
             except PolicyError as err:
-                fixes = f"raise --cache, or lower {flag}"
-                if smallest < limit:
-                    fixes += ", or use --layer-budget uniform or a lower beta"
                 raise ConfigError(
-                    f"--cache {limit}: {err} (an eviction keeps {min_keep} tokens, from {why}): {fixes}"
+                    f"--compression prefill at a budget of {limit} tokens (its smallest layer keeps {smallest}): "
+                    f"{err}: raise the budget (--cache, or a lower --ratio)"
                 ) from None
+        return
+    chunk = config.largest_chunk()
+    flag = "--stride" if chunk == config.stride else "--prefill-chunk"
+    if chunk >= limit:
+        raise ConfigError(f"{flag} {chunk} must be below the cache limit {limit}: a chunk must fit beside kept tokens")
+    min_keep = limit - chunk - config.evict_block + 1
+    if min_keep < 1:
+        raise ConfigError(f"--evict-block {config.evict_block} is too large for limit {limit} and {flag} {chunk}")
+    reserve = chunk + config.evict_block - 1
+    smallest = smallest_budget(config.layer_budget, limit, reserve)
+    min_keep = smallest - reserve  # in the most squeezed layer
+    if min_keep < 1:
+        raise ConfigError(
+            f"--layer-budget {config.layer_budget} leaves the top layer no token to keep at --cache {limit}; "
+            "lower beta or raise --cache"
+        )
+    why = f"{flag} {chunk}, --evict-block {config.evict_block}"
+    if smallest < limit:
+        why = f"the smallest layer budget of --layer-budget {config.layer_budget}, {smallest} slots, {why}"
+    for policy in bounded:
+        try:
+            policy.check_limit(min_keep)
+        except PolicyError as err:
+            fixes = f"raise --cache, or lower {flag}"
+            if smallest < limit:
+                fixes += ", or use --layer-budget uniform or a lower beta"
+            raise ConfigError(
+                f"--cache {limit}: {err} (an eviction keeps {min_keep} tokens, from {why}): {fixes}"
+            ) from None
 
 
 def merge_repeated_values(config: RunConfig) -> RunConfig:
@@ -326,13 +394,8 @@ def plan(config: RunConfig, policies: list[KVPolicy] | None = None) -> Plan:
         if any(task.request == "rolling" for task in tasks)
     ]
     context = CellContext.of(config)
-    configurations = [
-        (policy, config.cache_config(limit, mode))
-        for mode in config.positions
-        for policy in policies
-        for limit in (config.cache_sizes if policy.bounded else [None])
-    ]
-    cells = [Cell(passage, policy, cache, context) for passage in passages for policy, cache in configurations]
+    grid = CellGrid(config, policies, context)
+    cells = [cell for passage in passages for cell in grid.cells(passage)]
     inputs = {  # one per length, shared by every task: its book-text haystacks are drawn once
         length: task_inputs(config, encode, tokenizer, corpus, bos, samples)
         for length, samples in zip(config.lengths, config.samples, strict=True)
@@ -341,11 +404,50 @@ def plan(config: RunConfig, policies: list[KVPolicy] | None = None) -> Plan:
         if task.request == "rolling":
             continue
         cells += [
-            Cell(probe_passage(task, probe, sample, bos is not None), policy, cache, context, probe, task)
+            cell
             for probe, sample in task_probes(config, task, inputs)
-            for policy, cache in configurations
+            for cell in grid.cells(probe_passage(task, probe, sample, bos is not None), probe, task)
         ]
     return Plan(config, policies, tokenizer, corpus.describe(), passages, cells, num_layers)
+
+
+def prefill_context(length: int, probe: Probe | None, query_aware: bool) -> int:
+    """The tokens the prefill setting prefills and then compresses once, of a prompt of ``length`` tokens: a
+    probe's context (with its question when ``query_aware``), or for ``ppl`` the passage's first
+    :data:`~kvcompare.config.PPL_CONTEXT_SHARE` (its rest is scored on the compressed cache)."""
+    if probe is None:
+        return int(length * PPL_CONTEXT_SHARE)
+    return len(probe.context) + (len(probe.question) if query_aware else 0)
+
+
+class CellGrid:
+    """The cells of one passage or probe: every position mode, compression setting, policy and budget, in that
+    order (so machine drift touches all alike). A ``--ratio`` budget becomes a limit from the cell's own context,
+    checked against each policy (ConfigError) the first time it occurs."""
+
+    def __init__(self, config: RunConfig, policies: list[KVPolicy], context: CellContext) -> None:
+        self.config, self.policies, self.context = config, policies, context
+        self._checked: set[tuple[int, str]] = set()
+
+    def cells(self, passage: Passage, probe: Probe | None = None, task: Task | None = None) -> list[Cell]:
+        """The cells of ``passage`` (a probe's prompt as a passage, with ``probe`` and its ``task``)."""
+        config, cells = self.config, []
+        length = len(passage.tokens)
+        for mode in config.positions:
+            for setting in config.compression:
+                base = prefill_context(length, probe, config.query_aware) if setting == "prefill" else length
+                budgets: list[tuple[int | None, float | None]] = [(limit, None) for limit in config.cache_sizes]
+                budgets += [(ratio_limit(base, ratio), ratio) for ratio in config.ratios]
+                for limit, _ in budgets:
+                    assert limit is not None
+                    if (limit, setting) not in self._checked:
+                        check_limit(config, self.policies, limit, setting)
+                        self._checked.add((limit, setting))
+                for policy in self.policies:
+                    for limit, ratio in budgets if policy.bounded else [(None, None)]:
+                        cache = config.cache_config(limit, mode, setting, ratio)
+                        cells.append(Cell(passage, policy, cache, self.context, probe, task))
+        return cells
 
 
 def build_tasks(config: RunConfig) -> list[Task]:

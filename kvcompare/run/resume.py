@@ -10,7 +10,7 @@ from kvcompare.protocol import PROTOCOL_VERSION
 
 #: Grid fields a resumed run may extend (new cells) but never shrink; every other field must stay the same,
 #: since it changes what a finished cell means (except EXECUTION_ONLY).
-GROWABLE = ("policies", "cache_sizes", "positions", "tasks", "depths")
+GROWABLE = ("policies", "cache_sizes", "ratios", "positions", "compression", "tasks", "depths")
 #: Fields that change how cells are run, never what they measure: a resumed run may change them.
 EXECUTION_ONLY = ("quality_batch", "ray", "workers")
 #: Fields only the cells of one task depend on: they bind a resume only where the run measured that task.
@@ -59,7 +59,7 @@ def resume_additions(previous: dict[str, Any], config: RunConfig) -> dict[str, A
     if changed:
         raise ConfigError(
             "--resume would mix cells measured under different settings; it may only add policies, cache limits, "
-            "position modes, tasks, needle depths, lengths or samples. Differences: "
+            "ratios, position modes, compression settings, tasks, needle depths, lengths or samples. Differences: "
             + "; ".join(changed)
             + ". Rerun with the original settings, or use another --out"
         )

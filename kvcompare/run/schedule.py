@@ -60,12 +60,12 @@ def schedule(todo: list[Cell], finished_baselines: list[Cell]) -> list[Scheduled
     """The trials of one round, before rotation: each cell to measure, and `full` again as the A/A control.
 
     ``finished_baselines`` are `full` cells of this passage measured in an earlier session; they are timed
-    again (role "baseline") wherever a cell of their position mode is measured now.
+    again (role "baseline") wherever a cell of their position mode and compression setting is measured now.
     """
     trials = [ScheduledTrial(cell, "cell") for cell in todo]
-    modes = {cell.cache.positions for cell in todo}
+    modes = {(cell.cache.positions, cell.cache.compression) for cell in todo}
     for baseline in finished_baselines:
-        if baseline.cache.positions in modes:
+        if (baseline.cache.positions, baseline.cache.compression) in modes:
             trials.append(ScheduledTrial(baseline, "baseline"))
     full = [cell for cell in todo if not cell.policy.bounded] + [t.cell for t in trials if t.role == "baseline"]
     trials += [ScheduledTrial(cell, "aa_control") for cell in full]
@@ -74,6 +74,11 @@ def schedule(todo: list[Cell], finished_baselines: list[Cell]) -> list[Scheduled
 
 def _tokens(cell: Cell) -> torch.Tensor:
     return torch.tensor(cell.passage.tokens, dtype=torch.long)
+
+
+def _prompt(cell: Cell) -> torch.Tensor:
+    """What the cell's latency pass prefills (in the prefill setting, the context alone)."""
+    return torch.tensor(cell.prompt, dtype=torch.long)
 
 
 def measure_passage(
@@ -118,6 +123,7 @@ def measure_passage(
                 "seq_len": len(trial.cell.passage.tokens),
                 "sample_id": trial.cell.passage.sample_id,
                 "positions": trial.cell.cache.positions,
+                "compression": trial.cell.cache.compression,
             }
             started = time.perf_counter()
             try:
@@ -158,6 +164,9 @@ def measure_quality(
     for record in unsized:
         tick(f"quality {record.cell.describe()} (failed)", 1)
     records = [record for record in records if record not in unsized]
+    for record in [record for record in records if record.cell.context_tokens is not None]:
+        _quality_alone(executor, record, tick)  # the prefill setting compresses mid-pass: never batched
+    records = [record for record in records if record.cell.context_tokens is None]
     if not records:
         return
     tokens = _tokens(records[0].cell)
@@ -184,6 +193,23 @@ def measure_quality(
             tick(f"quality {record.cell.describe()}", 1)
 
 
+def _quality_alone(executor: Executor, record: CellRecord, tick: Callable[[str, int], None]) -> None:
+    """The quality pass of a prefill-setting cell, on its own: its context prefilled and compressed once, the rest
+    of the passage scored on the compressed cache."""
+    tick(f"quality {record.cell.describe()}", 0)
+    started = time.perf_counter()
+    (result,) = executor.score_batch(
+        _tokens(record.cell), [(record.cell.policy, record.cell.cache)], record.cell.context_tokens
+    )
+    if isinstance(result, Exception):
+        _fail(record, result)
+        record.wall_s += time.perf_counter() - started
+    else:
+        record.quality = result
+        record.wall_s += result.wall_s
+    tick(f"quality {record.cell.describe()}", 1)
+
+
 def _sized(record: CellRecord) -> bool:
     """Whether a cell's batch row can be sized: asks its policy what it reads, and fails the cell if that raises."""
     try:
@@ -203,11 +229,11 @@ def _trial(executor: Executor, cell: Cell, oneshot: bool = False) -> LatencyResu
     """One latency trial of ``cell``; ``oneshot``: prefill in one pass and stop at the first token."""
     latency = cell.context.latency
     if oneshot:
-        tokens = _tokens(cell)
+        tokens = _prompt(cell)
         chunk = min(len(tokens), ONESHOT_CHUNK)
         return executor.generate(tokens, cell.policy, cell.cache, gen=0, warmup=0, prefill_chunk=chunk)
     return executor.generate(
-        _tokens(cell),
+        _prompt(cell),
         cell.policy,
         cell.cache,
         gen=latency.gen,
@@ -233,8 +259,9 @@ def measure_probes(
         tick(cell.describe(), 0)
         try:
             chunk = cell.context.latency.prefill_chunk or cell.cache.stride
+            split = cell.context_tokens
             if task.request == "answer":
-                answered = answer(executor, probe.tokens, probe.answer, cell.policy, cell.cache, chunk)
+                answered = answer(executor, probe.tokens, probe.answer, cell.policy, cell.cache, chunk, split)
                 record.outcome = Outcome(matched=answered.matched, logprob=answered.logprob)
                 record.wall_s = answered.wall_s
             else:
@@ -248,6 +275,7 @@ def measure_probes(
                     probe.max_new_tokens,
                     done=_stops(decode, probe.stop),
                     eos=getattr(tokenizer, "eos_token_id", None),
+                    context=split,
                 )
                 record.outcome = Outcome(text=decode(generated.tokens), tokens=generated.tokens)
                 record.wall_s = generated.wall_s

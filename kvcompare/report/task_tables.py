@@ -1,0 +1,126 @@
+"""The probe tasks' tables: passkey accuracy by policy, budget and depth, each task's scores by length, and the
+mean score across tasks (analysis.retrieval computes them; kvcompare.report.tables holds the perplexity and speed
+tables and the budget columns both share)."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from kvcompare.analysis import (
+    BASELINE_POLICY,
+    RETRIEVAL_CONFIG_KEYS,
+    policy_name,
+    retrieval_by_config,
+    retrieval_stats,
+    task_scores,
+)
+from kvcompare.report.document import Table
+from kvcompare.report.formatting import MISSING, format_pct
+from kvcompare.report.tables import budget_cells, budget_headers, config_key, with_ratios
+from kvcompare.report.wording import RETRIEVAL_NOTE, TASKS_SUMMARY_NOTE
+
+
+def retrieval_table(retrieval: pl.DataFrame, several_modes: bool = False) -> Table:
+    """Passkey accuracy per policy and cache limit (`full` first): over all probes, then per depth."""
+    by_depth = retrieval_stats(retrieval, ["depth"])
+    depths = sorted(by_depth["depth"].drop_nulls().unique().to_list())
+    at_depth = {(*config_key(r), r["depth"]): r["accuracy_pct"] for r in by_depth.iter_rows(named=True)}
+    ratios = with_ratios(retrieval)
+    rows = []
+    for r in retrieval_by_config(retrieval).iter_rows(named=True):
+        key = config_key(r)
+        logprob = MISSING if r["logprob_mean"] is None else f"{r['logprob_mean']:.2f}"
+        n = str(r["n"]) + (f" (+{r['failed']} failed)" if r["failed"] else "")
+        rows.append(
+            [
+                policy_name(r, several_modes),
+                *budget_cells(r, ratios),
+                format_pct(r["accuracy_pct"]),
+                n,
+                logprob,
+                *(format_pct(at_depth.get((*key, depth))) for depth in depths),
+            ]
+        )
+    return Table(
+        "Passkey retrieval by configuration",
+        [
+            "Policy",
+            *budget_headers(ratios),
+            "Accuracy (%)",
+            "n",
+            "Mean log-prob of the key",
+            *(f"depth {depth:g}" for depth in depths),
+        ],
+        rows,
+        RETRIEVAL_NOTE,
+        empty="no passkey probe",
+    )
+
+
+# --- Probe tasks (RULER's and third-party ones) --------------------------------------------------------------
+
+
+def task_table(probes: pl.DataFrame, task: str, several_modes: bool = False, metric: str = "") -> Table:
+    """One task's score and accuracy per policy and cache limit (`full` first), over all its probes, then per
+    length; ``metric`` (what the task's score is) goes in the note."""
+    mine = probes.filter(pl.col("task") == task)
+    by_length = task_scores(mine, ["seq_len"])
+    lengths = sorted(by_length["seq_len"].drop_nulls().unique().to_list())
+    at_length = {(*config_key(r), r["seq_len"]): r["score_pct"] for r in by_length.iter_rows(named=True)}
+    ratios = with_ratios(mine)
+    rows = []
+    for r in task_scores(mine).iter_rows(named=True):
+        key = config_key(r)
+        n = str(r["n"]) + (f" (+{r['failed']} failed)" if r["failed"] else "")
+        rows.append(
+            [
+                policy_name(r, several_modes),
+                *budget_cells(r, ratios),
+                format_pct(r["score_pct"]),
+                format_pct(r["accuracy_pct"]),
+                n,
+                *(format_pct(at_length.get((*key, length))) for length in lengths),
+            ]
+        )
+    return Table(
+        f"Task {task}",
+        ["Policy", *budget_headers(ratios), "Score (%)", "Accuracy (%)", "n", *(f"score at {n}" for n in lengths)],
+        rows,
+        empty=f"no answered {task} probe",
+        note=f"Score: {metric}." if metric else "",
+    )
+
+
+def task_summary_table(probes: pl.DataFrame, several_modes: bool = False) -> Table:
+    """Mean score over tasks per policy and cache limit, with each task's score beside it."""
+    scores = task_scores(probes)
+    tasks = sorted(scores["task"].unique().to_list())
+    per_task = {(*config_key(r), r["task"]): r["score_pct"] for r in scores.iter_rows(named=True)}
+    limits = scores.group_by(RETRIEVAL_CONFIG_KEYS).agg(pl.col("cache_size_min").min(), pl.col("cache_size_max").max())
+    configs = limits.sort(
+        [
+            pl.col("compression") == "prefill",
+            pl.col("policy") != BASELINE_POLICY,
+            "policy_label",
+            "ratio",
+            "cache_size",
+            "positions",
+        ],
+        nulls_last=False,
+    )
+    ratios = with_ratios(scores)
+    rows = []
+    for r in configs.iter_rows(named=True):
+        found = [per_task.get((*config_key(r), task)) for task in tasks]
+        known = [value for value in found if value is not None]
+        mean = sum(known) / len(known) if len(known) == len(tasks) else None
+        rows.append(
+            [policy_name(r, several_modes), *budget_cells(r, ratios), format_pct(mean), *map(format_pct, found)]
+        )
+    return Table(
+        "Score across tasks",
+        ["Policy", *budget_headers(ratios), "Mean score (%)", *tasks],
+        rows,
+        empty="no answered probe",
+        note=TASKS_SUMMARY_NOTE,
+    )
