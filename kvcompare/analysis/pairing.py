@@ -60,21 +60,21 @@ def lengths_in(frame: pl.DataFrame) -> list[int]:
     return sorted(frame["seq_len"].drop_nulls().unique().to_list())
 
 
+#: The order configurations are listed in everywhere: the continuous setting first, the baseline first, then by
+#: policy, ratio, cache limit and positions (sort with nulls first).
+CONFIG_ORDER: list[str | pl.Expr] = [
+    pl.col("compression") == "prefill",
+    pl.col("policy") != BASELINE_POLICY,
+    "policy_label",
+    "ratio",
+    "cache_size",
+    "positions",
+]
+
+
 def sort_configs(frame: pl.DataFrame) -> pl.DataFrame:
-    """Per length and compression setting (continuous first), baseline first, then by policy, ratio, cache limit and
-    positions, so tables read the same everywhere."""
-    return frame.sort(
-        [
-            pl.col("seq_len"),
-            pl.col("compression") == "prefill",
-            pl.col("policy") != BASELINE_POLICY,
-            "policy_label",
-            "ratio",
-            "cache_size",
-            "positions",
-        ],
-        nulls_last=False,
-    )
+    """Per length, the configurations in CONFIG_ORDER, so tables read the same everywhere."""
+    return frame.sort([pl.col("seq_len"), *CONFIG_ORDER], nulls_last=False)
 
 
 def aggregate(cells: pl.DataFrame) -> pl.DataFrame:

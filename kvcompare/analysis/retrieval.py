@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import polars as pl
 
-from kvcompare.analysis.pairing import BASELINE_POLICY, IS_BASELINE, IS_OK
+from kvcompare.analysis.pairing import CONFIG_ORDER, IS_BASELINE, IS_OK
 
 # --- Retrieval: passkey probes, whether greedy decoding still gives the key under eviction -------------------
 
@@ -36,15 +36,7 @@ def by_budget(rows: pl.DataFrame) -> pl.DataFrame:
 #: The limits a configuration's probes ran under (one value with --cache; a few tokens apart with --ratio).
 LIMIT_RANGE = (pl.col("limit").min().alias("cache_size_min"), pl.col("limit").max().alias("cache_size_max"))
 #: Tables and charts list configurations in this order: per task, the continuous setting first, the baseline first.
-CONFIG_ORDER = [
-    "task",
-    pl.col("compression") == "prefill",
-    pl.col("policy") != BASELINE_POLICY,
-    "policy_label",
-    "ratio",
-    "cache_size",
-    "positions",
-]
+PROBE_ORDER = ["task", *CONFIG_ORDER]
 
 
 def retrieval_stats(retrieval: pl.DataFrame, by: Sequence[str] = ()) -> pl.DataFrame:
@@ -62,7 +54,7 @@ def retrieval_stats(retrieval: pl.DataFrame, by: Sequence[str] = ()) -> pl.DataF
             (~IS_OK.fill_null(False)).sum().cast(pl.Int64).alias("failed"),
             *LIMIT_RANGE,
         )
-        .sort([*CONFIG_ORDER, *by], nulls_last=False)
+        .sort([*PROBE_ORDER, *by], nulls_last=False)
     )
 
 
@@ -128,5 +120,5 @@ def task_scores(probes: pl.DataFrame, by: Sequence[str] = ()) -> pl.DataFrame:
             (~IS_OK.fill_null(False)).sum().cast(pl.Int64).alias("failed"),
             *LIMIT_RANGE,
         )
-        .sort([*CONFIG_ORDER, *by], nulls_last=False)
+        .sort([*PROBE_ORDER, *by], nulls_last=False)
     )

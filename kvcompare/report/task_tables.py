@@ -7,7 +7,7 @@ from __future__ import annotations
 import polars as pl
 
 from kvcompare.analysis import (
-    BASELINE_POLICY,
+    CONFIG_ORDER,
     RETRIEVAL_CONFIG_KEYS,
     policy_name,
     retrieval_by_config,
@@ -97,17 +97,7 @@ def task_summary_table(probes: pl.DataFrame, several_modes: bool = False) -> Tab
     tasks = sorted(scores["task"].unique().to_list())
     per_task = {(*config_key(r), r["task"]): r["score_pct"] for r in scores.iter_rows(named=True)}
     limits = scores.group_by(RETRIEVAL_CONFIG_KEYS).agg(pl.col("cache_size_min").min(), pl.col("cache_size_max").max())
-    configs = limits.sort(
-        [
-            pl.col("compression") == "prefill",
-            pl.col("policy") != BASELINE_POLICY,
-            "policy_label",
-            "ratio",
-            "cache_size",
-            "positions",
-        ],
-        nulls_last=False,
-    )
+    configs = limits.sort(CONFIG_ORDER, nulls_last=False)
     ratios = with_ratios(scores)
     rows = []
     for r in configs.iter_rows(named=True):
