@@ -123,8 +123,16 @@ class BoundedKVCache:
         low_precision = needs_keys_as_written(config, layout.dtype) and bool(self._budgets)
         if storage is None:  # the prefill setting holds the whole context until it compresses
             slots = capacity if self._once else max(self._budgets, default=0)
+            # The prefill setting attends only slots it has written (a prefix), so its buffers are left unwritten
+            # like the full layers': first touching them is then inside the prefill, as it is for `full`.
             storage = CacheStorage.allocate(
-                layout, len(compressed), slots, capacity, len(full), with_keys_as_written=low_precision
+                layout,
+                len(compressed),
+                slots,
+                capacity,
+                len(full),
+                with_keys_as_written=low_precision,
+                zeroed=not self._once,
             )
         if low_precision and storage.keys_as_written is None:
             raise ValueError("shift mode in a low-precision dtype needs storage with the keys as written")

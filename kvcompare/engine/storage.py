@@ -70,12 +70,14 @@ class CacheStorage:
         full: int,
         rows: tuple[int, ...] = (),
         with_keys_as_written: bool = False,
+        zeroed: bool = True,
     ) -> CacheStorage:
         """Buffers for ``layout``: ``compressed`` layers of ``slots`` slots and ``full`` layers of ``capacity``
         tokens; ``rows`` (e.g. ``(n,)``) puts that many independent caches in front of every shape;
         ``with_keys_as_written`` adds :attr:`keys_as_written` and :attr:`rotation_since_written` (shift mode in
-        a low-precision dtype). Raises :class:`~kvcompare.engine.memory.AllocationError` if they would not fit in the
-        device's free memory."""
+        a low-precision dtype); ``zeroed=False`` leaves the compressed keys and values unwritten, for a cache that
+        never attends a slot before writing it (the prefill setting). Raises
+        :class:`~kvcompare.engine.memory.AllocationError` if they would not fit in the device's free memory."""
         b, h, d, device = layout.batch, layout.kv_heads, layout.head_dim, layout.device
         cells = math.prod(rows) * b * h
         slot_bytes = (2 + with_keys_as_written) * d * layout.dtype.itemsize + 8 * (1 + with_keys_as_written)
@@ -84,7 +86,8 @@ class CacheStorage:
             device,
             "the KV cache",
         )
-        compressed_kv = torch.zeros(*rows, 2, compressed, b, h, slots, d, dtype=layout.dtype, device=device)
+        new = torch.zeros if zeroed else torch.empty
+        compressed_kv = new(*rows, 2, compressed, b, h, slots, d, dtype=layout.dtype, device=device)
         slot_tokens = torch.full((*rows, compressed, b, h, slots), -1, dtype=torch.long, device=device)
         return cls(
             compressed_kv,
@@ -95,7 +98,7 @@ class CacheStorage:
         )
 
     def with_compressed_slots(self, layout: CacheLayout, slots: int) -> CacheStorage:
-        """New compressed-layer buffers of ``slots`` slots (zeros, every slot free), beside this storage's full
+        """New compressed-layer buffers of ``slots`` slots (every slot free, left unwritten), beside this storage's full
         layers (shared, not copied): where the prefill setting moves the tokens it keeps. Raises
         :class:`~kvcompare.engine.memory.AllocationError` if they would not fit in the device's free memory."""
         layers, batch, heads = self.slot_tokens.shape[:3]
@@ -106,7 +109,7 @@ class CacheStorage:
         )
         shape = (layers, batch, heads, slots)
         return CacheStorage(
-            torch.zeros(2, *shape, layout.head_dim, dtype=layout.dtype, device=layout.device),
+            torch.empty(2, *shape, layout.head_dim, dtype=layout.dtype, device=layout.device),
             torch.full(shape, -1, dtype=torch.long, device=layout.device),
             self.full_kv,
         )

@@ -150,11 +150,13 @@ COMPRESSION_DEFINITIONS = {
 PREFILL_TABLE_NOTE = (
     "The prefill setting only. TTFT includes the one compression after the context; compression in TTFT = "
     "`compress_share`, its share of the TTFT. TPOT: every counted decode step runs on the compressed cache. Peak "
-    "KV: the most key and value bytes the cache held, the whole context's before it was compressed; KV after "
-    "compression = `kv_bytes_compressed`. Speed figures as in the absolute tables; the others are means over "
+    "KV: the most key and value bytes the cache held in any of the cell's passes (at least the whole context's, "
+    "before it was compressed; for `ppl` the quality pass then grows the cache by the passage's second half); KV "
+    "after compression = `kv_bytes_compressed`. Speed figures as in the absolute tables; the others are means over "
     "samples."
 )
 PREFILL_TABLE_NOTE_QUALITY = (
-    "The prefill setting only. Peak KV: the most key and value bytes the cache held, the whole context's before "
-    "it was compressed; KV after compression = `kv_bytes_compressed`. Means over samples."
+    "The prefill setting only. Peak KV: the most key and value bytes the cache held in any of the cell's passes (at "
+    "least the whole context's, before it was compressed); KV after compression = `kv_bytes_compressed`. Means "
+    "over samples."
 )
