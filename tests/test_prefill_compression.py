@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_slots import SelectRecent
 from transformers import AttentionInterface, LlamaForCausalLM
 
 from kvcompare import KVPolicy
@@ -559,17 +560,6 @@ def test_generate_reports_the_compressed_bytes_and_the_compression_time(spec: st
 
 
 # -- select() policies ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class SelectRecent(KVPolicy):
-    """A third-party policy with only select(): the most recent ``keep``."""
-
-    name = "prefill-select-recent"
-
-    def select(self, keys: torch.Tensor, keep: int, positions: torch.Tensor) -> torch.Tensor:
-        length = keys.shape[3]
-        return torch.arange(length - keep, length).expand(*keys.shape[:3], keep)
 
 
 @dataclasses.dataclass
