@@ -124,6 +124,19 @@ def test_prefill_cells_are_paired_with_the_prefill_full(both_settings: ReportPat
     assert "`full (prefill)`" in both_settings.markdown.read_text()
 
 
+def test_a_run_of_both_settings_is_recommended_within_each(both_settings: ReportPaths) -> None:
+    from kvcompare.analysis import analyse
+
+    recommendations = analyse(load_run(_run_dir(both_settings))).recommendations
+    per_length = [r for r in recommendations if r.scenario != "long text"]
+    settings = ("continuous", "prefill")
+    assert {(r.seq_len, r.setting) for r in per_length} == {(n, s) for n in LENGTHS for s in settings}
+    for r in recommendations:
+        assert r.choice is None or r.choice["compression"] == r.setting
+    table = _table(both_settings.markdown.read_text(), "Recommended configurations")
+    assert {row["Length (tokens)"] for row in table} == {f"{n} ({s})" for n in LENGTHS for s in settings}
+
+
 def test_probes_of_one_ratio_are_grouped_whatever_their_limits(both_settings: ReportPaths) -> None:
     run = load_run(_run_dir(both_settings))
     limits = (

@@ -151,19 +151,25 @@ class Recommendation:
     seq_len: int
     choice: dict[str, Any] | None  # a row of summary(); None when nothing qualifies
     reason: str  # why there is no choice; "" when there is one
+    setting: str | None = None  # the compression setting chosen within, in a run with several; else None
 
 
-def apply_rule(rule: Rule, evicting: pl.DataFrame, seq_len: int, has_baseline: bool) -> Recommendation:
-    """The first configuration in rule order that passes every step; else why not, and no choice is made up."""
+def apply_rule(
+    rule: Rule, evicting: pl.DataFrame, seq_len: int, has_baseline: bool, setting: str | None = None
+) -> Recommendation:
+    """The first configuration in rule order that passes every step (among those of compression ``setting``
+    when given); else why not, and no choice is made up."""
     if rule.needs_baseline and not has_baseline:
-        return Recommendation(rule.scenario, seq_len, None, "no baseline at this length")
+        return Recommendation(rule.scenario, seq_len, None, "no baseline at this length", setting)
     candidates = evicting.filter(pl.col("seq_len") == seq_len)
+    if setting is not None:
+        candidates = candidates.filter(pl.col("compression") == setting)
     for step in rule.steps:
         candidates = candidates.filter(step.keep)
         if candidates.is_empty():
-            return Recommendation(rule.scenario, seq_len, None, step.none_reason)
+            return Recommendation(rule.scenario, seq_len, None, step.none_reason, setting)
     best = candidates.sort(rule.order, nulls_last=True).row(0, named=True)
-    return Recommendation(rule.scenario, seq_len, best, "")
+    return Recommendation(rule.scenario, seq_len, best, "", setting)
 
 
 def recommend(
@@ -196,6 +202,13 @@ def recommend(
     rules = rules_for(measured, with_speed)
     per_length = [rule for rule in rules if rule is not LONG_TEXT]
     lengths = lengths_in(evicting)
-    plan = [(rule, seq_len) for seq_len in lengths for rule in per_length]
-    plan += [(LONG_TEXT, lengths[-1])] if lengths and LONG_TEXT in rules else []
-    return [apply_rule(rule, evicting, seq_len, seq_len in baseline_lengths) for rule, seq_len in plan]
+    # A run with both compression settings is judged within each: a prefill budget covers only the context, and
+    # its peak KV is the whole context's, so limits and bytes do not compare across settings.
+    found = set(evicting["compression"].drop_nulls().to_list()) if "compression" in evicting.columns else set()
+    settings: list[str | None] = sorted(found, key=lambda s: s != "continuous") if len(found) > 1 else [None]
+    plan = [(rule, seq_len, setting) for seq_len in lengths for setting in settings for rule in per_length]
+    if lengths and LONG_TEXT in rules:
+        plan += [(LONG_TEXT, lengths[-1], setting) for setting in settings]
+    return [
+        apply_rule(rule, evicting, seq_len, seq_len in baseline_lengths, setting) for rule, seq_len, setting in plan
+    ]

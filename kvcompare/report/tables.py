@@ -291,11 +291,12 @@ def _evidence(row: dict[str, Any]) -> str:
 
 
 def recommendation_table(recommendations: list[Recommendation]) -> Table:
-    """One row per scenario and length: the configuration chosen (or why none) and the changes it rests on."""
+    """One row per scenario and length (and compression setting, in a run with both): the configuration chosen (or
+    why none) and the changes it rests on."""
     rows = [
         [
             r.scenario,
-            str(r.seq_len),
+            str(r.seq_len) if r.setting is None else f"{r.seq_len} ({r.setting})",
             config_name(r.choice) if r.choice else r.reason,
             _evidence(r.choice) if r.choice else MISSING,
         ]
