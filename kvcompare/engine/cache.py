@@ -249,12 +249,6 @@ class BoundedKVCache:
         continuous setting)."""
         return self._kv_bytes_compressed
 
-    @property
-    def compresses_once(self) -> bool:
-        """Whether this cache is cut once, by :meth:`compress`, rather than before every chunk (the prefill
-        setting, for a bounded policy)."""
-        return self._once
-
     def layer_slot(self, layer_idx: int) -> LayerSlot:
         """Where model layer ``layer_idx`` sits: its group and index within it. Raises KeyError for a layer
         the model lacks."""

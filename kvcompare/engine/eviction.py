@@ -115,8 +115,7 @@ class VictimChooser:
         if self.scored:
             scores = self._scored(keys, tokens, True, signals)
         else:
-            held = tokens.shape[-1]
-            scores = self._scores_from_select(keys, tokens, 0, True, [min(k, held) for k in keep])
+            scores = self._scores_from_select(keys, tokens, 0, True, keep)
         ranks = eviction_ranks(scores, tokens)
         if len(set(keep)) == 1:
             return list(ranks.topk(keep[0], dim=-1).indices.sort(dim=-1).values)

@@ -8,7 +8,10 @@ import torch
 
 
 class PeakMemory:
-    """Samples memory at chunk boundaries, outside the timers, and keeps the maximum in ``peak`` (bytes)."""
+    """Samples memory at chunk boundaries and keeps the maximum in ``peak`` (bytes). Samples stay outside the timed
+    decode steps; the one inside the TTFT (:meth:`~kvcompare.engine.executor.Executor.generate`) is taken at the same
+    point for every policy, after the prefill and before the prefill setting's compression frees the context's
+    buffers, whose peak it would otherwise miss."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device

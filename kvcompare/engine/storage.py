@@ -101,18 +101,8 @@ class CacheStorage:
         """New compressed-layer buffers of ``slots`` slots (every slot free, left unwritten), beside this storage's full
         layers (shared, not copied): where the prefill setting moves the tokens it keeps. Raises
         :class:`~kvcompare.engine.memory.AllocationError` if they would not fit in the device's free memory."""
-        layers, batch, heads = self.slot_tokens.shape[:3]
-        ensure_fits(
-            layers * batch * heads * slots * (2 * layout.head_dim * layout.dtype.itemsize + 8),
-            layout.device,
-            "the compressed KV cache",
-        )
-        shape = (layers, batch, heads, slots)
-        return CacheStorage(
-            torch.empty(2, *shape, layout.head_dim, dtype=layout.dtype, device=layout.device),
-            torch.full(shape, -1, dtype=torch.long, device=layout.device),
-            self.full_kv,
-        )
+        fresh = CacheStorage.allocate(layout, self.slot_tokens.shape[0], slots, capacity=0, full=0, zeroed=False)
+        return dataclasses.replace(fresh, full_kv=self.full_kv)
 
     def row(self, index: int) -> CacheStorage:
         """The buffers of row ``index`` of a batch's storage (allocated with ``rows=(n,)``): contiguous views,
