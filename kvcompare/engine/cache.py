@@ -62,7 +62,9 @@ class BoundedKVCache:
     The model calls :meth:`update` once per layer per forward pass (the Hugging Face cache protocol), and
     kvcompare's attention function asks :meth:`attention_mask` for each layer's mask; the executor calls
     :meth:`make_room` before and :meth:`advance` after each chunk. Its state is the cache's own: other modules
-    read it through read-only properties.
+    read it through read-only properties. A compiled decode step (kvcompare.engine.compiled) attends whole buffers
+    under masks and hands its keys and values to :meth:`write_step` instead; ``fixed_shape`` zero-fills every
+    buffer for it, so that a slot it attends but masks never holds NaN.
 
     Raises ValueError for shift mode without a rotary embedding, or ``storage`` that cannot hold the layer
     budgets (or lacks the keys as written that shift mode in a low-precision dtype needs); ConfigError for skip
@@ -81,6 +83,7 @@ class BoundedKVCache:
         rotary: Rotary | Sequence[Rotary | None] | None,
         check_every_eviction: bool = False,
         storage: CacheStorage | None = None,
+        fixed_shape: bool = False,
     ) -> None:
         if config.positions == "shift" and rotary is None:
             raise ValueError("shift mode needs the model's rotary embedding")
@@ -92,6 +95,7 @@ class BoundedKVCache:
         self._once = self._limit is not None and config.once  # the prefill setting: compress once, then grow
         self._compressed_once = False  # whether compress() has cut the layers to their budgets
         self._capacity = capacity
+        self._fixed_shape = fixed_shape
         self._kv_bytes_compressed: int | None = None
         self._positions = config.positions
         self._evict_block = config.evict_block
@@ -132,7 +136,8 @@ class BoundedKVCache:
                 capacity,
                 len(full),
                 with_keys_as_written=low_precision,
-                zeroed=not self._once,
+                zeroed=fixed_shape or not self._once,
+                zero_full=fixed_shape,
             )
         if low_precision and storage.keys_as_written is None:
             raise ValueError("shift mode in a low-precision dtype needs storage with the keys as written")
@@ -249,6 +254,23 @@ class BoundedKVCache:
         continuous setting)."""
         return self._kv_bytes_compressed
 
+    @property
+    def fixed_shape(self) -> bool:
+        """Whether every buffer is zero-filled for compiled decode steps, which attend whole buffers."""
+        return self._fixed_shape
+
+    @property
+    def layer_slots(self) -> dict[int, LayerSlot]:
+        """Where each model layer sits: ``{layer index: its group and index within it}`` (to read, never to edit)."""
+        return self._layer_slots
+
+    @property
+    def attended_budgets(self) -> tuple[int, ...] | None:
+        """Each compressed layer's budget of slots where some layer has slots beyond its budget (uneven budgets: a
+        pyramid, or a batch row in a wider buffer), which it never attends; None where every layer may use every
+        slot."""
+        return tuple(self._budgets) if self._uneven else None
+
     def layer_slot(self, layer_idx: int) -> LayerSlot:
         """Where model layer ``layer_idx`` sits: its group and index within it. Raises KeyError for a layer
         the model lacks."""
@@ -266,34 +288,70 @@ class BoundedKVCache:
         once slots are reused is given a chunk :meth:`make_room` did not make room for.
         """
         group, n = self._layer_slots[layer_idx]
-        chunk = key_states.shape[2]
-        compressed = group is LayerGroup.COMPRESSED
-        if compressed and self._slots_reused:
+        end = self._write(group, n, key_states.unsqueeze(0), value_states.unsqueeze(0), f"layer {layer_idx}")
+        return self._attended(group, n, end)
+
+    def write_step(self, compressed: torch.Tensor | None, full: torch.Tensor | None) -> None:
+        """Write a compiled decode step's new keys and values, ``[2, layers, batch, kv_heads, 1, head_dim]`` for the
+        compressed and the full layers (None where the cell has none), where :meth:`update` would have written them
+        (see kvcompare.engine.compiled). Raises what :meth:`update` raises."""
+        for group, kv in ((LayerGroup.COMPRESSED, compressed), (LayerGroup.FULL, full)):
+            if kv is not None:
+                self._write(group, 0, kv[0], kv[1], f"the {group.value} layers")
+
+    def observe_step(self, layer_idx: int, query: torch.Tensor, window: float | None, scaling: float | None) -> None:
+        """After a compiled decode step has been written: show the signal recorder compressed layer ``layer_idx``'s
+        ``query`` (``[batch, heads, 1, head_dim]``) over the keys an eager step would have attended, under its
+        mask, as :meth:`observe` is shown them inside an eager step."""
+        group, n = self._layer_slots[layer_idx]
+        chunk = query.shape[2]
+        end = None if self._slots_reused else (int(self._held[n]) if self._once else self.compressed_len) + chunk
+        key, _ = self._attended(group, n, end)
+        mask, is_causal = self.attention_mask(layer_idx, chunk, key.shape[2], window)
+        self.observe(layer_idx, query, key, mask, is_causal, scaling)
+
+    def _write(self, group: LayerGroup, first: int, keys: torch.Tensor, values: torch.Tensor, what: str) -> int | None:
+        """Write a chunk's ``keys`` and ``values`` (``[layers, batch, kv_heads, chunk, head_dim]``) into ``group``'s
+        layers ``first``, ``first + 1``, ...; return where the chunk ends in buffers kept in time order (None: it
+        went to reused slots). Raises :class:`CacheLimitError` (naming ``what``) as :meth:`update` does."""
+        count, chunk = keys.shape[0], keys.shape[3]
+        layers = slice(first, first + count)
+        if group is LayerGroup.COMPRESSED and self._slots_reused:
             if self._write_index is None or self._write_index.shape[-2] != chunk:
-                raise CacheLimitError(f"layer {layer_idx} was given {chunk} tokens without make_room() for them")
-            index = self._write_index[n]
-            self._compressed_kv[0, n].scatter_(2, index, key_states)
-            self._compressed_kv[1, n].scatter_(2, index, value_states)
+                raise CacheLimitError(f"{what} was given {chunk} tokens without make_room() for them")
+            index = self._write_index[layers]
+            self._compressed_kv[0, layers].scatter_(3, index, keys)
+            self._compressed_kv[1, layers].scatter_(3, index, values)
             if self._keys_as_written is not None:
-                self._keys_as_written[n].scatter_(2, index, key_states)
-            if self._uneven:  # a layer attends its own budget of slots, never the blocked ones beyond it
-                budget = self._budgets[n]
-                return self._compressed_kv[0, n, :, :, :budget], self._compressed_kv[1, n, :, :, :budget]
-            return self._compressed_kv[0, n], self._compressed_kv[1, n]
-        if compressed:  # in the prefill setting each layer appends after its own held tokens, up to its slots
+                self._keys_as_written[layers].scatter_(3, index, keys)
+            return None
+        if group is LayerGroup.COMPRESSED:  # in the prefill setting each layer appends after its own held tokens
             buf = self._compressed_kv
-            start = int(self._held[n]) if self._once else self.compressed_len
+            starts = self._held[layers].tolist() if self._once else [self.compressed_len]
             bound = buf.shape[4] if self._once else self._smallest_budget
         else:
-            buf, start, bound = self._full_kv, self._full_len, self._full_kv.shape[4]
+            buf, starts, bound = self._full_kv, [self._full_len], self._full_kv.shape[4]
+        if len(set(starts)) > 1:  # uneven budgets (a pyramid): layer by layer
+            for n in range(count):
+                self._write(group, first + n, keys[n : n + 1], values[n : n + 1], what)
+            return None
+        start = int(starts[0])
         end = start + chunk
         if end > bound:
-            what = "limit" if compressed else "capacity"
-            raise CacheLimitError(f"layer {layer_idx} would hold {end} tokens, over its {what} of {buf.shape[4]}")
-        buf[0, n, :, :, start:end] = key_states
-        buf[1, n, :, :, start:end] = value_states
-        if compressed and self._keys_as_written is not None:
-            self._keys_as_written[n, :, :, start:end] = key_states
+            kind = "limit" if group is LayerGroup.COMPRESSED else "capacity"
+            raise CacheLimitError(f"{what} would hold {end} tokens, over its {kind} of {buf.shape[4]}")
+        buf[0, layers, :, :, start:end] = keys
+        buf[1, layers, :, :, start:end] = values
+        if group is LayerGroup.COMPRESSED and self._keys_as_written is not None:
+            self._keys_as_written[layers, :, :, start:end] = keys
+        return end
+
+    def _attended(self, group: LayerGroup, n: int, end: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What layer ``n`` of ``group`` attends once a chunk is written, as views ``[batch, kv_heads, kv,
+        head_dim]``: its first ``end`` tokens in time order, or (``end`` None) its budget of reused slots."""
+        buf = self._compressed_kv if group is LayerGroup.COMPRESSED else self._full_kv
+        if end is None:
+            end = self._budgets[n] if self._uneven else buf.shape[4]
         return buf[0, n, :, :, :end], buf[1, n, :, :, :end]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -446,7 +504,9 @@ class BoundedKVCache:
         if self._recorder is not None:
             signals = self._recorder.snapshot(self._seen, 0, self._victims.budgets, "prefill", held)
         kept = self._victims.keep(self._compressed_kv[0, ..., :held, :], tokens, keep, signals)
-        storage = self._storage.with_compressed_slots(self._layout, max(keep) + self._capacity - self._seen)
+        storage = self._storage.with_compressed_slots(
+            self._layout, max(keep) + self._capacity - self._seen, zeroed=self._fixed_shape
+        )
         d = self._layout.head_dim
         for n, slots in enumerate(kept):  # [batch, kv_heads, keep[n]] ascending: slots are in time order
             count = slots.shape[-1]

@@ -21,6 +21,7 @@ from kvcompare.engine.attention import ATTN_IMPLEMENTATION, CACHE_KEYWORD, forwa
 from kvcompare.engine.batched import BatchedKVCache
 from kvcompare.engine.cache import BoundedKVCache
 from kvcompare.engine.cache_protocol import CellCacheLike, KVCacheLike, Room
+from kvcompare.engine.compiled import CompiledDecode, CompileStatus
 from kvcompare.engine.memory import PeakMemory
 from kvcompare.engine.rope import Rotary, layer_rotaries
 from kvcompare.engine.storage import CacheLayout
@@ -56,6 +57,8 @@ class LatencyResult:
     peak_mem_bytes: int  # the process's (CPU) or the device allocator's peak bytes during the pass
     compress_s: float | None = None  # the prefill setting: the one compression's time, inside ttft_s (None: none)
     kv_bytes_compressed: int | None = None  # the prefill setting: key and value bytes held right after compressing
+    compiled: bool = False  # every counted decode step ran compiled (--compile)
+    compile_s: float = 0.0  # seconds of the warm-up steps that compiled (never inside a counted step)
 
 
 @dataclasses.dataclass
@@ -66,6 +69,8 @@ class DecodeSteps:
     evict_s: list[float]  # slot work (eviction) inside each step
     signal_s: list[float]  # collecting what the policy reads (attention, queries) inside each step
     tokens: list[int]  # the token each step produced
+    compiled: list[bool] = dataclasses.field(default_factory=list)  # each step ran compiled (--compile)
+    compile_s: list[float] = dataclasses.field(default_factory=list)  # each step's compilation, 0.0 where none
 
 
 class Executor:
@@ -90,6 +95,19 @@ class Executor:
         self.evict_timer = SpanTimer(self.device)  # slot work inside forward(), timed without synchronising
         self.compress_timer = SpanTimer(self.device)  # the prefill setting's compression, inside the TTFT
         self.vocab: int = config.vocab_size
+        self.compiled: CompiledDecode | None = None  # decode steps compiled (compile_decode_steps), None: eager
+
+    def compile_decode_steps(self, backend: str = "inductor") -> CompileStatus:
+        """Run every later decode step (a one-token chunk of a cell's cache) as one compiled step, the same for every
+        policy (see kvcompare.engine.compiled); caches built from now on are zero-filled fixed-shape buffers. Compiles
+        nothing yet: the first decode step of each cache shape does. Returns the status that records a fallback."""
+        self.compiled = CompiledDecode(self.model, self.device, backend)
+        return self.compiled.status
+
+    @property
+    def compile_status(self) -> CompileStatus:
+        """Whether decode steps run compiled, and if they fell back to eager, why."""
+        return self.compiled.status if self.compiled is not None else CompileStatus(requested=False, active=False)
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[None]:
@@ -123,6 +141,7 @@ class Executor:
             capacity=capacity,
             rotary=self.rotary,
             check_every_eviction=check_every_eviction,
+            fixed_shape=self.compiled is not None and self.compiled.status.active,
         )
 
     @torch.inference_mode()
@@ -141,6 +160,11 @@ class Executor:
         self.evict_timer.start()
         room = cache.make_room(chunk)
         self.evict_timer.stop()
+        if chunk == 1 and self.compiled is not None and isinstance(cache, BoundedKVCache) and cache.fixed_shape:
+            logits = self.compiled.step(cache, ids)
+            if logits is not None:  # None: compiled steps fell back to eager; the step runs below
+                cache.advance(chunk)
+                return logits, room
         ids = ids.expand(cache.rows, -1)  # the rows to feed are known once room is made (a batch may fork)
         positions = torch.arange(cache.seen, cache.seen + chunk, device=self.device).expand(cache.rows, -1)
         with forward_cache(cache):
@@ -268,7 +292,9 @@ class Executor:
         of the prefill to the first generated token; in the prefill setting it includes the one compression after
         the prompt (also given alone, ``compress_s``), so every decode step runs on the compressed cache. Each decode
         step's time runs from before its eviction to its next token; the first ``warmup`` steps are not counted.
-        ``prompt`` is ``[n]`` token ids. Raises what :meth:`new_cache` and :meth:`forward` raise.
+        With compiled decode steps the warm-up steps compile (each new cache shape), and a counted step that compiled
+        is an error. ``prompt`` is ``[n]`` token ids. Raises what :meth:`new_cache` and :meth:`forward` raise, and
+        CompileInTimedStepError.
         """
         ids = prompt.to(self.device).view(1, -1)
         cache = self.new_cache(policy, config, capacity=ids.shape[1] + warmup + gen)
@@ -284,6 +310,11 @@ class Executor:
             compress_s = self.compress_timer.take_seconds()  # read after the TTFT's synchronisation
             memory.sample()
             steps = self.decode(cache, token, warmup + gen, memory)
+        if any(steps.compile_s[warmup:]):
+            raise CompileInTimedStepError(
+                f"a counted decode step compiled after {warmup} warm-up steps: compiling is never timed; give the "
+                "latency pass more warm-up steps (--warmup)"
+            )
         return LatencyResult(
             ttft,
             steps.step_s[warmup:],
@@ -294,6 +325,8 @@ class Executor:
             memory.peak,
             compress_s if compressed else None,
             cache.kv_bytes_compressed,
+            bool(steps.compiled[warmup:]) and all(steps.compiled[warmup:]),
+            sum(steps.compile_s),
         )
 
     def compress(self, cache: CellCacheLike) -> bool:
@@ -322,7 +355,9 @@ class Executor:
         timed = DecodeSteps([], [], [], [])
         cache.take_signal_seconds()
         self.evict_timer.take_seconds()
+        status = self.compile_status
         for _ in range(steps):
+            ran, compiling = status.steps, status.compile_s
             begin = now(self.device)
             logits, room = self.forward(cache, token, last_only=True)
             token = greedy(logits[:, -1])
@@ -331,9 +366,15 @@ class Executor:
             timed.evict_s.append(evict_s if room is Room.SLOTS_REUSED else 0.0)
             timed.signal_s.append(cache.take_signal_seconds())
             timed.tokens.append(int(token))
+            timed.compiled.append(status.steps > ran)
+            timed.compile_s.append(status.compile_s - compiling)
             if memory is not None:
                 memory.sample()
         return timed
+
+
+class CompileInTimedStepError(RuntimeError):
+    """A counted decode step compiled: its time would be the compiler's, not the step's."""
 
 
 def chunk_bounds(length: int, stride: int, split: int) -> list[tuple[int, int]]:

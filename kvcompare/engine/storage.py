@@ -71,12 +71,14 @@ class CacheStorage:
         rows: tuple[int, ...] = (),
         with_keys_as_written: bool = False,
         zeroed: bool = True,
+        zero_full: bool = False,
     ) -> CacheStorage:
         """Buffers for ``layout``: ``compressed`` layers of ``slots`` slots and ``full`` layers of ``capacity``
         tokens; ``rows`` (e.g. ``(n,)``) puts that many independent caches in front of every shape;
         ``with_keys_as_written`` adds :attr:`keys_as_written` and :attr:`rotation_since_written` (shift mode in
         a low-precision dtype); ``zeroed=False`` leaves the compressed keys and values unwritten, for a cache that
-        never attends a slot before writing it (the prefill setting). Raises
+        never attends a slot before writing it (the prefill setting); ``zero_full`` zero-fills the full layers' too
+        (unwritten otherwise), for a compiled step, which attends every slot of a buffer under a mask. Raises
         :class:`~kvcompare.engine.memory.AllocationError` if they would not fit in the device's free memory."""
         b, h, d, device = layout.batch, layout.kv_heads, layout.head_dim, layout.device
         cells = math.prod(rows) * b * h
@@ -92,16 +94,18 @@ class CacheStorage:
         return cls(
             compressed_kv,
             slot_tokens,
-            torch.empty(*rows, 2, full, b, h, capacity if full else 0, d, dtype=layout.dtype, device=device),
+            (torch.zeros if zero_full else torch.empty)(
+                *rows, 2, full, b, h, capacity if full else 0, d, dtype=layout.dtype, device=device
+            ),
             torch.zeros_like(compressed_kv[..., 0, :, :, :, :, :]) if with_keys_as_written else None,
             torch.zeros_like(slot_tokens) if with_keys_as_written else None,
         )
 
-    def with_compressed_slots(self, layout: CacheLayout, slots: int) -> CacheStorage:
-        """New compressed-layer buffers of ``slots`` slots (every slot free, left unwritten), beside this storage's full
-        layers (shared, not copied): where the prefill setting moves the tokens it keeps. Raises
+    def with_compressed_slots(self, layout: CacheLayout, slots: int, zeroed: bool = False) -> CacheStorage:
+        """New compressed-layer buffers of ``slots`` slots (every slot free; unwritten unless ``zeroed``), beside this
+        storage's full layers (shared, not copied): where the prefill setting moves the tokens it keeps. Raises
         :class:`~kvcompare.engine.memory.AllocationError` if they would not fit in the device's free memory."""
-        fresh = CacheStorage.allocate(layout, self.slot_tokens.shape[0], slots, capacity=0, full=0, zeroed=False)
+        fresh = CacheStorage.allocate(layout, self.slot_tokens.shape[0], slots, capacity=0, full=0, zeroed=zeroed)
         return dataclasses.replace(fresh, full_kv=self.full_kv)
 
     def row(self, index: int) -> CacheStorage:
