@@ -77,8 +77,8 @@ def chunk_causal_attention(
         )
     q_len, kv_len = query.shape[2], key.shape[2]
     # What the model's own attention does beyond plain causal attention, as its attention module passes it.
-    window = _positive(kwargs.get("sliding_window"))  # a local layer: a query sees its last `window` tokens
-    extra = Extras(_positive(kwargs.get("softcap")), kwargs.get("s_aux"))  # type: ignore[arg-type]
+    window = positive_feature(kwargs.get("sliding_window"))  # a local layer: a query sees its last `window` tokens
+    extra = Extras(positive_feature(kwargs.get("softcap")), kwargs.get("s_aux"))  # type: ignore[arg-type]
     if (seen := LAYER_FEATURES.get()) is not None:
         seen[module.layer_idx] = (window, extra.softcap, extra.sinks is not None)  # type: ignore[index]
     mask, is_causal = cache.attention_mask(module.layer_idx, q_len, kv_len, window)  # type: ignore[arg-type]
@@ -99,7 +99,7 @@ def chunk_causal_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
-def _positive(value: object) -> float | None:
+def positive_feature(value: object) -> float | None:
     """A window or cap the model passed, or None where it passed none (None, 0, or a non-number)."""
     return float(value) if isinstance(value, int | float) and value > 0 else None
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 
-from kvcompare.engine.attention import CACHE_KEYWORD, Extras, _positive
+from kvcompare.engine.attention import CACHE_KEYWORD, Extras, positive_feature
 from kvcompare.engine.cache_protocol import LayerGroup, LayerSlot
 from kvcompare.engine.rope import UnsupportedModelError
 from kvcompare.engine.timing import synchronize
@@ -188,8 +188,8 @@ def step_attention(
             "needs: run without --compile"
         )
     layer: int = module.layer_idx  # type: ignore[assignment]
-    window = _positive(kwargs.get("sliding_window"))
-    extra = Extras(_positive(kwargs.get("softcap")), kwargs.get("s_aux"))  # type: ignore[arg-type]
+    window = positive_feature(kwargs.get("sliding_window"))
+    extra = Extras(positive_feature(kwargs.get("softcap")), kwargs.get("s_aux"))  # type: ignore[arg-type]
     step.saw(layer, query, window, scaling)
     new_key, new_value = step.new[layer]
     out = attend_with_new(query, key, value, step.visible(layer, window), new_key, new_value, scaling, extra)
