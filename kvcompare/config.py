@@ -144,6 +144,7 @@ class LatencySettings:
     warmup: int = 4
     repeats: int = 1
     prefill_chunk: int | None = None  # None: the cache's stride
+    compile: bool = False  # decode steps run as one compiled step (kvcompare.engine.compiled)
 
 
 @dataclasses.dataclass
@@ -177,6 +178,7 @@ class RunConfig:
     warmup: int = 4
     repeats: int = DEFAULT_REPEATS
     prefill_chunk: int | None = None  # latency-pass prefill chunk; None: the stride
+    compile: bool = False  # decode steps compiled (torch.compile), the same step for every policy
     threads: int | None = None  # torch intra-op threads; None: the machine's physical cores
     quality_batch: int | None = None  # cells of a passage per batched quality pass; None: as many as fit in memory
     ray: str | None = None  # measure passages on Ray: a cluster address, "auto" (a running one) or "local"
@@ -215,8 +217,8 @@ class RunConfig:
         )
 
     def latency(self) -> LatencySettings:
-        """The latency pass's settings (decoded tokens, warm-up, repeats, prefill chunk)."""
-        return LatencySettings(self.gen, self.warmup, self.repeats, self.prefill_chunk or self.stride)
+        """The latency pass's settings (decoded tokens, warm-up, repeats, prefill chunk, compiled steps)."""
+        return LatencySettings(self.gen, self.warmup, self.repeats, self.prefill_chunk or self.stride, self.compile)
 
     def largest_chunk(self) -> int:
         """The most tokens one forward pass adds: the cache limit must leave room for them beside kept tokens."""

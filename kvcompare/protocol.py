@@ -9,7 +9,8 @@ README (a test keeps the README in step). The code that carries it out is ``kvco
 #: 6: the document start (BOS) in every cell's identity; model families (issue 21).
 #: 7: tasks as plugins: task_params and probe_params in every cell's identity, generic probe columns (issue 23).
 #: 8: the compression setting (continuous or prefill), ratio and context in every cell's identity (issue 24).
-PROTOCOL_VERSION = 8
+#: 9: --compile (compiled decode steps) in every cell's identity; rows record compiled and compile_s (issue 25).
+PROTOCOL_VERSION = 9
 
 #: How the numbers are measured; shown verbatim in every report and in the README.
 PROTOCOL_MD = """\
@@ -80,6 +81,14 @@ PROTOCOL_MD = """\
   slots, re-rotation) inside the counted steps is `evict_s`, and `evict_share = evict_s / decode time`. In the
   prefill setting `ttft_s` includes the one compression after the prompt, also given alone as `compress_s`
   (`compress_share = compress_s / TTFT`), and every counted step runs on the compressed cache.
+- **Compiled steps** (`--compile`). Every decode step, of every policy and of `full`, runs the model's forward
+  as one compiled step (torch.compile; on cuda with CUDA graphs) over fixed-shape, zero-filled buffers: each
+  layer attends all its slots under a mask of the tokens they hold, and the new key and value beside them;
+  they are written into the cache after the step. Eviction, scoring and signal collection run outside the
+  compiled step, timed as in an eager step. A cache shape compiles in its first decode step, a warm-up step
+  (a counted step that compiled fails its cell); `compile_s` is that time, never part of a figure. A model or
+  device that cannot be compiled runs eagerly from then on: `compiled` is false in its rows, `compile_fallback`
+  says why, and the report warns. Prefill chunks and quality passes run eagerly.
 - **Passkey retrieval** (`--task passkey`). A prompt of exactly the passage length: an instruction, a
   filler (a sentence repeated, or with `--haystack text` a passage of the dataset), the line "The pass key
   is K. Remember it. K is the pass key." with a seeded random 5-digit K at each depth of `--depths` (0:

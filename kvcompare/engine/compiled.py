@@ -46,6 +46,9 @@ STEP_ATTN_IMPLEMENTATION = "kvcompare_step"
 #: Recompiles torch allows one compiled step before it fails (each new model, layer grouping or signal need is
 #: one; a second buffer shape is one more, after which shapes are dynamic).
 RECOMPILE_LIMIT = 64
+#: torch.compile's backend for a run's compiled steps. Tests set "eager" (traces the step, generates no code: the
+#: same graph, the same fallbacks, in a second instead of a minute).
+DEFAULT_BACKEND = "inductor"
 
 
 class StepCache:
@@ -253,13 +256,14 @@ class CompileStatus:
 class CompiledDecode:
     """The model's decode step compiled once, shared by every cell the executor runs (see the module's docstring).
 
-    ``backend`` is torch.compile's (``"inductor"``; tests use ``"eager"``, which traces without generating code).
+    ``backend`` is torch.compile's (default :data:`DEFAULT_BACKEND`).
     Construction compiles nothing; the first :meth:`step` of each new cache shape does. Any failure to compile or
     run turns compiled steps off for the executor with the reason in :attr:`status` (the step is then run eagerly
     by the caller), never an error.
     """
 
-    def __init__(self, model: nn.Module, device: torch.device, backend: str = "inductor") -> None:
+    def __init__(self, model: nn.Module, device: torch.device, backend: str | None = None) -> None:
+        backend = backend or DEFAULT_BACKEND
         self._model = model
         self._device = device
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
@@ -303,7 +307,7 @@ class CompiledDecode:
             )
         except Exception as err:  # compiling (or running compiled) failed: eager from now on, with the reason
             self.status.active = False
-            self.status.reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}"
+            self.status.reason = failure_reason(err)
             log.warning(f"--compile: decode steps run eagerly from now on ({self.status.reason})")
             return None
         finally:
@@ -316,6 +320,21 @@ class CompiledDecode:
         for layer, query in queries.items():
             cache.observe_step(layer, query, windows[layer], scaling)
         return logits
+
+
+def failure_reason(err: BaseException) -> str:
+    """One line on why compiling failed: the error's type and first line, and its root cause's (torch wraps a
+    backend's error in BackendCompilerFailed, whose first line names only the backend, the error kept as its
+    ``inner_exception``)."""
+
+    def line(error: BaseException) -> str:
+        text = next((s.strip() for s in str(error).splitlines() if s.strip()), "")
+        return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+    root = err
+    while (cause := getattr(root, "inner_exception", None) or root.__cause__) is not None and cause is not root:
+        root = cause
+    return line(err) if root is err else f"{line(err)} ({line(root)})"
 
 
 def _compiled_graphs() -> int:

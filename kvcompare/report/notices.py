@@ -31,6 +31,35 @@ def beyond_context_notices(cells: pl.DataFrame) -> list[str]:
     return sorted(notices)
 
 
+def compiled_steps(cells: pl.DataFrame) -> str:
+    """How the timed decode steps ran, for the settings table: "" (eagerly, the default), or compiled and how long
+    compiling took (in warm-up steps, never timed)."""
+    timed = ok_cells(cells).filter(pl.col("compiled").fill_null(False)) if "compiled" in cells.columns else cells[:0]
+    if timed.is_empty():
+        return ""
+    seconds = float(timed["compile_s"].fill_null(0.0).sum())
+    return (
+        f"; decode steps compiled (--compile: one torch.compile step for every policy), {seconds:.0f} s of compiling "
+        "in warm-up steps, never timed"
+    )
+
+
+def compile_notices(cells: pl.DataFrame) -> list[str]:
+    """A warning when --compile was asked for and some cells' decode steps ran eagerly, with the reasons."""
+    if "compile_fallback" not in cells.columns:
+        return []
+    eager = ok_cells(cells).filter(pl.col("compile").fill_null(False) & ~pl.col("compiled").fill_null(True))
+    if eager.is_empty():
+        return []
+    reasons = sorted({r for r in eager["compile_fallback"].to_list() if r})
+    timed = ok_cells(cells).filter(pl.col("compiled").is_not_null()).height
+    return [
+        f"--compile was asked for, but the decode steps of {eager.height} of {timed} timed cells ran eagerly "
+        f"({'; '.join(reasons) or 'no reason recorded'}): their speed figures are eager steps', comparable with "
+        "each other but not with the compiled cells'."
+    ]
+
+
 def load_notices(meta: dict[str, Any]) -> list[str]:
     """A warning when the run used more threads than the machine's CPUs, and when the 1-minute load average at
     the start or end of the run exceeded them (run.json's speed.cpu_count; without it, the threads it used)."""

@@ -28,7 +28,14 @@ from kvcompare.report.compression import build_ratio_charts
 from kvcompare.report.document import Definitions, Markdown, Remarks, Report, Section
 from kvcompare.report.formatting import MISSING, format_bandwidth, join
 from kvcompare.report.heatmaps import build_retrieval_charts
-from kvcompare.report.notices import beyond_context_notices, load_notices, noise_line, timing_notices
+from kvcompare.report.notices import (
+    beyond_context_notices,
+    compile_notices,
+    compiled_steps,
+    load_notices,
+    noise_line,
+    timing_notices,
+)
 from kvcompare.report.tables import (
     absolute_table,
     cell_counts,
@@ -180,7 +187,7 @@ def compared(run: RunData, measured: Measured | None = None) -> dict[str, str]:
         "position modes": listed("positions", "positions"),
         "lengths (tokens)": ", ".join(lengths) or listed("seq_len", "lengths"),
         "latency trials": f"{trials}; the prompt prefilled in chunks of {chunk} tokens, then {gen} tokens timed "
-        f"after {warmup} warm-up steps"
+        f"after {warmup} warm-up steps{compiled_steps(cells)}"
         if measured.speed
         else f"none ({measured.no_speed})",
         "device": device,
@@ -340,6 +347,6 @@ def assemble(run: RunData, charts_dir: Path) -> Report:
         Section("Run", [metadata_table(run.meta)]),
         Section("Protocol", [Markdown(PROTOCOL_MD)], collapsed=True),
     ]
-    notices = [*beyond_context_notices(run.cells), *load_notices(run.meta)]
+    notices = [*beyond_context_notices(run.cells), *load_notices(run.meta), *compile_notices(run.cells)]
     notices += timing_notices(stats) if measured.speed else []
     return Report(report_title(run.run_dir, run.meta), sections, charts, notices)

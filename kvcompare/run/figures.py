@@ -73,6 +73,8 @@ def latency_fields(trials: list[LatencyResult], oneshot_ttft: list[float] | None
     compressed = float(sum(compressions)) if compressions else None
     ttft_s = float(sum(t.ttft_s for t in trials))
     fields: dict[str, Any] = {
+        "compiled": all(t.compiled for t in trials) if trials else None,
+        "compile_s": float(sum(t.compile_s for t in trials)) if trials else None,
         "compress_s": compressed,
         "compress_share": compressed / ttft_s if compressed is not None and ttft_s > 0 else None,
         "decode_s": decode_s,

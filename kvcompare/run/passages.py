@@ -42,10 +42,13 @@ def now_iso() -> str:
 
 def load_checked(config: RunConfig, tokenizer: Any = None) -> tuple[LoadedModel, Executor]:
     """Load the run's model and check that kvcompare reproduces it (kvcompare.engine.fidelity) before any cell; the
-    probe's errors go to its info (run.json's model_info.fidelity). Raises UnsupportedModelError if not."""
+    probe's errors go to its info (run.json's model_info.fidelity). Raises UnsupportedModelError if not. With
+    ``config.compile`` the executor's decode steps are compiled from then on (each cache shape in its first step)."""
     loaded = load_model(config.model, config.device, config.dtype, tokenizer=tokenizer)
     executor = Executor(loaded.model)
     loaded.info["fidelity"] = check_fidelity(executor, shift="shift" in config.positions).as_dict()
+    if config.compile:
+        executor.compile_decode_steps()
     return loaded, executor
 
 
@@ -155,7 +158,7 @@ def measure_group(
         quality_batch=quality_batch,
         tick=tick,
     )
-    rows = [result_row(record, context) for record in records]
+    rows = [result_row(record, context, executor.compile_status.reason) for record in records]
     return PassageResults(f"{passage_key(todo[0])}-s{session}", timings, rows)
 
 
@@ -165,8 +168,12 @@ def passage_key(cell: Cell) -> str:
     return cell_id({"source": passage.source, "token_offset": passage.token_offset, "seq_len": len(passage.tokens)})
 
 
-def result_row(record: CellRecord, context: RowContext) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A cell's result row and its perplexity curve, from what its passage's measurement gathered."""
+def result_row(
+    record: CellRecord, context: RowContext, compile_fallback: str | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A cell's result row and its perplexity curve, from what its passage's measurement gathered;
+    ``compile_fallback`` is why compiled decode steps were turned off, if they were (recorded in a cell that asked
+    for them and ran eagerly)."""
     cell = record.cell
     seq_len = len(cell.passage.tokens)
     row: dict[str, Any] = {
@@ -224,6 +231,8 @@ def result_row(record: CellRecord, context: RowContext) -> tuple[dict[str, Any],
         quality_batch=quality.batch,
         status="ok",
     )
+    if cell.context.latency.compile and row.get("compiled") is False:
+        row["compile_fallback"] = compile_fallback or "the cell's caches were built after compiled steps turned off"
     curve = position_buckets(quality.nll, cell.context.bucket)
     for point in curve:
         point.update({k: row[k] for k in CURVE_CELL_COLUMNS})

@@ -133,6 +133,7 @@ class Cell:
             "warmup": self.context.latency.warmup,
             "repeats": self.context.latency.repeats,
             "prefill_chunk": self.context.latency.prefill_chunk,
+            "compile": self.context.latency.compile,
         }
 
     @functools.cached_property
@@ -224,6 +225,11 @@ def check_config(config: RunConfig, policies: list[KVPolicy]) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, not {getattr(config, name)}")
     if config.warmup < 0:
         raise ConfigError("--warmup must be 0 or more")
+    if config.compile and config.warmup < 1 and config.repeats:
+        raise ConfigError(
+            "--compile compiles each cache shape in the first decode step, which must not be timed: give --warmup 1 "
+            "or more"
+        )
     if config.repeats < 0:
         raise ConfigError(f"--repeats must be 0 (a quality-only run: no speed measured) or more, not {config.repeats}")
     if config.workers is not None and config.ray is None:

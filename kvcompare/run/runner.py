@@ -11,8 +11,9 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import polars as pl
 from tqdm import tqdm
 
 from kvcompare.config import RunConfig, oversubscription
@@ -23,6 +24,9 @@ from kvcompare.run.passages import PassageResults, count_passes, now_iso, passag
 from kvcompare.run.plan import Cell, Plan, merge_repeated_values, plan, prepare
 from kvcompare.run.results import RunFolder, cell_id
 from kvcompare.run.resume import check_protocol, resume_additions
+
+if TYPE_CHECKING:
+    from kvcompare.analysis import RunData
 
 log = logging.getLogger(__name__)
 
@@ -143,21 +147,38 @@ def measure_all(
 
 
 def finish(folder: RunFolder, meta: dict[str, Any]) -> None:
-    """Record the run's noise floor and end time once every passage is measured."""
-    meta["speed"]["noise_floor"] = measured_noise_floor(folder.path)
+    """Record the run's noise floor, what --compile did, and the end time once every passage is measured."""
+    from kvcompare.analysis import load_run
+
+    data = load_run(folder.path)
+    meta["speed"]["noise_floor"] = measured_noise_floor(data)
+    if meta["config"].get("compile"):
+        meta["speed"]["compile"] = compile_summary(data.cells)
     meta["finished_at"] = now_iso()
 
 
-def measured_noise_floor(path: Path) -> dict[str, Any]:
+def measured_noise_floor(data: RunData) -> dict[str, Any]:
     """The run's noise floor in % per speed metric (the A/A control; see kvcompare.analysis.noise_floor)."""
-    from kvcompare.analysis import NOISE_CHANGES, load_run, noise_floor, what_was_measured
+    from kvcompare.analysis import NOISE_CHANGES, noise_floor, what_was_measured
 
-    data = load_run(path)
     floor = noise_floor(data.cells, data.timings, what_was_measured(data).no_speed)
     return {
         "pct": {change.title: floor.floor(change) for change in NOISE_CHANGES},
         "pairs": floor.pairs,
         "reason": floor.reason,
+    }
+
+
+def compile_summary(cells: pl.DataFrame) -> dict[str, Any]:
+    """What --compile did, from the rows: cells whose counted decode steps all ran compiled, cells that ran
+    eagerly and why, and the seconds spent compiling (in warm-up steps, never timed)."""
+    timed = cells.filter(pl.col("compiled").is_not_null())
+    eager = timed.filter(~pl.col("compiled"))
+    return {
+        "cells_compiled": timed.height - eager.height,
+        "cells_eager": eager.height,
+        "fallbacks": sorted({r for r in eager["compile_fallback"].to_list() if r}),
+        "compile_s": float(timed["compile_s"].fill_null(0.0).sum()),
     }
 
 
