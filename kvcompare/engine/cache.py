@@ -305,7 +305,7 @@ class BoundedKVCache:
         mask, as :meth:`observe` is shown them inside an eager step."""
         group, n = self._layer_slots[layer_idx]
         chunk = query.shape[2]
-        end = None if self._slots_reused else (int(self._held[n]) if self._once else self.compressed_len) + chunk
+        end = None if self._slots_reused else self._append_starts(slice(n, n + 1))[0] + chunk
         key, _ = self._attended(group, n, end)
         mask, is_causal = self.attention_mask(layer_idx, chunk, key.shape[2], window)
         self.observe(layer_idx, query, key, mask, is_causal, scaling)
@@ -327,7 +327,7 @@ class BoundedKVCache:
             return None
         if group is LayerGroup.COMPRESSED:  # in the prefill setting each layer appends after its own held tokens
             buf = self._compressed_kv
-            starts = self._held[layers].tolist() if self._once else [self.compressed_len]
+            starts = self._append_starts(layers)
             bound = buf.shape[4] if self._once else self._smallest_budget
         else:
             buf, starts, bound = self._full_kv, [self._full_len], self._full_kv.shape[4]
@@ -345,6 +345,11 @@ class BoundedKVCache:
         if group is LayerGroup.COMPRESSED and self._keys_as_written is not None:
             self._keys_as_written[layers, :, :, start:end] = keys
         return end
+
+    def _append_starts(self, layers: slice) -> list[int]:
+        """Where the next chunk goes in compressed ``layers`` kept in time order: after each layer's own held tokens
+        in the prefill setting, else after the length they share (one entry for them all)."""
+        return [int(n) for n in self._held[layers].tolist()] if self._once else [self.compressed_len]
 
     def _attended(self, group: LayerGroup, n: int, end: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """What layer ``n`` of ``group`` attends once a chunk is written, as views ``[batch, kv_heads, kv,
