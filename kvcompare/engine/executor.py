@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -97,7 +97,7 @@ class Executor:
         self.vocab: int = config.vocab_size
         self.compiled: CompiledDecode | None = None  # decode steps compiled (compile_decode_steps), None: eager
 
-    def compile_decode_steps(self, backend: str | None = None) -> CompileStatus:
+    def compile_decode_steps(self, backend: str | Callable[..., Any] | None = None) -> CompileStatus:
         """Run every later decode step (a one-token chunk of a cell's cache) as one compiled step, the same for every
         policy (see kvcompare.engine.compiled); caches built from now on are zero-filled fixed-shape buffers. Compiles
         nothing yet: the first decode step of each cache shape does. Returns the status that records a fallback."""
