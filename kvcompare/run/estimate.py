@@ -142,7 +142,8 @@ def dry_run(config: RunConfig, out: Path | None = None, *, resume: bool = False,
         where = f"resuming {begun.folder.path}: {len(grid.cells) - len(todo)} of {len(grid.cells)} cells finished"
     if not todo:
         return f"plan: nothing to measure; {where}"
-    _, executor = load_checked(config, grid.tokenizer)  # the model is checked as the run checks it
+    # the model is checked as the run checks it; the calibration's decode steps run eagerly, never compiling
+    _, executor = load_checked(dataclasses.replace(config, compile=False), grid.tokenizer)
     threads = config.threads or physical_cores()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -197,4 +198,9 @@ def dry_run(config: RunConfig, out: Path | None = None, *, resume: bool = False,
         "an estimate: quality passes counted one by one (batching makes them faster), eviction and signal "
         "collection not counted, and a busy machine is slower"
     )
+    if config.compile:
+        lines.append(
+            "--compile: decode steps estimated as eager ones (compiled they are faster); compiling is not counted "
+            "(on a CPU about one to two minutes for each new cache shape, in the first cells)"
+        )
     return "\n".join(lines)
