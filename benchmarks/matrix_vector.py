@@ -57,9 +57,8 @@ def main() -> None:
     compiled = torch.compile(chain, backend=inductor_matrix_vector, fullgraph=True)
     with torch.inference_mode():
         worst = max(float((a - b).abs().max()) for a, b in zip(chain(x, weights), compiled(x, weights), strict=True))
-        print(
-            f"{len(weights)} weights, {read / 1e6:.0f} MB, {torch.get_num_threads()} threads; max |difference| {worst:.2e}"
-        )
+        threads = torch.get_num_threads()
+        print(f"{len(weights)} weights, {read / 1e6:.0f} MB, {threads} threads; max |difference| {worst:.2e}")
         print("| round | eager (ms) | eager GB/s | compiled (ms) | compiled GB/s | compiled / eager |")
         print("|---|---|---|---|---|---|")
         ratios = []
