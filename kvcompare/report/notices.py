@@ -40,7 +40,8 @@ def compiled_steps(cells: pl.DataFrame) -> str:
     seconds = float(timed["compile_s"].fill_null(0.0).sum())
     return (
         f"; decode steps compiled (--compile: one torch.compile step for every policy), {seconds:.0f} s of compiling "
-        "in warm-up steps, never timed"
+        "in the cells' warm-up steps, never timed (the first cache shape compiles before any cell, in the untimed "
+        "warm-up pass)"
     )
 
 
