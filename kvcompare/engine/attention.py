@@ -76,9 +76,7 @@ def chunk_causal_attention(
             "through Executor.forward"
         )
     q_len, kv_len = query.shape[2], key.shape[2]
-    # What the model's own attention does beyond plain causal attention, as its attention module passes it.
-    window = positive_feature(kwargs.get("sliding_window"))  # a local layer: a query sees its last `window` tokens
-    extra = Extras(positive_feature(kwargs.get("softcap")), kwargs.get("s_aux"))  # type: ignore[arg-type]
+    window, extra = layer_features(kwargs)
     if (seen := LAYER_FEATURES.get()) is not None:
         seen[module.layer_idx] = (window, extra.softcap, extra.sinks is not None)  # type: ignore[index]
     mask, is_causal = cache.attention_mask(module.layer_idx, q_len, kv_len, window)  # type: ignore[arg-type]
@@ -99,9 +97,18 @@ def chunk_causal_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
-def positive_feature(value: object) -> float | None:
+def _positive(value: object) -> float | None:
     """A window or cap the model passed, or None where it passed none (None, 0, or a non-number)."""
     return float(value) if isinstance(value, int | float) and value > 0 else None
+
+
+def layer_features(kwargs: dict[str, object]) -> tuple[float | None, Extras]:
+    """What a layer's attention does beyond plain causal attention, from the keyword arguments its module passes
+    to the attention function: its sliding window (a query sees its last ``window`` tokens; None: all) and its
+    :class:`Extras` (soft-cap, learned sinks)."""
+    sinks = kwargs.get("s_aux")
+    extra = Extras(_positive(kwargs.get("softcap")), sinks if isinstance(sinks, torch.Tensor) else None)
+    return _positive(kwargs.get("sliding_window")), extra
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 
-from kvcompare.engine.attention import CACHE_KEYWORD, Extras, positive_feature
+from kvcompare.engine.attention import CACHE_KEYWORD, Extras, layer_features
 from kvcompare.engine.cache_protocol import LayerGroup, LayerSlot
 from kvcompare.engine.rope import UnsupportedModelError
 from kvcompare.engine.timing import synchronize
@@ -195,8 +195,7 @@ def step_attention(
             "needs: run without --compile"
         )
     layer: int = module.layer_idx  # type: ignore[assignment]
-    window = positive_feature(kwargs.get("sliding_window"))
-    extra = Extras(positive_feature(kwargs.get("softcap")), kwargs.get("s_aux"))  # type: ignore[arg-type]
+    window, extra = layer_features(kwargs)
     step.saw(layer, query, window, scaling)
     new_key, new_value = step.new[layer]
     out = attend_with_new(query, key, value, step.visible(layer, window), new_key, new_value, scaling, extra)
