@@ -165,8 +165,8 @@ def _add_run_parser(commands: Any) -> None:
         "--compile",
         action="store_true",
         help="decode steps run as one compiled, fixed-shape step (torch.compile; CUDA graphs on cuda), the same for "
-        "every policy; each cache shape compiles in a warm-up step, never timed. A model or device that cannot "
-        "be compiled runs eagerly, with a notice in the report",
+        "every policy; each cache shape compiles before its first decode step, never timed. A model or device that "
+        "cannot be compiled runs eagerly, with a notice in the report",
     )
     run.add_argument("--threads", type=int, help="torch intra-op threads (default: the machine's physical cores)")
     run.add_argument(

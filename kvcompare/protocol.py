@@ -85,8 +85,9 @@ PROTOCOL_MD = """\
   as one compiled step (torch.compile; on cuda with CUDA graphs) over fixed-shape, zero-filled buffers: each
   layer attends all its slots under a mask of the tokens they hold, and the new key and value beside them;
   they are written into the cache after the step. Eviction, scoring and signal collection run outside the
-  compiled step, timed as in an eager step. A cache shape compiles in its first decode step, a warm-up step
-  (a counted step that compiled fails its cell); `compile_s` is that time, never part of a figure. A model or
+  compiled step, timed as in an eager step. A cache shape compiles after the TTFT and before the first decode
+  step (the step is pure: it runs once on a dummy token, its outputs dropped), so no timed figure contains it;
+  `compile_s` is that time. A model or
   device that cannot be compiled runs eagerly from then on: `compiled` is false in its rows, `compile_fallback`
   says why, and the report warns. Prefill chunks and quality passes run eagerly.
 - **Passkey retrieval** (`--task passkey`). A prompt of exactly the passage length: an instruction, a

@@ -1,8 +1,14 @@
-"""Shared fixtures: tiny randomly initialised Llama and GPT-NeoX models, and a plugin registered for one test."""
+"""Shared fixtures: tiny randomly initialised Llama and GPT-NeoX models, and a plugin registered for one test.
+
+``KVCOMPARE_TEST_COMPILE=1 python -m pytest`` runs the whole suite with compiled decode steps (--compile): every
+executor compiles its one-token steps with torch.compile's ``eager`` backend (dynamo traces the same whole-graph
+step as inductor compiles, in about a second), so every test that decodes checks the compiled step too.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,6 +18,32 @@ import torch
 from kvcompare.logs import NORMAL, configure
 from kvcompare.plugins import PluginHost, get_host
 from kvcompare.testing import TINY_VOCAB, tiny_llama, tiny_neox
+
+#: The suite's mode: compiled decode steps in every executor (KVCOMPARE_TEST_COMPILE=1), or eager (default).
+COMPILED_STEPS = os.environ.get("KVCOMPARE_TEST_COMPILE") == "1"
+
+
+@pytest.fixture(autouse=True)
+def decode_steps_of_the_suites_mode(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """In the compiled mode, every executor built in the test compiles its decode steps, from a fresh compiler (no
+    earlier test's graphs count against torch's recompile limit)."""
+    if not COMPILED_STEPS:
+        yield
+        return
+    from kvcompare.engine import compiled
+    from kvcompare.engine.executor import Executor
+
+    built = Executor.__init__
+
+    def compiling(self: Executor, *args: object, **kwargs: object) -> None:
+        built(self, *args, **kwargs)  # type: ignore[arg-type]
+        self.compile_decode_steps()
+
+    monkeypatch.setattr(compiled, "DEFAULT_BACKEND", "eager")
+    monkeypatch.setattr(Executor, "__init__", compiling)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
 """Compiled decode steps (--compile, kvcompare.engine.compiled): the same logits as eager steps for every built-in
 policy in both position modes, with and without eviction, in both compression settings; a fallback with a reason
-instead of a crash; compiling never inside a timed step.
+instead of a crash; compiling never inside a timed part (`KVCOMPARE_TEST_COMPILE=1 python -m pytest` runs the
+rest of the suite with compiled steps too, see conftest.py).
 
 The default run compiles with torch.compile's ``eager`` backend: dynamo traces the same whole-graph step (the same
 buffers, masks and guards, the same failures) without generating code, in about a second. The ``compile``
@@ -170,15 +171,17 @@ def test_a_step_that_cannot_compile_runs_eagerly_with_the_reason(capsys: pytest.
     assert not trial.compiled and trial.compile_s == 0.0
 
 
-def test_compiling_happens_in_warm_up_steps_never_in_counted_ones() -> None:
+def test_a_cache_shape_compiles_between_prefill_and_decode_never_in_a_timed_part(monkeypatch: Any) -> None:
     eager, compiled_steps = executors(tiny_llama())
     prompt, policy, config = tokens(PROMPT), get_registry().build("streaming"), cache_config(EVICTING, "shift")
-    trial = compiled_steps.generate(prompt, policy, config, gen=4, warmup=1)
+    trial = compiled_steps.generate(prompt, policy, config, gen=4, warmup=0)  # no warm-up step is needed
     assert trial.compiled and trial.compile_s > 0
-    assert trial.generated == eager.generate(prompt, policy, config, gen=4, warmup=1).generated
-    again = compiled_steps.generate(prompt, policy, config, gen=4, warmup=1)  # the same shape: nothing compiles
+    assert trial.generated == eager.generate(prompt, policy, config, gen=4, warmup=0).generated
+    again = compiled_steps.generate(prompt, policy, config, gen=4, warmup=0)  # the same shape: nothing compiles
     assert again.compiled and again.compile_s == 0.0
-    with pytest.raises(CompileInTimedStepError, match="--warmup"):  # a new shape, no warm-up step to compile it
+    # Without the compilation between prefill and decode, a new shape would compile in a counted step: refused.
+    monkeypatch.setattr(compiled.CompiledDecode, "prepare", lambda self, cache: None)
+    with pytest.raises(CompileInTimedStepError, match="--warmup"):
         compiled_steps.generate(prompt, policy, cache_config(EVICTING + 8, "shift"), gen=4, warmup=0)
 
 
@@ -188,7 +191,7 @@ def test_a_compiled_run_records_it_in_rows_and_run_json(tiny_model_dir: Path, tm
     from kvcompare.run.runner import run
 
     monkeypatch.setattr(compiled, "DEFAULT_BACKEND", "eager")
-    folder = run(tiny_run(tiny_model_dir, compile=True, warmup=1, policies=["streaming", "h2o"]), tmp_path / "r")
+    folder = run(tiny_run(tiny_model_dir, compile=True, policies=["streaming", "h2o"]), tmp_path / "r")
     data = load_run(folder)
     assert data.cells["compile"].to_list() == [True] * 3
     assert data.cells["compiled"].to_list() == [True] * 3
@@ -206,7 +209,7 @@ def test_a_run_whose_steps_cannot_compile_says_why_in_rows_and_report(
     from kvcompare.run.runner import run
 
     monkeypatch.setattr(compiled, "DEFAULT_BACKEND", failing_backend)
-    folder = run(tiny_run(tiny_model_dir, compile=True, warmup=1), tmp_path / "r")
+    folder = run(tiny_run(tiny_model_dir, compile=True), tmp_path / "r")
     cells = load_run(folder).cells
     assert cells["status"].to_list() == ["ok", "ok"]  # measured eagerly, nothing lost
     assert cells["compiled"].to_list() == [False, False]
@@ -215,14 +218,6 @@ def test_a_run_whose_steps_cannot_compile_says_why_in_rows_and_report(
     assert "2 of 2 timed cells ran eagerly" in notice and "this backend cannot compile anything" in notice
     summary = json.loads((folder / "run.json").read_text())["speed"]["compile"]
     assert summary["cells_eager"] == 2 and summary["fallbacks"]
-
-
-def test_compile_without_a_warm_up_step_is_refused_before_the_model_loads(tiny_model_dir: Path) -> None:
-    from kvcompare.config import ConfigError
-    from kvcompare.run.plan import prepare
-
-    with pytest.raises(ConfigError, match="--warmup 1"):
-        prepare(tiny_run(tiny_model_dir, compile=True, warmup=0))
 
 
 @pytest.mark.compile

@@ -14,8 +14,10 @@ the new token's key and value are attended beside it (:func:`attend_with_new`), 
 them into the cache after the step (:meth:`~kvcompare.engine.cache.BoundedKVCache.write_step`). Writing inside the
 compiled graph would make inductor copy a whole buffer per written layer (functionalised mutation of a view).
 Eviction, scoring and signal collection stay outside the compiled region and run as in an eager step; a policy
-that reads attention gets it from the queries the step returns. Buffer shapes change only between cells, so a cell
-compiles (or, after the first, recompiles with dynamic shapes) in its first decode step, a warm-up step.
+that reads attention gets it from the queries the step returns. Buffer shapes change only between cells (and at the
+prefill setting's one compression), so a latency pass compiles (or, after the first shape, recompiles with dynamic
+shapes) once its prefill is done, before its first decode step (:meth:`CompiledDecode.prepare`), outside every timed
+region; elsewhere (a probe's decoding, a benchmark's steps) a new shape compiles in its first step.
 
 Deviations from an eager step, all inside float rounding: the softmax is written out instead of SDPA's fused kernel,
 masked slots are attended with weight zero instead of not at all (their buffers are zero-filled, so a never
@@ -285,6 +287,34 @@ class CompiledDecode:
         """Run one decode step of ``ids`` (``[1, 1]``) over ``cache`` (room already made), write its key and value
         into the cache and collect the signals its policy reads; return the logits ``[1, 1, vocab]``, or None when
         compiled steps are (now) off, the cache untouched, for the caller to run the step eagerly."""
+        outputs = self._run(cache, ids)
+        if outputs is None:
+            return None
+        logits, compressed, full, queries, windows, scaling = outputs
+        self.status.steps += 1
+        cache.write_step(compressed, full)
+        for layer, query in queries.items():
+            cache.observe_step(layer, query, windows[layer], scaling)
+        return logits
+
+    def prepare(self, cache: BoundedKVCache) -> None:
+        """Compile the step for ``cache``'s buffers now, outside any timed region, so that its decode steps only run.
+
+        The step is pure, so it runs on a dummy token and its outputs are dropped: the cache is left as it was. It
+        runs as the executor runs a step (an ordinary token tensor, inside inference mode), so the real steps pass
+        the same guards. On cuda it runs three times (CUDA graph trees run a new graph once, record it, replay it)."""
+        if not cache.fixed_shape:
+            return
+        dummy = torch.zeros(1, 1, dtype=torch.long, device=self._device)
+        with torch.inference_mode():
+            for _ in range(3 if self._cuda_graphs else 1):
+                if self._run(cache, dummy) is None:
+                    return
+
+    def _run(self, cache: BoundedKVCache, ids: torch.Tensor) -> tuple[Any, ...] | None:
+        """The compiled step's outputs for ``ids`` over ``cache``'s buffers, the cache untouched (see
+        :func:`decode_step`); None when compiled steps are off, or turn off now because it failed (with the reason
+        in :attr:`status`). A call that compiled adds its time to ``status.compile_s``."""
         if not self.status.active:
             return None
         storage = cache.storage
@@ -299,7 +329,7 @@ class CompiledDecode:
         attention, config._attn_implementation = config._attn_implementation, STEP_ATTN_IMPLEMENTATION
         started = time.perf_counter()
         try:
-            logits, compressed, full, queries, windows, scaling = self._compiled(
+            outputs = self._compiled(
                 self._model,
                 ids,
                 torch.tensor(cache.seen, device=self._device),
@@ -317,14 +347,10 @@ class CompiledDecode:
             return None
         finally:
             config._attn_implementation = attention
-        if _compiled_graphs() != graphs:  # this step compiled: its time is the compilation's
+        if _compiled_graphs() != graphs:  # this call compiled: its time is the compilation's
             synchronize(self._device)
             self.status.compile_s += time.perf_counter() - started
-        self.status.steps += 1
-        cache.write_step(compressed, full)
-        for layer, query in queries.items():
-            cache.observe_step(layer, query, windows[layer], scaling)
-        return logits
+        return tuple(outputs)
 
 
 def _matrix_vector(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:

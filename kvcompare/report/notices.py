@@ -33,15 +33,15 @@ def beyond_context_notices(cells: pl.DataFrame) -> list[str]:
 
 def compiled_steps(cells: pl.DataFrame) -> str:
     """How the timed decode steps ran, for the settings table: "" (eagerly, the default), or compiled and how long
-    compiling took (in warm-up steps, never timed)."""
+    compiling took (between prefill and decode steps, never timed)."""
     timed = ok_cells(cells).filter(pl.col("compiled").fill_null(False)) if "compiled" in cells.columns else cells[:0]
     if timed.is_empty():
         return ""
     seconds = float(timed["compile_s"].fill_null(0.0).sum())
     return (
         f"; decode steps compiled (--compile: one torch.compile step for every policy), {seconds:.0f} s of compiling "
-        "in the cells' warm-up steps, never timed (the first cache shape compiles before any cell, in the untimed "
-        "warm-up pass)"
+        "in the cells, between prefill and decode steps, never timed (the first cache shape compiles before any cell, "
+        "in the untimed warm-up pass)"
     )
 
 

@@ -225,11 +225,6 @@ def check_config(config: RunConfig, policies: list[KVPolicy]) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, not {getattr(config, name)}")
     if config.warmup < 0:
         raise ConfigError("--warmup must be 0 or more")
-    if config.compile and config.warmup < 1 and config.repeats:
-        raise ConfigError(
-            "--compile compiles each cache shape in the first decode step, which must not be timed: give --warmup 1 "
-            "or more"
-        )
     if config.repeats < 0:
         raise ConfigError(f"--repeats must be 0 (a quality-only run: no speed measured) or more, not {config.repeats}")
     if config.workers is not None and config.ray is None:

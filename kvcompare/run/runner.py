@@ -171,7 +171,7 @@ def measured_noise_floor(data: RunData) -> dict[str, Any]:
 
 def compile_summary(cells: pl.DataFrame) -> dict[str, Any]:
     """What --compile did, from the rows: cells whose counted decode steps all ran compiled, cells that ran
-    eagerly and why, and the seconds spent compiling (in warm-up steps, never timed)."""
+    eagerly and why, and the seconds spent compiling (between prefill and decode steps, never timed)."""
     timed = cells.filter(pl.col("compiled").is_not_null())
     eager = timed.filter(~pl.col("compiled"))
     return {
