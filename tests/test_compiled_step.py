@@ -74,8 +74,10 @@ def cache_config(limit: int | None, positions: str, compression: str = "continuo
 
 
 def executors(model: torch.nn.Module, backend: str | Any = "eager") -> tuple[Executor, Executor]:
-    """An eager executor and one with compiled decode steps, on the same model."""
+    """An eager executor and one with compiled decode steps, on the same model (eager even in the suite's compiled
+    mode, see conftest.py)."""
     eager, compiled_steps = Executor(model), Executor(model)
+    eager.compiled = None
     compiled_steps.compile_decode_steps(backend)
     return eager, compiled_steps
 
