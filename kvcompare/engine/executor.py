@@ -100,7 +100,8 @@ class Executor:
     def compile_decode_steps(self, backend: str | Callable[..., Any] | None = None) -> CompileStatus:
         """Run every later decode step (a one-token chunk of a cell's cache) as one compiled step, the same for every
         policy (see kvcompare.engine.compiled); caches built from now on are zero-filled fixed-shape buffers. Compiles
-        nothing yet: the first decode step of each cache shape does. Returns the status that records a fallback."""
+        nothing yet: a latency pass compiles its cache's shape between its TTFT and its first decode step (elsewhere
+        the first step of a new shape compiles). Returns the status that records a fallback."""
         self.compiled = CompiledDecode(self.model, self.device, backend)
         return self.compiled.status
 

@@ -9,6 +9,7 @@ from typing import Any
 import polars as pl
 
 from kvcompare.analysis import BASELINE_POLICY, EVERYTHING, NOISE_CHANGES, Measured, NoiseFloor, lengths_in, ok_cells
+from kvcompare.analysis.pairing import compile_summary
 from kvcompare.config import oversubscription
 from kvcompare.report.formatting import join
 
@@ -34,31 +35,32 @@ def beyond_context_notices(cells: pl.DataFrame) -> list[str]:
 def compiled_steps(cells: pl.DataFrame) -> str:
     """How the timed decode steps ran, for the settings table: "" (eagerly, the default), or compiled and how long
     compiling took (between prefill and decode steps, never timed)."""
-    timed = ok_cells(cells).filter(pl.col("compiled").fill_null(False)) if "compiled" in cells.columns else cells[:0]
-    if timed.is_empty():
+    summary = compile_summary(_asked_to_compile(cells))
+    if not summary["cells_compiled"]:
         return ""
-    seconds = float(timed["compile_s"].fill_null(0.0).sum())
     return (
-        f"; decode steps compiled (--compile: one torch.compile step for every policy), {seconds:.0f} s of compiling "
-        "in the cells, between prefill and decode steps, never timed (the first cache shape compiles before any cell, "
-        "in the untimed warm-up pass)"
+        f"; decode steps compiled (--compile: one torch.compile step for every policy), {summary['compile_s']:.0f} s "
+        "of compiling in the cells, between prefill and decode steps, never timed (the first cache shape compiles "
+        "before any cell, in the untimed warm-up pass)"
     )
 
 
 def compile_notices(cells: pl.DataFrame) -> list[str]:
     """A warning when --compile was asked for and some cells' decode steps ran eagerly, with the reasons."""
-    if "compile_fallback" not in cells.columns:
+    summary = compile_summary(_asked_to_compile(cells))
+    if not summary["cells_eager"]:
         return []
-    eager = ok_cells(cells).filter(pl.col("compile").fill_null(False) & ~pl.col("compiled").fill_null(True))
-    if eager.is_empty():
-        return []
-    reasons = sorted({r for r in eager["compile_fallback"].to_list() if r})
-    timed = ok_cells(cells).filter(pl.col("compiled").is_not_null()).height
+    timed = summary["cells_compiled"] + summary["cells_eager"]
     return [
-        f"--compile was asked for, but the decode steps of {eager.height} of {timed} timed cells ran eagerly "
-        f"({'; '.join(reasons) or 'no reason recorded'}): their speed figures are eager steps', comparable with "
-        "each other but not with the compiled cells'."
+        f"--compile was asked for, but the decode steps of {summary['cells_eager']} of {timed} timed cells ran "
+        f"eagerly ({'; '.join(summary['fallbacks']) or 'no reason recorded'}): their speed figures are eager steps', "
+        "comparable with each other but not with the compiled cells'."
     ]
+
+
+def _asked_to_compile(cells: pl.DataFrame) -> pl.DataFrame:
+    """The cells of a run with --compile (none from a run before it existed)."""
+    return cells.filter(pl.col("compile").fill_null(False)) if "compile" in cells.columns else cells[:0]
 
 
 def load_notices(meta: dict[str, Any]) -> list[str]:

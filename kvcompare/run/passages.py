@@ -43,7 +43,7 @@ def now_iso() -> str:
 def load_checked(config: RunConfig, tokenizer: Any = None) -> tuple[LoadedModel, Executor]:
     """Load the run's model and check that kvcompare reproduces it (kvcompare.engine.fidelity) before any cell; the
     probe's errors go to its info (run.json's model_info.fidelity). Raises UnsupportedModelError if not. With
-    ``config.compile`` the executor's decode steps are compiled from then on (each cache shape in its first step)."""
+    ``config.compile`` the executor's decode steps are compiled from then on (see Executor.compile_decode_steps)."""
     loaded = load_model(config.model, config.device, config.dtype, tokenizer=tokenizer)
     executor = Executor(loaded.model)
     loaded.info["fidelity"] = check_fidelity(executor, shift="shift" in config.positions).as_dict()

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import polars as pl
 from tqdm import tqdm
 
 from kvcompare.config import RunConfig, oversubscription
@@ -149,6 +148,7 @@ def measure_all(
 def finish(folder: RunFolder, meta: dict[str, Any]) -> None:
     """Record the run's noise floor, what --compile did, and the end time once every passage is measured."""
     from kvcompare.analysis import load_run
+    from kvcompare.analysis.pairing import compile_summary
 
     data = load_run(folder.path)
     meta["speed"]["noise_floor"] = measured_noise_floor(data)
@@ -166,19 +166,6 @@ def measured_noise_floor(data: RunData) -> dict[str, Any]:
         "pct": {change.title: floor.floor(change) for change in NOISE_CHANGES},
         "pairs": floor.pairs,
         "reason": floor.reason,
-    }
-
-
-def compile_summary(cells: pl.DataFrame) -> dict[str, Any]:
-    """What --compile did, from the rows: cells whose counted decode steps all ran compiled, cells that ran
-    eagerly and why, and the seconds spent compiling (between prefill and decode steps, never timed)."""
-    timed = cells.filter(pl.col("compiled").is_not_null())
-    eager = timed.filter(~pl.col("compiled"))
-    return {
-        "cells_compiled": timed.height - eager.height,
-        "cells_eager": eager.height,
-        "fallbacks": sorted({r for r in eager["compile_fallback"].to_list() if r}),
-        "compile_s": float(timed["compile_s"].fill_null(0.0).sum()),
     }
 
 
