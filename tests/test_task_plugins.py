@@ -164,3 +164,20 @@ def test_a_task_whose_probes_break_the_contract_is_refused_before_the_model_load
         run(config, tmp_path / "run", progress=False)
     assert "\n" not in str(refused.value)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("returned", ["7", "7-checked", "float", "nan", "str", "correct-str"])
+def test_a_score_outside_the_contract_fails_its_cell_naming_the_plugin(
+    tiny_model_dir: Path, tmp_path: Path, unruly: None, returned: str
+) -> None:
+    """score() must give a Score whose ``correct`` is a bool and ``score`` a number in [0, 1]: anything else (7.0,
+    NaN, a string, a bare float) fails the cell, with an error that names the task's plugin, and is never stored
+    as a score; the task that keeps the contract beside it is measured."""
+    spec = f"unruly:does=score={returned}"
+    config = tiny_run(tiny_model_dir, tasks=[spec, "unruly"], lengths=[64], samples=[2], cache_sizes=[32])
+    rows = pl.read_parquet(run(config, tmp_path / "run", progress=False) / "cells" / "*.parquet")
+    bad = rows.filter(pl.col("task_params").str.contains("score="))
+    assert bad.height == 2 * 2 and set(bad["status"]) == {"failed"} and bad["score"].is_null().all()
+    assert bad["error"].str.contains(f"task '{spec}' (plugin 'unruly-plugin'): score() ", literal=True).all()
+    good = rows.filter(~pl.col("task_params").str.contains("score="))
+    assert set(good["status"]) == {"ok"} and good["score"].to_list() == [1.0] * 4
