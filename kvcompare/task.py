@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
+
+import numpy as np
 
 from kvcompare.errors import KVCompareError
 from kvcompare.parameters import Parameterised
@@ -138,6 +141,29 @@ class Task(Parameterised):
     def score(self, probe: Probe, outcome: Outcome) -> Score:
         """Score one outcome of ``probe``."""
         raise NotImplementedError
+
+
+def checked_score(task: Task, probe: Probe, outcome: Outcome) -> Score:
+    """``task.score(probe, outcome)`` held to the contract: a :class:`Score` whose ``correct`` is a bool and
+    ``score`` a number in [0, 1] (returned as ``bool`` and ``float``). Raises TaskError naming the task and its
+    plugin when score() raises or returns anything else (7.0, NaN, a string, a bare number), so that the cell
+    fails with that error rather than storing it as a score."""
+    try:
+        got = task.score(probe, outcome)
+    except Exception as err:  # Score's own check included: the plugin's to fix, so name it
+        raise TaskError(f"{task.who()}: score() raised {type(err).__name__}: {err}") from err
+    value = getattr(got, "score", None)
+    if (
+        not isinstance(got, Score)
+        or not isinstance(got.correct, bool | np.bool_)
+        or not isinstance(value, numbers.Real)
+        or not 0.0 <= float(value) <= 1.0  # NaN included
+    ):
+        raise TaskError(
+            f"{task.who()}: score() returned {got!r}: it must return a Score whose correct is a bool and whose "
+            "score is a number in [0, 1]"
+        )
+    return Score(bool(got.correct), float(value))
 
 
 def string_match_all(expected: Sequence[str], text: str) -> float:

@@ -277,3 +277,38 @@ def test_limits_of_one_ratio_are_one_configuration(tmp_path: Path) -> None:
         ["full (prefill)", "–", "–"],
         ["l2, prefill", "0.5 (50% removed)", "60–62"],
     ]
+
+
+def test_variants_of_one_task_are_panels_of_their_own_on_the_ratio_chart(tmp_path: Path) -> None:
+    """`--task niah_single,niah_single:haystack=text --ratio 0.5`: a panel per variant, named by its label; l2
+    finds every needle in noise and none in text, not half of them in one niah_single."""
+
+    def niah(policy: str, haystack: str, sample: int, score: float, **fields: Any) -> dict[str, Any]:
+        return probe(
+            policy,
+            None if policy == "full" else 128,
+            256,
+            0.5,
+            sample,
+            score == 1.0,
+            task="niah_single",
+            task_params=json.dumps({"haystack": haystack, "needles": 1}),
+            score=score,
+            cell_id=f"niah-{haystack}-{policy}-{sample}",
+            **fields,
+        )
+
+    rows = [
+        cell("full", None, 256, 0),
+        cell("l2", 128, 256, 0, ratio=0.5, ppl=44.0),
+        *(niah("full", haystack, sample, 1.0) for haystack in ("noise", "text") for sample in (0, 1)),
+        *(niah("l2", "noise", sample, 1.0, ratio=0.5) for sample in (0, 1)),
+        *(niah("l2", "text", sample, 0.0, ratio=0.5) for sample in (0, 1)),
+    ]
+    paths = build_report(write_run(tmp_path / "run", rows))
+    (spec_path,) = [path for path in paths.specs if path.name == f"{RATIO_CHART}.vl.json"]
+    spec = json.loads(spec_path.read_text())
+    scores = sorted(row["value"] for row in spec_rows(spec) if row.get("role") == "policy" and row["task"] != "ppl")
+    assert scores == [0.0, 100.0]
+    titles = set(walk(spec, "title"))
+    assert {"niah_single:haystack=noise", "niah_single:haystack=text"} <= titles, titles

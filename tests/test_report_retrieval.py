@@ -127,6 +127,43 @@ def test_gap_to_full_counts_only_lengths_and_modes_both_were_probed_at(tmp_path:
     assert gap["retrieval_gap_pts"] == pytest.approx(100 / 3)
 
 
+def _variant(label: str, cache_size: int | None, haystack: str, sample_id: int, score: float) -> dict:
+    """One probe of RULER's niah_single in the variant that ``haystack`` names."""
+    return probe(
+        label,
+        cache_size,
+        256,
+        0.5,
+        sample_id,
+        score == 1.0,
+        task="niah_single",
+        task_params=json.dumps({"haystack": haystack, "needles": 1}, sort_keys=True),
+        source=f"niah_single:{haystack}:{sample_id}",
+        score=score,
+        cell_id=f"niah-{haystack}-{label}-{sample_id}",
+    )
+
+
+def test_variants_of_one_task_are_scored_apart_and_named(tmp_path: Path) -> None:
+    """`--task niah_single,niah_single:haystack=text`: one task, two variants (task_params). The score across
+    tasks and the tasks' tables keep them apart, named by what tells them apart, rather than one niah_single
+    averaging both; recent @ 64 finds every needle in noise and none in text."""
+    rows = [
+        *(_variant("full", None, haystack, sample, 1.0) for haystack in ("noise", "text") for sample in (0, 1)),
+        *(_variant("recent", 64, "noise", sample, 1.0) for sample in (0, 1)),
+        *(_variant("recent", 64, "text", sample, 0.0) for sample in (0, 1)),
+    ]
+    markdown = build_report(write_run(tmp_path, [*PPL_CELLS, *rows])).markdown.read_text()
+    across = markdown.split("### Score across tasks", 1)[1].split("###", 1)[0]
+    assert "| Mean score (%) | niah_single:haystack=noise | niah_single:haystack=text |" in across
+    assert "| full | – | 100.0 | 100.0 | 100.0 |" in across and "| recent | 64 | 50.0 | 100.0 | 0.0 |" in across
+    noise = markdown.split("### Task niah_single:haystack=noise", 1)[1].split("###", 1)[0]
+    text = markdown.split("### Task niah_single:haystack=text", 1)[1].split("###", 1)[0]
+    assert "| recent | 64 | 100.0 | 100.0 | 2 | 100.0 |" in noise and "| recent | 64 | 0.0 | 0.0 | 2 | 0.0 |" in text
+    assert "### Task niah_single\n" not in markdown
+    assert "; lengths 256 tokens, 2 probes per task and length" in markdown
+
+
 # --- The section and its heat maps --------------------------------------------------------------------------------
 
 

@@ -88,6 +88,7 @@ from kvcompare.analysis.retrieval import (
     retrieval_measured,
     retrieval_stats,
     task_scores,
+    with_task_label,
 )
 from kvcompare.analysis.retrieval import CONFIG_KEYS as RETRIEVAL_CONFIG_KEYS
 from kvcompare.analysis.rules import (
@@ -285,6 +286,7 @@ __all__ = [
     "retrieval_by_probe",
     "retrieval_gaps",
     "task_scores",
+    "with_task_label",
     "retrieval_measured",
     "retrieval_stats",
     "rules_for",

@@ -3,11 +3,13 @@ probe."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import polars as pl
 
 from kvcompare.analysis.pairing import CONFIG_ORDER, IS_BASELINE, IS_OK
+from kvcompare.parameters import shown_value
 
 # --- Retrieval: passkey probes, whether greedy decoding still gives the key under eviction -------------------
 
@@ -17,6 +19,8 @@ from kvcompare.analysis.pairing import CONFIG_ORDER, IS_BASELINE, IS_OK
 #: few tokens, and their rows (by_budget) carry a null `cache_size` and the limits in `cache_size_min`/`_max`.
 CONFIG_KEYS: list[str] = ["policy", "policy_label", "cache_size", "positions", "compression", "ratio"]
 RETRIEVAL_KEYS: list[str] = ["task", *CONFIG_KEYS]
+#: A probe task's configuration: as RETRIEVAL_KEYS, each variant of a task apart (`task_label`, with_task_label()).
+TASK_KEYS: list[str] = ["task", "task_label", *CONFIG_KEYS]
 #: What a configuration is compared with `full` on: the same task, position mode, compression setting and length.
 BASELINE_MATCH: list[str] = ["task", "positions", "compression", "seq_len"]
 #: Where a probe was placed: the prompt's length and the needle's depth in it.
@@ -27,16 +31,38 @@ IS_ANSWERED = IS_OK.fill_null(False) & pl.col("correct").is_not_null()
 BUDGET_LIMIT = pl.when(pl.col("ratio").is_null()).then(pl.col("cache_size"))
 
 
+def with_task_label(probes: pl.DataFrame) -> pl.DataFrame:
+    """Probe rows with `task_label`, what tells a task's variants apart: the task's name, or where ``probes`` hold
+    one task with different `task_params` (``--task niah_single,niah_single:haystack=text``) its name with the
+    parameters whose values differ between them, in the command-line syntax (``niah_single:haystack=noise``,
+    ``niah_single:haystack=text``). Rows that have the column already are returned unchanged."""
+    if "task_label" in probes.columns:
+        return probes
+    key = pl.concat_str(pl.col("task").fill_null(""), pl.lit("\0"), pl.col("task_params").fill_null("{}"))
+    pairs = probes.select(key.alias("key")).unique()["key"].to_list()
+    variants = {k: (k.split("\0")[0], json.loads(k.split("\0", 1)[1])) for k in pairs}
+    labels = {}
+    for k, (task, params) in variants.items():
+        siblings = [other for name, other in variants.values() if name == task]
+        differ = sorted({p for other in siblings for p in {*other, *params} if other.get(p) != params.get(p)})
+        labels[k] = ":".join([task, *(f"{p}={shown_value(params.get(p))}" for p in differ)])
+    return probes.with_columns(
+        key.replace_strict(labels, default=pl.col("task"), return_dtype=pl.String).alias("task_label")
+    )
+
+
 def by_budget(rows: pl.DataFrame) -> pl.DataFrame:
     """Rows keyed by their budget: `cache_size` null where a ratio gave it (CONFIG_KEYS), the limit itself kept
-    as `limit`."""
-    return rows.with_columns(pl.col("cache_size").alias("limit"), BUDGET_LIMIT.alias("cache_size"))
+    as `limit`; each task's variants named (with_task_label())."""
+    return with_task_label(rows).with_columns(pl.col("cache_size").alias("limit"), BUDGET_LIMIT.alias("cache_size"))
 
 
 #: The limits a configuration's probes ran under (one value with --cache; a few tokens apart with --ratio).
 LIMIT_RANGE = (pl.col("limit").min().alias("cache_size_min"), pl.col("limit").max().alias("cache_size_max"))
 #: Tables and charts list configurations in this order: per task, the continuous setting first, the baseline first.
 PROBE_ORDER = ["task", *CONFIG_ORDER]
+#: As PROBE_ORDER, a task's variants in turn.
+TASK_ORDER = ["task", "task_label", *CONFIG_ORDER]
 
 
 def retrieval_stats(retrieval: pl.DataFrame, by: Sequence[str] = ()) -> pl.DataFrame:
@@ -75,9 +101,9 @@ def retrieval_measured(retrieval: pl.DataFrame | None) -> bool:
 
 def retrieval_gaps(retrieval: pl.DataFrame) -> pl.DataFrame:
     """Per evicting configuration (CONFIG_KEYS): retrieval_pct, its accuracy (the mean over tasks of each task's
-    accuracy), retrieval_full_pct, the accuracy of `full` in its position mode and compression setting, and
-    retrieval_gap_pts = full's − its, in percentage points; both pooled over the answered probes at the lengths
-    where both it and that `full` have answered probes, so that neither is judged on lengths the
+    accuracy, its variants pooled), retrieval_full_pct, the accuracy of `full` in its position mode and compression
+    setting, and retrieval_gap_pts = full's − its, in percentage points; both pooled over the answered probes at
+    the lengths where both it and that `full` have answered probes, so that neither is judged on lengths the
     other was not. A configuration sharing no length with `full` is absent."""
     answered = by_budget(retrieval).filter(IS_ANSWERED).with_columns(pl.col("correct").cast(pl.Float64) * 100)
     baseline = answered.filter(IS_BASELINE).select(*BASELINE_MATCH, "correct")
@@ -106,13 +132,14 @@ def retrieval_gaps(retrieval: pl.DataFrame) -> pl.DataFrame:
 
 
 def task_scores(probes: pl.DataFrame, by: Sequence[str] = ()) -> pl.DataFrame:
-    """Per task, configuration and group of ``by``: score_pct = 100 × the mean score of the answered probes (the
-    task's metric, e.g. RULER's share of expected values found), accuracy_pct = 100 × the share fully correct,
-    n = answered probes, failed = probes that failed, cache_size_min/_max = the limits its probes ran under.
-    Baseline first within each task and compression setting."""
+    """Per task variant (`task_label`, with_task_label()), configuration and group of ``by``: score_pct = 100 × the
+    mean score of the answered probes (the task's metric, e.g. RULER's share of expected values found),
+    accuracy_pct = 100 × the share fully correct, n = answered probes, failed = probes that failed,
+    cache_size_min/_max = the limits its probes ran under. Baseline first within each task variant and compression
+    setting."""
     return (
         by_budget(probes)
-        .group_by([*RETRIEVAL_KEYS, *by])
+        .group_by([*TASK_KEYS, *by])
         .agg(
             (pl.col("score").filter(IS_ANSWERED).mean() * 100).alias("score_pct"),
             (pl.col("correct").filter(IS_ANSWERED).cast(pl.Float64).mean() * 100).alias("accuracy_pct"),
@@ -120,5 +147,5 @@ def task_scores(probes: pl.DataFrame, by: Sequence[str] = ()) -> pl.DataFrame:
             (~IS_OK.fill_null(False)).sum().cast(pl.Int64).alias("failed"),
             *LIMIT_RANGE,
         )
-        .sort([*PROBE_ORDER, *by], nulls_last=False)
+        .sort([*TASK_ORDER, *by], nulls_last=False)
     )

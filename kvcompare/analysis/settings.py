@@ -8,7 +8,7 @@ import polars as pl
 from kvcompare.analysis.load import PPL_TASK, RunData
 from kvcompare.analysis.names import DEFAULT_COMPRESSION
 from kvcompare.analysis.pairing import BASELINE_POLICY, IS_OK
-from kvcompare.analysis.retrieval import IS_ANSWERED
+from kvcompare.analysis.retrieval import IS_ANSWERED, with_task_label
 
 #: The settings in the order a report names them: the default (continuous) first.
 SETTING_ORDER = (DEFAULT_COMPRESSION, "prefill")
@@ -36,26 +36,27 @@ def settings_of(run: RunData) -> tuple[tuple[str, ...], tuple[float, ...], bool 
     return settings, ratios, query_aware
 
 
-#: One point of the accuracy-against-ratio chart: a task, a policy in a position mode and setting, at a ratio
-#: (null for `full`, which evicts nothing).
-RATIO_KEYS: list[str] = ["task", "policy", "policy_label", "positions", "compression", "ratio"]
+#: One point of the accuracy-against-ratio chart: a task (each variant apart, `task_label`), a policy in a
+#: position mode and setting, at a ratio (null for `full`, which evicts nothing).
+RATIO_KEYS: list[str] = ["task", "task_label", "policy", "policy_label", "positions", "compression", "ratio"]
 
 
 def quality_by_ratio(cells: pl.DataFrame, probes: pl.DataFrame) -> pl.DataFrame:
-    """Per task, policy, position mode, compression setting and ratio: `value`, the probes' mean score in % (a
-    task's accuracy, e.g. RULER's share of expected values found) or, for task `ppl`, the cells' mean perplexity,
-    over every length, sample and probe; `n` = the answered probes or successful cells it averages. Only the
-    configurations a ratio gave, and `full` (ratio null), its reference in each setting; `metric` says which
-    figure `value` is ("score" or "ppl")."""
+    """Per task (each variant apart: with_task_label()), policy, position mode, compression setting and ratio:
+    `value`, the probes' mean score in % (a task's accuracy, e.g. RULER's share of expected values found) or, for
+    task `ppl`, the cells' mean perplexity, over every length, sample and probe; `n` = the answered probes or
+    successful cells it averages. Only the configurations a ratio gave, and `full` (ratio null), its reference in
+    each setting; `metric` says which figure `value` is ("score" or "ppl")."""
     ppl = (
         cells.filter(IS_OK.fill_null(False) & pl.col("ppl").is_not_null())
-        .with_columns(pl.lit(PPL_TASK).alias("task"))
+        .with_columns(pl.lit(PPL_TASK).alias("task"), pl.lit(PPL_TASK).alias("task_label"))
         .group_by(RATIO_KEYS)
         .agg(pl.col("ppl").mean().alias("value"), pl.len().cast(pl.Int64).alias("n"))
         .with_columns(pl.lit("ppl").alias("metric"))
     )
     scores = (
-        probes.filter(IS_ANSWERED & pl.col("score").is_not_null())
+        with_task_label(probes)
+        .filter(IS_ANSWERED & pl.col("score").is_not_null())
         .group_by(RATIO_KEYS)
         .agg((pl.col("score").mean() * 100).alias("value"), pl.len().cast(pl.Int64).alias("n"))
         .with_columns(pl.lit("score").alias("metric"))
@@ -65,6 +66,7 @@ def quality_by_ratio(cells: pl.DataFrame, probes: pl.DataFrame) -> pl.DataFrame:
         [
             pl.col("task") != PPL_TASK,
             "task",
+            "task_label",
             pl.col("compression") == "prefill",
             pl.col("policy") != BASELINE_POLICY,
             "policy_label",

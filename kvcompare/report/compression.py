@@ -91,7 +91,8 @@ def _labelled(quality: pl.DataFrame, several_modes: bool) -> pl.DataFrame:
 def accuracy_by_ratio(
     quality: pl.DataFrame, several_modes: bool = False, query_aware: bool | None = None
 ) -> alt.ConcatChart:
-    """quality_by_ratio() as a grid of panels: one per task (columns) and compression setting (rows)."""
+    """quality_by_ratio() as a grid of panels: one per task (columns; a variant of a task is one of its own, named
+    by its label) and compression setting (rows)."""
     policies = quality.filter((pl.col("policy") != BASELINE_POLICY) & pl.col("ratio").is_not_null())
     if policies.is_empty():
         raise SkipChart("no configuration was given its budget as a compression ratio (--ratio)")
@@ -99,13 +100,13 @@ def accuracy_by_ratio(
     lines = sorted(data.filter(pl.col("role") == "policy")["line"].unique().to_list())
     palette = [POLICY_COLORS[i % len(POLICY_COLORS)] for i in range(len(lines))]
     color = alt.Color("line:N", title="Policy", scale=alt.Scale(domain=lines, range=palette))
-    tasks = data["task"].unique(maintain_order=True).to_list()
+    tasks = data["task_label"].unique(maintain_order=True).to_list()  # each variant of a task a panel
     settings = data["compression"].unique(maintain_order=True).to_list()
     several_settings = len(settings) > 1
     panels = []
     for setting in settings:
         for task in tasks:
-            rows = data.filter((pl.col("task") == task) & (pl.col("compression") == setting))
+            rows = data.filter((pl.col("task_label") == task) & (pl.col("compression") == setting))
             if rows.is_empty():
                 continue
             words = SETTING_WORDS.get(str(setting), str(setting))

@@ -20,6 +20,7 @@ from kvcompare.analysis import (
     retrieval_by_probe,
     several_position_modes,
     what_was_measured,
+    with_task_label,
 )
 from kvcompare.protocol import PROTOCOL_MD
 from kvcompare.report.charting import ChartSet
@@ -122,7 +123,7 @@ def _tasks_probed(probes: pl.DataFrame) -> str:
         f"{r['task']} {r['task_params']}" if r["task_params"] not in (None, "{}") else r["task"]
         for r in tasks.iter_rows(named=True)
     ]
-    per = probes.group_by(["task", "seq_len"]).agg(pl.col("source").n_unique())["source"]
+    per = probes.group_by(["task", "task_params", "seq_len"]).agg(pl.col("source").n_unique())["source"]
     most = MISSING if per.is_empty() else str(per.max())
     lengths = ", ".join(str(n) for n in lengths_in(probes)) or MISSING
     return f"{'; '.join(named)}; lengths {lengths} tokens, {most} probes per task and length"
@@ -235,9 +236,11 @@ def task_metrics() -> dict[str, str]:
 
 
 def tasks_section(probes: pl.DataFrame, several_modes: bool) -> Section:
-    """The probe tasks other than passkey: the score across tasks, then a table per task."""
-    tasks, metrics = sorted(probes["task"].unique().to_list()), task_metrics()
-    tables = [task_table(probes, task, several_modes, metrics.get(task, "")) for task in tasks]
+    """The probe tasks other than passkey: the score across tasks, then a table per task (per variant of a task:
+    with_task_label())."""
+    probes, metrics = with_task_label(probes), task_metrics()
+    tasks = dict(sorted(probes.select("task_label", "task").unique().iter_rows()))  # label: the task's name
+    tables = [task_table(probes, label, several_modes, metrics.get(task, "")) for label, task in tasks.items()]
     return Section(TASKS_HEADING, [task_summary_table(probes, several_modes), *tables], intro=TASKS_DEFINITIONS)
 
 

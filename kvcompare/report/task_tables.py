@@ -13,6 +13,7 @@ from kvcompare.analysis import (
     retrieval_by_config,
     retrieval_stats,
     task_scores,
+    with_task_label,
 )
 from kvcompare.report.document import Table
 from kvcompare.report.formatting import MISSING, format_pct
@@ -62,8 +63,9 @@ def retrieval_table(retrieval: pl.DataFrame, several_modes: bool = False) -> Tab
 
 def task_table(probes: pl.DataFrame, task: str, several_modes: bool = False, metric: str = "") -> Table:
     """One task's score and accuracy per policy and cache limit (`full` first), over all its probes, then per
-    length; ``metric`` (what the task's score is) goes in the note."""
-    mine = probes.filter(pl.col("task") == task)
+    length; ``task`` is the task's label (with_task_label(): a variant of a task has a table of its own);
+    ``metric`` (what the task's score is) goes in the note."""
+    mine = with_task_label(probes).filter(pl.col("task_label") == task)
     by_length = task_scores(mine, ["seq_len"])
     lengths = sorted(by_length["seq_len"].drop_nulls().unique().to_list())
     at_length = {(*config_key(r), r["seq_len"]): r["score_pct"] for r in by_length.iter_rows(named=True)}
@@ -92,10 +94,11 @@ def task_table(probes: pl.DataFrame, task: str, several_modes: bool = False, met
 
 
 def task_summary_table(probes: pl.DataFrame, several_modes: bool = False) -> Table:
-    """Mean score over tasks per policy and cache limit, with each task's score beside it."""
+    """Mean score over tasks per policy and cache limit, with each task's score beside it (each variant of a task
+    as a task of its own, headed by its label: with_task_label())."""
     scores = task_scores(probes)
-    tasks = sorted(scores["task"].unique().to_list())
-    per_task = {(*config_key(r), r["task"]): r["score_pct"] for r in scores.iter_rows(named=True)}
+    tasks = sorted(scores["task_label"].unique().to_list())
+    per_task = {(*config_key(r), r["task_label"]): r["score_pct"] for r in scores.iter_rows(named=True)}
     limits = scores.group_by(RETRIEVAL_CONFIG_KEYS).agg(pl.col("cache_size_min").min(), pl.col("cache_size_max").max())
     configs = limits.sort(CONFIG_ORDER, nulls_last=False)
     ratios = with_ratios(scores)

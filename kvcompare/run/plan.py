@@ -30,6 +30,7 @@ from kvcompare.config import (
 from kvcompare.corpus import Passage
 from kvcompare.engine.budgets import parse_layer_budget, smallest_budget
 from kvcompare.engine.cache import check_skip_layers
+from kvcompare.failure import policy_line
 from kvcompare.plugins import get_host
 from kvcompare.policy import KVPolicy, PolicyError
 from kvcompare.run.results import cell_id
@@ -498,15 +499,33 @@ def task_inputs(
 
 def task_probes(config: RunConfig, task: Task, inputs: dict[int, TaskInputs]) -> list[tuple[Probe, int]]:
     """Every probe of ``task`` in the run with its sample index: ``--samples`` probes per length (per depth for
-    passkey), built from ``inputs[length]``. Raises ConfigError when the task cannot build a prompt of a length
-    (or lacks what it needs, e.g. a word list)."""
+    passkey), built from ``inputs[length]``. Raises ConfigError, naming the task and its plugin, when the task
+    cannot build a prompt of a length (or lacks what it needs, e.g. a word list), when its probes() raises, or
+    when it breaks the contract: no probe for a length, or a prompt (context + question) not of that length."""
     probes = []
     for length, samples in zip(config.lengths, config.samples, strict=True):
         try:
             built = task.probes(inputs[length], length, samples)
         except TaskError as err:
             raise ConfigError(f"{task.who()}: {err}") from None
+        except Exception as err:  # a bug in the plugin: name it and where, as a policy's is named
+            where = policy_line(err, type(task))
+            raise ConfigError(
+                f"{task.who()}: probes() raised {type(err).__name__}: {err}" + (f" (at {where})" if where else "")
+            ) from err
+        if not built:
+            raise ConfigError(
+                f"{task.who()} built no probes for length {length}: nothing of it could be measured; "
+                "fix its probes(), or leave it out of --task"
+            )
         for index, probe in enumerate(built):
+            if not isinstance(probe, Probe):
+                raise ConfigError(f"{task.who()} built {type(probe).__name__} objects, not Probes: fix its probes()")
+            if len(probe.tokens) != length:
+                raise ConfigError(
+                    f"{task.who()} built a prompt of {len(probe.tokens)} tokens for length {length}: a task's "
+                    "prompts (context + question) are exactly the length asked; fix its probes()"
+                )
             probes.append((probe, int(probe.param("sample", index % samples))))
     return probes
 

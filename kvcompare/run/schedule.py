@@ -25,7 +25,7 @@ from kvcompare.failure import failure_of, report_failure
 from kvcompare.run.figures import round_order, timing_rows
 from kvcompare.run.plan import Cell
 from kvcompare.run.quality_batch import MEMORY_SHARE, quality_batches
-from kvcompare.task import Outcome, Score
+from kvcompare.task import Outcome, Score, checked_score
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ def measure_probes(
                 )
                 record.outcome = Outcome(text=decode(generated.tokens), tokens=generated.tokens)
                 record.wall_s = generated.wall_s
-            record.score = task.score(probe, record.outcome)
+            record.score = checked_score(task, probe, record.outcome)
         except Exception as err:  # one failing policy (its memory included) must not lose the other cells
             _fail(record, err)
         tick(cell.describe(), 1)
