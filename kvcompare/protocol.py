@@ -119,9 +119,10 @@ PROTOCOL_MD = """\
   cores) fixes torch's intra-op threads; the load average at start and end is recorded.
 - **Memory.** `peak_kv_bytes`: the most key/value bytes the cache held (in the prefill setting, the whole
   context's, before it is compressed); `kv_bytes_compressed`: in the prefill setting, the bytes held right after
-  the compression. `peak_mem_bytes`: peak resident memory
-  of the process (CPU), or peak allocated device memory (cuda, mps), sampled at chunk boundaries of the
-  cell's single-sequence passes (a batched quality pass's memory is no one cell's).
+  the compression. `peak_mem_bytes`: the most memory one of the cell's single-sequence passes added above
+  what was in use when it began (so neither the weights nor what earlier cells left count): allocated device
+  memory (cuda, mps) or resident memory after the C allocator returned freed memory (CPU), sampled at chunk
+  boundaries (a batched quality pass's memory is no one cell's).
 - **Relative change.** Quality: each cell against the `full` cell of the same passage, position mode and
   compression setting (paired), averaged over samples. Speed: each trial against the `full` trial of the same
   passage, position mode, compression setting, session and round, averaged over samples × rounds, with a

@@ -72,7 +72,9 @@ RESULT_SCHEMA = pa.schema(
         ("tokens_scored", pa.int64()),
         ("peak_kv_bytes", pa.int64()),
         ("kv_bytes_compressed", pa.int64()),  # prefill: key and value bytes held right after the one compression
-        ("peak_mem_bytes", pa.int64()),  # process RSS (cpu) or allocator peak in the cell's single-sequence passes
+        # the most memory a single-sequence pass of the cell added above what was in use when it began: allocator
+        # bytes (cuda, mps) or resident bytes (cpu); the weights and what earlier cells left are not counted
+        ("peak_mem_bytes", pa.int64()),
         ("evict_s", pa.float64()),  # eviction time inside the counted decode steps, summed over trials
         ("evict_share", pa.float64()),  # evict_s / decode_s
         ("compress_s", pa.float64()),  # prefill: the one compression's time inside the TTFT, summed over trials
