@@ -117,12 +117,14 @@ PROTOCOL_MD = """\
 - **Timers.** Every timer reads the clock after synchronising the device (cuda, mps). One untimed latency
   trial of `full` on the first passage runs before anything is timed. `--threads` (default: the physical
   cores) fixes torch's intra-op threads; the load average at start and end is recorded.
-- **Memory.** `peak_kv_bytes`: the most key/value bytes the cache held (in the prefill setting, the whole
-  context's, before it is compressed); `kv_bytes_compressed`: in the prefill setting, the bytes held right after
-  the compression. `peak_mem_bytes`: the most memory one of the cell's single-sequence passes added above
-  what was in use when it began (so neither the weights nor what earlier cells left count): allocated device
-  memory (cuda, mps) or resident memory after the C allocator returned freed memory (CPU), sampled at chunk
-  boundaries (a batched quality pass's memory is no one cell's).
+- **Memory.** `peak_kv_bytes`: the most key/value bytes the cell's cache held after any chunk or step of its
+  passes. In the prefill setting that is the quality pass's end: the compressed context plus the passage's second
+  half, which is scored on it and never compressed, in every layer (`kv_bytes_compressed` plus those tokens'
+  bytes), more than the whole context's before the compression. `kv_bytes_compressed`: in the prefill setting,
+  the bytes held right after the compression. `peak_mem_bytes`: the most memory one of the cell's
+  single-sequence passes added above what was in use when it began (so neither the weights nor what earlier
+  cells left count): allocated device memory (cuda, mps) or resident memory after the C allocator returned
+  freed memory (CPU), sampled at chunk boundaries (a batched quality pass's memory is no one cell's).
 - **Relative change.** Quality: each cell against the `full` cell of the same passage, position mode and
   compression setting (paired), averaged over samples. Speed: each trial against the `full` trial of the same
   passage, position mode, compression setting, session and round, averaged over samples × rounds, with a

@@ -70,7 +70,7 @@ RESULT_SCHEMA = pa.schema(
         ("accuracy", pa.float64()),
         ("nll_sum", pa.float64()),
         ("tokens_scored", pa.int64()),
-        ("peak_kv_bytes", pa.int64()),
+        ("peak_kv_bytes", pa.int64()),  # the most held after any chunk or step; prefill: the quality pass's end
         ("kv_bytes_compressed", pa.int64()),  # prefill: key and value bytes held right after the one compression
         # the most memory a single-sequence pass of the cell added above what was in use when it began: allocator
         # bytes (cuda, mps) or resident bytes (cpu); the weights and what earlier cells left are not counted

@@ -36,7 +36,7 @@ class QualityResult:
 
     nll: np.ndarray
     correct: np.ndarray
-    peak_kv_bytes: int  # the most key and value bytes the cell's cache held
+    peak_kv_bytes: int  # the most key and value bytes the cell's cache held (prefill: at the end, with the rest fed)
     peak_mem_bytes: int | None  # bytes; None when the pass was batched: the batch's memory is no one cell's
     max_cached: int  # most tokens any compressed layer held while a chunk was attended
     wall_s: float  # the pass's wall time in seconds; in a batch, the batch's divided by its rows
