@@ -48,7 +48,7 @@ RESULT_SCHEMA = pa.schema(
         ("prefill_chunk", pa.int64()),  # tokens per prefill forward in the latency pass
         ("compile", pa.bool_()),  # --compile: decode steps were asked to run as one compiled step
         ("compiled", pa.bool_()),  # every counted decode step of every trial ran compiled (null: no trial)
-        ("compile_s", pa.float64()),  # seconds of the cell's warm-up steps that compiled, summed over trials
+        ("compile_s", pa.float64()),  # seconds its trials spent compiling (after the TTFT, before the steps), summed
         ("compile_fallback", pa.string()),  # --compile, yet eager: why compiled steps were turned off
         ("threads", pa.int64()),  # torch intra-op threads
         ("max_positions", pa.int64()),  # the model's trained positions (max_position_embeddings), null if unknown

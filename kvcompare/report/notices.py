@@ -32,16 +32,26 @@ def beyond_context_notices(cells: pl.DataFrame) -> list[str]:
     return sorted(notices)
 
 
-def compiled_steps(cells: pl.DataFrame) -> str:
+def compiled_steps(cells: pl.DataFrame, meta: dict[str, Any] | None = None) -> str:
     """How the timed decode steps ran, for the settings table: "" (eagerly, the default), or compiled and how long
-    compiling took (between prefill and decode steps, never timed)."""
-    summary = compile_summary(_asked_to_compile(cells))
+    compiling took, never timed: in the cells (between prefill and decode steps) and in the untimed warm-up pass
+    (run.json's ``speed.warm_up_compile_s``, from ``meta``; a run.json without it predates its recording)."""
+    warm_up = ((meta or {}).get("speed") or {}).get("warm_up_compile_s")
+    summary = compile_summary(_asked_to_compile(cells), warm_up or 0.0)
     if not summary["cells_compiled"]:
         return ""
+    where = (
+        f"{summary['cells_compile_s']:.1f} s in the cells, between prefill and decode steps (a cache shape compiles "
+        "once, in the first cell that has it), and "
+        + (
+            f"{warm_up:.1f} s in the untimed warm-up pass (the shape of `full`'s cache on the first passage)"
+            if warm_up is not None
+            else "an unrecorded time in the untimed warm-up pass"
+        )
+    )
     return (
-        f"; decode steps compiled (--compile: one torch.compile step for every policy), {summary['compile_s']:.0f} s "
-        "of compiling in the cells, between prefill and decode steps, never timed (the first cache shape compiles "
-        "before any cell, in the untimed warm-up pass)"
+        f"; decode steps compiled (--compile: one torch.compile step for every policy), {summary['compile_s']:.1f} s "
+        f"of compiling, never timed: {where}"
     )
 
 
