@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from kvcompare.config import RunConfig, oversubscription
-from kvcompare.environment import load_average
+from kvcompare.environment import busy_for_compiled_steps, load_average, physical_cores
 from kvcompare.protocol import PROTOCOL_VERSION
 from kvcompare.run.backends import Backend, SerialBackend
 from kvcompare.run.passages import PassageResults, count_passes, now_iso, passage_groups
@@ -71,6 +71,9 @@ def check_start(config: RunConfig, out: Path | None = None, *, resume: bool = Fa
     done = folder.finished() if resume else set()
     grid = plan(config, policies)  # the tokenizer and the corpus: passages are drawn before the weights load
     if config.ray in (None, "local") and (warning := oversubscription(config.threads, os.cpu_count())):
+        log.warning(warning)
+    threads = config.threads or physical_cores()
+    if config.compile and (warning := busy_for_compiled_steps(threads, os.cpu_count(), load_average())):
         log.warning(warning)
     return RunStart(grid, previous.get("run_id") or run_id, folder, previous, additions, done)
 
