@@ -161,8 +161,9 @@ def kv_shared_layers(config: Any, model: torch.nn.Module | None = None) -> list[
     if not shared and isinstance(count, int) and count > 0 and isinstance(layers, int):
         shared = set(range(max(layers - count, 0), layers))
     for module in model.modules() if model is not None else ():
-        if getattr(module, "is_kv_shared_layer", False) and isinstance(getattr(module, "layer_idx", None), int):
-            shared.add(module.layer_idx)
+        index = getattr(module, "layer_idx", None)
+        if getattr(module, "is_kv_shared_layer", False) and isinstance(index, int):
+            shared.add(index)
     return sorted(shared)
 
 
