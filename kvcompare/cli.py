@@ -235,7 +235,7 @@ def run_config(args: argparse.Namespace) -> Any:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``kvcompare run``: measure the grid (or with ``--dry-run`` print its plan), then print the summary and build the
-    report; exit status 1 when no cell succeeded."""
+    report; exit status 1 when no cell succeeded, or only the `full` baseline did (nothing was compared)."""
     from kvcompare.run.runner import run
 
     config = run_config(args)
@@ -257,6 +257,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     ended = outcome(load_run(folder))
     if ended.nothing_succeeded:
         print(f"kvcompare: no cell succeeded ({ended.failed} failed): {FAILED_HINT}", file=sys.stderr)
+        return 1
+    if ended.nothing_compared:
+        failed = f"{ended.compared_failed} failed; only the `full` baseline succeeded"
+        print(f"kvcompare: every compared cell failed ({failed}): {FAILED_HINT}", file=sys.stderr)
         return 1
     return 0
 

@@ -86,3 +86,31 @@ def load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def load_distortion(compiled: bool) -> str:
+    """How far other work on the CPUs distorts CPU decode steps, eager or ``compiled``, as measured on a tiny
+    float32 model on 2 cores at a 1-minute load average of about 3.6 (issue 34), for warnings."""
+    eager = "eager CPU steps took about 8 times as long (30 ms against 3.6 ms on a quiet machine)"
+    if not compiled:
+        return f"on a tiny model at a load of 3.6 on 2 cores, {eager}"
+    return (
+        "compiled CPU steps suffer far more than eager ones, as all their threads wait for the slowest: on a tiny "
+        "model at a load of 3.6 on 2 cores they took over 100 times as long (0.42-0.46 s against 1-3 ms on a quiet "
+        f"machine) while {eager}, and the A/A control showed it only as noise"
+    )
+
+
+def busy_for_compiled_steps(threads: int, cpus: int | None, load: list[float] | None) -> str | None:
+    """A warning for a --compile run when the 1-minute ``load`` average (other work, before the run starts) is above
+    the ``cpus`` its ``threads`` leave free, or None."""
+    if not load or not cpus:
+        return None
+    free = max(cpus - threads, 0)
+    if load[0] <= free:
+        return None
+    return (
+        f"the 1-minute load average is {load[0]:g}, above the {free} CPUs the run's {threads} threads leave free: "
+        f"other work will compete with the timed steps, and {load_distortion(True)}; measure on a quiet machine, or "
+        "with fewer --threads"
+    )

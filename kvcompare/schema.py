@@ -48,7 +48,7 @@ RESULT_SCHEMA = pa.schema(
         ("prefill_chunk", pa.int64()),  # tokens per prefill forward in the latency pass
         ("compile", pa.bool_()),  # --compile: decode steps were asked to run as one compiled step
         ("compiled", pa.bool_()),  # every counted decode step of every trial ran compiled (null: no trial)
-        ("compile_s", pa.float64()),  # seconds of the cell's warm-up steps that compiled, summed over trials
+        ("compile_s", pa.float64()),  # seconds its trials spent compiling (after the TTFT, before the steps), summed
         ("compile_fallback", pa.string()),  # --compile, yet eager: why compiled steps were turned off
         ("threads", pa.int64()),  # torch intra-op threads
         ("max_positions", pa.int64()),  # the model's trained positions (max_position_embeddings), null if unknown
@@ -70,9 +70,11 @@ RESULT_SCHEMA = pa.schema(
         ("accuracy", pa.float64()),
         ("nll_sum", pa.float64()),
         ("tokens_scored", pa.int64()),
-        ("peak_kv_bytes", pa.int64()),
+        ("peak_kv_bytes", pa.int64()),  # the most held after any chunk or step; prefill: the quality pass's end
         ("kv_bytes_compressed", pa.int64()),  # prefill: key and value bytes held right after the one compression
-        ("peak_mem_bytes", pa.int64()),  # process RSS (cpu) or allocator peak in the cell's single-sequence passes
+        # the most memory a single-sequence pass of the cell added above what was in use when it began: allocator
+        # bytes (cuda, mps) or resident bytes (cpu); the weights and what earlier cells left are not counted
+        ("peak_mem_bytes", pa.int64()),
         ("evict_s", pa.float64()),  # eviction time inside the counted decode steps, summed over trials
         ("evict_share", pa.float64()),  # evict_s / decode_s
         ("compress_s", pa.float64()),  # prefill: the one compression's time inside the TTFT, summed over trials

@@ -169,6 +169,23 @@ FAMILIES = [
         refused="no rotary embedding module",
     ),
     Family(
+        "gemma3n-shared-kv",
+        "Gemma3nTextConfig",
+        "Gemma3nForCausalLM",
+        {
+            "head_dim": 16,
+            "sliding_window": WINDOW,
+            "layer_types": ["sliding_attention", "full_attention"] * 2,
+            "num_kv_shared_layers": 2,  # layers 2 and 3 attend to layers 0's and 1's keys and values
+            "vocab_size_per_layer_input": 96,
+            "hidden_size_per_layer_input": 8,
+            "laurel_rank": 4,
+            "altup_num_inputs": 2,
+        },
+        refused="layers 2-3 reuse the keys and values of an earlier layer",
+        before_load=True,
+    ),
+    Family(
         "falcon-alibi",
         "FalconConfig",
         "FalconForCausalLM",

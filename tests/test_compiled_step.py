@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+import polars as pl
 import pytest
 import torch
 from families import BY_NAME
@@ -201,6 +202,32 @@ def test_a_compiled_run_records_it_in_rows_and_run_json(tiny_model_dir: Path, tm
     summary = json.loads((folder / "run.json").read_text())["speed"]["compile"]
     assert summary["cells_compiled"] == 3 and summary["cells_eager"] == 0 and summary["compile_s"] > 0
     assert "decode steps compiled" in compiled_steps(data.cells)
+
+
+@pytest.mark.parametrize("compression", ["continuous", "prefill"])
+def test_the_warm_up_compiles_fulls_shape_and_the_totals_count_it(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: Any, compression: str
+) -> None:
+    """The untimed warm-up pass runs the first cell's own prompt (in the prefill setting, the context alone), so
+    `full`'s cache shape compiles there, not in `full`'s cell; run.json's total and the report count the warm-up's
+    compiling beside the cells'."""
+    from kvcompare.analysis import load_run
+    from kvcompare.report.notices import compiled_steps
+    from kvcompare.run.runner import run
+
+    monkeypatch.setattr(compiled, "DEFAULT_BACKEND", "eager")
+    limits = {"cache_sizes": [], "ratios": [0.5]} if compression == "prefill" else {}
+    config = tiny_run(tiny_model_dir, compile=True, compression=[compression], lengths=[64], repeats=1, **limits)
+    folder = run(config, tmp_path / "r", progress=False)
+    data = load_run(folder)
+    full = data.cells.filter(pl.col("policy") == "full")
+    assert full["compiled"].to_list() == [True] and full["compile_s"].to_list() == [0.0]
+    summary = json.loads((folder / "run.json").read_text())["speed"]["compile"]
+    cells = float(data.cells["compile_s"].sum())
+    assert summary["warm_up_compile_s"] > 0 and summary["cells_compile_s"] == pytest.approx(cells)
+    assert summary["compile_s"] == pytest.approx(cells + summary["warm_up_compile_s"])
+    said = compiled_steps(data.cells, data.meta)
+    assert f"{summary['warm_up_compile_s']:.1f} s in the untimed warm-up pass" in said
 
 
 def test_a_run_whose_steps_cannot_compile_says_why_in_rows_and_report(

@@ -17,6 +17,7 @@ from runs import tiny_run
 from kvcompare import testing
 from kvcompare.hookspecs import hookimpl
 from kvcompare.policy import ScoredPolicy
+from kvcompare.report.build import FAILED_HINT
 from kvcompare.run.runner import run
 from kvcompare.signals import Needs
 from kvcompare.testing import RaisesAtEviction
@@ -77,7 +78,29 @@ def test_a_run_in_which_every_cell_failed_exits_non_zero_and_says_so(
     assert "no successful cell: all 1 cells failed" in captured.out
     assert "predates" not in captured.out and "every one of its 1 perplexity and speed cells failed" in captured.out
     assert "kvcompare: no cell succeeded (1 failed)" in captured.err
-    assert main([*args, "--out", str(tmp_path / "with-full"), "--quiet"]) == 0  # full succeeds: a run with results
+
+
+def test_a_run_in_which_only_the_baseline_succeeded_exits_non_zero_and_keeps_it(
+    tiny_model_dir: Path, tmp_path: Path, raises: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`full` alone compares nothing: the run fails (status 1) pointing to the compared cells' errors, and keeps
+    what it measured (the baseline's rows and the report); a run with one compared cell that succeeded exits 0."""
+    from runs import CORPUS
+
+    from kvcompare.cli import main
+
+    out = tmp_path / "run"
+    args = ["run", "--model", str(tiny_model_dir), "--dataset", str(CORPUS), "--cache", "16", "--lengths", "48"]
+    args += ["--stride", "8", "--repeats", "1", "--gen", "2", "--warmup", "0", "--skip-layers", "0", "--quiet"]
+    assert main([*args, "--policies", "raises", "--out", str(out)]) == 1
+    out_text, err = capsys.readouterr()
+    assert "nothing compared: all 1 cells but `full`'s failed" in out_text
+    assert "kvcompare: every compared cell failed (1 failed; only the `full` baseline succeeded): " in err
+    assert FAILED_HINT in err
+    cells = pl.read_parquet(out / "cells" / "*.parquet")
+    assert sorted(zip(cells["policy"], cells["status"], strict=True)) == [("full", "ok"), ("raises", "failed")]
+    assert (out / "report" / "report.md").is_file()
+    assert main([*args, "--policies", "raises,recent", "--out", str(tmp_path / "one-ok")]) == 0
 
 
 def test_a_report_without_a_baseline_does_not_claim_one(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -99,8 +99,9 @@ def saved(family: Family, tokenizer_dir: Path, folder: Path) -> Path:
     return folder
 
 
-def test_a_run_refuses_length_dependent_rope_before_the_weights_load(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("name", ["llama-dynamic", "gemma3n-shared-kv"])
+def test_a_run_refuses_what_the_configuration_shows_before_the_weights_load(
+    name: str, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import kvcompare.run.passages
     from kvcompare.run.runner import run
@@ -109,10 +110,18 @@ def test_a_run_refuses_length_dependent_rope_before_the_weights_load(
         raise AssertionError("the weights were loaded")
 
     monkeypatch.setattr(kvcompare.run.passages, "load_model", never)
-    model = saved(BY_NAME["llama-dynamic"], tiny_model_dir, tmp_path / "model")
-    with pytest.raises(UnsupportedModelError, match="dynamic RoPE"):
+    model = saved(BY_NAME[name], tiny_model_dir, tmp_path / "model")
+    with pytest.raises(UnsupportedModelError, match=BY_NAME[name].refused):
         run(tiny_run(model), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_layers_that_reuse_another_layers_cache_are_refused_by_the_probe_too() -> None:
+    """Where the configuration was not checked (a model built in code, a GGUF file), the probe refuses KV-shared
+    layers before any cell: evicting from the producing layer's cache alone gives the sharing layers a cache of
+    another size (every policy cell failed with a shape error), and the layers' kinds were 'no RoPE'."""
+    with pytest.raises(UnsupportedModelError, match=BY_NAME["gemma3n-shared-kv"].refused):
+        check_fidelity(Executor(BY_NAME["gemma3n-shared-kv"].build()))
 
 
 def test_a_run_refuses_a_model_it_cannot_reproduce_before_any_cell(tiny_model_dir: Path, tmp_path: Path) -> None:

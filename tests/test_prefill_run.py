@@ -163,6 +163,29 @@ def test_a_prefill_run_records_the_setting_and_scores_after_the_context(tiny_mod
     assert meta["config"]["compression"] == ["prefill"] and meta["config"]["ratios"] == [0.5]
 
 
+def test_a_prefill_cells_peak_kv_is_what_the_docs_say(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """In the prefill setting `peak_kv_bytes` is the quality pass's end: the compressed context plus the passage's
+    second half, scored on it and never compressed, in every layer; more than the whole context's before the
+    compression, which the README once called it."""
+    from kvcompare.protocol import PROTOCOL_MD
+    from kvcompare.report.wording import COMPRESSION_DEFINITIONS
+
+    config = tiny_run(tiny_model_dir, policies=["streaming"], cache_sizes=[], ratios=[0.5], compression=["prefill"])
+    rows = pl.read_parquet(run(dataclasses.replace(config, lengths=[96], repeats=1), tmp_path / "run", progress=False)
+                           / "cells" / "*.parquet")  # fmt: skip
+    model = json.loads((tiny_model_dir / "config.json").read_text())
+    head_dim = model["hidden_size"] // model["num_attention_heads"]
+    token_bytes = 2 * model["num_key_value_heads"] * head_dim * 4 * model["num_hidden_layers"]  # float32, all layers
+    for row in rows.iter_rows(named=True):
+        after_context = token_bytes * (row["seq_len"] - 1 - row["context_tokens"])  # the tokens scored
+        held = row["kv_bytes_compressed"] if row["policy"] != "full" else token_bytes * row["context_tokens"]
+        assert row["peak_kv_bytes"] == held + after_context > token_bytes * row["context_tokens"], row
+    said = " ".join(PROTOCOL_MD.split())
+    assert "the quality pass's end: the compressed context plus the passage's second half" in said
+    assert "whole context's, before it is compressed" not in said
+    assert "whole context's, before it" not in COMPRESSION_DEFINITIONS["kv_bytes_compressed"]
+
+
 def test_a_resumed_run_may_add_the_prefill_setting(tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     base = {"policies": ["streaming"], "cache_sizes": [24], "lengths": [64], "repeats": 0, "threads": 1}

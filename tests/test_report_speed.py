@@ -338,6 +338,9 @@ def test_load_above_the_cores_is_warned(tmp_path: Path) -> None:
     assert len(both) == 2 and "2 torch threads on 1 CPUs" in both[0]
     assert "3.5 at the start and 1.5 at the end of the run, above the 1 CPU cores" in both[1]
     assert load_notices({}) == []
+    eager, compiled = (load_notices({"speed": busy, "config": {"compile": c, "device": "cpu"}}) for c in (False, True))
+    assert "eager CPU steps took about 8 times as long" in eager[0] and "compiled" not in eager[0]
+    assert "compiled CPU steps suffer far more than eager ones" in compiled[0] and "over 100 times" in compiled[0]
     paths = build_report(write_run(tmp_path, [FULL], speed=busy))
     assert "> **Note:** The 1-minute load average was 3.5" in paths.markdown.read_text()
 

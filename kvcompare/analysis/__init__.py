@@ -169,17 +169,28 @@ class Outcome:
 
     ok: int
     failed: int
+    compared_ok: int = 0  # of them, the cells and probes of the compared configurations (all but `full`)
+    compared_failed: int = 0
 
     @property
     def nothing_succeeded(self) -> bool:
         """No cell or probe of the run succeeded (the CLI then exits with status 1)."""
         return self.ok == 0
 
+    @property
+    def nothing_compared(self) -> bool:
+        """Only the `full` baseline succeeded: every cell and probe of the configurations compared with it failed,
+        so the run compared nothing (the CLI then exits with status 1 too)."""
+        return self.ok > 0 and self.compared_failed > 0 and self.compared_ok == 0
+
 
 def outcome(run: RunData) -> Outcome:
-    """How many cells and probes of ``run`` succeeded and failed."""
-    statuses = pl.concat([run.cells["status"], run.retrieval["status"]])
-    return Outcome(int((statuses == "ok").sum()), int((statuses != "ok").sum()))
+    """How many cells and probes of ``run`` succeeded and failed, in all and of the compared configurations."""
+    rows = pl.concat([frame.select("status", compared=~IS_BASELINE) for frame in (run.cells, run.retrieval)])
+    ok, compared = rows["status"] == "ok", rows["compared"]
+    return Outcome(
+        int(ok.sum()), int((~ok).sum()), int((ok & compared).sum()), int((~ok & compared).sum())
+    )
 
 
 def analyse(run: RunData) -> Analysis:

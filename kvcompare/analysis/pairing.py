@@ -50,16 +50,21 @@ def ok_cells(cells: pl.DataFrame) -> pl.DataFrame:
     return cells.filter(IS_OK)
 
 
-def compile_summary(cells: pl.DataFrame) -> dict[str, Any]:
+def compile_summary(cells: pl.DataFrame, warm_up_s: float = 0.0) -> dict[str, Any]:
     """What --compile did, from the rows: successful timed cells whose counted decode steps all ran compiled, those
-    that ran eagerly and why, and the seconds spent compiling (between prefill and decode steps, never timed)."""
+    that ran eagerly and why, and the seconds spent compiling, never timed: in the cells (between prefill and
+    decode steps), in the untimed warm-up passes (``warm_up_s``, run.json's ``speed.warm_up_compile_s``), and
+    both (``compile_s``)."""
     timed = ok_cells(cells).filter(pl.col("compiled").is_not_null()) if "compiled" in cells.columns else cells[:0]
     eager = timed.filter(~pl.col("compiled"))
+    cells_s = float(timed["compile_s"].fill_null(0.0).sum()) if timed.height else 0.0
     return {
         "cells_compiled": timed.height - eager.height,
         "cells_eager": eager.height,
         "fallbacks": sorted({r for r in eager["compile_fallback"].to_list() if r}) if eager.height else [],
-        "compile_s": float(timed["compile_s"].fill_null(0.0).sum()) if timed.height else 0.0,
+        "cells_compile_s": cells_s,
+        "warm_up_compile_s": warm_up_s,
+        "compile_s": cells_s + warm_up_s,
     }
 
 

@@ -36,7 +36,7 @@ class QualityResult:
 
     nll: np.ndarray
     correct: np.ndarray
-    peak_kv_bytes: int  # the most key and value bytes the cell's cache held
+    peak_kv_bytes: int  # the most key and value bytes the cell's cache held (prefill: at the end, with the rest fed)
     peak_mem_bytes: int | None  # bytes; None when the pass was batched: the batch's memory is no one cell's
     max_cached: int  # most tokens any compressed layer held while a chunk was attended
     wall_s: float  # the pass's wall time in seconds; in a batch, the batch's divided by its rows
@@ -54,7 +54,7 @@ class LatencyResult:
     signal_s: list[float]  # signal collection (attention a policy reads) inside each counted step
     generated: list[int]  # the token ids generated: the first after the prefill, then one per decode step
     peak_kv_bytes: int  # the most key and value bytes the cache held
-    peak_mem_bytes: int  # the process's (CPU) or the device allocator's peak bytes during the pass
+    peak_mem_bytes: int  # the most bytes the pass added to what was in use when it began (engine.memory.PeakMemory)
     compress_s: float | None = None  # the prefill setting: the one compression's time, inside ttft_s (None: none)
     kv_bytes_compressed: int | None = None  # the prefill setting: key and value bytes held right after compressing
     compiled: bool = False  # every counted decode step ran compiled (--compile)
@@ -234,13 +234,13 @@ class Executor:
         correct = np.empty((count, length - 1), dtype=bool)
         max_cached = [0] * count
         try:  # building the cache runs the policy's code too (its constructor, needs()) and allocates
+            memory = PeakMemory(self.device)  # before the cache: its buffers are the pass's memory
             if count == 1:
                 cache = self.new_cache(*cells[0], capacity=length)
                 rows, row_of, failed = [cache], [0], {}
             else:
                 cache = self.new_batch(cells, capacity=length)
                 rows, row_of, failed = cache.caches, cache.row_of, cache.failed
-            memory = PeakMemory(self.device)
             split = length - 1 if context is None else min(context, length - 1)
             with self.attached():
                 for start, end in chunk_bounds(length - 1, stride, split):
@@ -298,8 +298,8 @@ class Executor:
         :meth:`new_cache` and :meth:`forward` raise, and CompileInTimedStepError.
         """
         ids = prompt.to(self.device).view(1, -1)
+        memory = PeakMemory(self.device)  # before the cache: its buffers are the pass's memory
         cache = self.new_cache(policy, config, capacity=ids.shape[1] + warmup + gen)
-        memory = PeakMemory(self.device)
         self.compress_timer.take_seconds()
         with self.attached():
             start = now(self.device)

@@ -82,7 +82,8 @@ def _keys_written(executor: Executor, ids: torch.Tensor, offset: int) -> torch.T
 
 @torch.inference_mode()
 def check_fidelity(executor: Executor, shift: bool = True) -> Fidelity:
-    """Run both probes; raise UnsupportedModelError naming what differs when the logits' error is over
+    """Refuse KV-shared layers (:func:`refuse_shared_kv`), then run both probes; raise UnsupportedModelError naming
+    what differs when the logits' error is over
     TOLERANCE, or the moved keys' error when the run uses shift mode (``shift``; else it is only recorded).
 
     Where a layer's keys do not move as its rotary was read (:func:`kvcompare.engine.rope.layer_rotaries`), the other
@@ -92,6 +93,7 @@ def check_fidelity(executor: Executor, shift: bool = True) -> Fidelity:
     model, dtype = executor.model, executor.layout.dtype
     limit = TOLERANCE.get(dtype, TOLERANCE[torch.float32])
     name = type(model).__name__
+    refuse_shared_kv(model.config, name, model)
     ids = torch.randint(0, executor.vocab, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
     ids = ids.to(executor.device)
     own = model(input_ids=ids, use_cache=False).logits  # the model alone: its own errors are its own
@@ -143,6 +145,40 @@ def check_fidelity(executor: Executor, shift: bool = True) -> Fidelity:
         )
     kinds = [layer_kind(features.get(n), r) for n, r in enumerate(rotaries)]
     return Fidelity(logit_error, key_error, kinds, own_error)
+
+
+def kv_shared_layers(config: Any, model: torch.nn.Module | None = None) -> list[int]:
+    """The layers that attend to an earlier layer's keys and values instead of caching their own (KV sharing:
+    Gemma-3n's last ``num_kv_shared_layers``), from the configuration's ``kv_sharing_modes`` (or that count), and
+    from ``model``'s attention modules (``is_kv_shared_layer``) where given; sorted layer indices."""
+    config = getattr(config, "text_config", None) or config
+    try:
+        modes = list(getattr(config, "kv_sharing_modes", None) or [])
+    except Exception:  # noqa: BLE001 - a configuration whose own consistency check fails: the count decides
+        modes = []
+    shared = {n for n, mode in enumerate(modes) if isinstance(mode, str) and mode.startswith("reuse")}
+    count, layers = getattr(config, "num_kv_shared_layers", 0), getattr(config, "num_hidden_layers", None)
+    if not shared and isinstance(count, int) and count > 0 and isinstance(layers, int):
+        shared = set(range(max(layers - count, 0), layers))
+    for module in model.modules() if model is not None else ():
+        index = getattr(module, "layer_idx", None)
+        if getattr(module, "is_kv_shared_layer", False) and isinstance(index, int):
+            shared.add(index)
+    return sorted(shared)
+
+
+def refuse_shared_kv(config: Any, name: str, model: torch.nn.Module | None = None) -> None:
+    """Raise UnsupportedModelError for a model with KV-shared layers (:func:`kv_shared_layers`): such a layer
+    reads another layer's cache, so the caches cannot be compressed layer by layer as kvcompare does."""
+    shared = kv_shared_layers(config, model)
+    if shared:
+        span = f"{shared[0]}-{shared[-1]}" if shared == list(range(shared[0], shared[-1] + 1)) else str(shared)[1:-1]
+        raise UnsupportedModelError(
+            f"{name}'s layers {span} reuse the keys and values of an earlier layer instead of caching their own "
+            "(KV sharing, as in Gemma-3n): layers that reuse another layer's cache cannot be compressed "
+            "independently, as kvcompare compresses each layer's own cache, so it is refused rather than measured "
+            "wrongly; use a model without KV-shared layers"
+        )
 
 
 def _own_chunked_error(executor: Executor, ids: torch.Tensor, own: torch.Tensor) -> float:

@@ -70,6 +70,8 @@ def summary_table(run_dir: Path) -> str:
     ended = outcome(run)
     if ended.nothing_succeeded and ended.failed:
         tables = tables or [f"no successful cell: all {ended.failed} cells failed ({FAILED_HINT})"]
+    if ended.nothing_compared:
+        tables.append(f"nothing compared: all {ended.compared_failed} cells but `full`'s failed ({FAILED_HINT})")
     return "\n".join([noise_line(analysis.noise, analysis.measured) + "\n", *(tables or ["no finished cells"])])
 
 

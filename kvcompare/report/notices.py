@@ -11,6 +11,7 @@ import polars as pl
 from kvcompare.analysis import BASELINE_POLICY, EVERYTHING, NOISE_CHANGES, Measured, NoiseFloor, lengths_in, ok_cells
 from kvcompare.analysis.pairing import compile_summary
 from kvcompare.config import oversubscription
+from kvcompare.environment import load_distortion
 from kvcompare.report.formatting import join
 
 
@@ -32,16 +33,26 @@ def beyond_context_notices(cells: pl.DataFrame) -> list[str]:
     return sorted(notices)
 
 
-def compiled_steps(cells: pl.DataFrame) -> str:
+def compiled_steps(cells: pl.DataFrame, meta: dict[str, Any] | None = None) -> str:
     """How the timed decode steps ran, for the settings table: "" (eagerly, the default), or compiled and how long
-    compiling took (between prefill and decode steps, never timed)."""
-    summary = compile_summary(_asked_to_compile(cells))
+    compiling took, never timed: in the cells (between prefill and decode steps) and in the untimed warm-up pass
+    (run.json's ``speed.warm_up_compile_s``, from ``meta``; a run.json without it predates its recording)."""
+    warm_up = ((meta or {}).get("speed") or {}).get("warm_up_compile_s")
+    summary = compile_summary(_asked_to_compile(cells), warm_up or 0.0)
     if not summary["cells_compiled"]:
         return ""
+    where = (
+        f"{summary['cells_compile_s']:.1f} s in the cells, between prefill and decode steps (a cache shape compiles "
+        "once, in the first cell that has it), and "
+        + (
+            f"{warm_up:.1f} s in the untimed warm-up pass (the shape of `full`'s cache on the first passage)"
+            if warm_up is not None
+            else "an unrecorded time in the untimed warm-up pass"
+        )
+    )
     return (
-        f"; decode steps compiled (--compile: one torch.compile step for every policy), {summary['compile_s']:.0f} s "
-        "of compiling in the cells, between prefill and decode steps, never timed (the first cache shape compiles "
-        "before any cell, in the untimed warm-up pass)"
+        f"; decode steps compiled (--compile: one torch.compile step for every policy), {summary['compile_s']:.1f} s "
+        f"of compiling, never timed: {where}"
     )
 
 
@@ -69,11 +80,12 @@ def load_notices(meta: dict[str, Any]) -> list[str]:
     speed = meta.get("speed") or {}
     threads, cpus = speed.get("threads"), speed.get("cpu_count")
     warning = oversubscription(threads, cpus) if isinstance(threads, int) and isinstance(cpus, int) else None
-    return ([f"{warning[0].upper()}{warning[1:]}."] if warning else []) + _load_notices(speed)
+    return ([f"{warning[0].upper()}{warning[1:]}."] if warning else []) + _load_notices(speed, meta.get("config"))
 
 
-def _load_notices(speed: dict[str, Any]) -> list[str]:
-    """A warning when the 1-minute load average at the start or end exceeded the cores (else the threads)."""
+def _load_notices(speed: dict[str, Any], config: dict[str, Any] | None = None) -> list[str]:
+    """A warning when the 1-minute load average at the start or end exceeded the cores (else the threads), saying
+    how far load distorts the run's CPU steps (eager or compiled, from its ``config``) where they ran on a CPU."""
     cores, what = speed.get("cpu_count"), "CPU cores"
     if not isinstance(cores, int | float) or cores <= 0:
         cores, what = speed.get("threads"), "threads the run used (run.json records no core count)"
@@ -86,9 +98,12 @@ def _load_notices(speed: dict[str, Any]) -> list[str]:
     ]
     if not high:
         return []
+    how = ""
+    if config and str(config.get("device") or "cpu").startswith("cpu"):
+        how = f" How far: {load_distortion(bool(config.get('compile')))}."
     return [
         f"The 1-minute load average was {join(high)} of the run, above the {cores:g} {what}: other work competed "
-        "for the processor, so speed figures may be slower and noisier than this machine allows."
+        f"for the processor, so speed figures may be slower and noisier than this machine allows.{how}"
     ]
 
 

@@ -188,7 +188,7 @@ def compared(run: RunData, measured: Measured | None = None) -> dict[str, str]:
         "position modes": listed("positions", "positions"),
         "lengths (tokens)": ", ".join(lengths) or listed("seq_len", "lengths"),
         "latency trials": f"{trials}; the prompt prefilled in chunks of {chunk} tokens, then {gen} tokens timed "
-        f"after {warmup} warm-up steps{compiled_steps(cells)}"
+        f"after {warmup} warm-up steps{compiled_steps(cells, run.meta)}"
         if measured.speed
         else f"none ({measured.no_speed})",
         "device": device,

@@ -143,7 +143,7 @@ COMPRESSION_DEFINITIONS = {
     "context_tokens": "prefill: the tokens prefilled, then compressed once (for `ppl`, the first half of each "
     "passage; only the tokens after it are scored).",
     "kv_bytes_compressed": "prefill: the key and value bytes held right after the compression (`peak_kv_bytes` is "
-    "the whole context's, before it).",
+    "the quality pass's end: these plus the passage's second half, scored on them and never compressed).",
     "compress_s, compress_share": "prefill: the one compression's time inside the TTFT, summed over the latency "
     "trials, and its share of their TTFT.",
 }

@@ -11,6 +11,7 @@ failed (``--resume`` measures them again). Ctrl-C keeps every finished passage.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import re
@@ -80,12 +81,14 @@ class PassageWorker:
 
     def measure(self, cells: list[Cell], todo: list[Cell], done: set[str], session: int) -> PassageResults:
         """Measure one passage's ``todo`` cells (of the passage's ``cells``) on this actor's device."""
+        compiling = 0.0
         if not self.warmed and self.config.repeats:  # the first timed cells must not pay for first calls
-            warm_up(self.executor, todo[0])
+            compiling = warm_up(self.executor, todo[0])
             self.warmed = True
-        return measure_group(
+        results = measure_group(
             self.executor, cells, todo, done, self.context, session, self.config.quality_batch, lambda *_: None
         )
+        return dataclasses.replace(results, warm_up_compile_s=compiling)
 
 
 def start_ray(address: str) -> bool:

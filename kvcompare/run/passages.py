@@ -132,6 +132,7 @@ class PassageResults:
     timings_name: str | None  # the timings file's name (None: a passkey prompt, which is not timed)
     timings: list[dict[str, Any]]
     cells: list[tuple[dict[str, Any], list[dict[str, Any]]]]  # each cell's row and curve
+    warm_up_compile_s: float = 0.0  # seconds the untimed warm-up before this passage spent compiling (--compile)
 
 
 def measure_group(
@@ -243,15 +244,17 @@ def result_row(
 WARM_UP_TOKENS = 4096
 
 
-def warm_up(executor: Executor, cell: Cell) -> None:
-    """One untimed latency pass of the full cache on the first cell's passage (up to WARM_UP_TOKENS).
+def warm_up(executor: Executor, cell: Cell) -> float:
+    """One untimed latency pass of the full cache on the first cell's prompt (the passage, or in the prefill
+    setting its context; up to WARM_UP_TOKENS); returns the seconds it spent compiling (0.0 without --compile).
 
-    It runs what the first timed cell runs (the same chunk shapes, a cache of the same size, the same number
-    of decode steps), so that cell does not pay for first-call allocation and first-touch page faults.
+    It runs what the first timed cell's `full` runs (the same chunk shapes, a cache of the same size, the same
+    number of decode steps), so that cell does not pay for first-call allocation and first-touch page faults,
+    and with --compile the shape of that `full` cache compiles here (a prompt over WARM_UP_TOKENS excepted).
     """
-    tokens = torch.tensor(cell.passage.tokens[:WARM_UP_TOKENS], dtype=torch.long)
+    tokens = torch.tensor(cell.prompt[:WARM_UP_TOKENS], dtype=torch.long)
     full = dataclasses.replace(cell.cache, limit=None)
     latency = cell.context.latency
-    executor.generate(
+    return executor.generate(
         tokens, cell.policy, full, gen=latency.gen, warmup=latency.warmup, prefill_chunk=latency.prefill_chunk
-    )
+    ).compile_s

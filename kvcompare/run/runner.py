@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from kvcompare.config import RunConfig, oversubscription
-from kvcompare.environment import load_average
+from kvcompare.environment import busy_for_compiled_steps, load_average, physical_cores
 from kvcompare.protocol import PROTOCOL_VERSION
 from kvcompare.run.backends import Backend, SerialBackend
 from kvcompare.run.passages import PassageResults, count_passes, now_iso, passage_groups
@@ -72,6 +72,9 @@ def check_start(config: RunConfig, out: Path | None = None, *, resume: bool = Fa
     grid = plan(config, policies)  # the tokenizer and the corpus: passages are drawn before the weights load
     if config.ray in (None, "local") and (warning := oversubscription(config.threads, os.cpu_count())):
         log.warning(warning)
+    threads = config.threads or physical_cores()
+    if config.compile and (warning := busy_for_compiled_steps(threads, os.cpu_count(), load_average())):
+        log.warning(warning)
     return RunStart(grid, previous.get("run_id") or run_id, folder, previous, additions, done)
 
 
@@ -105,9 +108,10 @@ def run(
     backend = open_backend(grid, begun.run_id)
     try:
         meta.update(backend.describe())
+        meta["speed"]["warm_up_compile_s"] = (previous.get("speed") or {}).get("warm_up_compile_s") or 0.0
         folder.open(meta)
         try:
-            measure_all(backend, grid, done, folder, session=len(resumes), progress=progress)
+            measure_all(backend, grid, done, folder, meta["speed"], session=len(resumes), progress=progress)
             finish(folder, meta)
         finally:  # an interrupted run still records how loaded the machine was
             meta["speed"]["load_average_end"] = load_average()
@@ -127,10 +131,12 @@ def open_backend(grid: Plan, run_id: str) -> Backend:
 
 
 def measure_all(
-    backend: Backend, grid: Plan, done: set[str], folder: RunFolder, *, session: int, progress: bool
+    backend: Backend, grid: Plan, done: set[str], folder: RunFolder, speed: dict[str, Any], *, session: int,
+    progress: bool,
 ) -> None:
     """Have ``backend`` measure every unfinished passage; write each one's timings, then its cells, the moment
-    it comes back, and count its passes on the progress bar."""
+    it comes back, and count its passes on the progress bar; add the seconds its warm-ups spent compiling to
+    ``speed["warm_up_compile_s"]`` (run.json's, every session's)."""
     groups = passage_groups(grid, done)
 
     def tick(label: str, passes: int) -> None:
@@ -141,6 +147,7 @@ def measure_all(
     failures = 0
     with passes_bar(count_passes(groups, grid.config), progress, folder) as bar:
         for results in backend.measure(groups, done, session, tick):
+            speed["warm_up_compile_s"] += results.warm_up_compile_s
             failures += write_results(folder, results)
     report_failures(failures)
 
@@ -153,7 +160,7 @@ def finish(folder: RunFolder, meta: dict[str, Any]) -> None:
     data = load_run(folder.path)
     meta["speed"]["noise_floor"] = measured_noise_floor(data)
     if meta["config"].get("compile"):
-        meta["speed"]["compile"] = compile_summary(data.cells)
+        meta["speed"]["compile"] = compile_summary(data.cells, meta["speed"].get("warm_up_compile_s") or 0.0)
     meta["finished_at"] = now_iso()
 
 
