@@ -448,6 +448,22 @@ def test_repeated_values_in_a_grid_are_measured_once_with_a_notice(
     assert load_run(out).cells.height == 3
 
 
+def test_repeated_ratios_and_compression_settings_are_planned_once_with_a_notice(
+    tiny_model_dir: Path, tmp_path: Path, no_measuring: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvcompare.run.runner import check_start
+
+    once = {"cache_sizes": [], "ratios": [0.5], "compression": ["continuous", "prefill"], "policies": ["streaming"]}
+    twice = {**once, "ratios": [0.5, 0.5], "compression": ["continuous", "prefill", "prefill"]}
+    expected = check_start(config(tiny_model_dir, lengths=[96], **once), tmp_path / "a")
+    repeated = check_start(config(tiny_model_dir, lengths=[96], **twice), tmp_path / "b")
+    assert [c.id for c in repeated.grid.cells] == [c.id for c in expected.grid.cells]
+    assert repeated.grid.metadata()["cells_planned"] == len(expected.grid.cells) == 4  # full and streaming, twice
+    err = capsys.readouterr().err
+    assert "kvcompare: --ratio repeats 0.5: each is measured once" in err
+    assert "kvcompare: --compression repeats prefill: each is measured once" in err
+
+
 def test_a_length_repeated_with_different_sample_counts_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--lengths gives 48 twice, with 1 and 2 samples: give it once"):
         run(config(tiny_model_dir, lengths=[48, 48], samples=[1, 2]), tmp_path / "run", progress=False)

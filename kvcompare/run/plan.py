@@ -323,13 +323,20 @@ def check_limit(config: RunConfig, policies: list[KVPolicy], limit: int, setting
 
 
 def merge_repeated_values(config: RunConfig) -> RunConfig:
-    """``config`` with each value repeated in --cache, --lengths, --positions, --depths or --policies kept once
+    """``config`` with each value repeated in --cache, --ratio, --compression, --lengths, --positions, --depths or
+    --policies kept once
     (each merge said on stderr), so that no cell is planned, measured or written twice.
 
     A length repeated with different sample counts is refused: which count was meant cannot be guessed.
     """
     changes: dict[str, Any] = {}
-    for name, flag in (("cache_sizes", "--cache"), ("positions", "--positions"), ("depths", "--depths")):
+    for name, flag in (
+        ("cache_sizes", "--cache"),
+        ("ratios", "--ratio"),
+        ("compression", "--compression"),
+        ("positions", "--positions"),
+        ("depths", "--depths"),
+    ):
         changes[name] = _once(getattr(config, name), flag)
     changes["policies"] = _once([spec.strip() for spec in config.policies], "--policies")
     counts: dict[int, int] = {}
