@@ -257,6 +257,26 @@ def test_cheap_checks_run_before_the_model_loads(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(("layers", "suggested"), [(2, [0]), (1, [])])
+def test_skipping_every_layer_suggests_a_skip_list_that_works_for_the_model(
+    tiny_model_dir: Path, tmp_path: Path, no_measuring: None, layers: int, suggested: list[int]
+) -> None:
+    import shutil
+
+    from kvcompare.run.runner import check_start
+
+    model = tmp_path / "model"  # the configuration and tokenizer alone: the check needs no weights
+    shutil.copytree(tiny_model_dir, model, ignore=shutil.ignore_patterns("*.safetensors"))
+    meta = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**meta, "num_hidden_layers": layers}))
+    given = list(range(layers))  # [0, 1], the default, on two layers
+    flag = ",".join(map(str, suggested)) or "none"
+    refusal = rf"covers all {layers} layers .*; skip fewer layers \(--skip-layers {flag}\)$"
+    with pytest.raises(ConfigError, match=refusal):
+        check_start(config(model, skip_layers=given), tmp_path / "run")
+    assert check_start(config(model, skip_layers=suggested), tmp_path / "run").grid.cells  # the suggestion works
+
+
 def test_a_user_error_is_one_line_with_exit_status_2(
     tiny_model_dir: Path, tmp_path: Path, no_measuring: None, capsys: pytest.CaptureFixture[str]
 ) -> None:

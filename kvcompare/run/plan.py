@@ -364,9 +364,10 @@ def check_layers(config: RunConfig, policies: list[KVPolicy], layers: int) -> No
     """Checks that need the model's layer count: skip layers exist and leave some layer to compress."""
     check_skip_layers(config.skip_layers, layers)
     if any(p.bounded for p in policies) and set(range(layers)) <= set(config.skip_layers):
+        fewer = sorted(config.skip_layers)[:-1]  # all but the top layer: that one is compressed
         raise ConfigError(
             f"--skip-layers covers all {layers} layers of {config.model}: nothing would be compressed, so every "
-            "policy would equal full; skip fewer layers (e.g. --skip-layers 0,1)"
+            f"policy would equal full; skip fewer layers (--skip-layers {','.join(map(str, fewer)) or 'none'})"
         )
 
 
