@@ -530,7 +530,7 @@ def test_resume_may_add_a_task_with_settings_no_finished_cell_depends_on(tiny_mo
     assert sorted(cells["task"].to_list()) == ["passkey", "passkey", "ppl", "ppl"]
     fewer = config(tiny_model_dir, lengths=[200], repeats=1, tasks=["ppl", "passkey"], depths=[0.7])
     expected = (
-        r"add policies, cache limits, ratios, position modes, compression settings, tasks, needle depths, lengths "
+        r"add policies, cache limits, position modes, compression settings, tasks, needle depths, lengths "
         r"or samples. Differences: "
         r"haystack: 'text' then, 'repeat' now; depths: \[0.5\] would be dropped"
     )
