@@ -377,7 +377,9 @@ def _json_kind(value: Any) -> str:
         return "boolean"
     if isinstance(value, int | float):
         return "number"
-    return {list: "list", dict: "object"}.get(type(value), type(value).__name__)
+    if isinstance(value, list | dict):
+        return "list" if isinstance(value, list) else "object"
+    return type(value).__name__
 
 
 def _table_rows(path: Path) -> Iterator[dict[str, Any]]:
