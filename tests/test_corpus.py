@@ -350,6 +350,28 @@ def test_parquet_rows_are_documents(tmp_path: Path) -> None:
     assert parquet.describe()["kind"] == "parquet"
 
 
+def test_rows_without_text_are_skipped_with_one_notice(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [{"text": "first"}, {"text": None}, {"text": 7}, {"text": ["a"]}, {"text": "second"}]
+    jsonl = load_corpus(str(write_jsonl(tmp_path / "rows.jsonl", rows)))
+    assert [doc.text for doc in jsonl.documents()] == ["first", "second"]  # never "None", "7" or "['a']"
+    assert [doc.source for doc in jsonl.documents()] == ["rows.jsonl#0", "rows.jsonl#4"]  # read twice, said once
+    notice = (
+        f"kvcompare: warning: {tmp_path / 'rows.jsonl'}: 3 of 5 rows have no text in 'text' (null 1, number 1, "
+        "list 1) and are skipped"
+    )
+    assert capsys.readouterr().err.splitlines() == [notice]
+    parquet = tmp_path / "books.parquet"
+    pq.write_table(pa.table({"text": ["one", None, "two"]}), parquet)
+    assert [doc.text for doc in load_corpus(str(parquet)).documents()] == ["one", "two"]
+    assert "1 of 3 rows have no text in 'text' (null 1) and are skipped" in capsys.readouterr().err
+
+
+def test_a_table_without_any_text_is_refused(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"text": None}, {"text": 3.5}])
+    with pytest.raises(CorpusError, match=r"rows\.jsonl: none of its 2 rows holds text in 'text' \(null 1, number 1\)"):
+        sample_passages(load_corpus(str(path)), byte_encode, length=8, samples=1, seed=0)
+
+
 def test_missing_text_column_lists_the_columns(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "rows.jsonl", [{"title": "One", "body": "first"}])
     with pytest.raises(CorpusError, match=r"no column 'text' \(it has title, body\)"):

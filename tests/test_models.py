@@ -280,3 +280,44 @@ def test_a_gguf_whose_metadata_is_cut_short_is_a_model_error(tmp_path: Path) -> 
 
 def test_the_layer_count_of_a_model_folder_comes_from_its_config(tiny_model_dir: Path) -> None:
     assert models.layer_count(str(tiny_model_dir)) == 4
+
+
+@pytest.mark.parametrize(
+    ("model_type", "architecture"),
+    [("t5", "T5ForConditionalGeneration"), ("bart", "BartForConditionalGeneration")],
+)
+def test_an_encoder_decoder_model_is_refused_briefly_before_its_weights_load(
+    model_type: str, architecture: str, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """T5 is no causal LM at all; BART's AutoModelForCausalLM would be its decoder alone, without the encoder."""
+    from transformers import AutoConfig
+
+    from kvcompare.cli import main
+
+    shapes = {"d_model": 32, "num_layers": 2, "encoder_layers": 2, "decoder_layers": 2, "vocab_size": 300}
+    AutoConfig.for_model(model_type, architectures=[architecture], **shapes).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path)
+    expected = (
+        f"{tmp_path} is an encoder-decoder model (model_type {model_type}, {architecture}), not a decoder-only "
+        "causal LM: kvcompare measures decoder-only causal LMs (Llama, Qwen, Mistral, Gemma, ...); pass one of those"
+    )
+    for load in (models.layer_count, load_model):
+        with pytest.raises(UnsupportedModelError) as refused:
+            load(str(tmp_path))
+        assert str(refused.value) == expected
+    args = ["run", "--model", str(tmp_path), "--dataset", str(Path(__file__).parent / "data" / "tiny_corpus.txt")]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 2  # refused before any weight is read: there are none
+    assert capsys.readouterr().err.strip().splitlines() == [f"kvcompare: error: {expected}"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_type_that_is_no_causal_lm_is_refused_by_name(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("vit", architectures=["ViTModel"]).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError) as refused:
+        models.layer_count(str(tmp_path))
+    assert str(refused.value) == (
+        f"{tmp_path} (model_type vit, ViTModel) is not a causal LM that transformers can load: kvcompare measures "
+        "decoder-only causal LMs (Llama, Qwen, Mistral, Gemma, ...); pass one of those"
+    )

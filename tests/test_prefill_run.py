@@ -199,6 +199,57 @@ def test_a_resumed_run_may_add_the_prefill_setting(tiny_model_dir: Path, tmp_pat
         run(tiny_run(tiny_model_dir, **base, compression=["prefill"]), out, resume=True, progress=False)
 
 
+def test_a_resumed_continuous_run_may_add_the_query_aware_prefill_setting(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    base = {"policies": ["streaming"], "cache_sizes": [24], "lengths": [64], "repeats": 0, "threads": 1}
+    run(tiny_run(tiny_model_dir, **base), out, progress=False)
+    before = set(pl.read_parquet(out / "cells" / "*.parquet")["cell_id"])
+    more = tiny_run(tiny_model_dir, **base, compression=["continuous", "prefill"], query_aware=True)
+    run(more, out, resume=True, progress=False)  # no finished cell depends on query_aware
+    rows = pl.read_parquet(out / "cells" / "*.parquet")
+    assert before < set(rows["cell_id"]) and rows.height == 4
+    assert set(rows.filter(pl.col("compression") == "prefill")["query_aware"]) == {True}
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["resumes"][-1]["added"] == {"compression": ["prefill"]} and meta["config"]["query_aware"] is True
+    with pytest.raises(ConfigError, match="query_aware: True then, False now"):  # now prefill cells depend on it
+        run(tiny_run(tiny_model_dir, **base, compression=["continuous", "prefill"]), out, resume=True, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "addable", "why"),
+    [
+        (
+            {"cache_sizes": [24]},
+            {"cache_sizes": [], "ratios": [0.5]},
+            "policies, cache limits, position modes,",
+            "a run budgeted by --cache cannot gain --ratio budgets",
+        ),
+        (
+            {"cache_sizes": [], "ratios": [0.5]},
+            {"cache_sizes": [24], "ratios": []},
+            "policies, ratios, position modes,",
+            "a run budgeted by --ratio cannot gain --cache budgets",
+        ),
+    ],
+)
+def test_resume_lists_only_the_budgets_a_run_can_gain(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    first: dict[str, object],
+    then: dict[str, object],
+    addable: str,
+    why: str,
+) -> None:
+    """--cache and --ratio exclude each other: a run budgeted by one can never gain the other."""
+    out = tmp_path / "run"
+    base = {"policies": ["streaming"], "lengths": [64], "repeats": 0, "threads": 1}
+    run(tiny_run(tiny_model_dir, **base, **first), out, progress=False)
+    with pytest.raises(ConfigError) as refused:
+        run(tiny_run(tiny_model_dir, **base, **then), out, resume=True, progress=False)
+    assert f"it may only add {addable}" in str(refused.value)
+    assert f"{why} (they exclude each other)" in str(refused.value)
+
+
 SUPPORTED = [family for family in FAMILIES if not family.refused]
 
 

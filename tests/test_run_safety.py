@@ -19,6 +19,7 @@ import kvcompare.run.runner as runner
 from kvcompare.cli import main
 from kvcompare.config import ConfigError, RunConfig
 from kvcompare.protocol import PROTOCOL_VERSION
+from kvcompare.run.lock import FolderInUseError
 from kvcompare.run.results import ResultsError, RunFolder
 from kvcompare.run.runner import run
 
@@ -181,6 +182,129 @@ def test_resume_moves_an_unreadable_cell_aside_and_remeasures_it(tiny_model_dir:
     assert pl.read_parquet(victim)["status"].to_list() == ["ok"]
 
 
+# -- 4b. one run per folder: a folder in use is refused, a crashed run's lock is taken over (issue 34) ----------
+def lock_record(pid: int, host: str | None = None) -> str:
+    """run.lock as a run writes it: its owner's PID, host and start time."""
+    import socket
+
+    return json.dumps({"pid": pid, "host": host or socket.gethostname(), "started_at": "2025-01-02T03:04:05+00:00"})
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_folder_in_use_by_another_run_is_refused_at_once(
+    tiny_model_dir: Path, tmp_path: Path, no_measuring: None, resume: bool
+) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.lock").write_text(lock_record(os.getpid()))  # as a run of this process holds it
+    in_use = rf"--out {out} is in use by another kvcompare run \(PID {os.getpid()} on "
+    with pytest.raises(FolderInUseError, match=in_use):
+        run(config(tiny_model_dir), out, resume=resume, progress=False)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # another live process
+    try:
+        (out / "run.lock").write_text(lock_record(other.pid))
+        before = snapshot(out)
+        with pytest.raises(FolderInUseError, match=r"started 2025-01-02T03:04:05\+00:00\): wait for it to finish"):
+            run(config(tiny_model_dir), out, resume=resume, progress=False)
+        assert snapshot(out) == before  # nothing of the first run's folder changed
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_second_run_on_a_folder_being_written_is_refused_and_changes_nothing(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first run holds the folder from its start to its end; a second one, started while it measures, is
+    refused with exit status 2 before it loads anything, and the first run finishes its own grid alone."""
+    out = tmp_path / "run"
+    args = ["run", "--model", str(tiny_model_dir), "--dataset", str(CORPUS), "--lengths", "48", "--samples", "1"]
+    args += ["--cache", "16", "--stride", "8", "--skip-layers", "0", "--policies", "recent", "--repeats", "1"]
+    args += ["--warmup", "0", "--gen", "2", "--bucket", "16", "--out", str(out)]
+    seen: list[int] = []
+    real = runner.write_results
+
+    def second_run_meanwhile(folder: RunFolder, results: passages.PassageResults) -> int:
+        if not seen:  # once, while the first run writes
+            before = snapshot(out)
+            seen.append(-1)
+            seen[0] = main([*args, "--gen", "3"])  # another grid, same folder
+            assert snapshot(out) == before
+        return real(folder, results)
+
+    runner.write_results = second_run_meanwhile  # type: ignore[assignment]
+    try:
+        assert main(args) == 0
+    finally:
+        runner.write_results = real  # type: ignore[assignment]
+    assert seen == [2]
+    refusal = f"kvcompare: error: --out {out} is in use by another kvcompare run (PID {os.getpid()} on "
+    assert refusal in capsys.readouterr().err
+    assert not (out / "run.lock").exists()  # released at the end
+    assert set(pl.read_parquet(out / "cells" / "*.parquet")["gen_tokens"]) == {2}
+
+
+def test_a_crashed_runs_lock_is_taken_over_with_a_notice(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    run(config(tiny_model_dir), out, progress=False)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its PID names no process any more: the run that held the folder crashed
+    (out / "run.lock").write_text(lock_record(gone.pid))
+    run(config(tiny_model_dir, cache_sizes=[16, 24]), out, resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert f"kvcompare: warning: {out} was held by a run that is gone (PID {gone.pid} on " in err
+    assert "taking it over" in err
+    assert not (out / "run.lock").exists() and len(list((out / "cells").glob("*.parquet"))) == 3
+
+
+def test_a_lock_from_another_host_is_refused_with_what_to_do(
+    tiny_model_dir: Path, tmp_path: Path, no_measuring: None
+) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.lock").write_text(lock_record(1, "elsewhere.example"))
+    refusal = r"PID 1 on elsewhere\.example.*if that run is no longer running, remove .*run\.lock$"
+    with pytest.raises(FolderInUseError, match=refusal):
+        run(config(tiny_model_dir), out, progress=False)
+
+
+def test_the_lock_is_released_on_every_exit_path(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError):  # refused after the folder was taken (the layer count): nothing is left
+        run(config(tiny_model_dir, skip_layers=[99]), out / "deeper", progress=False)
+    assert not out.exists()
+    from kvcompare.engine.executor import Executor
+
+    held: list[bool] = []
+
+    def interrupt(*args: object, **kwargs: object) -> None:
+        held.append((out / "run.lock").exists())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Executor, "score_batch", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run(config(tiny_model_dir), out, progress=False)
+    assert held == [True]  # held while it measured, released by Ctrl-C
+    assert (out / "run.json").exists() and not (out / "run.lock").exists()
+    monkeypatch.undo()
+    run(config(tiny_model_dir), out, progress=False)  # the interrupted run holds nothing
+    assert not (out / "run.lock").exists() and len(list((out / "cells").glob("*.parquet"))) == 2
+
+
 # -- 5. a failed start leaves nothing behind; a folder with no finished cell counts as empty -----------------
 def test_a_failed_start_leaves_no_folder(tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
@@ -255,6 +379,26 @@ def test_cheap_checks_run_before_the_model_loads(
     with pytest.raises((ConfigError, CorpusError, ModelError), match=message):
         run(config(tiny_model_dir, **changes), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("layers", "suggested"), [(2, [0]), (1, [])])
+def test_skipping_every_layer_suggests_a_skip_list_that_works_for_the_model(
+    tiny_model_dir: Path, tmp_path: Path, no_measuring: None, layers: int, suggested: list[int]
+) -> None:
+    import shutil
+
+    from kvcompare.run.runner import check_start
+
+    model = tmp_path / "model"  # the configuration and tokenizer alone: the check needs no weights
+    shutil.copytree(tiny_model_dir, model, ignore=shutil.ignore_patterns("*.safetensors"))
+    meta = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**meta, "num_hidden_layers": layers}))
+    given = list(range(layers))  # [0, 1], the default, on two layers
+    flag = ",".join(map(str, suggested)) or "none"
+    refusal = rf"covers all {layers} layers .*; skip fewer layers \(--skip-layers {flag}\)$"
+    with pytest.raises(ConfigError, match=refusal):
+        check_start(config(model, skip_layers=given), tmp_path / "run")
+    assert check_start(config(model, skip_layers=suggested), tmp_path / "run").grid.cells  # the suggestion works
 
 
 def test_a_user_error_is_one_line_with_exit_status_2(
@@ -448,6 +592,22 @@ def test_repeated_values_in_a_grid_are_measured_once_with_a_notice(
     assert load_run(out).cells.height == 3
 
 
+def test_repeated_ratios_and_compression_settings_are_planned_once_with_a_notice(
+    tiny_model_dir: Path, tmp_path: Path, no_measuring: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvcompare.run.runner import check_start
+
+    once = {"cache_sizes": [], "ratios": [0.5], "compression": ["continuous", "prefill"], "policies": ["streaming"]}
+    twice = {**once, "ratios": [0.5, 0.5], "compression": ["continuous", "prefill", "prefill"]}
+    expected = check_start(config(tiny_model_dir, lengths=[96], **once), tmp_path / "a")
+    repeated = check_start(config(tiny_model_dir, lengths=[96], **twice), tmp_path / "b")
+    assert [c.id for c in repeated.grid.cells] == [c.id for c in expected.grid.cells]
+    assert repeated.grid.metadata()["cells_planned"] == len(expected.grid.cells) == 4  # full and streaming, twice
+    err = capsys.readouterr().err
+    assert "kvcompare: --ratio repeats 0.5: each is measured once" in err
+    assert "kvcompare: --compression repeats prefill: each is measured once" in err
+
+
 def test_a_length_repeated_with_different_sample_counts_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--lengths gives 48 twice, with 1 and 2 samples: give it once"):
         run(config(tiny_model_dir, lengths=[48, 48], samples=[1, 2]), tmp_path / "run", progress=False)
@@ -494,7 +654,7 @@ def test_resume_may_add_a_task_with_settings_no_finished_cell_depends_on(tiny_mo
     assert sorted(cells["task"].to_list()) == ["passkey", "passkey", "ppl", "ppl"]
     fewer = config(tiny_model_dir, lengths=[200], repeats=1, tasks=["ppl", "passkey"], depths=[0.7])
     expected = (
-        r"add policies, cache limits, ratios, position modes, compression settings, tasks, needle depths, lengths "
+        r"add policies, cache limits, position modes, compression settings, tasks, needle depths, lengths "
         r"or samples. Differences: "
         r"haystack: 'text' then, 'repeat' now; depths: \[0.5\] would be dropped"
     )

@@ -324,13 +324,20 @@ def check_limit(config: RunConfig, policies: list[KVPolicy], limit: int, setting
 
 
 def merge_repeated_values(config: RunConfig) -> RunConfig:
-    """``config`` with each value repeated in --cache, --lengths, --positions, --depths or --policies kept once
+    """``config`` with each value repeated in --cache, --ratio, --compression, --lengths, --positions, --depths or
+    --policies kept once
     (each merge said on stderr), so that no cell is planned, measured or written twice.
 
     A length repeated with different sample counts is refused: which count was meant cannot be guessed.
     """
     changes: dict[str, Any] = {}
-    for name, flag in (("cache_sizes", "--cache"), ("positions", "--positions"), ("depths", "--depths")):
+    for name, flag in (
+        ("cache_sizes", "--cache"),
+        ("ratios", "--ratio"),
+        ("compression", "--compression"),
+        ("positions", "--positions"),
+        ("depths", "--depths"),
+    ):
         changes[name] = _once(getattr(config, name), flag)
     changes["policies"] = _once([spec.strip() for spec in config.policies], "--policies")
     counts: dict[int, int] = {}
@@ -358,9 +365,10 @@ def check_layers(config: RunConfig, policies: list[KVPolicy], layers: int) -> No
     """Checks that need the model's layer count: skip layers exist and leave some layer to compress."""
     check_skip_layers(config.skip_layers, layers)
     if any(p.bounded for p in policies) and set(range(layers)) <= set(config.skip_layers):
+        fewer = sorted(config.skip_layers)[:-1]  # all but the top layer: that one is compressed
         raise ConfigError(
             f"--skip-layers covers all {layers} layers of {config.model}: nothing would be compressed, so every "
-            "policy would equal full; skip fewer layers (e.g. --skip-layers 0,1)"
+            f"policy would equal full; skip fewer layers (--skip-layers {','.join(map(str, fewer)) or 'none'})"
         )
 
 

@@ -1,9 +1,10 @@
 """The results folder: one Parquet file per finished cell, written atomically, plus run.json.
 
 A cell is written the moment it finishes, so an interrupted run keeps every finished cell and
-``--resume`` skips them. The folder is checked before any work and created only when the first cell is
-about to be written, so a run that fails to start leaves nothing behind. ``--force`` replaces only what
-kvcompare wrote: a folder holding anything else is refused, never deleted.
+``--resume`` skips them. The folder is checked before any work; a run holds it from its start to its end with a
+lock (kvcompare.run.lock), so that a second run on it is refused; its results are written only when the first cell
+is about to be, and a run that fails to start leaves nothing behind (not even the folder it made for its lock).
+``--force`` replaces only what kvcompare wrote: a folder holding anything else is refused, never deleted.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kvcompare.errors import KVCompareError
+from kvcompare.run import lock
 from kvcompare.schema import CURVE_SCHEMA, RESULT_SCHEMA, RUN_JSON, TIMINGS_SCHEMA
 
 log = logging.getLogger(__name__)
 
 CELLS, CURVES, TIMINGS, REPORT, QUARANTINE = "cells", "curves", "timings", "report", "quarantine"
-#: Everything kvcompare writes at the top of a results folder; anything else makes the folder foreign.
+#: Everything kvcompare writes at the top of a results folder (and its lock); anything else makes the folder foreign.
 OWN_ENTRIES = frozenset({RUN_JSON, f".{RUN_JSON}.tmp", CELLS, CURVES, TIMINGS, REPORT, QUARANTINE})
 #: Folders whose files are all Parquet (or kvcompare's own temporary files while writing).
 PARQUET_FOLDERS = (CELLS, CURVES, TIMINGS)
@@ -49,7 +51,7 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
 
 def foreign_entries(path: Path) -> list[str]:
     """What in ``path`` kvcompare did not write (relative names); empty for a results folder."""
-    foreign = [entry.name for entry in path.iterdir() if entry.name not in OWN_ENTRIES]
+    foreign = [e.name for e in path.iterdir() if e.name not in OWN_ENTRIES and not lock.is_lock_file(e.name)]
     for sub in PARQUET_FOLDERS:
         folder = path / sub
         if folder.is_dir():
@@ -77,10 +79,16 @@ class RunFolder:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._replace = False
+        self._token: str | None = None  # the lock's, while this run holds the folder
+        self._made: Path | None = None  # the topmost folder that taking the lock created
 
     # -- before any work ------------------------------------------------------------------------
-    def check(self, *, resume: bool = False, force: bool = False) -> None:
-        """Refuse a folder that cannot be used as asked; remember whether ``--force`` must replace it."""
+    def check(self, *, resume: bool = False, force: bool = False, hold: bool = False) -> None:
+        """Refuse a folder that cannot be used as asked; remember whether ``--force`` must replace it.
+
+        With ``hold``, take the folder's lock first (creating the folder) and keep it until :meth:`release`;
+        without, only refuse a folder that a live run holds. Raises ResultsError, or FolderInUseError for a folder
+        in use (nothing of it is changed)."""
         path = self.path
         if force and resume:
             raise ResultsError("--force and --resume contradict each other: --resume keeps, --force replaces")
@@ -94,7 +102,19 @@ class RunFolder:
         base = _writable_ancestor(path)
         if not os.access(base, os.W_OK | os.X_OK):
             raise ResultsError(f"cannot write to {base} (permission denied): choose another --out")
-        if not path.exists() or not any(path.iterdir()):
+        if hold:
+            self._hold()
+        elif path.is_dir():
+            lock.holder(path)  # raises FolderInUseError for a run that holds it
+        try:
+            self._check_contents(resume=resume, force=force)
+        except BaseException:
+            self.release()
+            raise
+
+    def _check_contents(self, *, resume: bool, force: bool) -> None:
+        path = self.path
+        if not path.exists() or not any(not lock.is_lock_file(entry.name) for entry in path.iterdir()):
             return
         foreign = foreign_entries(path)
         if foreign:
@@ -113,6 +133,41 @@ class RunFolder:
                 f"{path} already holds results: pass --resume to continue that run, --force to replace it, "
                 "or choose another --out"
             )
+
+    def _hold(self) -> None:
+        """Take the folder's lock (creating the folder if needed): raises FolderInUseError if a live run holds it."""
+        made = _writable_ancestor(self.path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ResultsError(f"cannot create the results folder {self.path}: {err}") from None
+        if made != self.path.absolute():
+            self._made = self.path.absolute()
+            while self._made.parent != made:
+                self._made = self._made.parent
+        try:
+            self._token = lock.take(self.path)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Give the folder's lock back (every exit path of a run calls it); remove the folders that taking it
+        created if nothing was written there."""
+        if self._token is not None:
+            lock.release(self.path, self._token)
+            self._token = None
+        if self._made is not None:
+            folder = self.path.absolute()
+            try:
+                while True:
+                    folder.rmdir()  # only empty folders: a folder with results stays
+                    if folder == self._made:
+                        break
+                    folder = folder.parent
+            except OSError:
+                pass
+            self._made = None
 
     def read_run_json(self) -> dict[str, Any]:
         """The folder's run.json, or {} when there is none (or it is being replaced). Raises ResultsError if it is
@@ -157,7 +212,8 @@ class RunFolder:
         """Create the folder (replacing kvcompare's own files where ``--force`` said so) and write run.json."""
         try:
             if self._replace:
-                for name in OWN_ENTRIES:
+                for name in OWN_ENTRIES:  # never the lock
+
                     entry = self.path / name
                     if entry.is_dir():
                         shutil.rmtree(entry)

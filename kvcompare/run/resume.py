@@ -8,13 +8,26 @@ from typing import Any
 from kvcompare.config import ConfigError, RunConfig
 from kvcompare.protocol import PROTOCOL_VERSION
 
-#: Grid fields a resumed run may extend (new cells) but never shrink; every other field must stay the same,
-#: since it changes what a finished cell means (except EXECUTION_ONLY).
-GROWABLE = ("policies", "cache_sizes", "ratios", "positions", "compression", "tasks", "depths")
 #: Fields that change how cells are run, never what they measure: a resumed run may change them.
 EXECUTION_ONLY = ("quality_batch", "ray", "workers")
 #: Fields only the cells of one task depend on: they bind a resume only where the run measured that task.
 TASK_ONLY = {"depths": "passkey", "haystack": "passkey"}
+#: Fields only the cells of one compression setting depend on: they bind a resume only where the run measured it.
+SETTING_ONLY = {"query_aware": "prefill"}
+#: Grid fields a resumed run may extend (new cells) but never shrink, with what each adds as the refusal lists it;
+#: every other field must stay the same, since it changes what a finished cell means (except EXECUTION_ONLY).
+GROWABLE_NAMES = {
+    "policies": "policies",
+    "cache_sizes": "cache limits",
+    "ratios": "ratios",
+    "positions": "position modes",
+    "compression": "compression settings",
+    "tasks": "tasks",
+    "depths": "needle depths",
+}
+GROWABLE = tuple(GROWABLE_NAMES)
+#: The two ways of setting the budget, which exclude each other: a run budgeted by one can never gain the other.
+BUDGETS = {"cache_sizes": "--cache", "ratios": "--ratio"}
 
 
 def check_protocol(previous: dict[str, Any]) -> None:
@@ -29,7 +42,10 @@ def check_protocol(previous: dict[str, Any]) -> None:
 
 
 def resume_additions(previous: dict[str, Any], config: RunConfig) -> dict[str, Any]:
-    """What ``config`` adds to the run recorded in ``previous``; refuse any change to what finished cells mean."""
+    """What ``config`` adds to the run recorded in ``previous`` (its run.json's ``config``), by field: the GROWABLE
+    values it adds, and ``samples_by_length``. Raises ConfigError, listing every difference and what a resume may
+    add to this run, for any change to what finished cells mean (a field that only unmeasured cells depend on, such
+    as ``query_aware`` where no cell was measured in the prefill setting, may change)."""
     new = dataclasses.asdict(config)
     unknown = sorted(set(new) - set(previous))
     if unknown:
@@ -39,6 +55,7 @@ def resume_additions(previous: dict[str, Any], config: RunConfig) -> dict[str, A
             "`kvcompare report`)"
         )
     unused = {key for key, task in TASK_ONLY.items() if task not in previous.get("tasks", [])}
+    unused |= {key for key, setting in SETTING_ONLY.items() if setting not in previous.get("compression", [])}
     changed = []
     for key, old in previous.items():
         if key in GROWABLE or key in EXECUTION_ONLY or key in ("lengths", "samples") or key not in new:
@@ -56,10 +73,17 @@ def resume_additions(previous: dict[str, Any], config: RunConfig) -> dict[str, A
     for length, count in old_samples.items():
         if new_samples.get(length, 0) < count:
             changed.append(f"length {length}: {count} samples then, {new_samples.get(length, 0)} now")
+    budget = next((key for key in BUDGETS if previous.get(key)), None)  # how the run set its budget
+    other = next((key for key in BUDGETS if key != budget), None) if budget else None
+    if budget and other and new[other]:
+        changed.append(
+            f"a run budgeted by {BUDGETS[budget]} cannot gain {BUDGETS[other]} budgets (they exclude each other)"
+        )
     if changed:
+        addable = [name for key, name in GROWABLE_NAMES.items() if key != other]
         raise ConfigError(
-            "--resume would mix cells measured under different settings; it may only add policies, cache limits, "
-            "ratios, position modes, compression settings, tasks, needle depths, lengths or samples. Differences: "
+            f"--resume would mix cells measured under different settings; it may only add {', '.join(addable)}, "
+            "lengths or samples. Differences: "
             + "; ".join(changed)
             + ". Rerun with the original settings, or use another --out"
         )

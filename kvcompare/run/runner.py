@@ -54,22 +54,31 @@ class RunStart:
         return [cell for cell in self.grid.cells if cell.id not in self.done]
 
 
-def check_start(config: RunConfig, out: Path | None = None, *, resume: bool = False, force: bool = False) -> RunStart:
+def check_start(
+    config: RunConfig, out: Path | None = None, *, resume: bool = False, force: bool = False, hold: bool = False
+) -> RunStart:
     """Every check of a run that needs no weights, in the order a run makes them; a dry run makes the same.
 
-    Raises the run's own errors (ConfigError, ResultsError, ModelError, CorpusError): nothing is written.
+    With ``hold`` (a run), the folder's lock is taken before its contents are read, and kept (the caller must
+    ``folder.release()`` it); without (a dry run), a folder in use is only refused. Raises the run's own errors
+    (ConfigError, ResultsError, FolderInUseError, ModelError, CorpusError): nothing is written, and a lock taken
+    is given back.
     """
     config = merge_repeated_values(config)
     policies = prepare(config)
     run_id = new_run_id(config)
     folder = RunFolder(out if out is not None else DEFAULT_RUNS_DIR / run_id)
-    folder.check(resume=resume, force=force)
-    previous = folder.read_run_json() if resume else {}
-    if previous:
-        check_protocol(previous)
-    additions = resume_additions(previous["config"], config) if previous.get("config") else {}
-    done = folder.finished() if resume else set()
-    grid = plan(config, policies)  # the tokenizer and the corpus: passages are drawn before the weights load
+    folder.check(resume=resume, force=force, hold=hold)
+    try:
+        previous = folder.read_run_json() if resume else {}
+        if previous:
+            check_protocol(previous)
+        additions = resume_additions(previous["config"], config) if previous.get("config") else {}
+        done = folder.finished() if resume else set()
+        grid = plan(config, policies)  # the tokenizer and the corpus: passages are drawn before the weights load
+    except BaseException:
+        folder.release()
+        raise
     if config.ray in (None, "local") and (warning := oversubscription(config.threads, os.cpu_count())):
         log.warning(warning)
     threads = config.threads or physical_cores()
@@ -83,11 +92,20 @@ def run(
 ) -> Path:
     """Measure every cell of the grid into ``out`` (default ``reports/runs/<run id>``); return the folder.
 
-    Everything that can be checked without the weights is checked first (:func:`check_start`), and nothing is
-    written until the first cell is about to be measured. With ``config.ray`` set, passages are measured by Ray
+    Everything that can be checked without the weights is checked first (:func:`check_start`), and nothing but
+    the folder's lock is written until the first cell is about to be measured; the lock refuses a second run on the
+    folder (FolderInUseError) and is given back on every exit. With ``config.ray`` set, passages are measured by Ray
     actors (kvcompare.run.distributed); the folder, its rows and ``--resume`` are the same.
     """
-    begun = check_start(config, out, resume=resume, force=force)
+    begun = check_start(config, out, resume=resume, force=force, hold=True)
+    try:
+        return measure_run(begun, progress)
+    finally:
+        begun.folder.release()
+
+
+def measure_run(begun: RunStart, progress: bool) -> Path:
+    """Measure the unfinished cells of a run that passed its checks and holds its folder; return the folder."""
     grid, folder, previous, done = begun.grid, begun.folder, begun.previous, begun.done
     resumes = list(previous.get("resumes", []))
     if previous:
