@@ -101,13 +101,18 @@ def load_distortion(compiled: bool) -> str:
     )
 
 
+#: The load average above the free CPUs that an otherwise idle machine shows (background services, the run's own
+#: start-up): below it, a --compile run is not warned.
+IDLE_LOAD = 0.5
+
+
 def busy_for_compiled_steps(threads: int, cpus: int | None, load: list[float] | None) -> str | None:
-    """A warning for a --compile run when the 1-minute ``load`` average (other work, before the run starts) is above
-    the ``cpus`` its ``threads`` leave free, or None."""
+    """A warning for a --compile run when the 1-minute ``load`` average (other work, before the run starts) is more
+    than :data:`IDLE_LOAD` above the ``cpus`` its ``threads`` leave free, or None."""
     if not load or not cpus:
         return None
     free = max(cpus - threads, 0)
-    if load[0] <= free:
+    if load[0] <= free + IDLE_LOAD:
         return None
     return (
         f"the 1-minute load average is {load[0]:g}, above the {free} CPUs the run's {threads} threads leave free: "

@@ -213,7 +213,6 @@ class RunFolder:
         try:
             if self._replace:
                 for name in OWN_ENTRIES:  # never the lock
-
                     entry = self.path / name
                     if entry.is_dir():
                         shutil.rmtree(entry)
