@@ -110,6 +110,10 @@ def failed_cell(policy_label: str, cache_size: int | None, seq_len: int, sample_
 
 #: What a passkey probe does not measure: its row leaves these null, as a run writes it.
 PPL_ONLY_COLUMNS = MEASURED_COLUMNS
+#: A passkey probe's task_params as a run writes them: the task's parameters, the same on every probe of the run
+#: whatever the probe's own depth (here those of `--task passkey:depths=0/0.5/1`); rows whose task_params differ
+#: are variants of the task (`--task passkey,passkey:haystack=text`), which the report keeps apart.
+PASSKEY_PARAMS = json.dumps({"depths": [0.0, 0.5, 1.0], "haystack": "repeat"}, sort_keys=True)
 
 
 def probe(
@@ -127,7 +131,7 @@ def probe(
     row.update({name: None for name in PPL_ONLY_COLUMNS})
     row.update(
         task="passkey",
-        task_params=json.dumps({"depths": [depth], "haystack": "repeat"}, sort_keys=True),
+        task_params=PASSKEY_PARAMS,
         probe_params=json.dumps({"depth": depth, "needle_start": int(depth * seq_len), "sample": sample_id}),
         correct=right,
         score=1.0 if right else 2 / 3,

@@ -24,7 +24,7 @@ from kvcompare.analysis import (
     retrieval_gaps,
     summary,
 )
-from kvcompare.report import ReportPaths, build_report
+from kvcompare.report import ReportPaths, build_report, summary_table
 from kvcompare.report.document import Definitions, Table
 from kvcompare.report.sections import assemble
 from kvcompare.report.tables import relative_table
@@ -164,6 +164,35 @@ def test_variants_of_one_task_are_scored_apart_and_named(tmp_path: Path) -> None
     assert "; lengths 256 tokens, 2 probes per task and length" in markdown
 
 
+def _passkey_variant(label: str, cache_size: int | None, haystack: str, answers: list[bool]) -> list[dict]:
+    """Probes of passkey in the variant that ``haystack`` names (`--task passkey,passkey:haystack=text`)."""
+    params = json.dumps({"depths": list(DEPTHS), "haystack": haystack}, sort_keys=True)
+    return [
+        {**row, "cell_id": f"{haystack}-{row['cell_id']}"}
+        for row in _probes(label, cache_size, answers, task_params=params)
+    ]
+
+
+def test_gap_to_full_is_taken_per_variant_then_averaged_over_variants(tmp_path: Path) -> None:
+    """Each variant of passkey is compared with full on the same variant, and a configuration's figures are the
+    mean over its variants (as over tasks), not its probes pooled. full finds every key in repeat, 2 of 3 in text;
+    recent @ 64 finds its 3 in repeat and misses its one text probe; l2 @ 32 was probed in repeat only."""
+    rows = [
+        *_passkey_variant("full", None, "repeat", [True] * 3),
+        *_passkey_variant("full", None, "text", [True, True, False]),
+        *_passkey_variant("recent", 64, "repeat", [True] * 3),
+        *_passkey_variant("recent", 64, "text", [False]),
+        *_passkey_variant("l2", 32, "repeat", [True] * 3),
+    ]
+    gaps = retrieval_gaps(load_run(write_run(tmp_path, rows)).retrieval)
+    recent = _only(gaps, policy_label="recent")  # pooled it would be 3/4 = 75% against full's 5/6, 8.3 points
+    assert recent["retrieval_pct"] == pytest.approx((100 + 0) / 2)
+    assert recent["retrieval_full_pct"] == pytest.approx((100 + 200 / 3) / 2)
+    assert recent["retrieval_gap_pts"] == pytest.approx(100 / 3)
+    l2 = _only(gaps, policy_label="l2")  # against full in repeat alone: full's text probes are another variant's
+    assert (l2["retrieval_pct"], l2["retrieval_full_pct"], l2["retrieval_gap_pts"]) == (100.0, 100.0, 0.0)
+
+
 # --- The section and its heat maps --------------------------------------------------------------------------------
 
 
@@ -230,6 +259,33 @@ def test_one_heat_map_per_policy_of_depth_length_and_accuracy(probed_report: Rep
     }
 
 
+def test_passkey_variants_get_a_table_and_heat_maps_each(tmp_path: Path) -> None:
+    """`--task passkey,passkey:haystack=text`: recent @ 64 finds every key in repeat and none in text. Each variant
+    has its own table and heat maps, headed by its label, rather than one passkey table averaging both to 50%."""
+    rows = [
+        *_passkey_variant("full", None, "repeat", [True] * 3),
+        *_passkey_variant("full", None, "text", [True] * 3),
+        *_passkey_variant("recent", 64, "repeat", [True] * 3),
+        *_passkey_variant("recent", 64, "text", [False] * 3),
+    ]
+    paths = build_report(write_run(tmp_path, [*PPL_CELLS, *rows]))
+    markdown = paths.markdown.read_text()
+    assert "### Passkey retrieval by configuration\n" not in markdown
+    repeat = markdown.split("### Passkey retrieval by configuration (passkey:haystack=repeat)\n", 1)[1]
+    text = markdown.split("### Passkey retrieval by configuration (passkey:haystack=text)\n", 1)[1]
+    assert "| recent | 64 | 100.0 | 3 | -0.50 | 100.0 | 100.0 | 100.0 |" in repeat.split("###", 1)[0]
+    assert "| recent | 64 | 0.0 | 3 | -6.00 | 0.0 | 0.0 | 0.0 |" in text.split("###", 1)[0]
+    maps = _heat_maps(paths)
+    assert set(maps) == {"passkey_haystack_repeat_recent.vl.json", "passkey_haystack_text_recent.vl.json"}
+    text_map = spec_rows(maps["passkey_haystack_text_recent.vl.json"])
+    cells = {(r["series"], r["depth"]): r["accuracy_pct"] for r in text_map}
+    assert cells == {**{("full", d): 100.0 for d in DEPTHS}, **{("recent", d): 0.0 for d in DEPTHS}}
+    assert "![Passkey retrieval (passkey:haystack=text): recent]" in markdown
+    terminal = summary_table(paths.markdown.parent.parent)
+    assert "Passkey retrieval by configuration (passkey:haystack=text)" in terminal
+    assert "Passkey retrieval by configuration (passkey:haystack=repeat)" in terminal
+
+
 def test_heat_maps_are_listed_once_in_the_html(probed_report: ReportPaths) -> None:
     html = probed_report.html.read_text()
     assert html.count('data-chart="passkey_streaming"') == 1 and html.count('data-chart="passkey_recent"') == 1
@@ -290,6 +346,26 @@ def test_quality_first_asks_for_retrieval_within_5_points_of_full(
         assert quality.choice is not None
         assert (quality.choice["policy_label"], quality.choice["cache_size"]) == chosen
         assert quality.choice["retrieval_gap_pts"] == pytest.approx(5.0)
+
+
+def _one_variant_per_depth(rows: list[dict]) -> list[dict]:
+    """The rows as `--task passkey:depths=0,passkey:depths=0.5,passkey:depths=1` writes them: each probe's
+    task_params name its own depth alone, three variants of passkey."""
+    return [
+        {**row, "task_params": json.dumps({"depths": [json.loads(row["probe_params"])["depth"]], "haystack": "repeat"})}
+        for row in rows
+    ]
+
+
+def test_quality_first_weighs_each_variant_alike(tmp_path: Path) -> None:
+    """With one variant per depth, recent @ 64's miss (its 20th probe, at depth 0.5) costs the 7 probes of its
+    variant, not the 20 it made: 100%, 6/7 and 100% against full's 100% in each variant, a gap of
+    100 - (100 + 600/7 + 100)/3 = 100/21 = 4.76 points (its probes pooled: 19/20, 5 points)."""
+    probes = [*_probes("full", None, _twenty(20)), *_probes("streaming", 32, _twenty(16))]
+    probes += _probes("recent", 64, _twenty(19))
+    choice = _quality_first(tmp_path, [*PPL_CELLS, *_one_variant_per_depth(probes)])
+    assert choice is not None and (choice["policy_label"], choice["cache_size"]) == ("recent", 64)
+    assert choice["retrieval_gap_pts"] == pytest.approx(100 / 21)
 
 
 def test_unprobed_configuration_does_not_qualify_when_retrieval_was_measured(tmp_path: Path) -> None:

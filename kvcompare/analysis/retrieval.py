@@ -21,8 +21,9 @@ CONFIG_KEYS: list[str] = ["policy", "policy_label", "cache_size", "positions", "
 RETRIEVAL_KEYS: list[str] = ["task", *CONFIG_KEYS]
 #: A probe task's configuration: as RETRIEVAL_KEYS, each variant of a task apart (`task_label`, with_task_label()).
 TASK_KEYS: list[str] = ["task", "task_label", *CONFIG_KEYS]
-#: What a configuration is compared with `full` on: the same task, position mode, compression setting and length.
-BASELINE_MATCH: list[str] = ["task", "positions", "compression", "seq_len"]
+#: What a configuration is compared with `full` on: the same task variant, position mode, compression setting and
+#: length.
+BASELINE_MATCH: list[str] = ["task", "task_label", "positions", "compression", "seq_len"]
 #: Where a probe was placed: the prompt's length and the needle's depth in it.
 PROBE_KEYS: list[str] = ["seq_len", "depth"]
 #: A probe that counts towards accuracy: it succeeded and recorded whether the key came out.
@@ -59,20 +60,20 @@ def by_budget(rows: pl.DataFrame) -> pl.DataFrame:
 
 #: The limits a configuration's probes ran under (one value with --cache; a few tokens apart with --ratio).
 LIMIT_RANGE = (pl.col("limit").min().alias("cache_size_min"), pl.col("limit").max().alias("cache_size_max"))
-#: Tables and charts list configurations in this order: per task, the continuous setting first, the baseline first.
-PROBE_ORDER = ["task", *CONFIG_ORDER]
-#: As PROBE_ORDER, a task's variants in turn.
+#: Tables and charts list configurations in this order: per task and each of its variants in turn, the continuous
+#: setting first, the baseline first.
 TASK_ORDER = ["task", "task_label", *CONFIG_ORDER]
 
 
 def retrieval_stats(retrieval: pl.DataFrame, by: Sequence[str] = ()) -> pl.DataFrame:
-    """Per configuration and group of `by`: accuracy_pct = 100 × the share of answered probes whose greedy
-    decoding gave the key exactly, logprob_mean = their mean teacher-forced log-probability of the key, n =
-    answered probes; failed = probes that failed, left out of both; cache_size_min/_max = the limits its probes
-    ran under. Baseline first, as in every table."""
+    """Per task variant (`task_label`, with_task_label()), configuration and group of `by`: accuracy_pct = 100 ×
+    the share of answered probes whose greedy decoding gave the key exactly, logprob_mean = their mean
+    teacher-forced log-probability of the key, n = answered probes; failed = probes that failed, left out of both;
+    cache_size_min/_max = the limits its probes ran under. Baseline first within each variant, as in every
+    table."""
     return (
         by_budget(retrieval)
-        .group_by([*RETRIEVAL_KEYS, *by])
+        .group_by([*TASK_KEYS, *by])
         .agg(
             (pl.col("correct").filter(IS_ANSWERED).cast(pl.Float64).mean() * 100).alias("accuracy_pct"),
             pl.col("answer_logprob").filter(IS_ANSWERED).mean().alias("logprob_mean"),
@@ -80,17 +81,17 @@ def retrieval_stats(retrieval: pl.DataFrame, by: Sequence[str] = ()) -> pl.DataF
             (~IS_OK.fill_null(False)).sum().cast(pl.Int64).alias("failed"),
             *LIMIT_RANGE,
         )
-        .sort([*PROBE_ORDER, *by], nulls_last=False)
+        .sort([*TASK_ORDER, *by], nulls_last=False)
     )
 
 
 def retrieval_by_probe(retrieval: pl.DataFrame) -> pl.DataFrame:
-    """retrieval_stats() per configuration, length and depth: one cell of a heat map each."""
+    """retrieval_stats() per task variant, configuration, length and depth: one cell of a heat map each."""
     return retrieval_stats(retrieval, PROBE_KEYS)
 
 
 def retrieval_by_config(retrieval: pl.DataFrame) -> pl.DataFrame:
-    """retrieval_stats() per configuration, over every length and depth it was probed at."""
+    """retrieval_stats() per task variant and configuration, over every length and depth it was probed at."""
     return retrieval_stats(retrieval)
 
 
@@ -100,32 +101,36 @@ def retrieval_measured(retrieval: pl.DataFrame | None) -> bool:
 
 
 def retrieval_gaps(retrieval: pl.DataFrame) -> pl.DataFrame:
-    """Per evicting configuration (CONFIG_KEYS): retrieval_pct, its accuracy (the mean over tasks of each task's
-    accuracy, its variants pooled), retrieval_full_pct, the accuracy of `full` in its position mode and compression
-    setting, and retrieval_gap_pts = full's − its, in percentage points; both pooled over the answered probes at
-    the lengths where both it and that `full` have answered probes, so that neither is judged on lengths the
-    other was not. A configuration sharing no length with `full` is absent."""
+    """Per evicting configuration (CONFIG_KEYS): retrieval_pct, its accuracy in %, retrieval_full_pct, that of
+    `full` in its position mode and compression setting, and retrieval_gap_pts = full's − its, in percentage points.
+
+    Each task variant (`task_label`, with_task_label(): ``--task passkey,passkey:haystack=text`` gives two) is
+    compared apart: the configuration's accuracy and that of `full` on the same variant, both pooled over the
+    answered probes at the lengths where both it and that `full` have answered probes, so that neither is judged
+    on lengths the other was not. Where the configuration has several variants (of one task or of several), each
+    figure is the mean over them, each variant weighing alike whatever its number of probes, and the gap is the
+    difference of the means. A configuration sharing no length with `full` in any variant is absent."""
     answered = by_budget(retrieval).filter(IS_ANSWERED).with_columns(pl.col("correct").cast(pl.Float64) * 100)
     baseline = answered.filter(IS_BASELINE).select(*BASELINE_MATCH, "correct")
     evicting = answered.filter(~IS_BASELINE)
     shared = (
-        evicting.select(*RETRIEVAL_KEYS, "seq_len")
+        evicting.select(*TASK_KEYS, "seq_len")
         .unique()
         .join(baseline.select(BASELINE_MATCH).unique(), on=BASELINE_MATCH, nulls_equal=True)
     )
     own = (
-        evicting.join(shared, on=[*RETRIEVAL_KEYS, "seq_len"], nulls_equal=True)
-        .group_by(RETRIEVAL_KEYS)
+        evicting.join(shared, on=[*TASK_KEYS, "seq_len"], nulls_equal=True)
+        .group_by(TASK_KEYS)
         .agg(pl.col("correct").mean().alias("retrieval_pct"))
     )
     full = (
         shared.join(baseline, on=BASELINE_MATCH, nulls_equal=True)
-        .group_by(RETRIEVAL_KEYS)
+        .group_by(TASK_KEYS)
         .agg(pl.col("correct").mean().alias("retrieval_full_pct"))
     )
-    per_task = own.join(full, on=RETRIEVAL_KEYS, nulls_equal=True)
+    per_variant = own.join(full, on=TASK_KEYS, nulls_equal=True)
     return (
-        per_task.group_by(CONFIG_KEYS)
+        per_variant.group_by(CONFIG_KEYS)
         .agg(pl.col("retrieval_pct").mean(), pl.col("retrieval_full_pct").mean())
         .with_columns((pl.col("retrieval_full_pct") - pl.col("retrieval_pct")).alias("retrieval_gap_pts"))
     )

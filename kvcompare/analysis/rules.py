@@ -118,8 +118,9 @@ QUALITY_FIRST_WITH_RETRIEVAL = Rule(
     QUALITY_FIRST.scenario,
     f"per length, the smallest cache limit whose mean PPL change is at most +{QUALITY_PPL_MAX_PCT:g}% and whose "
     f"passkey retrieval accuracy is at most {QUALITY_RETRIEVAL_MAX_PTS:g} percentage points below that of full "
-    "(same position mode, both over the lengths where both were probed; a configuration without such probes "
-    "does not qualify), with the policy of lowest PPL change at that limit",
+    "(same position mode and task variant, both over the lengths where both were probed, then the mean over the "
+    "variants probed, each alike; a configuration without such probes does not qualify), with the policy of lowest "
+    "PPL change at that limit",
     (
         *QUALITY_FIRST.steps,
         Step(

@@ -11,7 +11,7 @@ from kvcompare.report.notices import noise_line
 from kvcompare.report.render import render_html, render_markdown, table_md
 from kvcompare.report.sections import assemble
 from kvcompare.report.tables import relative_tables
-from kvcompare.report.task_tables import retrieval_table, task_summary_table
+from kvcompare.report.task_tables import retrieval_tables, task_summary_table
 
 REPORT_DIR = "report"
 CHARTS_DIR = "charts"
@@ -56,15 +56,15 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> ReportPaths:
 
 def summary_table(run_dir: Path) -> str:
     """The noise floor (or that speed was not measured), then the relative change against `full` for every
-    length, the passkey retrieval table and the score across the other probe tasks, as Markdown for the
-    terminal."""
+    length, the passkey retrieval table (one per variant of passkey) and the score across the other probe tasks,
+    as Markdown for the terminal."""
     run = load_run(run_dir)
     analysis = analyse(run)
     tables = [table_md(table) for table in relative_tables(analysis)]
     modes = several_position_modes(run.retrieval)
     passkey, others = run.passkey, run.other_probes
     if not passkey.is_empty():
-        tables.append(table_md(retrieval_table(passkey, modes)))
+        tables.extend(table_md(table) for table in retrieval_tables(passkey, modes))
     if not others.is_empty():
         tables.append(table_md(task_summary_table(others, modes)))
     ended = outcome(run)

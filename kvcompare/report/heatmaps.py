@@ -1,6 +1,6 @@
-"""The passkey retrieval charts: one heat map per policy of its accuracy by needle depth and length, one panel
-per cache limit (or compression ratio) beside the `full` of the same position mode and compression setting, drawn
-from analysis.retrieval_by_probe()."""
+"""The passkey retrieval charts: one heat map per policy (and variant of passkey) of its accuracy by needle depth
+and length, one panel per cache limit (or compression ratio) beside the `full` of the same variant, position mode
+and compression setting, drawn from analysis.retrieval_by_probe()."""
 
 from __future__ import annotations
 
@@ -75,8 +75,9 @@ def _panels_title(probes: pl.DataFrame) -> str:
 
 
 def _chart_name(prefix: str, label: str, taken: set[str]) -> str:
-    """A file and element name from a label: letters, digits and underscores only, unique among `taken`."""
-    name = f"{prefix}_{re.sub(r'[^A-Za-z0-9]+', '_', label).strip('_')}"
+    """A file and element name from a prefix and a label: letters, digits and underscores only, unique among
+    `taken`."""
+    name = re.sub(r"[^A-Za-z0-9]+", "_", f"{prefix}_{label}").strip("_")
     unique, i = name, 2
     while unique in taken:
         unique, i = f"{name}_{i}", i + 1
@@ -87,7 +88,8 @@ def _chart_name(prefix: str, label: str, taken: set[str]) -> str:
 def build_retrieval_charts(by_probe: pl.DataFrame, out_dir: Path, several_modes: bool = False) -> ChartSet:
     """One heat map per policy (with its position mode and compression setting) from analysis.retrieval_by_probe(),
     each beside the `full` of the same position mode and setting; `full` alone when the run probed no evicting
-    policy."""
+    policy. Where the probes hold several variants of passkey (`task_label`: ``--task passkey,passkey:haystack=text``)
+    each variant has heat maps of its own, beside `full` on that variant, titled and named by its label."""
     out_dir.mkdir(parents=True, exist_ok=True)
     answered = by_probe.filter(pl.col("n") > 0)
     if answered.is_empty():
@@ -95,21 +97,29 @@ def build_retrieval_charts(by_probe: pl.DataFrame, out_dir: Path, several_modes:
     probes = labelled(answered, several_modes)
     baseline = probes.filter(pl.col("role") == "baseline")
     evicting = probes.filter(pl.col("role") == "policy")
-    groups: list[tuple[str, pl.DataFrame]] = []
-    for (series, positions, setting), rows in evicting.group_by(
-        ["series", "positions", "compression"], maintain_order=True
+    groups: list[tuple[str, str, pl.DataFrame]] = []
+    for (variant, series, positions, setting), rows in evicting.group_by(
+        ["task_label", "series", "positions", "compression"], maintain_order=True
     ):
         reference = baseline.filter(
-            pl.col("positions").eq_missing(positions) & pl.col("compression").eq_missing(setting)
+            (pl.col("task_label") == variant)
+            & pl.col("positions").eq_missing(positions)
+            & pl.col("compression").eq_missing(setting)
         )
-        groups.append((str(series), pl.concat([reference, rows])))
+        groups.append((str(variant), str(series), pl.concat([reference, rows])))
     if not groups:
-        groups = [(str(series), rows) for (series,), rows in baseline.group_by(["series"], maintain_order=True)]
+        groups = [
+            (str(variant), str(series), rows)
+            for (variant, series), rows in baseline.group_by(["task_label", "series"], maintain_order=True)
+        ]
+    several_variants = len({variant for variant, _, _ in groups}) > 1
     charts: list[ChartFile] = []
     taken: set[str] = set()
     with alt.data_transformers.disable_max_rows():
-        for series, rows in groups:
-            title = f"{RETRIEVAL_CHART_TITLE}: {series}"
-            chart = retrieval_heatmap(rows, f"{title} (accuracy in % of probes, by depth and length)")
-            charts.append(save_chart(chart, out_dir, _chart_name("passkey", series, taken), title))
+        for variant, series, rows in groups:
+            title = f"{RETRIEVAL_CHART_TITLE}{f' ({variant})' if several_variants else ''}: {series}"
+            heading = f"{title} (accuracy in % of probes, by depth and length)"
+            chart = retrieval_heatmap(rows.drop("task_label"), heading)
+            name = _chart_name("passkey", f"{variant.removeprefix('passkey')} {series}", taken)
+            charts.append(save_chart(chart, out_dir, name, title))
     return ChartSet(charts, [])

@@ -49,7 +49,7 @@ from kvcompare.report.tables import (
     recommendation_table,
     relative_table,
 )
-from kvcompare.report.task_tables import retrieval_table, task_summary_table, task_table
+from kvcompare.report.task_tables import retrieval_tables, task_summary_table, task_table
 from kvcompare.report.wording import (
     BASELINE_PER_MODE,
     BASELINE_POSITIONS,
@@ -215,11 +215,12 @@ def not_drawn(charts: ChartSet) -> Remarks:
 
 
 def retrieval_section(retrieval: pl.DataFrame, charts: ChartSet, several_modes: bool) -> Section:
-    """The passkey probes: the table, a heat map per policy, and the charts that could not be drawn."""
+    """The passkey probes: the table and a heat map per policy (of each variant of passkey apart: retrieval_tables(),
+    build_retrieval_charts()), and the charts that could not be drawn."""
     return Section(
         RETRIEVAL_HEADING,
         [
-            retrieval_table(retrieval, several_modes),
+            *retrieval_tables(retrieval, several_modes),
             *charts.charts,
             not_drawn(charts),
         ],

@@ -21,8 +21,22 @@ from kvcompare.report.tables import budget_cells, budget_headers, config_key, wi
 from kvcompare.report.wording import RETRIEVAL_NOTE, TASKS_SUMMARY_NOTE
 
 
-def retrieval_table(retrieval: pl.DataFrame, several_modes: bool = False) -> Table:
-    """Passkey accuracy per policy and cache limit (`full` first): over all probes, then per depth."""
+def retrieval_tables(retrieval: pl.DataFrame, several_modes: bool = False) -> list[Table]:
+    """retrieval_table() of each variant of passkey (with_task_label(): ``--task passkey,passkey:haystack=text``
+    gives two), in the order of their labels, each headed by its label; one table, as retrieval_table(), for a
+    run of one variant."""
+    labels = sorted(with_task_label(retrieval)["task_label"].unique().to_list())
+    if len(labels) <= 1:
+        return [retrieval_table(retrieval, several_modes)]
+    return [retrieval_table(retrieval, several_modes, label) for label in labels]
+
+
+def retrieval_table(retrieval: pl.DataFrame, several_modes: bool = False, variant: str | None = None) -> Table:
+    """Passkey accuracy per policy and cache limit (`full` first): over all probes, then per depth. ``variant``:
+    the label of the variant of passkey to tabulate (with_task_label()), named in the title; None for probes of
+    one variant (retrieval_tables() gives a table per variant)."""
+    if variant is not None:
+        retrieval = with_task_label(retrieval).filter(pl.col("task_label") == variant)
     by_depth = retrieval_stats(retrieval, ["depth"])
     depths = sorted(by_depth["depth"].drop_nulls().unique().to_list())
     at_depth = {(*config_key(r), r["depth"]): r["accuracy_pct"] for r in by_depth.iter_rows(named=True)}
@@ -43,7 +57,7 @@ def retrieval_table(retrieval: pl.DataFrame, several_modes: bool = False) -> Tab
             ]
         )
     return Table(
-        "Passkey retrieval by configuration",
+        "Passkey retrieval by configuration" + (f" ({variant})" if variant is not None else ""),
         [
             "Policy",
             *budget_headers(ratios),
