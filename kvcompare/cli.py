@@ -301,12 +301,16 @@ def _print_parameters(cls: type) -> None:
 
 
 def _list_registered(registry: Any, syntax: str, request: bool = False) -> int:
-    """Each class of a registry with its plugin (and request kind), its docstring's first paragraph and its
-    parameters."""
+    """Each class of a registry with its plugin (core or built-in ones said so; and request kind), its docstring's
+    first paragraph and its parameters."""
+    from kvcompare.plugins import get_host
+
+    infos = get_host().infos
     for name in registry.names():
         entry = registry.entry(name)
         doc = " ".join((entry.cls.__doc__ or "").strip().split("\n\n")[0].split())  # its first paragraph
-        kind = f"; request: {entry.cls.request}" if request else ""
+        origin = infos[entry.plugin].origin if entry.plugin in infos else ""
+        kind = (f", {origin}" if origin else "") + (f"; request: {entry.cls.request}" if request else "")
         print(f"{name}  (plugin: {entry.plugin}{kind})\n    {doc}")
         if note := getattr(entry.cls, "prefill_setting", ""):
             print(f"    prefill setting: {' '.join(note.split())}")
@@ -337,6 +341,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     host.registry()
     for info in host.plugins():
         version = f"{info.distribution} {info.version}".strip() or "registered in-process"
+        version += f" ({info.origin})" if info.origin else ""
         print(f"{info.name:16} {version:24} {info.module}")
     for failure in host.failures:
         print(f"{failure.name:16} FAILED: {failure.error}")

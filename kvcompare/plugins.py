@@ -1,4 +1,9 @@
-"""Finding and loading plugins: built-in and third-party ones come through the same entry-point group."""
+"""Finding and loading plugins: the core's own, the built-in ones by import, third-party ones by entry point.
+
+All three are registered on one plugin host with the same hooks, so a built-in is written exactly like a third-party
+plugin (see examples/kvcompare-example-plugin); only how it is found differs. A new built-in is one module in
+``plugins/`` plus one line in :data:`BUILTIN_PLUGINS`.
+"""
 
 from __future__ import annotations
 
@@ -11,22 +16,50 @@ from typing import Any, TypeVar
 
 import pluggy
 
+import kvcompare
 from kvcompare import hookspecs
+from kvcompare.core import CORE_PLUGINS
 from kvcompare.registry import PolicyRegistry, SpecRegistry, TaskRegistry
 
 log = logging.getLogger(__name__)
 
 R = TypeVar("R", bound=SpecRegistry[Any])
 
+#: The package of the built-in plugins (``plugins/`` in the source tree, installed as ``kvcompare_plugins``).
+BUILTIN_PACKAGE = "kvcompare_plugins"
+#: The built-in plugins, loaded by import (as simonw/llm's DEFAULT_PLUGINS); each is registered under its module's
+#: last name, the name its rows carry in the ``plugin`` column.
+BUILTIN_PLUGINS: tuple[str, ...] = tuple(
+    f"{BUILTIN_PACKAGE}.{name}"
+    for name in (
+        "streaming",
+        "l2",
+        "recent",
+        "h2o",
+        "tova",
+        "snapkv",
+        "keydiff",
+        "passkey",
+        "niah",
+        "variable_tracking",
+        "common_words",
+        "frequent_words",
+    )
+)
+#: Where a plugin came from, besides a third-party distribution (origin "").
+CORE, BUILT_IN = "core", "built-in"
+
 
 @dataclasses.dataclass(frozen=True)
 class PluginInfo:
-    """A loaded plugin: its name, module and the distribution (package) and version it came from."""
+    """A loaded plugin: its name, module, the distribution (package) and version it came from, and its origin:
+    ``core``, ``built-in``, or ``""`` for a third-party or in-process one."""
 
     name: str
     module: str
     distribution: str
     version: str
+    origin: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,15 +71,37 @@ class PluginFailure:
 
 
 class PluginHost:
-    """The plugin manager, what it loaded, and what failed to load."""
+    """The plugin manager, what it loaded, and what failed to load. The core's plugins are registered from the
+    start; :meth:`load` adds the built-in and third-party ones."""
 
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.infos: dict[str, PluginInfo] = {}
         self.failures: list[PluginFailure] = []
+        for name, plugin in CORE_PLUGINS.items():
+            self.add(plugin, name, "kvcompare", kvcompare.__version__, CORE)
 
-    def add(self, plugin: object, name: str, distribution: str = "", version: str = "") -> None:
+    def load(self) -> None:
+        """Register the built-in plugins, then every third-party plugin of the ``kvcompare`` entry-point group."""
+        self.load_builtins()
+        self.load_entry_points()
+
+    def load_builtins(self) -> None:
+        """Import and register each module of :data:`BUILTIN_PLUGINS`; one that fails to import is recorded (a
+        broken checkout), not raised."""
+        for module in BUILTIN_PLUGINS:
+            name = module.rsplit(".", 1)[1]
+            if self.pm.has_plugin(name):
+                continue
+            try:
+                plugin = importlib.import_module(module)
+            except Exception as err:
+                self._fail(name, f"failed to import {module}: {type(err).__name__}: {err}")
+                continue
+            self.add(plugin, name, "kvcompare", kvcompare.__version__, BUILT_IN)
+
+    def add(self, plugin: object, name: str, distribution: str = "", version: str = "", origin: str = "") -> None:
         """Register a plugin; a misspelt hook makes this one fail loudly without taking the others down."""
         self.pm.register(plugin, name=name)
         try:
@@ -56,13 +111,23 @@ class PluginHost:
             self._fail(name, f"{err} (hooks are named like register_policies)")
             return
         module = plugin.__name__ if isinstance(plugin, ModuleType) else type(plugin).__module__
-        self.infos[name] = PluginInfo(name, module, distribution, version)
+        self.infos[name] = PluginInfo(name, module, distribution, version, origin)
 
     def load_entry_points(self) -> None:
-        """Register every plugin of the ``kvcompare`` entry-point group not registered yet; one that fails to import is
-        recorded, not raised."""
+        """Register every third-party plugin of the ``kvcompare`` entry-point group; one that fails to import, or
+        whose name a core or built-in plugin has, is recorded, not raised. An entry point into kvcompare's own
+        packages (an install made when built-ins were entry points) is skipped: they load by import."""
         for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT):
+            if ep.module.split(".")[0] in {BUILTIN_PACKAGE, "kvcompare"}:
+                continue
             if self.pm.has_plugin(ep.name):
+                taken = self.infos.get(ep.name)
+                if taken is not None and taken.origin:
+                    self._fail(
+                        f"{ep.name} ({ep.value})",
+                        f"plugin name {ep.name!r} is taken by the {taken.origin} plugin: rename the entry point "
+                        f"{ep.name} = {ep.value} in its package",
+                    )
                 continue
             dist = ep.dist
             try:
@@ -112,9 +177,9 @@ class PluginHost:
 
 @functools.cache
 def get_host() -> PluginHost:
-    """The process-wide plugin host, loaded once from the `kvcompare` entry-point group."""
+    """The process-wide plugin host: the core's, the built-in and the third-party plugins, loaded once."""
     host = PluginHost()
-    host.load_entry_points()
+    host.load()
     return host
 
 

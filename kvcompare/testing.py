@@ -1,5 +1,6 @@
-"""Tiny randomly initialised models for tests and device checks: full rotary (Llama) and partial (GPT-NeoX);
-and policies that misbehave, importable by any worker process, for tests of failure handling."""
+"""Tiny randomly initialised models for tests and device checks: full rotary (Llama) and partial (GPT-NeoX); the
+specs of every built-in policy, from the registry; and policies that misbehave, importable by any worker process, for
+tests of failure handling."""
 
 from __future__ import annotations
 
@@ -22,6 +23,31 @@ _TINY_SHAPES: dict[str, Any] = {
     "num_attention_heads": 4,
     "max_position_embeddings": 1024,
 }
+
+
+#: Parameters that fit a built-in policy into the tests' small caches (snapkv's default 32-query window would not).
+SMALL_CACHE_SPECS = {"snapkv": "snapkv:window=4"}
+
+
+def builtin_policies(full: bool = False, signals: bool | None = None) -> list[str]:
+    """The spec of every core and built-in policy, from the registry (sorted by name; a third-party or
+    test-registered one is left out), with :data:`SMALL_CACHE_SPECS`'s parameters where it has some. ``full``:
+    include the unbounded baseline. ``signals``: True keeps only the policies whose ``needs()`` asks for attention
+    or queries, False only those that read the keys alone, None both."""
+    from kvcompare.plugins import get_host
+
+    host = get_host()
+    registry = host.registry()
+    specs = []
+    for name in registry.names():
+        entry = registry.entry(name)
+        info = host.infos.get(entry.plugin)
+        policy = entry.cls()
+        if info is None or not info.origin or (not policy.bounded and not full):
+            continue
+        if signals is None or bool(policy.needs()) == signals:
+            specs.append(SMALL_CACHE_SPECS.get(name, name))
+    return specs
 
 
 def tiny_llama(**changes: Any) -> LlamaForCausalLM:

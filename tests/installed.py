@@ -27,5 +27,5 @@ def host_finding(site: Path, monkeypatch: pytest.MonkeyPatch) -> PluginHost:
     monkeypatch.syspath_prepend(str(site))
     importlib.invalidate_caches()
     host = PluginHost()
-    host.load_entry_points()
+    host.load()
     return host

@@ -27,7 +27,7 @@ from kvcompare.engine.executor import Executor
 from kvcompare.engine.recorder import SignalRecorder
 from kvcompare.plugins import get_registry
 from kvcompare.run.runner import run
-from kvcompare.testing import TINY_VOCAB, tiny_llama
+from kvcompare.testing import TINY_VOCAB, builtin_policies, tiny_llama
 
 LIMIT = 10
 SKIP = (0,)
@@ -221,7 +221,7 @@ def test_fast_path_keeps_the_tokens_of_a_naive_reference(spec: str) -> None:
     assert cache.evictions == len(tokens) - LIMIT
 
 
-@pytest.mark.parametrize("spec", ["h2o", "tova", "snapkv:window=4"])
+@pytest.mark.parametrize("spec", builtin_policies(signals=True))
 def test_an_eviction_reads_only_chunks_already_attended(spec: str) -> None:
     """Two texts equal up to token 20: the scores of every eviction before token 20 agree, whatever follows."""
     model = tiny_llama()
@@ -248,7 +248,7 @@ def test_an_eviction_reads_only_chunks_already_attended(spec: str) -> None:
     assert not any(torch.equal(scores[0][s], scores[1][s]) for s in (25, 30, 35))  # the change is seen after
 
 
-@pytest.mark.parametrize("spec", ["streaming", "recent", "l2", "keydiff"])
+@pytest.mark.parametrize("spec", builtin_policies(signals=False))
 def test_a_keys_only_policy_collects_no_signal(spec: str, monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("signals collected for a policy that reads none")

@@ -28,11 +28,11 @@ from kvcompare.engine.executor import CompileInTimedStepError, Executor
 from kvcompare.hookspecs import hookimpl
 from kvcompare.plugins import get_registry
 from kvcompare.policy import ScoredPolicy
-from kvcompare.testing import TINY_VOCAB, tiny_llama
+from kvcompare.testing import TINY_VOCAB, builtin_policies, tiny_llama
 
 PROMPT, STEPS, STRIDE = 40, 12, 8
 #: Every built-in policy, with parameters that fit a 24-token limit (snapkv's window below what an eviction keeps).
-POLICIES = ["full", "streaming", "recent", "l2", "l2:mode=random", "h2o", "tova", "snapkv:window=4", "keydiff"]
+POLICIES = [*builtin_policies(full=True), "l2:mode=random"]
 EVICTING, ROOMY = 24, 128  # a limit that evicts at every decode step, and one that never evicts
 
 

@@ -14,11 +14,11 @@ from transformers.models.llama.modeling_llama import rotate_half
 from kvcompare.config import CacheConfig
 from kvcompare.engine.executor import Executor
 from kvcompare.plugins import get_registry
-from kvcompare.testing import TINY_VOCAB, tiny_llama, tiny_neox
+from kvcompare.testing import TINY_VOCAB, builtin_policies, tiny_llama, tiny_neox
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, CUDA])]
-POLICIES = ["full", "streaming", "l2", "l2:mode=random", "recent", "h2o", "tova", "snapkv:window=4", "keydiff"]
+POLICIES = [*builtin_policies(full=True), "l2:mode=random"]
 #: How far the executor's logits may be from one plain forward pass, per dtype (summation order differs).
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.1}
 

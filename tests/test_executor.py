@@ -11,21 +11,9 @@ from kvcompare.config import CacheConfig
 from kvcompare.engine.cache import BoundedKVCache
 from kvcompare.engine.executor import Executor
 from kvcompare.plugins import get_registry
-from kvcompare.testing import tiny_llama
+from kvcompare.testing import builtin_policies, tiny_llama
 
-POLICIES = [
-    "full",
-    "streaming",
-    "l2",
-    "l2:mode=random",
-    "l2:mode=keep_high",
-    "recent",
-    "h2o",
-    "tova",
-    "tova:per_head=true",
-    "snapkv:window=4",
-    "keydiff",
-]
+POLICIES = [*builtin_policies(full=True), "l2:mode=random", "l2:mode=keep_high", "tova:per_head=true"]
 
 
 def run_chunks(executor: Executor, spec: str, tokens: torch.Tensor, config: CacheConfig) -> torch.Tensor:
@@ -139,9 +127,7 @@ class LengthRecorder:
         cache.update = update  # type: ignore[method-assign]
 
 
-@pytest.mark.parametrize(
-    "spec", ["streaming", "l2", "l2:mode=random", "recent", "h2o", "tova", "snapkv:window=4", "keydiff"]
-)
+@pytest.mark.parametrize("spec", [*builtin_policies(), "l2:mode=random"])
 @pytest.mark.parametrize("stride,evict_block", [(1, 1), (5, 1), (3, 4)])
 def test_attention_never_sees_more_than_the_limit(
     tiny_model: torch.nn.Module, tokens: torch.Tensor, spec: str, stride: int, evict_block: int

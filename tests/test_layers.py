@@ -29,6 +29,7 @@ TOP_LEVEL = {
         "hookspecs",
         "registry",
         "plugins",
+        "core",
         "failure",
     },
     "inputs": {"models", "corpus", "fetch", "gguf_metadata", "words", "ruler"},

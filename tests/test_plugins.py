@@ -69,7 +69,7 @@ def test_a_misspelt_hook_fails_loudly_without_taking_others_down(
             raise AssertionError("never called")
 
     fresh = PluginHost()
-    fresh.load_entry_points()
+    fresh.load()
     fresh.add(Misspelt(), "misspelt")
     assert [f.name for f in fresh.failures] == ["misspelt"]
     assert "register_policy" in fresh.failures[0].error
@@ -85,7 +85,7 @@ def test_a_plugin_that_fails_to_import_is_reported_by_name(tmp_path: Path, monke
     (tmp_path / "broken_plugin_module.py").write_text("raise ImportError('missing dependency xyz')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     fresh = PluginHost()
-    fresh.load_entry_points()
+    fresh.load()
     assert [f.name for f in fresh.failures] == ["broken"]
     assert "missing dependency xyz" in fresh.failures[0].error
     assert {"full", "streaming", "l2", "recent"} <= set(fresh.registry().names())
@@ -97,6 +97,80 @@ def test_a_policy_registered_twice_is_refused() -> None:
     fresh.add(TestPlugin(), "two")
     fresh.registry()
     assert any("registered twice" in f.error for f in fresh.failures)
+
+
+def entry_points(site: Path, monkeypatch: pytest.MonkeyPatch, lines: str, modules: dict[str, str]) -> None:
+    """An installed distribution in ``site`` (on sys.path for the test) with ``[kvcompare]`` entry points ``lines``
+    and the modules (name: source) they name."""
+    dist = site / "some_plugins-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: some-plugins\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(f"[kvcompare]\n{lines}")
+    for name, source in modules.items():
+        (site / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(site))
+
+
+def test_built_ins_load_by_import_without_any_entry_point(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvcompare.plugins import BUILTIN_PLUGINS
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **_: [])
+    fresh = PluginHost()
+    fresh.load()
+    assert not fresh.failures
+    origins = {info.name: info.origin for info in fresh.plugins()}
+    assert {module.rsplit(".", 1)[1]: "built-in" for module in BUILTIN_PLUGINS}.items() <= origins.items()
+    assert origins["full"] == origins["ppl"] == "core"
+    assert {"streaming", "l2", "recent", "h2o", "tova", "snapkv", "keydiff"} <= set(fresh.registry().names())
+    assert {"passkey", "niah_single", "cwe"} <= set(fresh.tasks().names())
+
+
+def test_full_and_ppl_are_core_and_always_registered() -> None:
+    from kvcompare.core import FullCache, Perplexity, full_cache
+    from kvcompare.engine import fidelity
+    from kvcompare.task import Task
+
+    bare = PluginHost()  # nothing loaded: the core's own plugins only
+    assert bare.registry().names() == ["full"] and bare.tasks().names() == ["ppl"]
+    assert bare.registry().entry("full").cls is FullCache and bare.tasks().entry("ppl").cls is Perplexity
+    assert full_cache() == FullCache() and full_cache().plugin == "full"  # the name its rows always carried
+    assert fidelity.full_cache is full_cache
+    # nothing in the core only raises: the rolling pass has no probes to build or score (the runner draws passages)
+    assert Perplexity.probes is Task.probes and Perplexity.score is Task.score
+
+
+def test_a_stale_entry_point_of_a_built_in_is_not_registered_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An editable install made before built-ins loaded by import still lists them (and the removed
+    ``kvcompare_plugins.full``) as entry points: they are skipped, not registered again nor reported broken."""
+    entry_points(
+        tmp_path,
+        monkeypatch,
+        "streaming = kvcompare_plugins.streaming\nfull = kvcompare_plugins.full\nl2_again = kvcompare_plugins.l2\n",
+        {},
+    )
+    fresh = PluginHost()
+    fresh.load()
+    assert not fresh.failures
+    assert "l2_again" not in {info.name for info in fresh.plugins()}
+    assert fresh.registry().entry("l2").plugin == "l2" and not fresh.failures
+
+
+def test_a_third_party_plugin_may_not_take_a_built_in_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = (
+        "import dataclasses\nfrom kvcompare import KVPolicy, hookimpl\n\n"
+        "@dataclasses.dataclass\nclass Mine(KVPolicy):\n    name = 'streaming'\n\n"
+        "@hookimpl\ndef register_policies(register):\n    register(Mine)\n"
+    )
+    entry_points(tmp_path, monkeypatch, "mystream = my_stream\nstreaming = my_stream\n", {"my_stream": source})
+    fresh = PluginHost()
+    fresh.load()
+    fresh.registry()
+    errors = {f.name: f.error for f in fresh.failures}
+    assert "policy 'streaming' is registered twice: by plugin 'streaming' and by 'mystream'" in errors["mystream"]
+    assert "plugin name 'streaming' is taken by the built-in plugin" in errors["streaming (my_stream)"]
+    assert "streaming" in {info.name for info in fresh.plugins()}  # the built-in stays
 
 
 def test_not_a_policy_is_refused() -> None:
@@ -128,14 +202,15 @@ def test_cli_lists_policies_and_plugins(capsys: pytest.CaptureFixture[str]) -> N
     assert main(["policies"]) == 0
     out = capsys.readouterr().out
     for line in (
-        "full  (plugin: full)",
-        "streaming  (plugin: streaming)",
+        "full  (plugin: full, core)",
+        "streaming  (plugin: streaming, built-in)",
         "start_size: int = 4",
         "mode: keep_low|keep_high|random = 'keep_low'",
-        "recent  (plugin: recent)",
+        "recent  (plugin: recent, built-in)",
     ):
         assert line in out
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
     version = importlib.metadata.version("kvcompare")
-    assert f"streaming        kvcompare {version}" in out
+    assert f"streaming        kvcompare {version} (built-in)" in out
+    assert f"full             kvcompare {version} (core)" in out

@@ -22,19 +22,12 @@ from kvcompare.plugins import get_registry
 from kvcompare.policy import ScoredPolicy
 from kvcompare.run.quality_batch import quality_batches, row_bytes
 from kvcompare.run.runner import run
-from kvcompare.testing import tiny_llama, tiny_neox
+from kvcompare.testing import builtin_policies, tiny_llama, tiny_neox
 
-#: Every built-in policy, with limits and position modes mixed inside one batch.
+#: Every built-in policy (and some variants), with limits and position modes mixed inside one batch.
 CELLS = [
-    ("streaming", 12, "shift"),
-    ("l2", 16, "true"),
-    ("l2:mode=random", 14, "shift"),
-    ("recent", 12, "true"),
-    ("h2o", 12, "shift"),
-    ("tova", 16, "true"),
-    ("tova:per_head=true", 12, "shift"),
-    ("snapkv:window=4", 20, "true"),
-    ("keydiff", 12, "shift"),
+    (spec, (12, 16, 14, 20)[i % 4], ("shift", "true")[i % 2])
+    for i, spec in enumerate([*builtin_policies(), "l2:mode=random", "tova:per_head=true"])
 ]
 
 

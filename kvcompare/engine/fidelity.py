@@ -25,10 +25,10 @@ from typing import Any
 import torch
 
 from kvcompare.config import CacheConfig
+from kvcompare.core import full_cache
 from kvcompare.engine.attention import CACHE_KEYWORD, CALLS, LAYER_FEATURES, forward_cache
 from kvcompare.engine.executor import Executor
 from kvcompare.engine.rope import Rotary, UnsupportedModelError
-from kvcompare.policy import KVPolicy
 
 #: Tokens of the probe, fed to kvcompare in chunks of PROBE_CHUNK (so the chunked path is exercised).
 PROBE_TOKENS = 24
@@ -55,13 +55,6 @@ class Fidelity:
     def as_dict(self) -> dict[str, Any]:
         """The probe's findings for run.json."""
         return dataclasses.asdict(self)
-
-
-def full_cache() -> KVPolicy:
-    """The `full` baseline, as every run builds it (the built-in plugin)."""
-    from kvcompare.plugins import get_registry
-
-    return get_registry().build("full")
 
 
 def _relative(ours: torch.Tensor, theirs: torch.Tensor) -> float:

@@ -57,9 +57,9 @@ class Calibration:
 def calibrate(executor: Executor, stride: int, vocab: int, context: int = CALIBRATION_CONTEXT) -> Calibration:
     """Time a ``stride`` chunk and a decode step with an empty cache and with ``context`` tokens held."""
     from kvcompare.config import CacheConfig
-    from kvcompare.plugins import get_registry
+    from kvcompare.core import full_cache
 
-    full = get_registry().build("full")
+    full = full_cache()
     config = CacheConfig(None, stride)
     ids = torch.randint(0, vocab, (1, context + stride + 4), generator=torch.Generator().manual_seed(0))
     ids = ids.to(executor.device)

@@ -27,6 +27,7 @@ from kvcompare.config import (
     prefill_window,
     ratio_limit,
 )
+from kvcompare.core import FullCache
 from kvcompare.corpus import Passage
 from kvcompare.engine.budgets import parse_layer_budget, smallest_budget
 from kvcompare.engine.cache import check_skip_layers
@@ -182,8 +183,8 @@ def build_policies(config: RunConfig) -> list[KVPolicy]:
     host = get_host()
     registry = host.registry()
     specs = list(config.policies)
-    if config.baseline and "full" not in specs:
-        specs.insert(0, "full")
+    if config.baseline and FullCache.name not in specs:
+        specs.insert(0, FullCache.name)
     policies: list[KVPolicy] = []
     for spec in specs:
         try:
