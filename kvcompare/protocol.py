@@ -127,8 +127,9 @@ PROTOCOL_MD = """\
   single-sequence passes added above what was in use when it began (so neither the weights nor what earlier
   cells left count): allocated device memory (cuda, mps) or resident memory after the C allocator returned
   freed memory (CPU), sampled at chunk boundaries (a batched quality pass's memory is no one cell's). On a CPU
-  it is approximate: resident memory moves with the C allocator, and on the embedded model the same 512-token
-  quality pass read 78-93 MB as the first of a process and 66-78 MB later; `peak_kv_bytes` is exact.
+  it is resident memory, so the first pass of a process at a new length also counts the process's one-time growth
+  (on the embedded model the first 256-token quality pass read 79 MB, the same pass later 56-57 MB, repeating
+  within 0.5 MB: `python benchmarks/peak_memory.py`); `peak_kv_bytes` is exact.
 - **Relative change.** Quality: each cell against the `full` cell of the same passage, position mode and
   compression setting (paired), averaged over samples. Speed: each trial against the `full` trial of the same
   passage, position mode, compression setting, session and round, averaged over samples × rounds, with a
