@@ -7,7 +7,6 @@ folder, the progress bar and the writing (kvcompare.run.runner); the Ray backend
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -21,7 +20,6 @@ from kvcompare.run.passages import (
     load_checked,
     measure_group,
     row_context,
-    warm_up,
     warn_beyond_context,
 )
 from kvcompare.run.plan import Plan
@@ -78,14 +76,11 @@ class SerialBackend:
     def measure(self, groups: list[Group], done: set[str], session: int, tick: Tick) -> Iterator[PassageResults]:
         """Measure each passage group in this process (warming up before the first timed one), yielding its results."""
         for cells, todo in groups:
-            compiling = 0.0
-            if not self.warmed and self.config.repeats:  # the first timed cell must not pay for first calls
-                compiling = warm_up(self.executor, todo[0])
-                self.warmed = True
-            results = measure_group(
-                self.executor, cells, todo, done, self.context, session, self.config.quality_batch, tick
+            warm = not self.warmed and bool(self.config.repeats)  # before the first timed cell
+            self.warmed |= warm
+            yield measure_group(
+                self.executor, cells, todo, done, self.context, session, self.config.quality_batch, tick, warm=warm
             )
-            yield dataclasses.replace(results, warm_up_compile_s=compiling)
 
     def close(self) -> None:
         """Give back the caller's torch thread count."""

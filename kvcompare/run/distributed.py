@@ -11,7 +11,6 @@ failed (``--resume`` measures them again). Ctrl-C keeps every finished passage.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import os
 import re
@@ -32,7 +31,6 @@ from kvcompare.run.passages import (
     measure_group,
     now_iso,
     row_context,
-    warm_up,
     warn_beyond_context,
 )
 from kvcompare.run.plan import Cell, Plan
@@ -81,14 +79,19 @@ class PassageWorker:
 
     def measure(self, cells: list[Cell], todo: list[Cell], done: set[str], session: int) -> PassageResults:
         """Measure one passage's ``todo`` cells (of the passage's ``cells``) on this actor's device."""
-        compiling = 0.0
-        if not self.warmed and self.config.repeats:  # the first timed cells must not pay for first calls
-            compiling = warm_up(self.executor, todo[0])
-            self.warmed = True
-        results = measure_group(
-            self.executor, cells, todo, done, self.context, session, self.config.quality_batch, lambda *_: None
+        warm = not self.warmed and bool(self.config.repeats)  # before the first timed cells
+        self.warmed |= warm
+        return measure_group(
+            self.executor,
+            cells,
+            todo,
+            done,
+            self.context,
+            session,
+            self.config.quality_batch,
+            lambda *_: None,
+            warm=warm,
         )
-        return dataclasses.replace(results, warm_up_compile_s=compiling)
 
 
 def start_ray(address: str) -> bool:

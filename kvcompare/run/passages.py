@@ -144,8 +144,16 @@ def measure_group(
     session: int,
     quality_batch: int | None,
     tick: Callable[[str, int], None],
+    *,
+    warm: bool = False,
 ) -> PassageResults:
-    """Measure the ``todo`` cells of one passage (``cells`` are all of its cells, ``done`` those finished)."""
+    """Measure the ``todo`` cells of one passage (``cells`` are all of its cells, ``done`` those finished); with
+    ``warm``, run the untimed :func:`warm_up` first (the first timed cell must not pay for first calls) and record
+    the seconds it spent compiling in ``warm_up_compile_s``."""
+    if warm:
+        compiling = warm_up(executor, todo[0])
+        results = measure_group(executor, cells, todo, done, context, session, quality_batch, tick)
+        return dataclasses.replace(results, warm_up_compile_s=compiling)
     if todo[0].probe is not None:
         records = measure_probes(executor, todo, tick, context.tokenizer)
         return PassageResults(None, [], [result_row(record, context) for record in records])
