@@ -18,8 +18,8 @@ from kvcompare.parameters import shown_value
 #: each probe's limit is int(context × (1 − ratio)) of its own context, so the probes of one ratio differ by a
 #: few tokens, and their rows (by_budget) carry a null `cache_size` and the limits in `cache_size_min`/`_max`.
 CONFIG_KEYS: list[str] = ["policy", "policy_label", "cache_size", "positions", "compression", "ratio"]
-RETRIEVAL_KEYS: list[str] = ["task", *CONFIG_KEYS]
-#: A probe task's configuration: as RETRIEVAL_KEYS, each variant of a task apart (`task_label`, with_task_label()).
+#: A probe task's configuration: the task, each of its variants apart (`task_label`, with_task_label()), and
+#: CONFIG_KEYS.
 TASK_KEYS: list[str] = ["task", "task_label", *CONFIG_KEYS]
 #: What a configuration is compared with `full` on: the same task variant, position mode, compression setting and
 #: length.
